@@ -1,0 +1,1 @@
+//! colo-compare: one comparison engine driven live over sockets or offline over pcap files.

@@ -1,0 +1,1 @@
+//! vhost-user-blk backend: a small block graph with quorum, COLO replication and NBD.

@@ -1,0 +1,1 @@
+//! vhost-user-net backend: netdevs (tap, stream/dgram sockets, user) and the COLO filter chain.

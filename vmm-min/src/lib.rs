@@ -1,0 +1,1 @@
+//! A minimal KVM VMM whose network and disks are vhost-user backends.
