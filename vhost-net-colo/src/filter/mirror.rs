@@ -1,0 +1,92 @@
+//! `filter-mirror`: copies every frame of its direction(s) to `outdev`; the frame goes on
+//! unchanged. Send errors are counted and logged, never disturb the normal path.
+
+use std::sync::Arc;
+
+use super::{Counters, Direction, Filter, Outdev, Verdict};
+use crate::vnet;
+
+pub struct FilterMirror {
+    outdev: Arc<dyn Outdev>,
+    vnet_hdr_support: bool,
+}
+
+impl FilterMirror {
+    pub fn new(outdev: Arc<dyn Outdev>, vnet_hdr_support: bool) -> Self {
+        Self {
+            outdev,
+            vnet_hdr_support,
+        }
+    }
+}
+
+impl Filter for FilterMirror {
+    fn kind(&self) -> &'static str {
+        "filter-mirror"
+    }
+
+    fn receive(&mut self, _dir: Direction, frame: &mut Vec<u8>, c: &mut Counters) -> Verdict {
+        let rec = vnet::to_record(frame, self.vnet_hdr_support);
+        match self.outdev.send_frame(&rec, self.vnet_hdr_support) {
+            Ok(()) => c.sent += 1,
+            Err(e) => {
+                c.errors += 1;
+                tracing::debug!("filter-mirror: send to {}: {e}", self.outdev.name());
+            }
+        }
+        Verdict::Pass
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({"outdev": self.outdev.name(), "vnet_hdr_support": self.vnet_hdr_support})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::super::*;
+
+    #[test]
+    fn mirror_copies_and_passes_even_when_the_link_fails() {
+        let out = Arc::new(RecOut::default());
+        let mut c = Chain::new();
+        c.insert(
+            entry(
+                "m0",
+                QueueSel::Tx,
+                Box::new(FilterMirror::new(out.clone(), true)),
+            ),
+            &Position::Tail,
+            Insert::Behind,
+        )
+        .unwrap();
+        let f = vec![1u8, 2, 3];
+        assert_eq!(
+            c.process(Direction::Tx, f.clone()),
+            Outcome::Deliver(f.clone())
+        );
+        assert_eq!(
+            c.process(Direction::Rx, f.clone()),
+            Outcome::Deliver(f.clone())
+        );
+        let got = out.frames.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.l2(), &f[..]);
+        assert_eq!(got[0].0.vnet_hdr_len, 12);
+
+        let bad = Arc::new(RecOut {
+            fail: true,
+            ..Default::default()
+        });
+        let mut c = Chain::new();
+        c.insert(
+            entry("m1", QueueSel::All, Box::new(FilterMirror::new(bad, false))),
+            &Position::Tail,
+            Insert::Behind,
+        )
+        .unwrap();
+        assert_eq!(c.process(Direction::Tx, f.clone()), Outcome::Deliver(f));
+        assert_eq!(c.get("m1").unwrap().counters.errors, 1);
+    }
+}

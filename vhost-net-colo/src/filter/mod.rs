@@ -1,0 +1,898 @@
+//! The netfilter chain between the guest's virtqueues and the netdev, with QEMU's semantics.
+//!
+//! Directions are named relative to the *netdev*, as QEMU names them:
+//! - [`Direction::Tx`]: frames *sent by the netdev*, i.e. going **to the guest** (guest ingress);
+//! - [`Direction::Rx`]: frames *sent to the netdev*, i.e. coming **from the guest** (guest egress).
+//!
+//! A filter's `queue=` option selects which of them it sees ([`QueueSel`]). Tx frames walk the
+//! list head → tail, Rx frames tail → head. A filter that consumes a frame stops the walk; a
+//! filter that injects a frame (a redirector's `indev`) starts the walk at its own neighbour
+//! in the frame's direction. Filters with `status=off` are skipped.
+//!
+//! The chain is pure logic: it takes a frame and returns what comes out at the end. Frames in
+//! the chain are bare Ethernet frames (no virtio-net header); filters with
+//! `vnet_hdr_support=on` add or strip a header at their socket edge (see [`crate::vnet`]).
+
+pub mod dump;
+pub mod mirror;
+pub mod redirector;
+pub mod rewriter;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use colo_proto::frame::Frame;
+use serde::Serialize;
+
+pub use dump::FilterDump;
+pub use mirror::FilterMirror;
+pub use redirector::FilterRedirector;
+pub use rewriter::FilterRewriter;
+
+/// Which way a frame travels, named relative to the netdev as QEMU does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Sent to the netdev: guest egress.
+    Rx,
+    /// Sent by the netdev: guest ingress.
+    Tx,
+}
+
+/// A filter's `queue=` option.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueSel {
+    #[default]
+    All,
+    Rx,
+    Tx,
+}
+
+impl QueueSel {
+    pub fn parse(s: &str) -> Result<Self, FilterError> {
+        match s {
+            "all" => Ok(Self::All),
+            "rx" => Ok(Self::Rx),
+            "tx" => Ok(Self::Tx),
+            other => Err(FilterError::BadOption {
+                key: "queue",
+                value: other.to_string(),
+                expected: "all, rx or tx",
+            }),
+        }
+    }
+
+    pub fn covers(self, dir: Direction) -> bool {
+        matches!(
+            (self, dir),
+            (Self::All, _) | (Self::Rx, Direction::Rx) | (Self::Tx, Direction::Tx)
+        )
+    }
+}
+
+/// What a filter did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pass the (possibly modified) frame on to the next filter.
+    Pass,
+    /// The filter took the frame; the walk stops.
+    Consumed,
+}
+
+/// Where a socket-side filter writes frames (a chardev). Implementations must write a whole
+/// record or nothing.
+pub trait Outdev: Send + Sync {
+    fn send_frame(&self, frame: &Frame, vnet_hdr_support: bool) -> std::io::Result<()>;
+    /// Human-readable name for errors and `query-filters`.
+    fn name(&self) -> String;
+}
+
+/// Per-filter counters, shown by `query-filters`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames that reached this filter (status on, direction covered).
+    pub frames: u64,
+    pub bytes: u64,
+    /// Frames the filter consumed (took out of the normal path).
+    pub consumed: u64,
+    /// Frames written to the filter's outdev / file.
+    pub sent: u64,
+    /// Frames injected from the filter's indev.
+    pub injected: u64,
+    /// Frames modified (rewriter).
+    pub rewritten: u64,
+    /// Send or write errors.
+    pub errors: u64,
+}
+
+/// The behaviour of one filter kind.
+pub trait Filter: Send {
+    /// QOM type name (`filter-mirror`, ...).
+    fn kind(&self) -> &'static str;
+    /// Looks at (and may modify or take) one frame travelling in `dir`.
+    fn receive(&mut self, dir: Direction, frame: &mut Vec<u8>, counters: &mut Counters) -> Verdict;
+    /// COLO checkpoint event.
+    fn checkpoint(&mut self) {}
+    /// COLO failover event; returns whether the filter stays on (QEMU's default turns it off).
+    fn failover(&mut self) -> bool {
+        false
+    }
+    /// Extra state for `query-filters`.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// One filter in a chain, with the options every filter has.
+pub struct Entry {
+    pub id: String,
+    pub queue: QueueSel,
+    pub status: bool,
+    pub counters: Counters,
+    pub filter: Box<dyn Filter>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("id", &self.id)
+            .field("kind", &self.filter.kind())
+            .field("queue", &self.queue)
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+/// `position=` of a new filter.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Position {
+    Head,
+    #[default]
+    Tail,
+    Id(String),
+}
+
+impl Position {
+    pub fn parse(s: &str) -> Result<Self, FilterError> {
+        match s {
+            "head" => Ok(Self::Head),
+            "tail" => Ok(Self::Tail),
+            _ => match s.strip_prefix("id=") {
+                Some(id) if !id.is_empty() => Ok(Self::Id(id.to_string())),
+                _ => Err(FilterError::BadOption {
+                    key: "position",
+                    value: s.to_string(),
+                    expected: "head, tail or id=<filter-id>",
+                }),
+            },
+        }
+    }
+}
+
+/// `insert=` of a new filter (relative to `position=id=...`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Insert {
+    #[default]
+    Behind,
+    Before,
+}
+
+impl Insert {
+    pub fn parse(s: &str) -> Result<Self, FilterError> {
+        match s {
+            "behind" => Ok(Self::Behind),
+            "before" => Ok(Self::Before),
+            other => Err(FilterError::BadOption {
+                key: "insert",
+                value: other.to_string(),
+                expected: "behind or before",
+            }),
+        }
+    }
+}
+
+/// Errors of filter creation and chain edits.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("option {key}={value}: expected {expected}")]
+    BadOption {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{kind}: missing option {key}")]
+    Missing { kind: String, key: &'static str },
+    #[error("{kind}: unknown option {key}")]
+    Unknown { kind: String, key: String },
+    #[error("unknown filter type {0:?}")]
+    UnknownType(String),
+    #[error("a filter with id {0:?} already exists")]
+    Duplicate(String),
+    #[error("no filter with id {0:?} on this netdev")]
+    NotFound(String),
+    #[error("{kind} {id}: {msg}")]
+    Invalid {
+        kind: String,
+        id: String,
+        msg: String,
+    },
+    #[error("filter-dump {path}: {source}")]
+    Dump {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The result of one walk: the frame to deliver at the end, if any.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Deliver this frame to the guest (Tx) or to the netdev (Rx).
+    Deliver(Vec<u8>),
+    /// A filter consumed the frame.
+    Consumed,
+}
+
+/// One netdev's filter list.
+#[derive(Debug, Default)]
+pub struct Chain {
+    entries: Vec<Entry>,
+}
+
+impl Chain {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.entries.iter().map(|e| e.id.clone()).collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.id == id)
+    }
+
+    fn index(&self, id: &str) -> Result<usize, FilterError> {
+        self.entries
+            .iter()
+            .position(|e| e.id == id)
+            .ok_or_else(|| FilterError::NotFound(id.to_string()))
+    }
+
+    /// Inserts a filter at `position`/`insert`, as QEMU's `position=`/`insert=` options do.
+    pub fn insert(
+        &mut self,
+        entry: Entry,
+        position: &Position,
+        insert: Insert,
+    ) -> Result<(), FilterError> {
+        if self.get(&entry.id).is_some() {
+            return Err(FilterError::Duplicate(entry.id));
+        }
+        let at = match position {
+            Position::Head => 0,
+            Position::Tail => self.entries.len(),
+            Position::Id(id) => {
+                let i = self.index(id)?;
+                match insert {
+                    Insert::Behind => i + 1,
+                    Insert::Before => i,
+                }
+            }
+        };
+        self.entries.insert(at, entry);
+        Ok(())
+    }
+
+    /// Removes a filter; frames not in it are unaffected (the caller holds the chain's lock, so
+    /// no frame is between filters while this runs).
+    pub fn remove(&mut self, id: &str) -> Result<Entry, FilterError> {
+        let i = self.index(id)?;
+        Ok(self.entries.remove(i))
+    }
+
+    pub fn set_status(&mut self, id: &str, on: bool) -> Result<(), FilterError> {
+        let i = self.index(id)?;
+        self.entries[i].status = on;
+        Ok(())
+    }
+
+    /// A frame enters the chain from its start (the netdev for Tx, the guest for Rx).
+    pub fn process(&mut self, dir: Direction, frame: Vec<u8>) -> Outcome {
+        let order: Vec<usize> = match dir {
+            Direction::Tx => (0..self.entries.len()).collect(),
+            Direction::Rx => (0..self.entries.len()).rev().collect(),
+        };
+        self.walk(dir, frame, order)
+    }
+
+    /// A frame injected by filter `id` (from its indev) continues from that filter's position:
+    /// the next filter for Tx, the previous one for Rx.
+    pub fn inject_from(
+        &mut self,
+        id: &str,
+        dir: Direction,
+        frame: Vec<u8>,
+    ) -> Result<Outcome, FilterError> {
+        let i = self.index(id)?;
+        self.entries[i].counters.injected += 1;
+        let order: Vec<usize> = match dir {
+            Direction::Tx => (i + 1..self.entries.len()).collect(),
+            Direction::Rx => (0..i).rev().collect(),
+        };
+        Ok(self.walk(dir, frame, order))
+    }
+
+    fn walk(&mut self, dir: Direction, mut frame: Vec<u8>, order: Vec<usize>) -> Outcome {
+        for i in order {
+            let e = &mut self.entries[i];
+            if !e.status || !e.queue.covers(dir) {
+                continue;
+            }
+            e.counters.frames += 1;
+            e.counters.bytes += frame.len() as u64;
+            if e.filter.receive(dir, &mut frame, &mut e.counters) == Verdict::Consumed {
+                e.counters.consumed += 1;
+                return Outcome::Consumed;
+            }
+        }
+        Outcome::Deliver(frame)
+    }
+
+    /// COLO checkpoint: every filter's checkpoint hook (the rewriter zeroes its offsets).
+    pub fn checkpoint(&mut self) {
+        for e in &mut self.entries {
+            e.filter.checkpoint();
+        }
+    }
+
+    /// COLO failover: filters that do not keep themselves on are switched off (QEMU's default),
+    /// so redirectors stop intercepting; the rewriter stays.
+    pub fn failover(&mut self) {
+        for e in &mut self.entries {
+            if !e.filter.failover() {
+                e.status = false;
+            }
+        }
+    }
+
+    /// `query-filters` rows, in list order.
+    pub fn query(&self) -> Vec<serde_json::Value> {
+        self.entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "id": e.id,
+                    "type": e.filter.kind(),
+                    "queue": e.queue,
+                    "status": if e.status { "on" } else { "off" },
+                    "counters": e.counters,
+                    "state": e.filter.describe(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A QOM-like object description: `-object TYPE,id=ID,key=value,...` or QMP `object-add`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectSpec {
+    pub qom_type: String,
+    pub id: String,
+    pub props: BTreeMap<String, String>,
+}
+
+impl ObjectSpec {
+    /// Parses the command-line form `filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0`.
+    pub fn parse_cli(s: &str) -> Result<Self, FilterError> {
+        let mut parts = s.split(',');
+        let qom_type = parts.next().unwrap_or_default().trim().to_string();
+        if qom_type.is_empty() || qom_type.contains('=') {
+            return Err(FilterError::BadOption {
+                key: "object",
+                value: s.to_string(),
+                expected: "TYPE,id=ID,key=value,...",
+            });
+        }
+        let mut props = BTreeMap::new();
+        for p in parts {
+            let Some((k, v)) = p.split_once('=') else {
+                return Err(FilterError::BadOption {
+                    key: "object",
+                    value: p.to_string(),
+                    expected: "key=value",
+                });
+            };
+            let mut v = v.to_string();
+            // `position=id=<id>` keeps its inner '='.
+            if k == "position" && v == "id" {
+                v.push('=');
+            }
+            props.insert(k.to_string(), v);
+        }
+        let id = props.remove("id").ok_or(FilterError::Missing {
+            kind: qom_type.clone(),
+            key: "id",
+        })?;
+        Ok(Self {
+            qom_type,
+            id,
+            props,
+        })
+    }
+
+    /// Parses QMP `object-add` arguments: `{"qom-type":"filter-mirror","id":"m0",...}` (flat, as
+    /// QEMU 6+ takes them; a nested `props` object is accepted as well).
+    pub fn from_qmp(
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, FilterError> {
+        let get_str = |k: &'static str| -> Result<String, FilterError> {
+            match args.get(k) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                _ => Err(FilterError::Missing {
+                    kind: "object-add".into(),
+                    key: k,
+                }),
+            }
+        };
+        let qom_type = get_str("qom-type")?;
+        let id = get_str("id")?;
+        let mut props = BTreeMap::new();
+        let mut add = |k: &str, v: &serde_json::Value| -> Result<(), FilterError> {
+            let s = match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+                serde_json::Value::Number(n) => n.to_string(),
+                other => {
+                    return Err(FilterError::BadOption {
+                        key: "object-add",
+                        value: format!("{k}={other}"),
+                        expected: "string, boolean or number",
+                    });
+                }
+            };
+            props.insert(k.to_string(), s);
+            Ok(())
+        };
+        for (k, v) in args {
+            match k.as_str() {
+                "qom-type" | "id" => {}
+                "props" => {
+                    if let serde_json::Value::Object(m) = v {
+                        for (k, v) in m {
+                            add(k, v)?;
+                        }
+                    }
+                }
+                _ => add(k, v)?,
+            }
+        }
+        Ok(Self {
+            qom_type,
+            id,
+            props,
+        })
+    }
+
+    pub fn take(&mut self, key: &str) -> Option<String> {
+        self.props.remove(key)
+    }
+
+    pub fn take_bool(&mut self, key: &'static str, default: bool) -> Result<bool, FilterError> {
+        match self.props.remove(key) {
+            None => Ok(default),
+            Some(v) => parse_bool(key, &v),
+        }
+    }
+
+    /// Fails if options are left that nobody took.
+    pub fn finish(&self) -> Result<(), FilterError> {
+        match self.props.keys().next() {
+            Some(k) => Err(FilterError::Unknown {
+                kind: self.qom_type.clone(),
+                key: k.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+pub fn parse_bool(key: &'static str, v: &str) -> Result<bool, FilterError> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        other => Err(FilterError::BadOption {
+            key,
+            value: other.to_string(),
+            expected: "on or off",
+        }),
+    }
+}
+
+/// Looks up chardevs by id when a filter is built.
+pub trait ChardevLookup {
+    fn outdev(&self, id: &str) -> Option<Arc<dyn Outdev>>;
+}
+
+/// A filter built from a spec, with where to put it and which indev (if any) feeds it.
+pub struct Built {
+    pub entry: Entry,
+    pub netdev: String,
+    pub position: Position,
+    pub insert: Insert,
+    /// Redirector `indev` chardev id, with its vnet_hdr_support; the I/O layer reads it and calls
+    /// [`Chain::inject_from`].
+    pub indev: Option<(String, bool)>,
+}
+
+/// Builds a filter object from its spec (`-object` or `object-add`).
+pub fn build(mut spec: ObjectSpec, chardevs: &dyn ChardevLookup) -> Result<Built, FilterError> {
+    let kind = spec.qom_type.clone();
+    let id = spec.id.clone();
+    let netdev = spec.take("netdev").ok_or(FilterError::Missing {
+        kind: kind.clone(),
+        key: "netdev",
+    })?;
+    let queue = match spec.take("queue") {
+        Some(q) => QueueSel::parse(&q)?,
+        None => QueueSel::All,
+    };
+    let status = match spec.take("status") {
+        Some(s) => parse_bool("status", &s)?,
+        None => true,
+    };
+    let position = match spec.take("position") {
+        Some(p) => Position::parse(&p)?,
+        None => Position::Tail,
+    };
+    let insert = match spec.take("insert") {
+        Some(i) => Insert::parse(&i)?,
+        None => Insert::Behind,
+    };
+    let vnet = spec.take_bool("vnet_hdr_support", false)?;
+    let lookup = |key: &'static str, name: &str| -> Result<Arc<dyn Outdev>, FilterError> {
+        chardevs.outdev(name).ok_or_else(|| FilterError::Invalid {
+            kind: kind.clone(),
+            id: id.clone(),
+            msg: format!("{key}: no chardev with id {name:?}"),
+        })
+    };
+    let mut indev = None;
+    let filter: Box<dyn Filter> = match kind.as_str() {
+        "filter-mirror" => {
+            let out = spec.take("outdev").ok_or(FilterError::Missing {
+                kind: kind.clone(),
+                key: "outdev",
+            })?;
+            Box::new(FilterMirror::new(lookup("outdev", &out)?, vnet))
+        }
+        "filter-redirector" => {
+            let out = spec.take("outdev");
+            let ind = spec.take("indev");
+            if out.is_none() && ind.is_none() {
+                return Err(FilterError::Invalid {
+                    kind,
+                    id,
+                    msg: "indev or outdev must be set".into(),
+                });
+            }
+            if out.is_some() && out == ind {
+                return Err(FilterError::Invalid {
+                    kind,
+                    id,
+                    msg: "indev and outdev must differ".into(),
+                });
+            }
+            let outdev = match out {
+                Some(o) => Some(lookup("outdev", &o)?),
+                None => None,
+            };
+            indev = ind.map(|i| (i, vnet));
+            Box::new(FilterRedirector::new(outdev, vnet))
+        }
+        "filter-rewriter" => Box::new(FilterRewriter::new()),
+        "filter-dump" => {
+            let file = spec.take("file").ok_or(FilterError::Missing {
+                kind: kind.clone(),
+                key: "file",
+            })?;
+            let maxlen = match spec.take("maxlen") {
+                Some(m) => m.parse::<u32>().map_err(|_| FilterError::BadOption {
+                    key: "maxlen",
+                    value: m,
+                    expected: "a number of bytes",
+                })?,
+                None => 65536,
+            };
+            Box::new(FilterDump::create(&file, maxlen)?)
+        }
+        other => return Err(FilterError::UnknownType(other.to_string())),
+    };
+    spec.finish()?;
+    Ok(Built {
+        entry: Entry {
+            id,
+            queue,
+            status,
+            counters: Counters::default(),
+            filter,
+        },
+        netdev,
+        position,
+        insert,
+        indev,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// An outdev that records the records it is given.
+    #[derive(Default)]
+    pub struct RecOut {
+        pub frames: Mutex<Vec<(Frame, bool)>>,
+        pub fail: bool,
+    }
+
+    impl Outdev for RecOut {
+        fn send_frame(&self, frame: &Frame, vnet: bool) -> std::io::Result<()> {
+            if self.fail {
+                return Err(std::io::Error::other("broken link"));
+            }
+            self.frames.lock().unwrap().push((frame.clone(), vnet));
+            Ok(())
+        }
+        fn name(&self) -> String {
+            "rec".into()
+        }
+    }
+
+    /// A filter that tags frames by appending a byte, or consumes them.
+    pub struct Tag(pub u8, pub bool);
+
+    impl Filter for Tag {
+        fn kind(&self) -> &'static str {
+            "test-tag"
+        }
+        fn receive(&mut self, _d: Direction, f: &mut Vec<u8>, _c: &mut Counters) -> Verdict {
+            f.push(self.0);
+            if self.1 {
+                Verdict::Consumed
+            } else {
+                Verdict::Pass
+            }
+        }
+    }
+
+    pub fn entry(id: &str, queue: QueueSel, f: Box<dyn Filter>) -> Entry {
+        Entry {
+            id: id.into(),
+            queue,
+            status: true,
+            counters: Counters::default(),
+            filter: f,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+
+    fn chain3() -> Chain {
+        let mut c = Chain::new();
+        for (id, t) in [("a", 1u8), ("b", 2), ("c", 3)] {
+            c.insert(
+                entry(id, QueueSel::All, Box::new(Tag(t, false))),
+                &Position::Tail,
+                Insert::Behind,
+            )
+            .unwrap();
+        }
+        c
+    }
+
+    #[test]
+    fn tx_walks_head_to_tail_and_rx_tail_to_head() {
+        let mut c = chain3();
+        assert_eq!(
+            c.process(Direction::Tx, vec![]),
+            Outcome::Deliver(vec![1, 2, 3])
+        );
+        assert_eq!(
+            c.process(Direction::Rx, vec![]),
+            Outcome::Deliver(vec![3, 2, 1])
+        );
+    }
+
+    #[test]
+    fn consume_stops_the_walk() {
+        let mut c = chain3();
+        c.insert(
+            entry("x", QueueSel::All, Box::new(Tag(9, true))),
+            &Position::Id("a".into()),
+            Insert::Behind,
+        )
+        .unwrap();
+        assert_eq!(c.ids(), ["a", "x", "b", "c"]);
+        assert_eq!(c.process(Direction::Tx, vec![]), Outcome::Consumed);
+        assert_eq!(c.get("b").unwrap().counters.frames, 0);
+        assert_eq!(c.get("a").unwrap().counters.frames, 1);
+        assert_eq!(c.get("x").unwrap().counters.consumed, 1);
+        // Rx: c, b, then x consumes; a never sees it.
+        assert_eq!(c.process(Direction::Rx, vec![]), Outcome::Consumed);
+        assert_eq!(c.get("a").unwrap().counters.frames, 1);
+        assert_eq!(c.get("c").unwrap().counters.frames, 1);
+    }
+
+    #[test]
+    fn queue_selection_and_status_skip_filters() {
+        let mut c = Chain::new();
+        c.insert(
+            entry("rx", QueueSel::Rx, Box::new(Tag(1, false))),
+            &Position::Tail,
+            Insert::Behind,
+        )
+        .unwrap();
+        c.insert(
+            entry("tx", QueueSel::Tx, Box::new(Tag(2, false))),
+            &Position::Tail,
+            Insert::Behind,
+        )
+        .unwrap();
+        assert_eq!(c.process(Direction::Tx, vec![]), Outcome::Deliver(vec![2]));
+        assert_eq!(c.process(Direction::Rx, vec![]), Outcome::Deliver(vec![1]));
+        c.set_status("tx", false).unwrap();
+        assert_eq!(c.process(Direction::Tx, vec![]), Outcome::Deliver(vec![]));
+        assert!(matches!(
+            c.set_status("nope", true),
+            Err(FilterError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn injection_continues_from_the_filters_own_position() {
+        let mut c = chain3();
+        assert_eq!(
+            c.inject_from("b", Direction::Tx, vec![]).unwrap(),
+            Outcome::Deliver(vec![3])
+        );
+        assert_eq!(
+            c.inject_from("b", Direction::Rx, vec![]).unwrap(),
+            Outcome::Deliver(vec![1])
+        );
+        assert_eq!(
+            c.inject_from("a", Direction::Rx, vec![]).unwrap(),
+            Outcome::Deliver(vec![])
+        );
+        assert_eq!(c.get("b").unwrap().counters.injected, 2);
+    }
+
+    #[test]
+    fn position_and_insert_place_filters_like_qemu() {
+        let mut c = chain3();
+        let t = || Box::new(Tag(0, false));
+        c.insert(
+            entry("h", QueueSel::All, t()),
+            &Position::Head,
+            Insert::Behind,
+        )
+        .unwrap();
+        c.insert(
+            entry("bb", QueueSel::All, t()),
+            &Position::Id("b".into()),
+            Insert::Before,
+        )
+        .unwrap();
+        c.insert(
+            entry("ca", QueueSel::All, t()),
+            &Position::Id("c".into()),
+            Insert::Behind,
+        )
+        .unwrap();
+        assert_eq!(c.ids(), ["h", "a", "bb", "b", "c", "ca"]);
+        assert!(matches!(
+            c.insert(
+                entry("a", QueueSel::All, t()),
+                &Position::Tail,
+                Insert::Behind
+            ),
+            Err(FilterError::Duplicate(_))
+        ));
+        assert!(matches!(
+            c.insert(
+                entry("z", QueueSel::All, t()),
+                &Position::Id("zz".into()),
+                Insert::Behind
+            ),
+            Err(FilterError::NotFound(_))
+        ));
+        c.remove("bb").unwrap();
+        assert_eq!(c.ids(), ["h", "a", "b", "c", "ca"]);
+    }
+
+    #[test]
+    fn failover_turns_filters_off_except_those_that_stay() {
+        let mut c = Chain::new();
+        c.insert(
+            entry(
+                "f1",
+                QueueSel::Tx,
+                Box::new(FilterRedirector::new(None, false)),
+            ),
+            &Position::Tail,
+            Insert::Behind,
+        )
+        .unwrap();
+        c.insert(
+            entry("rew0", QueueSel::All, Box::new(FilterRewriter::new())),
+            &Position::Tail,
+            Insert::Behind,
+        )
+        .unwrap();
+        c.failover();
+        assert!(!c.get("f1").unwrap().status);
+        assert!(c.get("rew0").unwrap().status);
+    }
+
+    struct Devs(Arc<RecOut>);
+    impl ChardevLookup for Devs {
+        fn outdev(&self, id: &str) -> Option<Arc<dyn Outdev>> {
+            (id == "mirror0").then(|| self.0.clone() as Arc<dyn Outdev>)
+        }
+    }
+
+    #[test]
+    fn specs_parse_from_cli_and_qmp_and_bad_ones_are_refused() {
+        let devs = Devs(Arc::new(RecOut::default()));
+        let s = ObjectSpec::parse_cli(
+            "filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0,position=id=x,insert=before",
+        )
+        .unwrap();
+        assert_eq!(s.props["position"], "id=x");
+        let b = build(s, &devs).unwrap();
+        assert_eq!(b.netdev, "hn0");
+        assert_eq!(b.entry.queue, QueueSel::Tx);
+        assert_eq!(b.position, Position::Id("x".into()));
+        assert_eq!(b.insert, Insert::Before);
+
+        let args = serde_json::json!({"qom-type":"filter-redirector","id":"r","netdev":"hn0",
+            "queue":"rx","indev":"in0","vnet_hdr_support":true});
+        let b = build(
+            ObjectSpec::from_qmp(args.as_object().unwrap()).unwrap(),
+            &devs,
+        )
+        .unwrap();
+        assert_eq!(b.indev, Some(("in0".to_string(), true)));
+
+        for bad in [
+            "filter-mirror,id=m0,netdev=hn0,outdev=nope",
+            "filter-mirror,id=m0,netdev=hn0",
+            "filter-mirror,netdev=hn0,outdev=mirror0",
+            "filter-mirror,id=m0,netdev=hn0,outdev=mirror0,queue=sideways",
+            "filter-mirror,id=m0,netdev=hn0,outdev=mirror0,colour=red",
+            "filter-redirector,id=r,netdev=hn0",
+            "filter-redirector,id=r,netdev=hn0,indev=a,outdev=a",
+            "filter-bogus,id=r,netdev=hn0",
+            "filter-rewriter,id=r,netdev=hn0,status=maybe",
+            "filter-rewriter,id=r,netdev=hn0,position=id=",
+            "",
+            "filter-rewriter,id",
+        ] {
+            let r = ObjectSpec::parse_cli(bad).and_then(|s| build(s, &devs));
+            assert!(r.is_err(), "{bad} accepted");
+        }
+    }
+}
