@@ -1,0 +1,572 @@
+//! NBD client with pipelining: any number of requests in flight on one connection, replies
+//! matched by cookie. Usable from async code (`read`, `write`, ...) and from plain threads
+//! (`submit_sync`, which returns a std channel receiver that can be waited on with a timeout).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter},
+    net::TcpStream,
+    sync::{mpsc, oneshot},
+};
+
+use super::proto::*;
+
+/// Errors of the NBD client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NbdClientError {
+    /// Socket error.
+    #[error("NBD client: {0}")]
+    Io(String),
+    /// The server broke the protocol.
+    #[error("NBD client: protocol error: {0}")]
+    Protocol(String),
+    /// The server refused an option (negotiation).
+    #[error("NBD client: server refused {what}: {message}")]
+    Refused {
+        /// Which step.
+        what: String,
+        /// Server's message.
+        message: String,
+    },
+    /// The server answered a request with an error.
+    #[error("NBD client: {cmd} at offset {offset} failed with NBD errno {errno}")]
+    Remote {
+        /// Command name.
+        cmd: &'static str,
+        /// Offset of the request.
+        offset: u64,
+        /// NBD errno.
+        errno: u32,
+    },
+    /// The connection is closed.
+    #[error("NBD client: disconnected: {0}")]
+    Disconnected(String),
+    /// Bad argument.
+    #[error("NBD client: invalid request: {0}")]
+    Invalid(String),
+}
+
+type ReplyResult = Result<Vec<u8>, NbdClientError>;
+
+enum ReplyTx {
+    Async(oneshot::Sender<ReplyResult>),
+    Sync(std::sync::mpsc::SyncSender<ReplyResult>),
+}
+
+impl ReplyTx {
+    fn send(self, r: ReplyResult) {
+        match self {
+            ReplyTx::Async(t) => {
+                let _ = t.send(r);
+            }
+            ReplyTx::Sync(t) => {
+                let _ = t.try_send(r);
+            }
+        }
+    }
+}
+
+struct Waiter {
+    cmd: u16,
+    offset: u64,
+    read_len: u32,
+    reply: ReplyTx,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<u64, Waiter>,
+    closed: Option<String>,
+}
+
+struct Inner {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    state: Mutex<State>,
+    next_cookie: AtomicU64,
+}
+
+/// A connected NBD client. Cheap to clone; all clones share the connection.
+#[derive(Clone)]
+pub struct NbdClient {
+    inner: Arc<Inner>,
+    size: u64,
+    flags: u16,
+    export: String,
+}
+
+impl std::fmt::Debug for NbdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdClient")
+            .field("export", &self.export)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+fn cmd_name(cmd: u16) -> &'static str {
+    match cmd {
+        CMD_READ => "READ",
+        CMD_WRITE => "WRITE",
+        CMD_FLUSH => "FLUSH",
+        CMD_TRIM => "TRIM",
+        CMD_WRITE_ZEROES => "WRITE_ZEROES",
+        CMD_DISC => "DISC",
+        _ => "unknown command",
+    }
+}
+
+fn ioe(what: &str) -> impl FnOnce(std::io::Error) -> NbdClientError + '_ {
+    move |e| NbdClientError::Io(format!("{what}: {e}"))
+}
+
+struct OptReply {
+    reply: u32,
+    data: Vec<u8>,
+}
+
+async fn read_opt_reply<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    opt: u32,
+) -> Result<OptReply, NbdClientError> {
+    let magic = rd
+        .read_u64()
+        .await
+        .map_err(ioe("reading an option reply"))?;
+    if magic != REPLY_MAGIC {
+        return Err(NbdClientError::Protocol(format!(
+            "bad option reply magic {magic:#x}"
+        )));
+    }
+    let ropt = rd
+        .read_u32()
+        .await
+        .map_err(ioe("reading an option reply"))?;
+    let reply = rd
+        .read_u32()
+        .await
+        .map_err(ioe("reading an option reply"))?;
+    let len = rd
+        .read_u32()
+        .await
+        .map_err(ioe("reading an option reply"))?;
+    if ropt != opt {
+        return Err(NbdClientError::Protocol(format!(
+            "reply to option {ropt}, expected {opt}"
+        )));
+    }
+    if len > MAX_OPTION {
+        return Err(NbdClientError::Protocol(format!(
+            "option reply of {len} bytes"
+        )));
+    }
+    let mut data = vec![0u8; len as usize];
+    rd.read_exact(&mut data)
+        .await
+        .map_err(ioe("reading option reply data"))?;
+    Ok(OptReply { reply, data })
+}
+
+async fn send_opt<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    opt: u32,
+    data: &[u8],
+) -> Result<(), NbdClientError> {
+    let mut v = Vec::with_capacity(16 + data.len());
+    v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    v.extend_from_slice(&opt.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    wr.write_all(&v).await.map_err(ioe("sending an option"))?;
+    wr.flush().await.map_err(ioe("sending an option"))
+}
+
+async fn greet<R, W>(rd: &mut R, wr: &mut W) -> Result<bool, NbdClientError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let magic = rd.read_u64().await.map_err(ioe("reading the greeting"))?;
+    let opt = rd.read_u64().await.map_err(ioe("reading the greeting"))?;
+    if magic != NBDMAGIC || opt != IHAVEOPT {
+        return Err(NbdClientError::Protocol("not a newstyle NBD server".into()));
+    }
+    let hflags = rd.read_u16().await.map_err(ioe("reading the greeting"))?;
+    if hflags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(NbdClientError::Protocol(
+            "server lacks fixed newstyle".into(),
+        ));
+    }
+    let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
+    let mut cflags = CFLAG_FIXED_NEWSTYLE;
+    if no_zeroes {
+        cflags |= CFLAG_NO_ZEROES;
+    }
+    wr.write_all(&cflags.to_be_bytes())
+        .await
+        .map_err(ioe("sending client flags"))?;
+    Ok(no_zeroes)
+}
+
+impl NbdClient {
+    /// Connects to `addr` (`host:port`) and opens `export`.
+    pub async fn connect(addr: &str, export: &str) -> Result<NbdClient, NbdClientError> {
+        let sock = TcpStream::connect(addr)
+            .await
+            .map_err(|e| NbdClientError::Io(format!("connecting to {addr}: {e}")))?;
+        let _ = sock.set_nodelay(true);
+        Self::handshake(sock, export).await
+    }
+
+    /// Lists the exports of the server at `addr`.
+    pub async fn list(addr: &str) -> Result<Vec<String>, NbdClientError> {
+        let sock = TcpStream::connect(addr)
+            .await
+            .map_err(|e| NbdClientError::Io(format!("connecting to {addr}: {e}")))?;
+        let (mut rd, mut wr) = tokio::io::split(sock);
+        greet(&mut rd, &mut wr).await?;
+        send_opt(&mut wr, OPT_LIST, &[]).await?;
+        let mut names = Vec::new();
+        loop {
+            let r = read_opt_reply(&mut rd, OPT_LIST).await?;
+            match r.reply {
+                REP_ACK => break,
+                REP_SERVER => {
+                    let n = r
+                        .data
+                        .get(0..4)
+                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+                    let name = n.and_then(|n| r.data.get(4..4 + n)).ok_or_else(|| {
+                        NbdClientError::Protocol("malformed NBD_REP_SERVER".into())
+                    })?;
+                    names.push(String::from_utf8_lossy(name).into_owned());
+                }
+                other => {
+                    return Err(NbdClientError::Refused {
+                        what: "NBD_OPT_LIST".into(),
+                        message: format!("reply {other:#x}: {}", String::from_utf8_lossy(&r.data)),
+                    });
+                }
+            }
+        }
+        let _ = send_opt(&mut wr, OPT_ABORT, &[]).await;
+        Ok(names)
+    }
+
+    /// Negotiates on an established stream.
+    pub async fn handshake<S>(stream: S, export: &str) -> Result<NbdClient, NbdClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let no_zeroes = greet(&mut rd, &mut wr).await?;
+        send_opt(&mut wr, OPT_GO, &encode_info_request(export, &[])).await?;
+        let mut info: Option<(u64, u16)> = None;
+        loop {
+            let r = read_opt_reply(&mut rd, OPT_GO).await?;
+            match r.reply {
+                REP_ACK => break,
+                REP_INFO
+                    if r.data.len() >= 12
+                        && u16::from_be_bytes([r.data[0], r.data[1]]) == INFO_EXPORT =>
+                {
+                    let mut s = [0u8; 8];
+                    s.copy_from_slice(&r.data[2..10]);
+                    info = Some((
+                        u64::from_be_bytes(s),
+                        u16::from_be_bytes([r.data[10], r.data[11]]),
+                    ));
+                }
+                REP_ERR_UNSUP => {
+                    // Old server: fall back to NBD_OPT_EXPORT_NAME.
+                    send_opt(&mut wr, OPT_EXPORT_NAME, export.as_bytes()).await?;
+                    let size = rd
+                        .read_u64()
+                        .await
+                        .map_err(ioe("reading EXPORT_NAME reply (is the export name right?)"))?;
+                    let flags = rd
+                        .read_u16()
+                        .await
+                        .map_err(ioe("reading EXPORT_NAME reply"))?;
+                    if !no_zeroes {
+                        let mut z = [0u8; 124];
+                        rd.read_exact(&mut z)
+                            .await
+                            .map_err(ioe("reading EXPORT_NAME padding"))?;
+                    }
+                    info = Some((size, flags));
+                    break;
+                }
+                other if other & REP_FLAG_ERROR != 0 => {
+                    return Err(NbdClientError::Refused {
+                        what: format!("export {export:?}"),
+                        message: format!("reply {other:#x}: {}", String::from_utf8_lossy(&r.data)),
+                    });
+                }
+                _ => {}
+            }
+        }
+        let Some((size, flags)) = info else {
+            return Err(NbdClientError::Protocol(
+                "server sent no NBD_INFO_EXPORT".into(),
+            ));
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            tx,
+            state: Mutex::new(State::default()),
+            next_cookie: AtomicU64::new(1),
+        });
+        tokio::spawn(writer_task(BufWriter::new(wr), rx));
+        tokio::spawn(reader_task(rd, inner.clone()));
+        Ok(NbdClient {
+            inner,
+            size,
+            flags,
+            export: export.to_owned(),
+        })
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Transmission flags sent by the server.
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+
+    /// True when the export is read-only.
+    pub fn read_only(&self) -> bool {
+        self.flags & TFLAG_READ_ONLY != 0
+    }
+
+    /// The reason the connection closed, if it did.
+    pub fn closed(&self) -> Option<String> {
+        self.inner.state.lock().ok().and_then(|s| s.closed.clone())
+    }
+
+    fn submit(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+        reply: ReplyTx,
+    ) -> Result<(), NbdClientError> {
+        if len > MAX_REQUEST {
+            return Err(NbdClientError::Invalid(format!(
+                "{} of {len} bytes exceeds {MAX_REQUEST}",
+                cmd_name(cmd)
+            )));
+        }
+        let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let hdr = Request {
+            flags,
+            cmd,
+            cookie,
+            offset,
+            len,
+        }
+        .encode();
+        let mut frame = Vec::with_capacity(REQUEST_LEN + data.map_or(0, <[u8]>::len));
+        frame.extend_from_slice(&hdr);
+        if let Some(d) = data {
+            frame.extend_from_slice(d);
+        }
+        let mut st = self
+            .inner
+            .state
+            .lock()
+            .map_err(|_| NbdClientError::Disconnected("state lock poisoned".into()))?;
+        if let Some(why) = &st.closed {
+            return Err(NbdClientError::Disconnected(why.clone()));
+        }
+        let read_len = if cmd == CMD_READ { len } else { 0 };
+        st.pending.insert(
+            cookie,
+            Waiter {
+                cmd,
+                offset,
+                read_len,
+                reply,
+            },
+        );
+        if self.inner.tx.send(frame).is_err() {
+            st.pending.remove(&cookie);
+            return Err(NbdClientError::Disconnected("writer stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Sends a request from a plain thread; the receiver yields the read data (empty for
+    /// other commands) or the error.
+    pub fn submit_sync(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> Result<std::sync::mpsc::Receiver<ReplyResult>, NbdClientError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(cmd, flags, offset, len, data, ReplyTx::Sync(tx))?;
+        Ok(rx)
+    }
+
+    async fn request(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> ReplyResult {
+        let (tx, rx) = oneshot::channel();
+        self.submit(cmd, flags, offset, len, data, ReplyTx::Async(tx))?;
+        rx.await
+            .map_err(|_| NbdClientError::Disconnected("reply dropped".into()))?
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, NbdClientError> {
+        self.request(CMD_READ, 0, offset, len, None).await
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdClientError> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| NbdClientError::Invalid("write too large".into()))?;
+        self.request(
+            CMD_WRITE,
+            if fua { CMD_FLAG_FUA } else { 0 },
+            offset,
+            len,
+            Some(data),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Flushes.
+    pub async fn flush(&self) -> Result<(), NbdClientError> {
+        self.request(CMD_FLUSH, 0, 0, 0, None).await.map(drop)
+    }
+
+    /// Trims a range.
+    pub async fn trim(&self, offset: u64, len: u32) -> Result<(), NbdClientError> {
+        self.request(CMD_TRIM, 0, offset, len, None).await.map(drop)
+    }
+
+    /// Zeroes a range.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+    ) -> Result<(), NbdClientError> {
+        self.request(
+            CMD_WRITE_ZEROES,
+            if no_hole { CMD_FLAG_NO_HOLE } else { 0 },
+            offset,
+            len,
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Sends NBD_CMD_DISC; pending requests still get their replies.
+    pub fn disconnect(&self) {
+        let hdr = Request {
+            flags: 0,
+            cmd: CMD_DISC,
+            cookie: 0,
+            offset: 0,
+            len: 0,
+        }
+        .encode();
+        let _ = self.inner.tx.send(hdr.to_vec());
+    }
+}
+
+async fn writer_task<W: AsyncWrite + Unpin>(
+    mut wr: BufWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    while let Some(frame) = rx.recv().await {
+        let disc = frame.len() == REQUEST_LEN && frame[6..8] == CMD_DISC.to_be_bytes();
+        if wr.write_all(&frame).await.is_err() {
+            return;
+        }
+        if disc {
+            let _ = wr.flush().await;
+            let _ = wr.shutdown().await;
+            return;
+        }
+        if rx.is_empty() && wr.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn reader_task<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
+    let why = loop {
+        let mut hdr = [0u8; 16];
+        if let Err(e) = rd.read_exact(&mut hdr).await {
+            break format!("connection closed: {e}");
+        }
+        let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        if magic != SIMPLE_REPLY_MAGIC {
+            break format!("unexpected reply magic {magic:#x}");
+        }
+        let error = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&hdr[8..16]);
+        let cookie = u64::from_be_bytes(c);
+        let waiter = inner
+            .state
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pending.remove(&cookie));
+        let Some(w) = waiter else {
+            break format!("reply for unknown cookie {cookie}");
+        };
+        if error != 0 {
+            w.reply.send(Err(NbdClientError::Remote {
+                cmd: cmd_name(w.cmd),
+                offset: w.offset,
+                errno: error,
+            }));
+            continue;
+        }
+        let mut data = vec![0u8; w.read_len as usize];
+        if let Err(e) = rd.read_exact(&mut data).await {
+            w.reply.send(Err(NbdClientError::Disconnected(format!(
+                "reading READ data: {e}"
+            ))));
+            break format!("reading READ data: {e}");
+        }
+        w.reply.send(Ok(data));
+    };
+    tracing::debug!("NBD client reader stops: {why}");
+    let drained: Vec<Waiter> = match inner.state.lock() {
+        Ok(mut s) => {
+            s.closed = Some(why.clone());
+            s.pending.drain().map(|(_, w)| w).collect()
+        }
+        Err(_) => Vec::new(),
+    };
+    for w in drained {
+        w.reply.send(Err(NbdClientError::Disconnected(why.clone())));
+    }
+}
