@@ -1,0 +1,215 @@
+//! Guest RAM: one memfd, mapped shared into this process as `vm-memory` regions, so that
+//! vhost-user backends can map the same pages (their fd and offset go into SET_MEM_TABLE).
+//!
+//! Layout (x86_64): RAM from 0 up to the start of the 32-bit MMIO hole, the rest above 4 GiB.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Start of the 32-bit MMIO hole (devices, IOAPIC, LAPIC live above this).
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// End of the 32-bit MMIO hole.
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Smallest guest RAM accepted (the boot structures need the first MiB plus a kernel).
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// The guest memory type used everywhere in vmm-min.
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create a memfd of {size} bytes for guest RAM: {source}")]
+    Memfd {
+        /// Requested size.
+        size: u64,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The size is not usable.
+    #[error("guest memory size {0} bytes is invalid (minimum {MIN_MEMORY}, multiple of 4 KiB)")]
+    BadSize(u64),
+    /// Mapping failed.
+    #[error("cannot map guest RAM: {0}")]
+    Map(#[from] vm_memory::mmap::FromRangesError),
+}
+
+/// One contiguous piece of guest RAM: guest address, length and offset in the memfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRange {
+    /// Guest physical start address.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Offset of this range inside the memfd.
+    pub file_offset: u64,
+}
+
+/// Guest RAM: the memfd, the ranges and the mapped `GuestMemoryMmap`.
+pub struct GuestRam {
+    file: Arc<File>,
+    ranges: Vec<RamRange>,
+    mem: GuestMem,
+    size: u64,
+}
+
+/// Computes the guest ranges for `size` bytes of RAM around the 32-bit hole.
+pub fn ram_ranges(size: u64) -> Vec<RamRange> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut v = vec![RamRange {
+        guest_addr: 0,
+        len: low,
+        file_offset: 0,
+    }];
+    if size > low {
+        v.push(RamRange {
+            guest_addr: MMIO_HOLE_END,
+            len: size - low,
+            file_offset: low,
+        });
+    }
+    v
+}
+
+impl GuestRam {
+    /// Allocates `size` bytes of guest RAM in a fresh memfd.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size < MIN_MEMORY || !size.is_multiple_of(4096) {
+            return Err(MemoryError::BadSize(size));
+        }
+        // SAFETY: memfd_create with a valid NUL-terminated name; we check the result.
+        let fd = unsafe { libc::memfd_create(c"vmm-min-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd {
+                size,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|source| MemoryError::Memfd { size, source })?;
+        let file = Arc::new(file);
+        let ranges = ram_ranges(size);
+        let mem = GuestMem::from_ranges_with_files(ranges.iter().map(|r| {
+            (
+                GuestAddress(r.guest_addr),
+                r.len as usize,
+                Some(FileOffset::from_arc(file.clone(), r.file_offset)),
+            )
+        }))?;
+        Ok(Self {
+            file,
+            ranges,
+            mem,
+            size,
+        })
+    }
+
+    /// The mapped guest memory.
+    pub fn mem(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// The memfd backing all RAM.
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// Raw fd of the memfd.
+    pub fn raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The RAM ranges (guest address, length, memfd offset).
+    pub fn ranges(&self) -> &[RamRange] {
+        &self.ranges
+    }
+
+    /// Host virtual address of each range, in the order of [`GuestRam::ranges`].
+    pub fn host_addrs(&self) -> Vec<u64> {
+        self.mem
+            .iter()
+            .map(|r| r.as_ptr() as u64)
+            .collect::<Vec<_>>()
+    }
+
+    /// End (exclusive) of low RAM (below the hole).
+    pub fn low_end(&self) -> u64 {
+        self.ranges[0].len
+    }
+
+    /// True when `[addr, addr+len)` lies inside RAM.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        self.ranges.iter().any(|r| {
+            addr >= r.guest_addr
+                && addr
+                    .checked_add(len)
+                    .is_some_and(|e| e <= r.guest_addr + r.len)
+        })
+    }
+
+    /// Last guest address of RAM + 1.
+    pub fn last_addr(&self) -> u64 {
+        self.mem.last_addr().raw_value() + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn small_ram_is_one_range_below_the_hole() {
+        let r = ram_ranges(512 << 20);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].len, 512 << 20);
+    }
+
+    #[test]
+    fn big_ram_is_split_around_the_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].len, MMIO_HOLE_START);
+        assert_eq!(r[1].guest_addr, MMIO_HOLE_END);
+        assert_eq!(r[1].len, (4 << 30) - MMIO_HOLE_START);
+        assert_eq!(r[1].file_offset, MMIO_HOLE_START);
+    }
+
+    #[test]
+    fn ram_is_shared_with_the_memfd() {
+        use std::os::unix::fs::FileExt;
+        let ram = GuestRam::new(32 << 20).unwrap();
+        ram.mem()
+            .write_obj(0xdead_beefu32, GuestAddress(0x1000))
+            .unwrap();
+        let mut b = [0u8; 4];
+        ram.file().read_exact_at(&mut b, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+        assert!(ram.contains(0, 32 << 20));
+        assert!(!ram.contains(1, 32 << 20));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(matches!(
+            GuestRam::new(1 << 20),
+            Err(MemoryError::BadSize(_))
+        ));
+        assert!(matches!(
+            GuestRam::new((32 << 20) + 1),
+            Err(MemoryError::BadSize(_))
+        ));
+    }
+}
