@@ -160,7 +160,7 @@ ensure_cache() {
 }
 
 # ---------------------------------------------------------------- one run
-RUN= QPID= SPID= LAST_QPID= CONPID= OUTPID= ERRPID= KEEP=${KVM_LAB_KEEP:-0}
+RUN= QPID= LAST_QPID= CONPID= OUTPID= ERRPID= KEEP=${KVM_LAB_KEEP:-0}
 
 kill_pid() { # kill by PID and reap
 	local p=$1
@@ -173,7 +173,6 @@ cleanup() {
 	local rc=$?
 	trap - EXIT INT TERM HUP
 	kill_pid "$QPID"; QPID=
-	kill_pid "$SPID"
 	kill_pid "$OUTPID"; kill_pid "$ERRPID"; kill_pid "$CONPID"
 	if [ -n "$RUN" ] && [ -d "$RUN" ]; then
 		if [ "$KEEP" = 1 ]; then say "run dir kept: $RUN"; else rm -rf "$RUN"; fi
@@ -189,7 +188,14 @@ ensure_cache
 KVER=$(cat "$BUILD/kver")
 T_CACHE=$EPOCHREALTIME
 
+# Run dirs of runners that were SIGKILLed (no trap ran) are swept here.
+for f in "${TMPDIR:-/tmp}"/kvm-lab.*/pid; do
+	[ -f "$f" ] || continue
+	p=$(cat "$f" 2>/dev/null)
+	[[ $p =~ ^[0-9]+$ ]] && ! kill -0 "$p" 2>/dev/null && rm -rf "${f%/pid}"
+done
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/kvm-lab.XXXXXXXX") || die "mktemp failed"
+echo $$ >"$RUN/pid"
 [[ $RUN =~ [[:space:],] ]] && die "run dir $RUN has spaces or commas; set TMPDIR"
 SHARE=$RUN/share
 mkdir "$SHARE" || die "mkdir $SHARE"
@@ -262,17 +268,12 @@ run_once() {
 	# pdeathsig: QEMU dies with us even if we are SIGKILLed (then no trap runs).
 	setpriv --pdeathsig KILL -- "$QEMU" "${QARGS[@]}" </dev/null >"$RUN/qemu.log" 2>&1 {fc}>&- {fo}>&- {fe}>&- &
 	QPID=$!
-	local left=$((DEADLINE - EPOCHSECONDS)) timed_out=0
-	[ "$left" -gt 0 ] || left=1
-	sleep "$left" &
-	SPID=$!
-	local spid=$SPID
-	while :; do
-		wait -n "$QPID" "$spid" 2>/dev/null
-		if ! kill -0 "$QPID" 2>/dev/null; then break; fi
-		if ! kill -0 "$spid" 2>/dev/null; then timed_out=1; break; fi
+	# Poll (no long-lived helper process that could outlive us if we are SIGKILLed).
+	local timed_out=0
+	while kill -0 "$QPID" 2>/dev/null; do
+		if [ "$EPOCHSECONDS" -ge "$DEADLINE" ]; then timed_out=1; break; fi
+		sleep 0.2 {fc}>&- {fo}>&- {fe}>&-
 	done
-	kill_pid "$spid"; SPID=
 	[ "$timed_out" = 1 ] && kill -KILL "$QPID" 2>/dev/null
 	wait "$QPID" 2>/dev/null
 	QRC=$?
@@ -325,18 +326,16 @@ while :; do
 	case $r in
 	0) exit "$CMD_RC" ;;
 	3)
-		KEEP=1
-		say "deadline of $TIMEOUT s reached: QEMU (PID $LAST_QPID) killed; console: $RUN/console.log"
+		say "deadline of $TIMEOUT s reached: QEMU (PID $LAST_QPID) killed. L1 console tail:"
+		tail -n 10 "$RUN/console.log" >&2 2>/dev/null
 		exit $LAB_RC_TIMEOUT
 		;;
 	2)
-		KEEP=1
 		say "console tail:"; tail -n 20 "$RUN/console.log" >&2 2>/dev/null
 		exit $LAB_RC_FAIL
 		;;
 	1)
 		if [ "$attempt" -ge 2 ] || [ "$EPOCHSECONDS" -ge "$DEADLINE" ]; then
-			KEEP=1
 			say "the L1 ended again without an exit status (reset or crash); giving up. console tail:"
 			tail -n 20 "$RUN/console.log" >&2 2>/dev/null
 			exit $LAB_RC_FAIL
