@@ -705,6 +705,11 @@ impl FramedSender {
         }
     }
 
+    /// The current stream, if connected.
+    pub fn stream(&self) -> Option<&Stream> {
+        self.stream.as_ref()
+    }
+
     /// A clone of the current stream (e.g. to watch for the peer closing it).
     pub fn stream_clone(&self) -> Option<Stream> {
         self.stream.as_ref().and_then(|s| s.try_clone().ok())
