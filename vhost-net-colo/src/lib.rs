@@ -8,5 +8,8 @@
 //! What it does not do: compare packets (that is the `comparer` crate) or checkpoint guests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod chardevs;
 pub mod filter;
+pub mod netdev;
+pub mod path;
 pub mod vnet;

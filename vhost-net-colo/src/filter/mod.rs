@@ -417,7 +417,14 @@ impl ObjectSpec {
             if k == "position" && v == "id" {
                 v.push('=');
             }
-            props.insert(k.to_string(), v);
+            // A repeated key (several `hostfwd=`) is kept as `key#N`.
+            let mut key = k.to_string();
+            let mut n = 1;
+            while props.contains_key(&key) {
+                key = format!("{k}#{n}");
+                n += 1;
+            }
+            props.insert(key, v);
         }
         let id = props.remove("id").ok_or(FilterError::Missing {
             kind: qom_type.clone(),

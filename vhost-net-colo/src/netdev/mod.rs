@@ -1,0 +1,136 @@
+//! Netdevs: where frames go when they leave the filter chain towards the outside, and where
+//! frames towards the guest come from. Spelled like QEMU's `-netdev`:
+//!
+//! - `tap,id=hn0,ifname=tap0[,script=PATH|no][,downscript=PATH|no]`: a Linux tap device
+//!   (`/dev/net/tun`, `IFF_TAP|IFF_NO_PI`); the scripts run with the interface name, like
+//!   QEMU's ifup/ifdown. No vnet header is used because the backend advertises no offloads.
+//! - `stream,id=s0,server=on|off,addr.type=unix,addr.path=P` or
+//!   `addr.type=inet,addr.host=H,addr.port=N[,reconnect=SECS]`: frames over a byte stream, each
+//!   behind a 4-byte big-endian length, as QEMU's `-netdev stream` and socket chardevs.
+//! - `dgram,id=d0,local.type=inet,local.host=H,local.port=N,remote.type=inet,remote.host=H,
+//!   remote.port=N` (or `*.type=unix,*.path=P`): one frame per datagram, as QEMU's `-netdev dgram`.
+//! - `user,id=n0[,net=10.0.2.0/24][,host=10.0.2.2][,guest=10.0.2.15][,hostfwd=tcp:ADDR:PORT-:GPORT]...`:
+//!   a userspace network on smoltcp (see [`user`]).
+
+pub mod dgram;
+pub mod stream;
+pub mod tap;
+pub mod user;
+
+use std::sync::Arc;
+
+use crate::filter::{FilterError, ObjectSpec};
+
+/// Called with every frame the netdev receives from the outside (towards the guest).
+pub type Deliver = Arc<dyn Fn(Vec<u8>) + Send + Sync>;
+
+/// Errors of netdev creation and I/O.
+#[derive(Debug, thiserror::Error)]
+pub enum NetdevError {
+    #[error("netdev {id}: {msg}")]
+    Config { id: String, msg: String },
+    #[error("netdev {id}: {what}: {source}")]
+    Io {
+        id: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spec(#[from] FilterError),
+    #[error("netdev {id}: {source}")]
+    Chardev {
+        id: String,
+        #[source]
+        source: colo_proto::chardev::ChardevError,
+    },
+}
+
+/// A started netdev.
+pub trait Netdev: Send + Sync {
+    fn id(&self) -> &str;
+    fn kind(&self) -> &'static str;
+    /// Sends one frame to the outside. A netdev without a peer drops it (`Ok`).
+    fn send(&self, frame: &[u8]) -> std::io::Result<()>;
+    /// Counters for `query-netdevs`-like reports.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// Parses `-netdev TYPE,id=...,...` and starts it; received frames go to `deliver`.
+pub fn open(spec: &str, deliver: Deliver) -> Result<Arc<dyn Netdev>, NetdevError> {
+    let spec = ObjectSpec::parse_cli(spec)?;
+    match spec.qom_type.as_str() {
+        "tap" => Ok(tap::Tap::open(spec, deliver)?),
+        "stream" => Ok(stream::StreamNetdev::open(spec, deliver)?),
+        "dgram" => Ok(dgram::DgramNetdev::open(spec, deliver)?),
+        "user" => Ok(user::UserNetdev::open(spec, deliver)?),
+        other => Err(NetdevError::Config {
+            id: spec.id.clone(),
+            msg: format!("unknown netdev type {other:?} (tap, stream, dgram, user)"),
+        }),
+    }
+}
+
+/// Builds a chardev-style spec string from QEMU's `addr.type=...` socket-address options
+/// under `prefix` (`addr`, `local`, `remote`).
+pub(crate) fn socket_address(
+    spec: &mut ObjectSpec,
+    prefix: &str,
+) -> Result<Option<colo_proto::chardev::SocketAddress>, NetdevError> {
+    let id = spec.id.clone();
+    let Some(ty) = spec.take(&format!("{prefix}.type")) else {
+        return Ok(None);
+    };
+    match ty.as_str() {
+        "unix" => {
+            let path = spec
+                .take(&format!("{prefix}.path"))
+                .ok_or_else(|| NetdevError::Config {
+                    id,
+                    msg: format!("{prefix}.type=unix needs {prefix}.path"),
+                })?;
+            Ok(Some(colo_proto::chardev::SocketAddress::Unix(path.into())))
+        }
+        "inet" => {
+            let host = spec
+                .take(&format!("{prefix}.host"))
+                .unwrap_or_else(|| "0.0.0.0".into());
+            let port = spec
+                .take(&format!("{prefix}.port"))
+                .ok_or_else(|| NetdevError::Config {
+                    id: id.clone(),
+                    msg: format!("{prefix}.type=inet needs {prefix}.port"),
+                })?;
+            let port = port.parse().map_err(|_| NetdevError::Config {
+                id,
+                msg: format!("{prefix}.port={port}: not a port number"),
+            })?;
+            Ok(Some(colo_proto::chardev::SocketAddress::Tcp { host, port }))
+        }
+        other => Err(NetdevError::Config {
+            id,
+            msg: format!("{prefix}.type={other}: expected unix or inet"),
+        }),
+    }
+}
+
+/// Counts frames in and out.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    pub rx_frames: std::sync::atomic::AtomicU64,
+    pub tx_frames: std::sync::atomic::AtomicU64,
+    pub tx_dropped: std::sync::atomic::AtomicU64,
+}
+
+impl NetCounters {
+    pub fn json(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        serde_json::json!({
+            "from_outside": self.rx_frames.load(Relaxed),
+            "to_outside": self.tx_frames.load(Relaxed),
+            "to_outside_dropped": self.tx_dropped.load(Relaxed),
+        })
+    }
+}

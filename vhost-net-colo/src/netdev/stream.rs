@@ -1,0 +1,154 @@
+//! `-netdev stream`: frames over a Unix or TCP byte stream, each behind a 4-byte big-endian
+//! length (QEMU's `-netdev stream` and socket-chardev framing, without vnet headers).
+//! A server accepts the next peer after one leaves; a client reconnects every `reconnect`
+//! seconds (default 1). Frames sent while no peer is connected are dropped, as QEMU does.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use colo_proto::chardev::{ChardevEndpoint, ChardevSpec, Stream};
+use colo_proto::frame::{Frame, FrameReader, write_frame};
+
+use super::{Deliver, NetCounters, Netdev, NetdevError, socket_address};
+use crate::filter::{ObjectSpec, parse_bool};
+
+pub struct StreamNetdev {
+    id: String,
+    addr: String,
+    writer: Arc<Mutex<Option<Stream>>>,
+    stop: Arc<AtomicBool>,
+    counters: Arc<NetCounters>,
+}
+
+impl StreamNetdev {
+    pub fn open(mut spec: ObjectSpec, deliver: Deliver) -> Result<Arc<Self>, NetdevError> {
+        let id = spec.id.clone();
+        let server = match spec.take("server") {
+            Some(v) => parse_bool("server", &v)?,
+            None => false,
+        };
+        let reconnect = match spec.take("reconnect") {
+            Some(v) => Some(Duration::from_secs(v.parse().map_err(|_| {
+                NetdevError::Config {
+                    id: id.clone(),
+                    msg: format!("reconnect={v}: not a number of seconds"),
+                }
+            })?)),
+            None => None,
+        };
+        let addr = socket_address(&mut spec, "addr")?.ok_or_else(|| NetdevError::Config {
+            id: id.clone(),
+            msg: "addr.type is required".into(),
+        })?;
+        spec.finish()?;
+        let cspec = ChardevSpec {
+            id: Some(id.clone()),
+            addr: addr.clone(),
+            server,
+            wait: false,
+            reconnect,
+        };
+        let mut ep = ChardevEndpoint::open(cspec).map_err(|source| NetdevError::Chardev {
+            id: id.clone(),
+            source,
+        })?;
+        let me = Arc::new(StreamNetdev {
+            id: id.clone(),
+            addr: addr.to_string(),
+            writer: Arc::default(),
+            stop: Arc::new(AtomicBool::new(false)),
+            counters: Arc::default(),
+        });
+        let (writer, stop, counters) = (me.writer.clone(), me.stop.clone(), me.counters.clone());
+        std::thread::Builder::new()
+            .name(format!("stream-{id}"))
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let s = match ep.next_stream(&stop, Duration::from_secs(1)) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!("netdev stream: {e}");
+                            continue;
+                        }
+                    };
+                    if let Ok(mut w) = writer.lock() {
+                        *w = s.try_clone().ok();
+                    }
+                    let mut r = FrameReader::new(s, false);
+                    loop {
+                        match r.read_frame() {
+                            Ok(Some(f)) => {
+                                counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                                deliver(f.payload);
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!("netdev stream: {e}");
+                                break;
+                            }
+                        }
+                    }
+                    if let Ok(mut w) = writer.lock() {
+                        *w = None;
+                    }
+                }
+            })
+            .map_err(|e| NetdevError::Io {
+                id,
+                what: "spawn reader".into(),
+                source: e,
+            })?;
+        Ok(me)
+    }
+}
+
+impl Netdev for StreamNetdev {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn kind(&self) -> &'static str {
+        "stream"
+    }
+
+    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        let mut w = self
+            .writer
+            .lock()
+            .map_err(|_| std::io::Error::other("stream writer lock poisoned"))?;
+        let Some(s) = w.as_mut() else {
+            self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        };
+        match write_frame(s, &Frame::ethernet(frame), false) {
+            Ok(()) => {
+                self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!("netdev stream {}: {e}", self.addr);
+                self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(s) = w.take() {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let connected = self.writer.lock().map(|w| w.is_some()).unwrap_or(false);
+        serde_json::json!({"addr": self.addr, "connected": connected, "counters": self.counters.json()})
+    }
+}
+
+impl Drop for StreamNetdev {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Ok(mut w) = self.writer.lock()
+            && let Some(s) = w.take()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! `-netdev user`: a userspace network on smoltcp, so a guest is reachable without root, tap
+//! or bridge.
+//!
+//! The netdev is a small host on the guest's link: it answers ARP and ping at `host=`
+//! (default 10.0.2.2, MAC 52:55:0a:00:02:02) in `net=` (default 10.0.2.0/24), and forwards host
+//! TCP ports to the guest: `hostfwd=tcp:127.0.0.1:8080-:80` accepts on 127.0.0.1:8080 and, per
+//! connection, opens a TCP connection from `host=` to `guest=` (default 10.0.2.15) port 80 and
+//! relays bytes both ways (half-closes included). The guest is configured statically; there is
+//! no DHCP server, DNS or outbound NAT (connections the guest opens are not forwarded).
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Cidr};
+
+use super::{Deliver, NetCounters, Netdev, NetdevError};
+use crate::filter::ObjectSpec;
+
+/// The MAC of the user network's host (QEMU's slirp uses the same).
+pub const HOST_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];
+const BUF: usize = 256 * 1024;
+
+/// One `hostfwd=tcp:HOSTADDR:HOSTPORT-GUESTADDR:GUESTPORT` rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostFwd {
+    pub host: SocketAddr,
+    pub guest: Option<Ipv4Addr>,
+    pub guest_port: u16,
+}
+
+impl HostFwd {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("tcp:")
+            .ok_or_else(|| format!("hostfwd={s}: only tcp: rules are supported"))?;
+        let (h, g) = rest
+            .split_once('-')
+            .ok_or_else(|| format!("hostfwd={s}: expected HOSTADDR:PORT-GUESTADDR:PORT"))?;
+        let (ha, hp) = h
+            .rsplit_once(':')
+            .ok_or_else(|| format!("hostfwd={s}: host part needs ADDR:PORT"))?;
+        let ha: Ipv4Addr = if ha.is_empty() {
+            Ipv4Addr::UNSPECIFIED
+        } else {
+            ha.parse()
+                .map_err(|_| format!("hostfwd={s}: bad host address {ha}"))?
+        };
+        let hp: u16 = hp
+            .parse()
+            .map_err(|_| format!("hostfwd={s}: bad host port {hp}"))?;
+        let (ga, gp) = g
+            .rsplit_once(':')
+            .ok_or_else(|| format!("hostfwd={s}: guest part needs [ADDR]:PORT"))?;
+        let guest = if ga.is_empty() {
+            None
+        } else {
+            Some(
+                ga.parse()
+                    .map_err(|_| format!("hostfwd={s}: bad guest address {ga}"))?,
+            )
+        };
+        let guest_port = gp
+            .parse()
+            .map_err(|_| format!("hostfwd={s}: bad guest port {gp}"))?;
+        Ok(Self {
+            host: SocketAddr::new(ha.into(), hp),
+            guest,
+            guest_port,
+        })
+    }
+}
+
+pub struct UserNetdev {
+    id: String,
+    tx: Mutex<Sender<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    counters: Arc<NetCounters>,
+    forwards: Vec<(HostFwd, SocketAddr)>,
+}
+
+impl UserNetdev {
+    pub fn open(mut spec: ObjectSpec, deliver: Deliver) -> Result<Arc<Self>, NetdevError> {
+        let id = spec.id.clone();
+        let cfg = |msg: String| NetdevError::Config {
+            id: id.clone(),
+            msg,
+        };
+        let net: Ipv4Cidr = spec
+            .take("net")
+            .unwrap_or_else(|| "10.0.2.0/24".into())
+            .parse()
+            .map_err(|_| cfg("net= must be ADDR/PREFIX".into()))?;
+        let host: Ipv4Addr = spec
+            .take("host")
+            .unwrap_or_else(|| "10.0.2.2".into())
+            .parse()
+            .map_err(|_| cfg("host= must be an IPv4 address".into()))?;
+        let guest: Ipv4Addr = spec
+            .take("guest")
+            .or_else(|| spec.take("dhcpstart"))
+            .unwrap_or_else(|| "10.0.2.15".into())
+            .parse()
+            .map_err(|_| cfg("guest= must be an IPv4 address".into()))?;
+        // ObjectSpec keeps one value per key: several rules are given as hostfwd=, hostfwd1=, ...
+        let mut rules = Vec::new();
+        let keys: Vec<String> = spec
+            .props
+            .keys()
+            .filter(|k| k.starts_with("hostfwd"))
+            .cloned()
+            .collect();
+        for k in keys {
+            if let Some(v) = spec.take(&k) {
+                for r in v.split(';') {
+                    rules.push(HostFwd::parse(r).map_err(cfg)?);
+                }
+            }
+        }
+        spec.finish()?;
+        let mut listeners = Vec::new();
+        let mut forwards = Vec::new();
+        for r in rules {
+            let l = TcpListener::bind(r.host).map_err(|e| NetdevError::Io {
+                id: id.clone(),
+                what: format!("hostfwd listen on {}", r.host),
+                source: e,
+            })?;
+            l.set_nonblocking(true).map_err(|e| NetdevError::Io {
+                id: id.clone(),
+                what: "hostfwd nonblocking".into(),
+                source: e,
+            })?;
+            let bound = l.local_addr().unwrap_or(r.host);
+            forwards.push((r.clone(), bound));
+            listeners.push((l, r));
+        }
+        let (tx, rx) = channel();
+        let me = Arc::new(UserNetdev {
+            id: id.clone(),
+            tx: Mutex::new(tx),
+            stop: Arc::new(AtomicBool::new(false)),
+            counters: Arc::default(),
+            forwards,
+        });
+        let stack = Stack {
+            net: Ipv4Cidr::new(host, net.prefix_len()),
+            guest,
+            listeners,
+            rx,
+            deliver,
+            stop: me.stop.clone(),
+            counters: me.counters.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("user-{id}"))
+            .spawn(move || stack.run())
+            .map_err(|e| NetdevError::Io {
+                id,
+                what: "spawn stack".into(),
+                source: e,
+            })?;
+        Ok(me)
+    }
+
+    /// Host addresses actually bound by the hostfwd rules (resolves port 0).
+    pub fn forwards(&self) -> &[(HostFwd, SocketAddr)] {
+        &self.forwards
+    }
+}
+
+impl Netdev for UserNetdev {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn kind(&self) -> &'static str {
+        "user"
+    }
+
+    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        let tx = self
+            .tx
+            .lock()
+            .map_err(|_| std::io::Error::other("user netdev lock poisoned"))?;
+        if tx.send(frame.to_vec()).is_ok() {
+            self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let fwd: Vec<String> = self
+            .forwards
+            .iter()
+            .map(|(r, b)| {
+                format!(
+                    "tcp:{b}-{}:{}",
+                    r.guest.map(|g| g.to_string()).unwrap_or_default(),
+                    r.guest_port
+                )
+            })
+            .collect();
+        serde_json::json!({"hostfwd": fwd, "counters": self.counters.json()})
+    }
+}
+
+impl Drop for UserNetdev {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The smoltcp device: frames from the guest queued in, frames to the guest handed out.
+struct Wire {
+    rx: VecDeque<Vec<u8>>,
+    deliver: Deliver,
+    counters: Arc<NetCounters>,
+}
+
+struct RxTok(Vec<u8>);
+struct TxTok<'a>(&'a Deliver, &'a NetCounters);
+
+impl smoltcp::phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl smoltcp::phy::TxToken for TxTok<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.1.rx_frames.fetch_add(1, Ordering::Relaxed);
+        (self.0)(buf);
+        r
+    }
+}
+
+impl Device for Wire {
+    type RxToken<'a> = RxTok;
+    type TxToken<'a> = TxTok<'a>;
+
+    fn receive(&mut self, _t: Instant) -> Option<(RxTok, TxTok<'_>)> {
+        let f = self.rx.pop_front()?;
+        Some((RxTok(f), TxTok(&self.deliver, &self.counters)))
+    }
+
+    fn transmit(&mut self, _t: Instant) -> Option<TxTok<'_>> {
+        Some(TxTok(&self.deliver, &self.counters))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = 1514;
+        c
+    }
+}
+
+struct Fwd {
+    host: TcpStream,
+    handle: SocketHandle,
+    to_guest: Vec<u8>,
+    to_host: Vec<u8>,
+    host_eof: bool,
+    fin_sent: bool,
+    host_write_shut: bool,
+}
+
+struct Stack {
+    net: Ipv4Cidr,
+    guest: Ipv4Addr,
+    listeners: Vec<(TcpListener, HostFwd)>,
+    rx: Receiver<Vec<u8>>,
+    deliver: Deliver,
+    stop: Arc<AtomicBool>,
+    counters: Arc<NetCounters>,
+}
+
+impl Stack {
+    fn run(self) {
+        let start = std::time::Instant::now();
+        let now = || Instant::from_micros(start.elapsed().as_micros() as i64);
+        let mut dev = Wire {
+            rx: VecDeque::new(),
+            deliver: self.deliver.clone(),
+            counters: self.counters.clone(),
+        };
+        let mut iface = Interface::new(
+            Config::new(EthernetAddress(HOST_MAC).into()),
+            &mut dev,
+            now(),
+        );
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::Ipv4(self.net));
+        });
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut fwds: Vec<Fwd> = Vec::new();
+        let mut next_port: u16 = 49152;
+        let mut chunk = vec![0u8; 64 * 1024];
+        while !self.stop.load(Ordering::Relaxed) {
+            // Wait for guest frames, or a short while when host sockets need polling.
+            let wait = iface
+                .poll_delay(now(), &sockets)
+                .map(|d| Duration::from_micros(d.total_micros()))
+                .unwrap_or(Duration::from_millis(20))
+                .min(if fwds.is_empty() {
+                    Duration::from_millis(20)
+                } else {
+                    Duration::from_millis(1)
+                });
+            match self.rx.recv_timeout(wait) {
+                Ok(f) => dev.rx.push_back(f),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while let Ok(f) = self.rx.try_recv() {
+                dev.rx.push_back(f);
+            }
+            iface.poll(now(), &mut dev, &mut sockets);
+
+            // New host connections.
+            for (l, rule) in &self.listeners {
+                while let Ok((s, _)) = l.accept() {
+                    let _ = s.set_nonblocking(true);
+                    let _ = s.set_nodelay(true);
+                    let mut sock = tcp::Socket::new(
+                        tcp::SocketBuffer::new(vec![0; BUF]),
+                        tcp::SocketBuffer::new(vec![0; BUF]),
+                    );
+                    sock.set_nagle_enabled(false);
+                    next_port = if next_port >= 65000 {
+                        49152
+                    } else {
+                        next_port + 1
+                    };
+                    let dst = IpAddress::Ipv4(rule.guest.unwrap_or(self.guest));
+                    if let Err(e) = sock.connect(iface.context(), (dst, rule.guest_port), next_port)
+                    {
+                        tracing::warn!("user netdev: connect to guest: {e}");
+                        continue;
+                    }
+                    let handle = sockets.add(sock);
+                    fwds.push(Fwd {
+                        host: s,
+                        handle,
+                        to_guest: Vec::new(),
+                        to_host: Vec::new(),
+                        host_eof: false,
+                        fin_sent: false,
+                        host_write_shut: false,
+                    });
+                }
+            }
+
+            // Relay.
+            fwds.retain_mut(|f| {
+                let sock = sockets.get_mut::<tcp::Socket>(f.handle);
+                // host -> guest
+                if !f.host_eof && f.to_guest.len() < BUF {
+                    match f.host.read(&mut chunk) {
+                        Ok(0) => f.host_eof = true,
+                        Ok(n) => f.to_guest.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => f.host_eof = true,
+                    }
+                }
+                if !f.to_guest.is_empty()
+                    && sock.can_send()
+                    && let Ok(n) = sock.send_slice(&f.to_guest)
+                {
+                    f.to_guest.drain(..n);
+                }
+                if f.host_eof && f.to_guest.is_empty() && !f.fin_sent && sock.may_send() {
+                    sock.close();
+                    f.fin_sent = true;
+                }
+                // guest -> host
+                while sock.can_recv() && f.to_host.len() < BUF {
+                    match sock.recv_slice(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => f.to_host.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if !f.to_host.is_empty() {
+                    match f.host.write(&f.to_host) {
+                        Ok(n) => {
+                            f.to_host.drain(..n);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => {
+                            sock.abort();
+                            f.to_host.clear();
+                            f.host_eof = true;
+                        }
+                    }
+                }
+                if f.to_host.is_empty()
+                    && !sock.may_recv()
+                    && !f.host_write_shut
+                    && sock.state() != tcp::State::SynSent
+                {
+                    let _ = f.host.shutdown(std::net::Shutdown::Write);
+                    f.host_write_shut = true;
+                }
+                let done = matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait)
+                    && f.to_host.is_empty();
+                if done {
+                    let _ = f.host.shutdown(std::net::Shutdown::Both);
+                    sockets.remove(f.handle);
+                }
+                !done
+            });
+            iface.poll(now(), &mut dev, &mut sockets);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostfwd_rules_parse_like_qemu() {
+        let r = HostFwd::parse("tcp:127.0.0.1:8080-:80").unwrap();
+        assert_eq!(r.host, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!((r.guest, r.guest_port), (None, 80));
+        let r = HostFwd::parse("tcp::2222-10.0.2.9:22").unwrap();
+        assert_eq!(r.guest, Some(Ipv4Addr::new(10, 0, 2, 9)));
+        for bad in [
+            "udp:1.2.3.4:1-:2",
+            "tcp:1.2.3.4:1",
+            "tcp:x:1-:2",
+            "tcp:1.2.3.4:99999-:2",
+            "tcp:1.2.3.4:1-:z",
+        ] {
+            assert!(HostFwd::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The datapath of one netdev: guest ⇄ filter chain ⇄ netdev.
+//!
+//! One lock covers the chain and the hand-off at its end, so frames leave in the order they
+//! entered, and a filter added or removed at run time sees a frame entirely or not at all
+//! (swapping a filter never drops or reorders a frame that was not in the removed filter).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::filter::{Chain, Direction, FilterError, Outcome, QueueSel};
+use crate::netdev::Netdev;
+
+/// Frames waiting to be written into the guest's receive queue.
+pub struct GuestRx {
+    queue: Mutex<VecDeque<Vec<u8>>>,
+    /// Signalled when frames are queued; the vhost worker listens on it.
+    pub kick: EventFd,
+    cap: usize,
+    pub dropped: AtomicU64,
+    pub queued: AtomicU64,
+}
+
+impl GuestRx {
+    pub fn new(cap: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            queue: Mutex::new(VecDeque::new()),
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            cap,
+            dropped: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+        })
+    }
+
+    pub fn push(&self, frame: Vec<u8>) {
+        let Ok(mut q) = self.queue.lock() else {
+            return;
+        };
+        if q.len() >= self.cap {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.push_back(frame);
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        drop(q);
+        let _ = self.kick.write(1);
+    }
+
+    /// The queue, for the receive-ring filler (which pops from the front and may put a frame
+    /// back when the guest has no buffer for it).
+    pub fn lock(&self) -> Option<MutexGuard<'_, VecDeque<Vec<u8>>>> {
+        self.queue.lock().ok()
+    }
+
+    pub fn clear(&self) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.clear();
+        }
+    }
+}
+
+/// The datapath of one netdev.
+pub struct NetPath {
+    pub netdev_id: String,
+    chain: Mutex<Chain>,
+    netdev: Mutex<Option<Arc<dyn Netdev>>>,
+    pub guest: Arc<GuestRx>,
+    pub to_netdev_errors: AtomicU64,
+    /// Frames from the outside dropped because no guest is connected.
+    pub no_guest: AtomicU64,
+    pub guest_connected: std::sync::atomic::AtomicBool,
+}
+
+impl NetPath {
+    pub fn new(netdev_id: &str, guest: Arc<GuestRx>) -> Self {
+        Self {
+            netdev_id: netdev_id.to_string(),
+            chain: Mutex::new(Chain::new()),
+            netdev: Mutex::new(None),
+            guest,
+            to_netdev_errors: AtomicU64::new(0),
+            no_guest: AtomicU64::new(0),
+            guest_connected: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_netdev(&self, n: Arc<dyn Netdev>) {
+        if let Ok(mut g) = self.netdev.lock() {
+            *g = Some(n);
+        }
+    }
+
+    pub fn netdev(&self) -> Option<Arc<dyn Netdev>> {
+        self.netdev.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// The chain, for edits and queries. Hold it briefly.
+    pub fn chain(&self) -> MutexGuard<'_, Chain> {
+        // A panic inside a filter poisons the lock; the chain itself stays consistent (filters
+        // are only ever called one at a time), so keep going.
+        self.chain.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn deliver(&self, dir: Direction, frame: Vec<u8>) {
+        match dir {
+            Direction::Tx => {
+                if self.guest_connected.load(Ordering::Relaxed) {
+                    self.guest.push(frame);
+                } else {
+                    self.no_guest.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Direction::Rx => {
+                let nd = self.netdev.lock().ok().and_then(|g| g.clone());
+                if let Some(nd) = nd
+                    && let Err(e) = nd.send(&frame)
+                {
+                    self.to_netdev_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("netdev {}: send: {e}", self.netdev_id);
+                }
+            }
+        }
+    }
+
+    /// A frame the guest sent (guest egress, `rx`).
+    pub fn from_guest(&self, frame: Vec<u8>) {
+        let mut chain = self.chain();
+        if let Outcome::Deliver(f) = chain.process(Direction::Rx, frame) {
+            self.deliver(Direction::Rx, f);
+        }
+    }
+
+    /// A frame the netdev received (guest ingress, `tx`).
+    pub fn from_netdev(&self, frame: Vec<u8>) {
+        let mut chain = self.chain();
+        if let Outcome::Deliver(f) = chain.process(Direction::Tx, frame) {
+            self.deliver(Direction::Tx, f);
+        }
+    }
+
+    /// A frame read from filter `id`'s indev, injected from its position in the direction(s)
+    /// of its `queue`.
+    pub fn inject(&self, id: &str, frame: Vec<u8>) -> Result<(), FilterError> {
+        let mut chain = self.chain();
+        let queue = chain
+            .get(id)
+            .map(|e| (e.queue, e.status))
+            .ok_or_else(|| FilterError::NotFound(id.to_string()))?;
+        if !queue.1 {
+            // QEMU reads indev only while the filter is on; frames read meanwhile are dropped.
+            return Ok(());
+        }
+        let dirs: &[Direction] = match queue.0 {
+            QueueSel::Tx => &[Direction::Tx],
+            QueueSel::Rx => &[Direction::Rx],
+            QueueSel::All => &[Direction::Tx, Direction::Rx],
+        };
+        for &d in dirs {
+            if let Outcome::Deliver(f) = chain.inject_from(id, d, frame.clone())? {
+                self.deliver(d, f);
+            }
+        }
+        Ok(())
+    }
+}
