@@ -3,6 +3,7 @@
 # a real hardware-style KVM (kvm_amd, nested paging). See docs/TESTING.md.
 #
 #   scripts/kvm-lab.sh [-w DIR]... [-t SEC] [-m MiB] [-c CPUS] [-v] -- COMMAND [ARG]...
+#   scripts/kvm-lab.sh --check     (prepare the cache; exit 0 if the lab can run, else 125)
 #
 #   -w DIR   share DIR read-write at the same path (repeatable; no spaces or commas)
 #   -t SEC   deadline for the whole run, default 600; then QEMU is killed and we exit 124
@@ -31,7 +32,7 @@ MODULES=${KVM_LAB_MODULES:-overlay kvm_amd tun vhost_net vhost_vsock veth bridge
 readonly CACHE_FORMAT=1
 
 T0=$EPOCHREALTIME
-TIMEOUT=600 MEM=3072 CPUS=2 VERBOSE=0
+TIMEOUT=600 MEM=3072 CPUS=2 VERBOSE=0 CHECK=0
 RW=()
 
 say() { printf 'kvm-lab: %s\n' "$*" >&2; }
@@ -50,12 +51,13 @@ while [ $# -gt 0 ]; do
 	-m) [ $# -ge 2 ] || usage; MEM=$2; shift 2 ;;
 	-c) [ $# -ge 2 ] || usage; CPUS=$2; shift 2 ;;
 	-v) VERBOSE=1; shift ;;
+	--check) CHECK=1; shift ;;
 	-h|--help) usage ;;
 	--) shift; break ;;
 	*) say "unknown option: $1"; usage ;;
 	esac
 done
-[ $# -ge 1 ] || { say "no command given"; usage; }
+[ $# -ge 1 ] || [ "$CHECK" = 1 ] || { say "no command given"; usage; }
 [[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "-t wants a whole number of seconds, got '$TIMEOUT'"
 [[ $MEM =~ ^[1-9][0-9]*$ ]] || die "-m wants MiB, got '$MEM'"
 [[ $CPUS =~ ^[1-9][0-9]*$ ]] || die "-c wants a CPU count, got '$CPUS'"
@@ -186,6 +188,10 @@ trap 'exit 129' HUP
 
 ensure_cache
 KVER=$(cat "$BUILD/kver")
+if [ "$CHECK" = 1 ]; then
+	say "ready: kernel $KVER, cache $BUILD"
+	exit 0
+fi
 T_CACHE=$EPOCHREALTIME
 
 # Run dirs of runners that were SIGKILLed (no trap ran) are swept here.
