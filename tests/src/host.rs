@@ -197,3 +197,41 @@ pub fn runs(program: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `scripts/host-check.sh --json` and [`facts`] agree on every check and tool.
+    #[test]
+    fn host_check_script_agrees_with_rust_checks() {
+        let script = crate::workspace_root().join("scripts/host-check.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let from_script: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ours = facts();
+        for key in [
+            "root",
+            "kvm",
+            "kvm_for_linux_guests",
+            "tcg",
+            "netns",
+            "tun",
+            "memfd",
+        ] {
+            assert_eq!(
+                from_script[key]["ok"], ours[key]["ok"],
+                "{key}: script {} vs rust {}",
+                from_script[key], ours[key]
+            );
+        }
+        for key in ["pvm", "cpu_vendor", "cpu_virt", "tools"] {
+            assert_eq!(from_script[key], ours[key], "{key}");
+        }
+        eprintln!("host facts: {ours}");
+    }
+}
