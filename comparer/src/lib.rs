@@ -1,2 +1,11 @@
-//! colo-compare: one comparison engine driven live over sockets or offline over pcap files.
+//! colo-compare: decides which primary output frames may leave, by comparing them with the
+//! secondary's output.
+//!
+//! - [`engine`]: the comparison engine (pure logic, clock passed in), shared by the live mode
+//!   and the offline replay.
+//! - [`live`]: live mode over QEMU-style socket chardevs, with QMP control.
+//!
+//! The engine does no I/O; the live mode and the offline replay drive it.
+
+pub mod engine;
 pub mod live;
