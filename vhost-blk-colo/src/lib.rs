@@ -7,3 +7,5 @@
 
 pub mod block;
 pub mod nbd;
+pub mod testing;
+pub mod vhost_user;
