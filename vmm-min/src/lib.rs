@@ -8,9 +8,12 @@
 //! protocol), [`vm`] (KVM VM, vCPU threads), [`control`] (run state), [`devices`] (serial,
 //! i8042, ACPI PM), [`acpi`], [`virtio`] (MMIO transport, vhost-user frontend).
 
+pub mod acpi;
 pub mod arch;
 pub mod boot;
 pub mod control;
 pub mod devices;
+pub mod machine;
 pub mod memory;
+pub mod virtio;
 pub mod vm;

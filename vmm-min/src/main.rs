@@ -1,6 +1,92 @@
-//! Placeholder until the issue that builds this binary lands.
+//! vmm-min command line: parse options (QEMU spellings where QEMU has them), run the machine,
+//! exit with the guest's status: 0 poweroff/quit, 3 reset, 1 error, 2 bad usage.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("vmm-min: not built yet; see the open issues");
-    std::process::ExitCode::from(2)
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm_min::boot::BootSpec;
+use vmm_min::devices::serial::SerialSpec;
+use vmm_min::machine::{self, MachineConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmm-min",
+    about = "A minimal KVM VMM whose net and disks are vhost-user backends"
+)]
+struct Args {
+    /// bzImage to boot.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    cmdline: String,
+    /// Guest RAM: a number with suffix K, M, G (no suffix: MiB, as QEMU's -m).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    memory: u64,
+    /// vCPU count.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Console: stdio, null, file:PATH, unix:PATH.
+    #[arg(long, default_value = "stdio")]
+    serial: SerialSpec,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("{s:?}: unknown size suffix {c:?} (use K, M or G)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1 << 20),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: not a size (examples: 512M, 2G)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?}: too large"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cfg = MachineConfig {
+        memory: args.memory,
+        cpus: args.cpus,
+        boot: BootSpec {
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+        },
+        serial: args.serial,
+    };
+    match machine::run(&cfg) {
+        Ok(reason) => {
+            if let vmm_min::control::ExitReason::Error(e) = &reason {
+                eprintln!("vmm-min: {e}");
+            } else {
+                eprintln!("vmm-min: guest {reason:?}");
+            }
+            ExitCode::from(reason.exit_code())
+        }
+        Err(e) => {
+            eprintln!("vmm-min: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -323,6 +323,16 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, pio: &Bus, mmio: &Bus, ctl: &Control) 
             }
         }
     }
+    if let (Ok(r), Ok(sr)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+        tracing::debug!(
+            cpu = id,
+            rip = format_args!("{:#x}", r.rip),
+            rsp = format_args!("{:#x}", r.rsp),
+            cr0 = format_args!("{:#x}", sr.cr0),
+            cr3 = format_args!("{:#x}", sr.cr3),
+            "vCPU stopped"
+        );
+    }
     control::unregister_kvm_run();
     ctl.vcpu_finished();
 }

@@ -1,0 +1,123 @@
+//! Assembles a machine from its configuration: VM, platform devices (COM1, i8042, ACPI PM),
+//! virtio-MMIO devices backed by vhost-user, ACPI tables, kernel; then runs it until the guest
+//! powers off, resets, fails, or the control plane quits.
+
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::{ACPI_SLEEP_CTL_PORT, COM1_IRQ, COM1_PORT, I8042_PORT};
+use crate::boot::{self, BootError, BootSpec};
+use crate::control::ExitReason;
+use crate::devices::legacy::{AcpiPm, I8042};
+use crate::devices::serial::{self, SerialDevice, SerialError, SerialSpec};
+use crate::vm::{Vm, VmConfig, VmError};
+
+/// Errors building or running the machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// VM creation.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Console.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// A device could not be wired.
+    #[error("{0}")]
+    Device(String),
+}
+
+/// Everything needed to run a machine.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// RAM bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Kernel, initrd, command line.
+    pub boot: BootSpec,
+    /// Console.
+    pub serial: SerialSpec,
+}
+
+/// Builds the VM with its platform devices and loaded kernel, ready to start.
+pub fn build(cfg: &MachineConfig) -> Result<Vm, MachineError> {
+    crate::vm::warn_if_pvm();
+    let mut vm = Vm::new(VmConfig {
+        memory: cfg.memory,
+        cpus: cfg.cpus,
+        irqchip: true,
+    })?;
+    let control = vm.control().clone();
+
+    let (out, input) = serial::open(&cfg.serial)?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| MachineError::Device(format!("serial irq eventfd: {e}")))?;
+    vm.fd()
+        .register_irqfd(&irq, COM1_IRQ)
+        .map_err(|e| MachineError::Device(format!("serial irqfd for IRQ {COM1_IRQ}: {e}")))?;
+    let com1 = Arc::new(Mutex::new(SerialDevice::new(irq, out.clone())));
+    let dev_err = |e: crate::devices::bus::BusError| MachineError::Device(e.to_string());
+    vm.pio
+        .insert(u64::from(COM1_PORT), 8, com1.clone())
+        .map_err(dev_err)?;
+    vm.pio
+        .insert(
+            u64::from(I8042_PORT),
+            5,
+            Arc::new(Mutex::new(I8042::new(control.clone()))),
+        )
+        .map_err(dev_err)?;
+    vm.pio
+        .insert(
+            u64::from(ACPI_SLEEP_CTL_PORT),
+            3,
+            Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
+        )
+        .map_err(dev_err)?;
+    serial::start_input(input, out, com1);
+
+    let start = boot::load(vm.ram(), &cfg.boot, None)?;
+    vm.set_boot_cpu(start)?;
+    Ok(vm)
+}
+
+static TERM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_term(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    TERM.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes SIGTERM and SIGINT stop the VM with [`ExitReason::Quit`].
+fn quit_on_signals(control: std::sync::Arc<crate::control::Control>) {
+    for s in [libc::SIGTERM, libc::SIGINT] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(s, on_term) {
+            tracing::warn!("cannot handle signal {s}: {e}");
+        }
+    }
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            loop {
+                if TERM.load(std::sync::atomic::Ordering::SeqCst) {
+                    control.request_exit(ExitReason::Quit);
+                    return;
+                }
+                if control.exit_reason().is_some() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+}
+
+/// Builds and runs the machine to its end.
+pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
+    let vm = build(cfg)?;
+    quit_on_signals(vm.control().clone());
+    let running = vm.start()?;
+    Ok(running.wait())
+}
