@@ -1,1 +1,657 @@
-//! replication (in progress).
+//! `replication` driver: QEMU's COLO block replication, both modes.
+//!
+//! **Primary** ([`ReplicationPrimary`]): the node sits under the primary's quorum beside the
+//! local disk; its child is an NBD client to the secondary. In stage `running` every write is
+//! forwarded; a forwarding failure (dead, slow or unreachable secondary, bounded by the NBD
+//! node's timeout) never fails the guest: the error is recorded, the child is dropped, the event
+//! `COLO_BLK_SECONDARY_LOST` is emitted and the primary runs on unprotected. Reads are refused
+//! (the quorum reads the local disk first).
+//!
+//! **Secondary** ([`ReplicationSecondary`]): the guest sees the *active* overlay over the
+//! *hidden* overlay over the *base* disk. The base is exported by NBD through a
+//! copy-before-write node ([`CbwNode`]): before a primary write lands on a base cluster, the old
+//! cluster is copied into the hidden disk (once per checkpoint interval). A checkpoint empties
+//! active and hidden (time proportional to what they hold); afterwards the base equals the
+//! primary's disk. Failover folds hidden and then active into the base while the guest keeps
+//! running, cluster by cluster, with progress, then the guest works on the base directly.
+//!
+//! Stages: `none` → `running` (start) → `done` (stop) or `failover` → `done` /
+//! `failover-failed`. I/O in stage `none` fails with EIO as in QEMU.
+
+use std::{
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use serde_json::{Value, json};
+
+use super::{
+    BlockError, BlockNode, BlockResult, EventSink, NodeRef, Pending, WriteOp, check_range,
+    overlay::OverlayNode,
+};
+
+/// Replication stage (QEMU's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Not started.
+    None,
+    /// Replicating.
+    Running,
+    /// Secondary: folding active and hidden into the base.
+    Failover,
+    /// Secondary: folding failed.
+    FailoverFailed,
+    /// Stopped.
+    Done,
+}
+
+impl Stage {
+    /// QEMU's spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Stage::None => "none",
+            Stage::Running => "running",
+            Stage::Failover => "failover",
+            Stage::FailoverFailed => "failover-failed",
+            Stage::Done => "done",
+        }
+    }
+}
+
+fn lock_err() -> BlockError {
+    BlockError::Replication("lock poisoned".into())
+}
+
+/// Shared pieces of the primary node that a pending forward needs when it fails.
+#[derive(Clone)]
+struct PrimaryShared {
+    node_name: String,
+    child: Arc<RwLock<Option<NodeRef>>>,
+    error: Arc<Mutex<Option<String>>>,
+    events: EventSink,
+}
+
+impl PrimaryShared {
+    fn lose(&self, why: &str) {
+        if let Ok(mut e) = self.error.lock() {
+            *e = Some(why.to_owned());
+        }
+        let had = self
+            .child
+            .write()
+            .map(|mut c| c.take().is_some())
+            .unwrap_or(false);
+        if had {
+            tracing::warn!(node = %self.node_name, "secondary lost, running unprotected: {why}");
+            (self.events)(
+                "COLO_BLK_SECONDARY_LOST",
+                json!({"node-name": self.node_name, "error": why}),
+            );
+        }
+    }
+}
+
+/// The primary side's replication node.
+pub struct ReplicationPrimary {
+    shared: PrimaryShared,
+    size: u64,
+    stage: Mutex<Stage>,
+    forwarded: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for ReplicationPrimary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationPrimary")
+            .field("node_name", &self.shared.node_name)
+            .finish()
+    }
+}
+
+impl ReplicationPrimary {
+    /// A primary replication node named `node_name` over `child` (the NBD client).
+    pub fn new(node_name: &str, child: NodeRef, events: EventSink) -> Self {
+        ReplicationPrimary {
+            size: child.size(),
+            shared: PrimaryShared {
+                node_name: node_name.to_owned(),
+                child: Arc::new(RwLock::new(Some(child))),
+                error: Arc::new(Mutex::new(None)),
+                events,
+            },
+            stage: Mutex::new(Stage::None),
+            forwarded: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Node name.
+    pub fn node_name(&self) -> &str {
+        &self.shared.node_name
+    }
+
+    /// Current stage.
+    pub fn stage(&self) -> Stage {
+        self.stage.lock().map(|s| *s).unwrap_or(Stage::Done)
+    }
+
+    /// Starts replicating.
+    pub fn start(&self) -> BlockResult<()> {
+        let mut s = self.stage.lock().map_err(|_| lock_err())?;
+        if *s == Stage::Running {
+            return Err(BlockError::Replication(format!(
+                "{}: already running",
+                self.shared.node_name
+            )));
+        }
+        *s = Stage::Running;
+        Ok(())
+    }
+
+    /// Stops replicating (QEMU: stage done; no data moves on the primary).
+    pub fn stop(&self) {
+        if let Ok(mut s) = self.stage.lock() {
+            *s = Stage::Done;
+        }
+    }
+
+    /// Whether the secondary is still attached.
+    pub fn connected(&self) -> bool {
+        self.shared
+            .child
+            .read()
+            .map(|c| c.is_some())
+            .unwrap_or(false)
+    }
+
+    /// Status for `colo-blk-status`.
+    pub fn status(&self) -> Value {
+        json!({
+            "node-name": self.shared.node_name,
+            "mode": "primary",
+            "stage": self.stage().as_str(),
+            "secondary-connected": self.connected(),
+            "forwarded-writes": self.forwarded.load(Ordering::Relaxed),
+            "error": self.shared.error.lock().ok().and_then(|e| e.clone()),
+        })
+    }
+}
+
+impl BlockNode for ReplicationPrimary {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn driver(&self) -> &'static str {
+        "replication"
+    }
+
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> BlockResult<()> {
+        Err(BlockError::Replication(format!(
+            "{}: reads are not served by a primary replication node",
+            self.shared.node_name
+        )))
+    }
+
+    fn submit(&self, op: WriteOp<'_>) -> Pending {
+        let stage = self.stage();
+        if stage != Stage::Running {
+            return Pending::Ready(Err(BlockError::Replication(format!(
+                "{}: {} refused in stage {}",
+                self.shared.node_name,
+                op.name(),
+                stage.as_str()
+            ))));
+        }
+        let child = self.shared.child.read().ok().and_then(|c| c.clone());
+        let Some(child) = child else {
+            // Unprotected: the secondary was dropped; the guest's write is fine without it.
+            return Pending::Ready(Ok(()));
+        };
+        let p = child.submit(op);
+        let shared = self.shared.clone();
+        let forwarded = self.forwarded.clone();
+        let is_write = !matches!(op, WriteOp::Flush);
+        Pending::Wait(Box::new(move || {
+            match p.wait() {
+                Ok(()) if is_write => {
+                    forwarded.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(()) => {}
+                // Swallowed: a dead secondary never fails the guest's I/O.
+                Err(e) => shared.lose(&e.to_string()),
+            }
+            Ok(())
+        }))
+    }
+}
+
+/// State shared by the secondary's guest-facing node, its CBW export node and the failover
+/// thread.
+struct SecondaryShared {
+    active: Arc<OverlayNode>,
+    hidden: Arc<OverlayNode>,
+    base: NodeRef,
+    /// Guest I/O holds it shared; primary writes, checkpoints and fold steps hold it exclusive.
+    gate: RwLock<()>,
+    stage: Mutex<Stage>,
+    checkpoints: AtomicU64,
+    last_checkpoint_us: AtomicU64,
+    cbw_copies: AtomicU64,
+    fold_done: AtomicU64,
+    fold_total: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+impl SecondaryShared {
+    fn stage(&self) -> Stage {
+        self.stage
+            .lock()
+            .map(|s| *s)
+            .unwrap_or(Stage::FailoverFailed)
+    }
+    fn set_stage(&self, st: Stage) {
+        if let Ok(mut s) = self.stage.lock() {
+            *s = st;
+        }
+    }
+}
+
+/// The secondary side's replication node: what the secondary guest reads and writes.
+pub struct ReplicationSecondary {
+    id: String,
+    shared: Arc<SecondaryShared>,
+    cbw: Arc<CbwNode>,
+    events: EventSink,
+}
+
+impl std::fmt::Debug for ReplicationSecondary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationSecondary")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl ReplicationSecondary {
+    /// Builds the secondary graph: `active` over `hidden` over `base`. All three must have the
+    /// same length and the overlays must be stacked (active's backing is hidden, hidden's is
+    /// base) — the constructor builds them that way from the cluster size.
+    pub fn new(id: &str, base: NodeRef, cluster: u64, events: EventSink) -> BlockResult<Self> {
+        let hidden = Arc::new(OverlayNode::new(base.clone(), cluster)?);
+        let active = Arc::new(OverlayNode::new(hidden.clone(), cluster)?);
+        let shared = Arc::new(SecondaryShared {
+            active,
+            hidden,
+            base,
+            gate: RwLock::new(()),
+            stage: Mutex::new(Stage::None),
+            checkpoints: AtomicU64::new(0),
+            last_checkpoint_us: AtomicU64::new(0),
+            cbw_copies: AtomicU64::new(0),
+            fold_done: AtomicU64::new(0),
+            fold_total: AtomicU64::new(0),
+            error: Mutex::new(None),
+        });
+        let cbw = Arc::new(CbwNode {
+            shared: shared.clone(),
+        });
+        Ok(ReplicationSecondary {
+            id: id.to_owned(),
+            shared,
+            cbw,
+            events,
+        })
+    }
+
+    /// The node to export over NBD in place of the base (copy-before-write into hidden).
+    pub fn export_node(&self) -> Arc<CbwNode> {
+        self.cbw.clone()
+    }
+
+    /// The node id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Current stage.
+    pub fn stage(&self) -> Stage {
+        self.shared.stage()
+    }
+
+    /// Starts replication (and does a first checkpoint, as QEMU does).
+    pub fn start(&self) -> BlockResult<()> {
+        let st = self.stage();
+        if st != Stage::None && st != Stage::Done {
+            return Err(BlockError::Replication(format!(
+                "{}: cannot start in stage {}",
+                self.id,
+                st.as_str()
+            )));
+        }
+        self.shared.set_stage(Stage::Running);
+        self.checkpoint()
+    }
+
+    /// Checkpoint: empties active and hidden. Afterwards the base equals the primary's disk.
+    pub fn checkpoint(&self) -> BlockResult<()> {
+        let st = self.stage();
+        if st != Stage::Running {
+            return Err(BlockError::Replication(format!(
+                "{}: checkpoint in stage {}",
+                self.id,
+                st.as_str()
+            )));
+        }
+        let t0 = Instant::now();
+        let _g = self.shared.gate.write().map_err(|_| lock_err())?;
+        self.shared.active.make_empty();
+        self.shared.hidden.make_empty();
+        let us = t0.elapsed().as_micros() as u64;
+        self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.shared.last_checkpoint_us.store(us, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stop without failover: one more checkpoint (drops the secondary's own writes), stage done.
+    pub fn stop(&self) -> BlockResult<()> {
+        if self.stage() == Stage::Running {
+            self.checkpoint()?;
+        }
+        self.shared.set_stage(Stage::Done);
+        Ok(())
+    }
+
+    /// Failover: folds hidden and active into the base on a thread while the guest runs.
+    /// Emits `BLOCK_JOB_COMPLETED` (type `commit`) at the end, or `BLOCK_JOB_ERROR`.
+    pub fn failover(&self) -> BlockResult<std::thread::JoinHandle<()>> {
+        let st = self.stage();
+        if st != Stage::Running {
+            return Err(BlockError::Replication(format!(
+                "{}: failover in stage {}",
+                self.id,
+                st.as_str()
+            )));
+        }
+        self.shared.set_stage(Stage::Failover);
+        let sh = self.shared.clone();
+        sh.fold_done.store(0, Ordering::Relaxed);
+        sh.fold_total.store(
+            (sh.hidden.allocated_count() + sh.active.allocated_count()) as u64,
+            Ordering::Relaxed,
+        );
+        let events = self.events.clone();
+        let id = self.id.clone();
+        std::thread::Builder::new()
+            .name("colo-failover".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                match fold(&sh) {
+                    Ok(()) => {
+                        sh.set_stage(Stage::Done);
+                        let n = sh.fold_done.load(Ordering::Relaxed);
+                        tracing::info!(%id, clusters = n, ms = t0.elapsed().as_millis() as u64, "failover commit done");
+                        events(
+                            "BLOCK_JOB_COMPLETED",
+                            json!({"type": "commit", "device": id, "len": sh.fold_total.load(Ordering::Relaxed),
+                                   "offset": n, "speed": 0}),
+                        );
+                    }
+                    Err(e) => {
+                        sh.set_stage(Stage::FailoverFailed);
+                        if let Ok(mut er) = sh.error.lock() {
+                            *er = Some(e.to_string());
+                        }
+                        tracing::error!(%id, "failover commit failed: {e}");
+                        events("BLOCK_JOB_ERROR", json!({"device": id, "operation": "write", "action": "stop", "error": e.to_string()}));
+                    }
+                }
+            })
+            .map_err(|e| BlockError::io("spawning the failover thread", e))
+    }
+
+    /// Status for `colo-blk-status`.
+    pub fn status(&self) -> Value {
+        let sh = &self.shared;
+        json!({
+            "node-name": self.id,
+            "mode": "secondary",
+            "stage": self.stage().as_str(),
+            "active-clusters": sh.active.allocated_count(),
+            "hidden-clusters": sh.hidden.allocated_count(),
+            "cluster-size": sh.active.cluster_size(),
+            "checkpoints": sh.checkpoints.load(Ordering::Relaxed),
+            "last-checkpoint-us": sh.last_checkpoint_us.load(Ordering::Relaxed),
+            "copy-before-write-clusters": sh.cbw_copies.load(Ordering::Relaxed),
+            "failover": {"done": sh.fold_done.load(Ordering::Relaxed), "total": sh.fold_total.load(Ordering::Relaxed)},
+            "error": sh.error.lock().ok().and_then(|e| e.clone()),
+        })
+    }
+}
+
+fn fold(sh: &SecondaryShared) -> BlockResult<()> {
+    let cl = sh.active.cluster_size();
+    for idx in sh.hidden.allocated() {
+        let _g = sh.gate.write().map_err(|_| lock_err())?;
+        if let Some(data) = sh.hidden.take_cluster(idx) {
+            if !sh.active.is_allocated(idx) {
+                sh.base.write_at(&data, idx * cl, false)?;
+            }
+            sh.fold_done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    loop {
+        let list = sh.active.allocated();
+        if list.is_empty() {
+            break;
+        }
+        for idx in list {
+            let _g = sh.gate.write().map_err(|_| lock_err())?;
+            if let Some(data) = sh.active.take_cluster(idx) {
+                sh.base.write_at(&data, idx * cl, false)?;
+                sh.fold_done.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    // Final step under the gate: anything written meanwhile, then switch the guest to the base.
+    let _g = sh.gate.write().map_err(|_| lock_err())?;
+    for idx in sh.active.allocated() {
+        if let Some(data) = sh.active.take_cluster(idx) {
+            sh.base.write_at(&data, idx * cl, false)?;
+            sh.fold_done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    sh.base.flush()?;
+    sh.set_stage(Stage::Done);
+    Ok(())
+}
+
+impl BlockNode for ReplicationSecondary {
+    fn size(&self) -> u64 {
+        self.shared.base.size()
+    }
+
+    fn driver(&self) -> &'static str {
+        "replication"
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        let _g = self.shared.gate.read().map_err(|_| lock_err())?;
+        match self.shared.stage() {
+            Stage::None => Err(BlockError::Replication(format!(
+                "{}: read in stage none",
+                self.id
+            ))),
+            Stage::Done => self.shared.base.read_at(buf, offset),
+            _ => self.shared.active.read_at(buf, offset),
+        }
+    }
+
+    fn submit(&self, op: WriteOp<'_>) -> Pending {
+        let Ok(_g) = self.shared.gate.read() else {
+            return Pending::Ready(Err(lock_err()));
+        };
+        let r = match self.shared.stage() {
+            Stage::None => Err(BlockError::Replication(format!(
+                "{}: {} in stage none",
+                self.id,
+                op.name()
+            ))),
+            Stage::Done => self.shared.base.submit(op).wait(),
+            _ => self.shared.active.submit(op).wait(),
+        };
+        Pending::Ready(r)
+    }
+}
+
+/// The base disk as the secondary's NBD server exports it: reads pass through; while
+/// replication runs, every modifying request first copies the clusters it touches from the
+/// base into the hidden disk (unless already there).
+pub struct CbwNode {
+    shared: Arc<SecondaryShared>,
+}
+
+impl std::fmt::Debug for CbwNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CbwNode")
+    }
+}
+
+impl BlockNode for CbwNode {
+    fn size(&self) -> u64 {
+        self.shared.base.size()
+    }
+
+    fn driver(&self) -> &'static str {
+        "copy-before-write"
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        self.shared.base.read_at(buf, offset)
+    }
+
+    fn submit(&self, op: WriteOp<'_>) -> Pending {
+        let sh = &self.shared;
+        let r = (|| {
+            let _g = sh.gate.write().map_err(|_| lock_err())?;
+            if let (Stage::Running, Some((offset, len))) = (sh.stage(), op.range())
+                && len > 0
+            {
+                check_range(op.name(), offset, len, sh.base.size())?;
+                let cl = sh.hidden.cluster_size();
+                for idx in offset / cl..=(offset + len - 1) / cl {
+                    if !sh.hidden.is_allocated(idx) {
+                        let mut data = vec![0u8; sh.hidden.cluster_len(idx)].into_boxed_slice();
+                        sh.base.read_at(&mut data, idx * cl)?;
+                        sh.hidden.insert_if_absent(idx, data)?;
+                        sh.cbw_copies.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            sh.base.submit(op).wait()
+        })();
+        Pending::Ready(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{mem::MemNode, null_events};
+
+    #[test]
+    fn secondary_sees_its_view_until_checkpoint_then_base_equals_primary() {
+        let base = Arc::new(MemNode::from_vec(vec![1u8; 1 << 20]));
+        let r =
+            ReplicationSecondary::new("active-disk0", base.clone(), 65536, null_events()).unwrap();
+        let mut b = vec![0u8; 4096];
+        assert!(r.read_at(&mut b, 0).is_err(), "stage none refuses I/O");
+        r.start().unwrap();
+        let exp = r.export_node();
+        // The primary writes 2 at 0; the secondary guest writes 3 at 128 KiB.
+        exp.write_at(&[2; 4096], 0, false).unwrap();
+        r.write_at(&[3; 4096], 131072, false).unwrap();
+        r.read_at(&mut b, 0).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 1),
+            "secondary still sees the pre-write content (hidden)"
+        );
+        r.read_at(&mut b, 131072).unwrap();
+        assert!(b.iter().all(|&x| x == 3));
+        assert_eq!(
+            base.snapshot()[131072],
+            1,
+            "guest writes do not reach the base"
+        );
+        r.checkpoint().unwrap();
+        r.read_at(&mut b, 0).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 2),
+            "after checkpoint the secondary sees the primary's data"
+        );
+        r.read_at(&mut b, 131072).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 1),
+            "the secondary's own write is dropped"
+        );
+        assert_eq!(r.status()["active-clusters"], 0);
+    }
+
+    #[test]
+    fn failover_folds_active_and_hidden_into_base() {
+        let base = Arc::new(MemNode::from_vec(vec![1u8; 1 << 20]));
+        let r =
+            ReplicationSecondary::new("active-disk0", base.clone(), 65536, null_events()).unwrap();
+        r.start().unwrap();
+        r.export_node().write_at(&[2; 4096], 0, false).unwrap();
+        r.write_at(&[3; 4096], 131072, false).unwrap();
+        r.write_at(&[4; 100], 70000, false).unwrap();
+        let mut view = vec![0u8; 1 << 20];
+        r.read_at(&mut view, 0).unwrap();
+        r.failover().unwrap().join().unwrap();
+        assert_eq!(r.stage(), Stage::Done);
+        assert_eq!(base.snapshot(), view, "the base holds the secondary's view");
+        r.write_at(&[5; 512], 0, false).unwrap();
+        assert_eq!(
+            base.snapshot()[0],
+            5,
+            "after failover the guest writes the base"
+        );
+    }
+
+    #[test]
+    fn primary_swallows_secondary_errors_and_drops_the_child() {
+        struct Down;
+        impl BlockNode for Down {
+            fn size(&self) -> u64 {
+                4096
+            }
+            fn driver(&self) -> &'static str {
+                "down"
+            }
+            fn read_at(&self, _: &mut [u8], _: u64) -> BlockResult<()> {
+                Err(BlockError::Remote("down".into()))
+            }
+            fn submit(&self, _: WriteOp<'_>) -> Pending {
+                Pending::Ready(Err(BlockError::Remote("down".into())))
+            }
+        }
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let s2 = seen.clone();
+        let p = ReplicationPrimary::new(
+            "node0",
+            Arc::new(Down),
+            Arc::new(move |n: &str, _| s2.lock().unwrap().push(n.into())),
+        );
+        assert!(
+            p.write_at(&[1; 512], 0, false).is_err(),
+            "stage none: EIO as QEMU"
+        );
+        p.start().unwrap();
+        p.write_at(&[1; 512], 0, false).unwrap();
+        assert!(!p.connected());
+        p.write_at(&[1; 512], 0, false).unwrap();
+        assert_eq!(seen.lock().unwrap().as_slice(), ["COLO_BLK_SECONDARY_LOST"]);
+    }
+}
