@@ -76,7 +76,7 @@ inputs_hash="$( {
     echo "$kpkg=$kver_pkg"
     echo "$bpkg=$bver_pkg"
     sha256sum "$0"
-    (cd "$here/guest" && find . -type f | LC_ALL=C sort | xargs sha256sum)
+    (cd "$here/guest" && find . -type f ! -name '*.md' | LC_ALL=C sort | xargs sha256sum)
 } | sha256sum | cut -d' ' -f1)"
 
 if [ "$force" = 0 ] && [ -f "$out/guest.env" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio.gz" ] \
