@@ -6,6 +6,8 @@
 //! What it does not do: qcow2 images, structured NBD replies, TLS.
 
 pub mod block;
+pub mod control;
+pub mod drive;
 pub mod nbd;
 pub mod testing;
 pub mod vhost_user;
