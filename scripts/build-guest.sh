@@ -44,6 +44,23 @@ mkdir -p "$out/debs"
 exec 9>"$out/.lock"
 flock -w 900 9 || die "timed out waiting for another build-guest.sh (lock $out/.lock)"
 
+# --- fast path: nothing changed since the last build ---------------------------------------------
+# Our own inputs (this script, the guest files, the override) and a fingerprint of apt's package
+# lists: if both match guest.env, the candidate versions cannot have changed and apt-cache (slow
+# on a loaded machine) is not asked at all.
+scripts_hash="$( {
+    sha256sum "$0"
+    (cd "$here/guest" && find . -type f ! -name '*.md' | LC_ALL=C sort | xargs sha256sum)
+    echo "kernel-override=${COLO_GUEST_KERNEL_PKG:-}"
+} | sha256sum | cut -d' ' -f1)"
+lists_hash="$(ls -l --time-style=+%s /var/lib/apt/lists 2>/dev/null | sha256sum | cut -d' ' -f1)"
+if [ "$force" = 0 ] && [ -f "$out/guest.env" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio.gz" ] \
+    && grep -qx "GUEST_SCRIPTS_SHA256=$scripts_hash" "$out/guest.env" \
+    && grep -qx "GUEST_APT_LISTS_SHA256=$lists_hash" "$out/guest.env"; then
+    log "up to date: $out ($(grep '^GUEST_KERNEL_PKG=' "$out/guest.env" | cut -d= -f2))"
+    exit 0
+fi
+
 # --- which packages --------------------------------------------------------------------------
 pkg_version() { # newest candidate version of package $1, or empty
     apt-cache policy "$1" 2>/dev/null | awk '/^  Candidate:/ { if ($2 != "(none)") print $2 }'
@@ -72,15 +89,12 @@ bver_pkg="$(pkg_version "$bpkg")"
 kuname="${kpkg#linux-image-}"
 
 # The inputs that define the build: package versions and our own guest files.
-inputs_hash="$( {
-    echo "$kpkg=$kver_pkg"
-    echo "$bpkg=$bver_pkg"
-    sha256sum "$0"
-    (cd "$here/guest" && find . -type f ! -name '*.md' | LC_ALL=C sort | xargs sha256sum)
-} | sha256sum | cut -d' ' -f1)"
+inputs_hash="$(printf '%s\n' "$kpkg=$kver_pkg" "$bpkg=$bver_pkg" "$scripts_hash" | sha256sum | cut -d' ' -f1)"
 
 if [ "$force" = 0 ] && [ -f "$out/guest.env" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initramfs.cpio.gz" ] \
     && grep -qx "GUEST_INPUTS_SHA256=$inputs_hash" "$out/guest.env"; then
+    # Same packages after an apt-get update: only the lists fingerprint is new.
+    sed -i "s/^GUEST_APT_LISTS_SHA256=.*/GUEST_APT_LISTS_SHA256=$lists_hash/" "$out/guest.env"
     log "up to date: $out ($kpkg $kver_pkg, $bpkg $bver_pkg)"
     exit 0
 fi
@@ -185,6 +199,8 @@ GUEST_INITRD=initramfs.cpio.gz
 GUEST_VMLINUZ_SHA256=$kernel_sha
 GUEST_INITRD_SHA256=$initrd_sha
 GUEST_INPUTS_SHA256=$inputs_hash
+GUEST_SCRIPTS_SHA256=$scripts_hash
+GUEST_APT_LISTS_SHA256=$lists_hash
 EOF
 # Replace the outputs; guest.env last, so a half-finished build never looks up to date.
 rm -f "$out/guest.env"
