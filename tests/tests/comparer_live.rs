@@ -30,6 +30,11 @@ impl Drop for ChildGuard {
 
 /// Builds the comparer binary (same profile as this test) and returns its path.
 fn comparer_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(build_comparer).clone()
+}
+
+fn build_comparer() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
     let profile_release = dir.file_name().is_some_and(|n| n == "release");
@@ -221,7 +226,15 @@ fn live_comparer_end_to_end_over_sockets() {
     send(&mut sin, &udp(2000, b"secondary says B"));
     let ev = q.wait_event(EVENT, Duration::from_secs(5)).unwrap();
     let reason = ev.data["reason"].as_str().unwrap_or_default().to_owned();
-    assert!(!reason.is_empty(), "event without a reason: {:?}", ev.data);
+    assert_eq!(reason, "payload_differs", "event: {:?}", ev.data);
+    assert!(
+        ev.data["detail"]
+            .as_str()
+            .unwrap()
+            .contains("differs at byte"),
+        "{:?}",
+        ev.data
+    );
     assert_eq!(ev.data["id"], "comp0");
     assert!(
         read_unix(&mut out, Duration::from_millis(300)).is_none(),
@@ -250,6 +263,10 @@ fn live_comparer_end_to_end_over_sockets() {
     assert!(!st["live"]["checkpoint_pending"].as_bool().unwrap());
     assert_eq!(st["live"]["connections"]["primary_in"], 1, "{st}");
     assert_eq!(st["live"]["connections"]["outdev"], 1, "{st}");
+    assert_eq!(st["engine"]["matched"], 20, "{st}");
+    assert_eq!(st["engine"]["checkpoints"]["payload_differs"], 1, "{st}");
+    assert_eq!(st["engine"]["primary_queued"], 0, "{st}");
+    assert_eq!(live(&st, "secondary_dropped"), 21, "{st}");
 
     // 5. Peers go away and come back: primary and secondary reconnect, outdev is reconnected
     //    by the comparer (client with reconnect=1), nothing is lost.

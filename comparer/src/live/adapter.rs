@@ -1,78 +1,60 @@
-//! Connects the live driver to the comparison engine (temporary exact-match stand-in until
-//! the engine lands).
+//! Connects the live driver to the comparison engine ([`crate::engine::Engine`]).
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use colo_proto::frame::Frame;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::LiveConfig;
 use super::runtime::{LiveEngine, Outputs};
+use crate::engine::{CompareConfig, Decision, Engine};
 
-pub struct Exact {
-    p: VecDeque<(Frame, Duration)>,
-    s: VecDeque<(Frame, Duration)>,
-    out: Outputs,
-    timeout: Duration,
+/// The engine configured from the live options.
+pub fn new_engine(c: &LiveConfig) -> Engine {
+    Engine::new(CompareConfig {
+        compare_timeout: c.compare_timeout,
+        expired_scan_cycle: c.expired_scan_cycle,
+        max_queue_size: c.max_queue_size,
+        vnet_hdr_support: c.vnet_hdr_support,
+    })
 }
 
-pub fn new_engine(c: &LiveConfig) -> Exact {
-    Exact {
-        p: VecDeque::new(),
-        s: VecDeque::new(),
-        out: Outputs::default(),
-        timeout: c.compare_timeout,
+impl LiveEngine for Engine {
+    fn on_primary(&mut self, frame: Frame, now: Duration) {
+        Engine::on_primary(self, frame, now);
     }
-}
 
-impl Exact {
-    fn cmp(&mut self) {
-        while let (Some(p), Some(s)) = (self.p.front(), self.s.front()) {
-            if p.0.l2() == s.0.l2() {
-                let (p, _) = self.p.pop_front().unwrap_or_default();
-                self.s.pop_front();
-                self.out.released.push(p);
-                self.out.dropped_secondary += 1;
-            } else {
-                self.out
-                    .checkpoints
-                    .push(("payload_differs".into(), "x".into()));
-                break;
+    fn on_secondary(&mut self, frame: Frame, now: Duration) {
+        Engine::on_secondary(self, frame, now);
+    }
+
+    fn on_tick(&mut self, now: Duration) {
+        Engine::on_tick(self, now);
+    }
+
+    fn checkpoint_done(&mut self, now: Duration) {
+        Engine::checkpoint_done(self, now);
+    }
+
+    fn next_deadline(&self) -> Option<Duration> {
+        Engine::next_deadline(self)
+    }
+
+    fn drain(&mut self, out: &mut Outputs) {
+        for d in self.take_decisions() {
+            match d {
+                Decision::Release { frame, .. } => out.released.push(frame),
+                Decision::DropSecondary { .. } => out.dropped_secondary += 1,
+                Decision::Checkpoint { reason } => out.checkpoints.push((
+                    reason.name().to_owned(),
+                    reason.to_string(),
+                    serde_json::to_value(&reason).unwrap_or(Value::Null),
+                )),
             }
         }
     }
-}
 
-impl LiveEngine for Exact {
-    fn on_primary(&mut self, frame: Frame, now: Duration) {
-        self.p.push_back((frame, now));
-        self.cmp();
-    }
-    fn on_secondary(&mut self, frame: Frame, now: Duration) {
-        self.s.push_back((frame, now));
-        self.cmp();
-    }
-    fn on_tick(&mut self, _now: Duration) {
-        self.out.checkpoints.push(("timeout".into(), "t".into()));
-    }
-    fn checkpoint_done(&mut self, _now: Duration) {
-        let n = self.s.len() as u64;
-        self.out.released.extend(self.p.drain(..).map(|x| x.0));
-        self.s.clear();
-        self.out.dropped_secondary += n;
-    }
-    fn next_deadline(&self) -> Option<Duration> {
-        let a = self.p.front().map(|x| x.1);
-        let b = self.s.front().map(|x| x.1);
-        a.into_iter().chain(b).min().map(|t| t + self.timeout)
-    }
-    fn drain(&mut self, out: &mut Outputs) {
-        out.released.append(&mut self.out.released);
-        out.dropped_secondary += std::mem::take(&mut self.out.dropped_secondary);
-        out.checkpoints.append(&mut self.out.checkpoints);
-    }
     fn stats_json(&self) -> Value {
-        json!({"queued_primary": self.p.len(), "queued_secondary": self.s.len()})
+        serde_json::to_value(self.stats()).unwrap_or(Value::Null)
     }
 }

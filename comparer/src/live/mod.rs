@@ -16,10 +16,11 @@
 //!   While `outdev` has no peer, released frames wait in order (bounded by back-pressure on the
 //!   inputs); a frame whose write failed is sent again to the next peer, never dropped.
 //! - Checkpoint requests: the QMP event `COLO_COMPARE_CHECKPOINT_REQUEST`
-//!   (`{"id", "reason", "detail"}`) and, with `notify_dev`, QEMU's Xen-style string
-//!   `DO_CHECKPOINT`. Requests are coalesced: one notification per pending checkpoint, repeated
-//!   at most once per `expired_scan_cycle` while the checkpoint is still pending; every request
-//!   is counted by reason in `query-colo-compare`.
+//!   (`{"id", "reason", "detail", "data"}`: `reason` is `timeout`, `payload_differs`,
+//!   `tcp_control_differs` or `queue_full`; `detail` a sentence; `data` the structured reason) and, with `notify_dev`, QEMU's Xen-style string
+//!   `DO_CHECKPOINT`. The engine coalesces requests (one per pending checkpoint, repeated while
+//!   it stays pending for another `compare_timeout`); each is counted by reason in
+//!   `query-colo-compare`.
 //! - Checkpoint done (flush: release held primary frames, drop secondary ones): the QMP command
 //!   `colo-checkpoint-done` or the notify_dev string `COLO_CHECKPOINT`. The notify_dev handshake
 //!   `COLO_USERSPACE_PROXY_INIT` is answered with `COLO_COMPARE_GET_XEN_INIT`, as QEMU does.

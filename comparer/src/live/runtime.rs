@@ -37,8 +37,8 @@ pub trait LiveEngine: Send {
 pub struct Outputs {
     pub released: Vec<Frame>,
     pub dropped_secondary: u64,
-    /// (reason code, human-readable detail)
-    pub checkpoints: Vec<(String, String)>,
+    /// (reason code, human-readable detail, structured reason)
+    pub checkpoints: Vec<(String, String, Value)>,
 }
 
 /// Which input a reader serves.
@@ -73,7 +73,7 @@ pub struct LiveStats {
     pub secondary_dropped: u64,
     /// Checkpoint requests from the engine, by reason.
     pub checkpoint_requests: BTreeMap<String, u64>,
-    /// Notifications sent (QMP event and/or notify_dev), after coalescing.
+    /// Notifications sent (QMP event and/or notify_dev).
     pub checkpoint_notifications: u64,
     /// Checkpoint-done received (QMP or notify_dev).
     pub checkpoints_done: u64,
@@ -225,7 +225,6 @@ pub fn start_with(
         config,
         events,
         start: Instant::now(),
-        last_notification: None,
         out: Outputs::default(),
         next_outdev_attempt: None,
     };
@@ -332,7 +331,6 @@ struct EngineLoop {
     config: LiveConfig,
     events: Option<colo_proto::qmp::EventSink>,
     start: Instant,
-    last_notification: Option<Duration>,
     out: Outputs,
     /// When to try connecting/accepting outdev next (None: now).
     next_outdev_attempt: Option<Instant>,
@@ -460,7 +458,6 @@ impl EngineLoop {
     fn checkpoint_done(&mut self) {
         self.stats.checkpoints_done += 1;
         self.stats.checkpoint_pending = false;
-        self.last_notification = None;
         let now = self.now();
         self.engine.checkpoint_done(now);
         self.collect();
@@ -476,30 +473,24 @@ impl EngineLoop {
             self.backlog.extend(out.released.drain(..));
             self.service_outdev();
         }
-        for (reason, detail) in out.checkpoints.drain(..) {
+        for (reason, detail, data) in out.checkpoints.drain(..) {
+            // The engine already coalesces requests (one per pending checkpoint, repeated
+            // while it stays pending); each one it emits is passed on.
             *self
                 .stats
                 .checkpoint_requests
                 .entry(reason.clone())
                 .or_default() += 1;
-            let now = self.now();
-            let due = match self.last_notification {
-                None => true,
-                Some(t) => now.saturating_sub(t) >= self.config.expired_scan_cycle,
-            };
             self.stats.checkpoint_pending = true;
-            if due {
-                self.last_notification = Some(now);
-                self.stats.checkpoint_notifications += 1;
-                tracing::info!("checkpoint requested: {reason}: {detail}");
-                if let Some(ev) = &self.events {
-                    ev.emit(
-                        CHECKPOINT_EVENT,
-                        json!({"id": self.config.id, "reason": reason, "detail": detail}),
-                    );
-                }
-                self.notify_send(notify::DO_CHECKPOINT);
+            self.stats.checkpoint_notifications += 1;
+            tracing::info!("checkpoint requested: {detail}");
+            if let Some(ev) = &self.events {
+                ev.emit(
+                    CHECKPOINT_EVENT,
+                    json!({"id": self.config.id, "reason": reason, "detail": detail, "data": data}),
+                );
             }
+            self.notify_send(notify::DO_CHECKPOINT);
         }
         self.out = out;
     }
