@@ -3,7 +3,7 @@
 //! address), and say where the 64-bit entry point is.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
@@ -11,6 +11,7 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{KernelLoader, load_cmdline};
 use vm_memory::{Address, Bytes, GuestAddress};
 
@@ -34,7 +35,7 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// The kernel could not be loaded.
-    #[error("kernel {path}: not a loadable bzImage: {source}")]
+    #[error("kernel {path}: not a loadable bzImage or ELF vmlinux: {source}")]
     Kernel {
         /// The path.
         path: PathBuf,
@@ -125,16 +126,29 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
 pub fn load(ram: &GuestRam, spec: &BootSpec, rsdp: Option<u64>) -> Result<StartMode, BootError> {
     let mem = ram.mem();
     let mut kf = open("kernel", &spec.kernel)?;
-    let res =
-        BzImage::load(mem, None, &mut kf, Some(GuestAddress(HIMEM_START))).map_err(|source| {
-            BootError::Kernel {
-                path: spec.kernel.clone(),
-                source,
-            }
+    let mut magic = [0u8; 4];
+    let is_elf = kf.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
+    kf.seek(SeekFrom::Start(0))
+        .map_err(|source| BootError::File {
+            what: "kernel",
+            path: spec.kernel.clone(),
+            source,
         })?;
+    let kerr = |source| BootError::Kernel {
+        path: spec.kernel.clone(),
+        source,
+    };
+    let res = if is_elf {
+        Elf::load(mem, None, &mut kf, Some(GuestAddress(HIMEM_START))).map_err(kerr)?
+    } else {
+        BzImage::load(mem, None, &mut kf, Some(GuestAddress(HIMEM_START))).map_err(kerr)?
+    };
     let mut params = boot_params::default();
     if let Some(h) = res.setup_header {
         params.hdr = h;
+    } else {
+        // ELF vmlinux: no setup header in the image, fill what the kernel reads.
+        params.hdr.kernel_alignment = 0x0100_0000;
     }
     params.hdr.type_of_loader = 0xff;
     params.hdr.boot_flag = 0xaa55;
@@ -208,8 +222,13 @@ pub fn load(ram: &GuestRam, spec: &BootSpec, rsdp: Option<u64>) -> Result<StartM
         what: "boot_params",
         detail: e.to_string(),
     })?;
-    // 64-bit entry of a bzImage: 0x200 past the protected-mode code.
-    let rip = res.kernel_load.raw_value() + 0x200;
+    // 64-bit entry: a bzImage's is 0x200 past the protected-mode code; an ELF vmlinux's is
+    // its entry point (startup_64), which the loader returns as kernel_load.
+    let rip = if is_elf {
+        res.kernel_load.raw_value()
+    } else {
+        res.kernel_load.raw_value() + 0x200
+    };
     let _ = mem
         .read_obj::<u8>(GuestAddress(rip))
         .map_err(|e| BootError::Memory {
@@ -270,6 +289,6 @@ mod tests {
             cmdline: String::new(),
         };
         let e = load(&ram, &spec, None).unwrap_err().to_string();
-        assert!(e.contains("not a loadable bzImage"), "{e}");
+        assert!(e.contains("not a loadable bzImage or ELF"), "{e}");
     }
 }

@@ -6,11 +6,20 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::layout::{ACPI_SLEEP_CTL_PORT, COM1_IRQ, COM1_PORT, I8042_PORT};
+use kvm_ioctls::IoEventAddress;
+
+use crate::acpi::{self, MmioDeviceInfo};
+use crate::arch::layout::{
+    ACPI_SLEEP_CTL_PORT, COM1_IRQ, COM1_PORT, I8042_PORT, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
+};
 use crate::boot::{self, BootError, BootSpec};
 use crate::control::ExitReason;
 use crate::devices::legacy::{AcpiPm, I8042};
 use crate::devices::serial::{self, SerialDevice, SerialError, SerialSpec};
+use crate::virtio::VirtioDevice;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::vhost_user::{RamInfo, VhostUserDevice, VhostUserSpec};
 use crate::vm::{Vm, VmConfig, VmError};
 
 /// Errors building or running the machine.
@@ -41,6 +50,13 @@ pub struct MachineConfig {
     pub boot: BootSpec,
     /// Console.
     pub serial: SerialSpec,
+    /// vhost-user devices (`--net`, `--disk`), in order.
+    pub devices: Vec<VhostUserSpec>,
+    /// Also describe the virtio devices with `virtio_mmio.device=` on the command line
+    /// (for kernels built with VIRTIO_MMIO_CMDLINE_DEVICES).
+    pub virtio_cmdline: bool,
+    /// How long to wait for each backend socket to accept.
+    pub connect_wait: std::time::Duration,
 }
 
 /// Builds the VM with its platform devices and loaded kernel, ready to start.
@@ -80,7 +96,53 @@ pub fn build(cfg: &MachineConfig) -> Result<Vm, MachineError> {
         .map_err(dev_err)?;
     serial::start_input(input, out, com1);
 
-    let start = boot::load(vm.ram(), &cfg.boot, None)?;
+    let mut infos = Vec::new();
+    let ram_info = RamInfo::new(vm.ram());
+    for (i, spec) in cfg.devices.iter().enumerate() {
+        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + i as u32;
+        let dev = VhostUserDevice::connect(spec.clone(), ram_info.clone(), cfg.connect_wait)
+            .map_err(|e| MachineError::Device(e.to_string()))?;
+        let qn = dev.queue_max_sizes().len();
+        let mut kicks = Vec::new();
+        for q in 0..qn {
+            let k = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| MachineError::Device(format!("kick eventfd: {e}")))?;
+            vm.fd()
+                .register_ioevent(
+                    &k,
+                    &IoEventAddress::Mmio(base + crate::virtio::mmio::reg::QUEUE_NOTIFY),
+                    q as u32,
+                )
+                .map_err(|e| MachineError::Device(format!("ioeventfd for queue {q}: {e}")))?;
+            kicks.push(k);
+        }
+        let call = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| MachineError::Device(format!("call eventfd: {e}")))?;
+        vm.fd()
+            .register_irqfd(&call, irq)
+            .map_err(|e| MachineError::Device(format!("irqfd for IRQ {irq}: {e}")))?;
+        let t = MmioTransport::new(Box::new(dev), kicks, call);
+        vm.mmio
+            .insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)))
+            .map_err(dev_err)?;
+        infos.push(MmioDeviceInfo {
+            base,
+            len: 0x200,
+            irq,
+        });
+    }
+    let rsdp = acpi::write_tables(vm.ram().mem(), cfg.cpus as u8, &infos)
+        .map_err(|e| MachineError::Device(e.to_string()))?;
+    let mut boot = cfg.boot.clone();
+    if cfg.virtio_cmdline {
+        for d in &infos {
+            boot.cmdline
+                .push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", d.base, d.irq));
+        }
+    }
+
+    let start = boot::load(vm.ram(), &boot, Some(rsdp))?;
     vm.set_boot_cpu(start)?;
     Ok(vm)
 }

@@ -8,6 +8,7 @@ use clap::Parser;
 use vmm_min::boot::BootSpec;
 use vmm_min::devices::serial::SerialSpec;
 use vmm_min::machine::{self, MachineConfig};
+use vmm_min::virtio::vhost_user::{Kind, VhostUserSpec};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,6 +34,18 @@ struct Args {
     /// Console: stdio, null, file:PATH, unix:PATH.
     #[arg(long, default_value = "stdio")]
     serial: SerialSpec,
+    /// Network device: vhost-user,socket=PATH[,mac=52:54:00:12:34:56] (repeatable).
+    #[arg(long)]
+    net: Vec<String>,
+    /// Disk: vhost-user,socket=PATH (repeatable).
+    #[arg(long)]
+    disk: Vec<String>,
+    /// Also put virtio_mmio.device= entries on the kernel command line.
+    #[arg(long)]
+    virtio_mmio_cmdline: bool,
+    /// Seconds to wait for each backend socket.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -65,6 +78,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let mut devices = Vec::new();
+    for (kind, list) in [(Kind::Net, &args.net), (Kind::Block, &args.disk)] {
+        for s in list {
+            match VhostUserSpec::parse(kind, s) {
+                Ok(d) => devices.push(d),
+                Err(e) => {
+                    eprintln!("vmm-min: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
     let cfg = MachineConfig {
         memory: args.memory,
         cpus: args.cpus,
@@ -74,6 +99,9 @@ fn main() -> ExitCode {
             cmdline: args.cmdline,
         },
         serial: args.serial,
+        devices,
+        virtio_cmdline: args.virtio_mmio_cmdline,
+        connect_wait: std::time::Duration::from_secs(args.connect_timeout),
     };
     match machine::run(&cfg) {
         Ok(reason) => {
