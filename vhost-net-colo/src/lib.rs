@@ -8,8 +8,11 @@
 //! What it does not do: compare packets (that is the `comparer` crate) or checkpoint guests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod app;
+pub mod backend;
 pub mod chardevs;
 pub mod filter;
 pub mod netdev;
 pub mod path;
+pub mod shim;
 pub mod vnet;

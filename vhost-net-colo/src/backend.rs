@@ -1,0 +1,466 @@
+//! The vhost-user-net device: virtqueues ⇄ [`NetPath`].
+//!
+//! - One receive/transmit queue pair (queues 0 and 1), 1024 entries each, split rings,
+//!   `VIRTIO_F_VERSION_1`, `VIRTIO_RING_F_EVENT_IDX`, `VIRTIO_RING_F_INDIRECT_DESC`.
+//! - The 12-byte virtio-net header; `VIRTIO_NET_F_MRG_RXBUF`: a frame may span several receive
+//!   buffers (`num_buffers` set); without it each frame must fit one buffer chain.
+//! - No checksum or segmentation offloads are advertised (`CSUM`, `GUEST_CSUM`, `*_TSO*` are
+//!   off): the guest computes checksums and segments itself, so every frame in the filter chain
+//!   is a complete, checksummed Ethernet frame — what colo-compare and the rewriter need.
+//!   A header that asks for `NEEDS_CSUM` anyway is completed in software.
+//! - `VIRTIO_NET_F_MAC` with the MAC from the command line and `VIRTIO_NET_F_STATUS` (link up)
+//!   in config space (`VHOST_USER_PROTOCOL_F_CONFIG`).
+//! - Dirty-page logging (`LOG_ALL`, `LOG_SHMFD`) through `BitmapMmapRegion` guest memory, so a
+//!   COLO/migration frontend sees every page the backend writes.
+//!
+//! [`serve`] loops: after a frontend disconnects, a new daemon listens again on the socket; a
+//! frontend that reconnects gives the ring positions back with `SET_VRING_BASE`.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+use crate::path::NetPath;
+use crate::vnet::{VNET_HDR_LEN, complete_checksum};
+
+type Mem = GuestMemoryMmap<BitmapMmapRegion>;
+type GM = GuestMemoryAtomic<Mem>;
+
+pub const QUEUE_SIZE: usize = 1024;
+const RX: usize = 0;
+const TX: usize = 1;
+const NUM_QUEUES: usize = 2;
+/// Event id of the "frames for the guest are queued" eventfd (ids 0..=NUM_QUEUES are taken).
+const GUEST_RX_EVENT: u16 = NUM_QUEUES as u16 + 1;
+
+pub const VIRTIO_NET_F_MAC: u64 = 5;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 16;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
+pub const VIRTIO_F_VERSION_1: u64 = 32;
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// Errors of the vhost-user side.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("vhost-user socket {path}: {msg}")]
+    Daemon { path: String, msg: String },
+    #[error("vhost-user backend: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Device counters for `query-filters`/`query-net`.
+#[derive(Debug, Default)]
+pub struct DevCounters {
+    pub tx_frames: AtomicU64,
+    pub rx_frames: AtomicU64,
+    pub rx_dropped_too_big: AtomicU64,
+    pub bad_descriptors: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl DevCounters {
+    pub fn json(&self) -> serde_json::Value {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "from_guest": l(&self.tx_frames),
+            "to_guest": l(&self.rx_frames),
+            "to_guest_dropped_too_big": l(&self.rx_dropped_too_big),
+            "bad_descriptors": l(&self.bad_descriptors),
+            "frontend_connections": l(&self.connections),
+        })
+    }
+}
+
+/// One frontend session's device.
+pub struct NetBackend {
+    path: Arc<NetPath>,
+    mac: [u8; 6],
+    mem: Mutex<Option<GM>>,
+    event_idx: AtomicBool,
+    acked: AtomicU64,
+    exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
+    counters: Arc<DevCounters>,
+}
+
+impl NetBackend {
+    pub fn new(
+        path: Arc<NetPath>,
+        mac: [u8; 6],
+        counters: Arc<DevCounters>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            path,
+            mac,
+            mem: Mutex::new(None),
+            event_idx: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+            exit: Mutex::new(Some(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?)),
+            counters,
+        })
+    }
+
+    fn memory(&self) -> Option<GuestMemoryLoadGuard<Mem>> {
+        self.mem.lock().ok()?.as_ref().map(|m| m.memory())
+    }
+
+    fn mrg_rxbuf(&self) -> bool {
+        self.acked.load(Ordering::Relaxed) & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0
+    }
+
+    fn config(&self) -> Vec<u8> {
+        // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
+        let mut c = Vec::with_capacity(12);
+        c.extend_from_slice(&self.mac);
+        c.extend_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        c.extend_from_slice(&1u16.to_le_bytes());
+        c.extend_from_slice(&1500u16.to_le_bytes());
+        c
+    }
+
+    /// Guest → outside: pops every transmit chain, then runs the frames through the path.
+    fn process_tx(&self, vring: &VringRwLock<GM>) {
+        let Some(mem) = self.memory() else {
+            return;
+        };
+        let mut frames = Vec::new();
+        loop {
+            if self.event_idx.load(Ordering::Relaxed) {
+                let _ = vring.disable_notification();
+            }
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                match read_chain(&mem, chain) {
+                    Some(buf) if buf.len() > VNET_HDR_LEN => {
+                        let (hdr, l2) = buf.split_at(VNET_HDR_LEN);
+                        let mut l2 = l2.to_vec();
+                        complete_checksum(hdr, &mut l2);
+                        frames.push(l2);
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.counters
+                            .bad_descriptors
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if vring.add_used(head, 0).is_err() {
+                    self.counters
+                        .bad_descriptors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if !self.event_idx.load(Ordering::Relaxed)
+                || !vring.enable_notification().unwrap_or(false)
+            {
+                break;
+            }
+        }
+        if !frames.is_empty() {
+            self.signal(vring);
+        }
+        self.counters
+            .tx_frames
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        for f in frames {
+            self.path.from_guest(f);
+        }
+    }
+
+    fn signal(&self, vring: &VringRwLock<GM>) {
+        let needs =
+            !self.event_idx.load(Ordering::Relaxed) || vring.needs_notification().unwrap_or(true);
+        if needs && let Err(e) = vring.signal_used_queue() {
+            tracing::debug!("signal used queue: {e}");
+        }
+    }
+
+    /// Outside → guest: fills receive buffers with queued frames.
+    fn process_rx(&self, vring: &VringRwLock<GM>) {
+        let Some(mem) = self.memory() else {
+            return;
+        };
+        if !vring.get_ref().get_queue().ready() {
+            return;
+        }
+        let Some(mut pending) = self.path.guest.lock() else {
+            return;
+        };
+        let mrg = self.mrg_rxbuf();
+        let mut used_any = false;
+        'outer: loop {
+            if self.event_idx.load(Ordering::Relaxed) {
+                let _ = vring.disable_notification();
+            }
+            while let Some(frame) = pending.front() {
+                let need = VNET_HDR_LEN + frame.len();
+                let mut q = vring.get_mut();
+                let queue = q.get_queue_mut();
+                let mut chains: Vec<(u16, DescriptorChain<GuestMemoryLoadGuard<Mem>>, usize)> =
+                    Vec::new();
+                let mut have = 0usize;
+                while have < need {
+                    let Some(c) = queue.pop_descriptor_chain(mem.clone()) else {
+                        break;
+                    };
+                    let room: usize = c.clone().writable().map(|d| d.len() as usize).sum();
+                    have += room;
+                    chains.push((c.head_index(), c, room));
+                    if !mrg {
+                        break;
+                    }
+                }
+                if have < need {
+                    if !mrg && !chains.is_empty() {
+                        // The single buffer cannot hold this frame: drop it, as a NIC would.
+                        let (head, _, _) = chains.remove(0);
+                        drop(q);
+                        let _ = vring.add_used(head, 0);
+                        used_any = true;
+                        pending.pop_front();
+                        self.counters
+                            .rx_dropped_too_big
+                            .fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    // Not enough buffers yet: give them back and wait for the guest.
+                    for _ in 0..chains.len() {
+                        queue.go_to_previous_position();
+                    }
+                    drop(q);
+                    if self.event_idx.load(Ordering::Relaxed)
+                        && vring.enable_notification().unwrap_or(false)
+                    {
+                        continue 'outer;
+                    }
+                    break 'outer;
+                }
+                drop(q);
+                let n = chains.len();
+                let mut hdr = [0u8; VNET_HDR_LEN];
+                hdr[10..12].copy_from_slice(&(n as u16).to_le_bytes());
+                let mut src: Vec<&[u8]> = vec![&hdr, frame];
+                for (head, chain, _) in chains {
+                    let written = match write_chain(&mem, chain, &mut src) {
+                        Some(w) => w,
+                        None => {
+                            self.counters
+                                .bad_descriptors
+                                .fetch_add(1, Ordering::Relaxed);
+                            0
+                        }
+                    };
+                    let _ = vring.add_used(head, written as u32);
+                }
+                used_any = true;
+                pending.pop_front();
+                self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+            }
+            // Every frame placed: nothing to wait for (unplaced buffers stay available).
+            if self.event_idx.load(Ordering::Relaxed) {
+                let _ = vring.enable_notification();
+            }
+            break;
+        }
+        drop(pending);
+        if used_any {
+            self.signal(vring);
+        }
+    }
+}
+
+fn read_chain(mem: &Mem, chain: DescriptorChain<GuestMemoryLoadGuard<Mem>>) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut r = chain.reader(mem).ok()?;
+    let mut buf = vec![0u8; r.available_bytes()];
+    r.read_exact(&mut buf).ok()?;
+    Some(buf)
+}
+
+/// Writes as much of `src` (consumed from the front) as the chain holds; returns bytes written.
+fn write_chain(
+    mem: &Mem,
+    chain: DescriptorChain<GuestMemoryLoadGuard<Mem>>,
+    src: &mut Vec<&[u8]>,
+) -> Option<usize> {
+    use std::io::Write;
+    let mut w = chain.writer(mem).ok()?;
+    let mut written = 0;
+    while let Some(first) = src.first_mut() {
+        let room = w.available_bytes();
+        if room == 0 {
+            break;
+        }
+        let n = room.min(first.len());
+        w.write_all(&first[..n]).ok()?;
+        written += n;
+        *first = &first[n..];
+        if first.is_empty() {
+            src.remove(0);
+        }
+    }
+    Some(written)
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = VringRwLock<GM>;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config();
+        let start = (offset as usize).min(c.len());
+        let end = (offset as usize).saturating_add(size as usize).min(c.len());
+        let mut v = c[start..end].to_vec();
+        v.resize(size as usize, 0);
+        v
+    }
+
+    fn update_memory(&self, mem: GM) -> std::io::Result<()> {
+        if let Ok(mut m) = self.mem.lock() {
+            *m = Some(mem);
+        }
+        self.path.guest_connected.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let g = self.exit.lock().ok()?;
+        let (c, n) = g.as_ref()?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        match device_event as usize {
+            RX => self.process_rx(&vrings[RX]),
+            TX => self.process_tx(&vrings[TX]),
+            e if e == GUEST_RX_EVENT as usize => {
+                let _ = self.path.guest.kick.read();
+                self.process_rx(&vrings[RX]);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Serves the vhost-user socket at `socket` until `stop`: one frontend at a time, a new
+/// daemon for each. The socket stays bound between sessions, so a frontend that reconnects
+/// quickly never finds it missing. Sessions go through [`crate::shim::relay`].
+pub fn serve(
+    socket: &str,
+    path: Arc<NetPath>,
+    mac: [u8; 6],
+    counters: Arc<DevCounters>,
+    stop: &AtomicBool,
+) -> Result<(), BackendError> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+
+    let daemon_err = |msg: String| BackendError::Daemon {
+        path: socket.to_string(),
+        msg,
+    };
+    let _ = std::fs::remove_file(socket);
+    let outer = UnixListener::bind(socket)?;
+    // The daemon's side of the relay: an abstract socket private to this process.
+    let name = format!("vhost-net-colo-{}-{:p}", std::process::id(), &*path);
+    let inner_addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let mut inner = vhost::vhost_user::Listener::from(UnixListener::bind_addr(&inner_addr)?);
+    while !stop.load(Ordering::Relaxed) {
+        let (front, _) = outer.accept()?;
+        let backend = Arc::new(NetBackend::new(path.clone(), mac, counters.clone())?);
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-net-colo".to_string(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| daemon_err(e.to_string()))?;
+        if let Some(h) = daemon.get_epoll_handlers().first() {
+            h.register_listener(
+                path.guest.kick.as_raw_fd(),
+                EventSet::IN,
+                u64::from(GUEST_RX_EVENT),
+            )?;
+        }
+        counters.connections.fetch_add(1, Ordering::Relaxed);
+        let back = UnixStream::connect_addr(&inner_addr)?;
+        daemon
+            .start(&mut inner)
+            .map_err(|e| daemon_err(e.to_string()))?;
+        if let Err(e) = crate::shim::relay(front, back) {
+            tracing::debug!("vhost-user relay: {e}");
+        }
+        let r = daemon.wait();
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        path.guest_connected.store(false, Ordering::Relaxed);
+        path.guest.clear();
+        match r {
+            Ok(()) => {
+                tracing::info!("vhost-user frontend disconnected; listening again on {socket}")
+            }
+            Err(e) => tracing::info!("vhost-user session on {socket} ended: {e}; listening again"),
+        }
+    }
+    Ok(())
+}
