@@ -43,8 +43,8 @@ struct Args {
     /// Number of request queues.
     #[arg(long, default_value_t = 1)]
     num_queues: usize,
-    /// Largest queue size.
-    #[arg(long, default_value_t = 256)]
+    /// Largest queue size (virtio-mmio guests ask for up to 1024).
+    #[arg(long, default_value_t = 1024)]
     queue_size: usize,
     /// Device id returned to the guest (GET_ID).
     #[arg(long, default_value = "vhost-blk-colo")]

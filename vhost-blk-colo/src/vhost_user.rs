@@ -140,7 +140,7 @@ impl Default for BlkConfig {
     fn default() -> Self {
         BlkConfig {
             num_queues: 1,
-            queue_size: 256,
+            queue_size: 1024,
             read_only: false,
             serial: "vhost-blk-colo".into(),
             blk_size: 512,
