@@ -22,7 +22,10 @@ use vhost_user_backend::{
     VhostUserBackend, VhostUserDaemon, VringRwLock, VringT, bitmap::BitmapMmapRegion,
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
+};
 use vmm_sys_util::{
     epoll::EventSet,
     event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier},
@@ -240,15 +243,49 @@ impl VhostUserBlk {
         if chains.is_empty() {
             return Ok(false);
         }
+        // Start every request of the batch first (writes to a quorum with an NBD child are in
+        // flight together), then complete them in order.
+        let mut started = Vec::with_capacity(chains.len());
         for chain in chains {
             let head = chain.head_index();
-            let used_len = match self.process_chain(chain, &mem) {
-                Ok(n) => n,
+            match self.start_chain(chain, &mem) {
+                Ok(s) => started.push((head, Some(s))),
                 Err(e) => {
                     // A malformed chain cannot carry a status byte; return it with len 0.
                     tracing::warn!("queue {queue}: {e}");
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    0
+                    started.push((head, None));
+                }
+            }
+        }
+        for (head, s) in started {
+            let used_len = match s {
+                None => 0,
+                Some(s) => {
+                    let (status, written) = match s.outcome {
+                        Outcome::Done(st, n) => (st, n),
+                        Outcome::Wait(p, bytes) => match p.wait() {
+                            Ok(()) => {
+                                self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                                self.stats.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+                                (VIRTIO_BLK_S_OK, 0)
+                            }
+                            Err(e) => {
+                                tracing::warn!("virtio-blk write failed: {e}");
+                                (VIRTIO_BLK_S_IOERR, 0)
+                            }
+                        },
+                    };
+                    if status != VIRTIO_BLK_S_OK {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match mem.write_slice(&[status], s.status_addr) {
+                        Ok(()) => written as u32 + 1,
+                        Err(e) => {
+                            tracing::warn!("queue {queue}: status byte of chain {head}: {e}");
+                            0
+                        }
+                    }
                 }
             };
             vring
@@ -266,14 +303,27 @@ impl VhostUserBlk {
         Ok(true)
     }
 
-    /// Handles one request; returns the number of bytes written into the chain.
-    fn process_chain(
+    /// Parses one request and starts it; writes may still be in flight afterwards.
+    fn start_chain(
         &self,
         chain: DescriptorChain<GuestMemoryLoadGuard<Mem>>,
         mem: &Mem,
-    ) -> Result<u32, VhostBlkError> {
+    ) -> Result<Started, VhostBlkError> {
         let head = chain.head_index();
         let bad = |msg: String| VhostBlkError::BadChain { head, msg };
+        let last = chain
+            .clone()
+            .last()
+            .ok_or_else(|| bad("empty chain".into()))?;
+        if !last.is_write_only() || last.len() == 0 {
+            return Err(bad(
+                "the last descriptor is not a writable status byte".into()
+            ));
+        }
+        let status_addr = last
+            .addr()
+            .checked_add(u64::from(last.len()) - 1)
+            .ok_or_else(|| bad("status address overflows".into()))?;
         let mut reader = chain.clone().reader(mem).map_err(|e| bad(e.to_string()))?;
         let mut writer = chain.writer(mem).map_err(|e| bad(e.to_string()))?;
         let mut hdr = [0u8; 16];
@@ -284,20 +334,17 @@ impl VhostUserBlk {
         if avail == 0 {
             return Err(bad("no writable status byte".into()));
         }
-        let mut status_w = writer.split_at(avail - 1).map_err(|e| bad(e.to_string()))?;
+        let _status_w = writer.split_at(avail - 1).map_err(|e| bad(e.to_string()))?;
         let rtype = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let mut s = [0u8; 8];
         s.copy_from_slice(&hdr[8..16]);
         let sector = u64::from_le_bytes(s);
         let wlen = writer.available_bytes();
-        let (status, written) = self.execute(rtype, sector, &mut reader, &mut writer, wlen);
-        if status != VIRTIO_BLK_S_OK {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        status_w
-            .write_all(&[status])
-            .map_err(|e| bad(format!("status byte: {e}")))?;
-        Ok(written as u32 + 1)
+        let outcome = self.execute(rtype, sector, &mut reader, &mut writer, wlen);
+        Ok(Started {
+            status_addr,
+            outcome,
+        })
     }
 
     fn execute<R: Read, W: Write>(
@@ -307,35 +354,35 @@ impl VhostUserBlk {
         reader: &mut R,
         writer: &mut W,
         wlen: usize,
-    ) -> (u8, usize) {
+    ) -> Outcome {
         let fail = |e: BlockError| {
             tracing::warn!(rtype, sector, "virtio-blk request failed: {e}");
-            (VIRTIO_BLK_S_IOERR, 0)
+            Outcome::Done(VIRTIO_BLK_S_IOERR, 0)
         };
         let Some(offset) = sector.checked_mul(SECTOR) else {
-            return (VIRTIO_BLK_S_IOERR, 0);
+            return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
         };
         match rtype {
             VIRTIO_BLK_T_IN => {
                 let Some(len) = Some(wlen).filter(|&l| l <= MAX_REQUEST_BYTES) else {
-                    return (VIRTIO_BLK_S_IOERR, 0);
+                    return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
                 };
                 let mut buf = vec![0u8; len];
                 if let Err(e) = self.node.read_at(&mut buf, offset) {
                     return fail(e);
                 }
                 if writer.write_all(&buf).is_err() {
-                    return (VIRTIO_BLK_S_IOERR, 0);
+                    return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
                 }
                 self.stats.reads.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .bytes_read
                     .fetch_add(len as u64, Ordering::Relaxed);
-                (VIRTIO_BLK_S_OK, len)
+                Outcome::Done(VIRTIO_BLK_S_OK, len)
             }
             VIRTIO_BLK_T_OUT => {
                 if self.read_only() {
-                    return (VIRTIO_BLK_S_IOERR, 0);
+                    return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
                 }
                 let mut buf = Vec::new();
                 match reader
@@ -343,29 +390,19 @@ impl VhostUserBlk {
                     .read_to_end(&mut buf)
                 {
                     Ok(n) if n <= MAX_REQUEST_BYTES => {}
-                    _ => return (VIRTIO_BLK_S_IOERR, 0),
+                    _ => return Outcome::Done(VIRTIO_BLK_S_IOERR, 0),
                 }
-                if let Err(e) = self
-                    .node
-                    .submit(WriteOp::Write {
-                        buf: &buf,
-                        offset,
-                        fua: false,
-                    })
-                    .wait()
-                {
-                    return fail(e);
-                }
-                self.stats.writes.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .bytes_written
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                (VIRTIO_BLK_S_OK, 0)
+                let p = self.node.submit(WriteOp::Write {
+                    buf: &buf,
+                    offset,
+                    fua: false,
+                });
+                Outcome::Wait(p, buf.len() as u64)
             }
             VIRTIO_BLK_T_FLUSH => match self.node.flush() {
                 Ok(()) => {
                     self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-                    (VIRTIO_BLK_S_OK, 0)
+                    Outcome::Done(VIRTIO_BLK_S_OK, 0)
                 }
                 Err(e) => fail(e),
             },
@@ -376,13 +413,13 @@ impl VhostUserBlk {
                 id[..n].copy_from_slice(&s[..n]);
                 let room = wlen.min(ID_BYTES);
                 if writer.write_all(&id[..room]).is_err() {
-                    return (VIRTIO_BLK_S_IOERR, 0);
+                    return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
                 }
-                (VIRTIO_BLK_S_OK, room)
+                Outcome::Done(VIRTIO_BLK_S_OK, room)
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 if self.read_only() {
-                    return (VIRTIO_BLK_S_IOERR, 0);
+                    return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
                 }
                 let mut segs = Vec::new();
                 if reader
@@ -393,7 +430,7 @@ impl VhostUserBlk {
                     || segs.len() % 16 != 0
                     || segs.len() > MAX_DISCARD_SEG as usize * 16
                 {
-                    return (VIRTIO_BLK_S_IOERR, 0);
+                    return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
                 }
                 for seg in segs.chunks_exact(16) {
                     let mut s = [0u8; 8];
@@ -405,10 +442,10 @@ impl VhostUserBlk {
                         || flags & !1 != 0
                         || (rtype == VIRTIO_BLK_T_DISCARD && flags != 0)
                     {
-                        return (VIRTIO_BLK_S_UNSUPP, 0);
+                        return Outcome::Done(VIRTIO_BLK_S_UNSUPP, 0);
                     }
                     let Some(off) = sector.checked_mul(SECTOR) else {
-                        return (VIRTIO_BLK_S_IOERR, 0);
+                        return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
                     };
                     let len = u64::from(num) * SECTOR;
                     let op = if rtype == VIRTIO_BLK_T_DISCARD {
@@ -425,11 +462,24 @@ impl VhostUserBlk {
                         return fail(e);
                     }
                 }
-                (VIRTIO_BLK_S_OK, 0)
+                Outcome::Done(VIRTIO_BLK_S_OK, 0)
             }
-            _ => (VIRTIO_BLK_S_UNSUPP, 0),
+            _ => Outcome::Done(VIRTIO_BLK_S_UNSUPP, 0),
         }
     }
+}
+
+/// A started request.
+enum Outcome {
+    /// Finished: status and bytes written into the chain.
+    Done(u8, usize),
+    /// A write in flight (bytes).
+    Wait(crate::block::Pending, u64),
+}
+
+struct Started {
+    status_addr: GuestAddress,
+    outcome: Outcome,
 }
 
 impl VhostUserBackend for VhostUserBlk {

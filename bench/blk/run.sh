@@ -1,0 +1,10 @@
+#!/bin/sh
+# Block benchmark: vhost-blk-colo vs qemu-storage-daemon (vhost-user-blk export) on the same file,
+# driven by the same test frontend (memfd shared memory, no guest), and the cost of replication
+# (primary + NBD secondary on loopback vs local only). Prints a markdown table.
+#   bench/blk/run.sh [--seconds N] [--size-mib M]
+set -eu
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+cargo build --release -q -p vhost-blk-colo --bin vhost-blk-colo --example blk_bench
+exec "$root/target/release/examples/blk_bench" --ours "$root/target/release/vhost-blk-colo" "$@"

@@ -1,0 +1,359 @@
+//! Block benchmark: the same test frontend (memfd shared memory, split virtqueue, no guest)
+//! drives, in one run and on the same file:
+//! - our backend (`vhost-blk-colo`, raw file) vs `qemu-storage-daemon --export vhost-user-blk`;
+//! - replication cost: our primary (quorum: local file + replication over NBD to a secondary
+//!   `vhost-blk-colo` on loopback) vs the same quorum with the local file only.
+//!
+//! Run through `bench/blk/run.sh`, which builds in release mode and prints the table.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use colo_proto::qmp::QmpClient;
+use serde_json::json;
+use vhost_blk_colo::{
+    testing::{Data, FrontendOptions, TestFrontend},
+    vhost_user::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT},
+};
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    write: bool,
+    random: bool,
+    bs: usize,
+    qd: usize,
+}
+
+struct Result_ {
+    iops: f64,
+    mbps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn run(fe: &mut TestFrontend, w: Workload, size: u64, secs: f64) -> Result_ {
+    let sectors = size / 512;
+    let bsec = (w.bs / 512) as u64;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut seq = 0u64;
+    let buf = vec![0xa5u8; w.bs];
+    let mut next_sector = || {
+        if w.random {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % (sectors / bsec)) * bsec
+        } else {
+            let s = seq;
+            seq = (seq + bsec) % (sectors - sectors % bsec);
+            s
+        }
+    };
+    let mut started: std::collections::HashMap<u16, Instant> = Default::default();
+    let mut lat: Vec<u32> = Vec::new();
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    let mut done = 0u64;
+    loop {
+        while started.len() < w.qd && Instant::now() < end {
+            let s = next_sector();
+            let slot = if w.write {
+                fe.submit(0, VIRTIO_BLK_T_OUT, s, Data::Out(&buf)).unwrap()
+            } else {
+                fe.submit(0, VIRTIO_BLK_T_IN, s, Data::In(w.bs)).unwrap()
+            };
+            started.insert(slot, Instant::now());
+        }
+        if started.is_empty() {
+            break;
+        }
+        for c in fe.wait(0, Duration::from_secs(30)).unwrap() {
+            assert_eq!(c.status, VIRTIO_BLK_S_OK, "request failed");
+            if let Some(t) = started.remove(&c.slot) {
+                lat.push(t.elapsed().as_micros() as u32);
+            }
+            done += 1;
+        }
+    }
+    let el = t0.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+    };
+    Result_ {
+        iops: done as f64 / el,
+        mbps: done as f64 * w.bs as f64 / el / 1e6,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+    }
+}
+
+fn wait_sock(p: &Path) {
+    let d = Instant::now() + Duration::from_secs(30);
+    while !p.exists() {
+        assert!(Instant::now() < d, "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn connect(sock: &Path) -> TestFrontend {
+    wait_sock(sock);
+    TestFrontend::connect(
+        sock,
+        &FrontendOptions {
+            queue_size: 128,
+            slot_bytes: 1 << 20,
+            ..FrontendOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |k: &str, d: &str| -> String {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| d.to_owned())
+    };
+    let ours = PathBuf::from(get("--ours", "target/release/vhost-blk-colo"));
+    let secs: f64 = get("--seconds", "3").parse().unwrap();
+    let size_mib: u64 = get("--size-mib", "256").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bench.img");
+    let f = std::fs::File::create(&file).unwrap();
+    f.set_len(size_mib << 20).unwrap();
+    drop(f);
+    // Touch the whole file once so both backends read allocated, cached data.
+    std::fs::write(&file, vec![0x11u8; (size_mib << 20) as usize]).unwrap();
+    let size = size_mib << 20;
+
+    let workloads = [
+        Workload {
+            name: "4k randread qd1",
+            write: false,
+            random: true,
+            bs: 4096,
+            qd: 1,
+        },
+        Workload {
+            name: "4k randwrite qd1",
+            write: true,
+            random: true,
+            bs: 4096,
+            qd: 1,
+        },
+        Workload {
+            name: "4k randread qd16",
+            write: false,
+            random: true,
+            bs: 4096,
+            qd: 16,
+        },
+        Workload {
+            name: "4k randwrite qd16",
+            write: true,
+            random: true,
+            bs: 4096,
+            qd: 16,
+        },
+        Workload {
+            name: "1m seqread qd4",
+            write: false,
+            random: false,
+            bs: 1 << 20,
+            qd: 4,
+        },
+        Workload {
+            name: "1m seqwrite qd4",
+            write: true,
+            random: false,
+            bs: 1 << 20,
+            qd: 4,
+        },
+    ];
+
+    let mut table: Vec<(String, &'static str, Result_)> = Vec::new();
+
+    // 1. ours, raw file.
+    {
+        let sock = dir.path().join("ours.sock");
+        let _p = Proc(
+            Command::new(&ours)
+                .arg("--socket")
+                .arg(&sock)
+                .arg("--drive")
+                .arg(format!("driver=raw,id=d0,file.filename={}", file.display()))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start vhost-blk-colo"),
+        );
+        let mut fe = connect(&sock);
+        for w in workloads {
+            table.push(("vhost-blk-colo".into(), w.name, run(&mut fe, w, size, secs)));
+        }
+    }
+    // 2. qemu-storage-daemon, same file.
+    {
+        let sock = dir.path().join("qsd.sock");
+        let p = Command::new("qemu-storage-daemon")
+            .args(["--blockdev", &format!("driver=file,node-name=file0,filename={},cache.direct=off", file.display())])
+            .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
+            .args([
+                "--export",
+                &format!("type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on", sock.display()),
+            ])
+            .stderr(Stdio::null())
+            .spawn();
+        match p {
+            Ok(c) => {
+                let _p = Proc(c);
+                let mut fe = connect(&sock);
+                for w in workloads {
+                    table.push((
+                        "qemu-storage-daemon".into(),
+                        w.name,
+                        run(&mut fe, w, size, secs),
+                    ));
+                }
+            }
+            Err(e) => eprintln!("SKIPPED qemu-storage-daemon: {e}"),
+        }
+    }
+    // 3. replication cost: quorum local-only vs quorum + replication(NBD to a secondary).
+    let repl_workloads = [workloads[1], workloads[3], workloads[5]];
+    {
+        let sock = dir.path().join("local.sock");
+        let _p = Proc(
+            Command::new(&ours)
+                .arg("--socket")
+                .arg(&sock)
+                .arg("--drive")
+                .arg(format!(
+                    "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw",
+                    file.display()
+                ))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut fe = connect(&sock);
+        for w in repl_workloads {
+            table.push((
+                "primary, local only".into(),
+                w.name,
+                run(&mut fe, w, size, secs),
+            ));
+        }
+    }
+    {
+        let sec_img = dir.path().join("sec.img");
+        std::fs::copy(&file, &sec_img).unwrap();
+        let sq_path = dir.path().join("sec.qmp");
+        let _s = Proc(
+            Command::new(&ours)
+                .arg("--qmp")
+                .arg(format!("unix:{}", sq_path.display()))
+                .arg("--drive")
+                .arg(format!("if=none,id=colo-disk0,driver=raw,file.filename={}", sec_img.display()))
+                .arg("--drive")
+                .arg("id=active-disk0,driver=replication,mode=secondary,file.driver=overlay,file.backing.driver=overlay,file.backing.backing=colo-disk0")
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut sq = QmpClient::connect_unix_retry(
+            &sq_path,
+            Instant::now() + Duration::from_secs(30),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        sq.execute("nbd-server-start", json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}})).unwrap();
+        sq.execute(
+            "nbd-server-add",
+            json!({"device": "colo-disk0", "writable": true}),
+        )
+        .unwrap();
+        sq.execute("colo-blk-start", json!({})).unwrap();
+        let sock = dir.path().join("pri.sock");
+        let pq_path = dir.path().join("pri.qmp");
+        let _p = Proc(
+            Command::new(&ours)
+                .arg("--socket")
+                .arg(&sock)
+                .arg("--qmp")
+                .arg(format!("unix:{}", pq_path.display()))
+                .arg("--drive")
+                .arg(format!(
+                    "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw",
+                    file.display()
+                ))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut pq = QmpClient::connect_unix_retry(
+            &pq_path,
+            Instant::now() + Duration::from_secs(30),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        pq.execute(
+            "blockdev-add",
+            json!({"driver": "replication", "mode": "primary", "node-name": "node0",
+                   "file": {"driver": "nbd", "host": "127.0.0.1", "port": port, "export": "colo-disk0"}}),
+        )
+        .unwrap();
+        pq.execute(
+            "x-blockdev-change",
+            json!({"parent": "colo-disk0", "node": "node0"}),
+        )
+        .unwrap();
+        pq.execute("colo-blk-start", json!({})).unwrap();
+        let mut fe = connect(&sock);
+        for w in repl_workloads {
+            table.push((
+                "primary + NBD secondary".into(),
+                w.name,
+                run(&mut fe, w, size, secs),
+            ));
+        }
+        let st = pq.execute("colo-blk-status", json!({})).unwrap();
+        assert_eq!(
+            st["replication"][0]["secondary-connected"], true,
+            "secondary dropped during the bench: {st}"
+        );
+    }
+
+    println!("| backend | workload | IOPS | MB/s | p50 µs | p99 µs |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (b, w, r) in &table {
+        println!(
+            "| {b} | {w} | {:.0} | {:.1} | {:.0} | {:.0} |",
+            r.iops, r.mbps, r.p50_us, r.p99_us
+        );
+    }
+}
