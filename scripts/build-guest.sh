@@ -49,7 +49,7 @@ flock -w 900 9 || die "timed out waiting for another build-guest.sh (lock $out/.
 # lists: if both match guest.env, the candidate versions cannot have changed and apt-cache (slow
 # on a loaded machine) is not asked at all.
 scripts_hash="$( {
-    sha256sum "$0"
+    sha256sum <"$0"
     (cd "$here/guest" && find . -type f ! -name '*.md' | LC_ALL=C sort | xargs sha256sum)
     echo "kernel-override=${COLO_GUEST_KERNEL_PKG:-}"
 } | sha256sum | cut -d' ' -f1)"
@@ -69,7 +69,7 @@ pkg_version() { # newest candidate version of package $1, or empty
 kpkg="${COLO_GUEST_KERNEL_PKG:-}"
 if [ -z "$kpkg" ]; then
     kpkg="$(apt-cache depends linux-image-amd64 2>/dev/null \
-        | awk '$1 == "Depends:" && $2 ~ /^linux-image-6\.1\.0-[0-9]+-amd64$/ { print $2; exit }')"
+        | awk '!found && $1 == "Depends:" && $2 ~ /^linux-image-6\.1\.0-[0-9]+-amd64$/ { print $2; found = 1 }')"
     if [ -z "$kpkg" ]; then
         # Fall back to the newest generic 6.1 image apt knows about.
         kpkg="$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' 2>/dev/null \
@@ -103,13 +103,13 @@ fi
 deb_file() { # $1 pkg, $2 version -> path of the .deb in the cache (download if missing)
     local pkg="$1" ver="$2" f
     # apt names files pkg_version_arch.deb with ':' in the version escaped as %3a.
-    f="$(find "$out/debs" -maxdepth 1 -name "${pkg}_${ver//:/%3a}_*.deb" | head -n 1)"
+    f="$(find "$out/debs" -maxdepth 1 -name "${pkg}_${ver//:/%3a}_*.deb" -print -quit)"
     if [ -z "$f" ]; then
         log "downloading $pkg=$ver"
         if ! (cd "$out/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver" >&2); then
             die "cannot fetch Debian package '$pkg=$ver' (apt-get download failed; network? try: apt-get update)"
         fi
-        f="$(find "$out/debs" -maxdepth 1 -name "${pkg}_${ver//:/%3a}_*.deb" | head -n 1)"
+        f="$(find "$out/debs" -maxdepth 1 -name "${pkg}_${ver//:/%3a}_*.deb" -print -quit)"
         [ -n "$f" ] || die "apt-get download of '$pkg=$ver' produced no .deb in $out/debs"
     fi
     dpkg-deb --info "$f" >/dev/null 2>&1 || { rm -f "$f"; die "corrupt package $f removed; run again"; }
@@ -143,7 +143,7 @@ done
 modules="virtio_ring virtio virtio_mmio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_blk"
 : >"$root/lib/modules/load-order"
 for m in $modules; do
-    f="$(find "$moddir" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -n 1)"
+    f="$(find "$moddir" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \) -print -quit)"
     [ -n "$f" ] || die "module $m not found in $kdeb"
     case "$f" in
         *.ko) install -m 0644 "$f" "$root/lib/modules/$m.ko" ;;
@@ -162,7 +162,7 @@ done
 mkdir -p "$root/www/cgi-bin"
 cp -r "$here/guest/www/." "$root/www/"
 chmod 0755 "$root"/www/cgi-bin/* 2>/dev/null || true
-bb_version="$("$root/bin/busybox" 2>&1 | head -n 1 | awk '{print $2}')"
+bb_version="$("$root/bin/busybox" 2>&1 | awk 'NR == 1 { print $2 }')"
 cat >"$root/etc/colo/guest.env" <<EOF
 GUEST_KERNEL_PKG=$kpkg
 GUEST_KERNEL_VERSION=$kver_pkg

@@ -14,6 +14,7 @@
 //!
 //! Test code may `unwrap`; the harness returns `anyhow::Result` with context instead.
 
+pub mod guest;
 pub mod host;
 pub mod lab;
 pub mod net;

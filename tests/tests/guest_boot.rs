@@ -12,77 +12,23 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use colo_tests::guest::{READY_MARKER, ensure_guest_image, tcg_append};
+use colo_tests::{ChildGuard, MarkerScan, TestDir, free_tcp_port, workspace_root};
+
 const QEMU: &str = "qemu-system-x86_64";
-const READY: &str = "COLO-GUEST-READY";
-/// TCG on a loaded 2-core host: a boot takes 5-20 s; allow a generous margin.
+/// TCG on a loaded 2-core host: a boot takes 15-50 s; allow a generous margin.
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 const SLOT: usize = 512;
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Builds the guest if needed (the script is idempotent and locks against concurrent builds);
-/// returns (vmlinuz, initramfs).
-fn ensure_guest() -> (PathBuf, PathBuf) {
-    let script = workspace_root().join("scripts/build-guest.sh");
-    let t = Instant::now();
-    let out = Command::new(&script)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} failed ({}):\n{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("guest_boot: build-guest.sh took {:?}", t.elapsed());
-    let dir = Command::new(&script).arg("--print-dir").output().unwrap();
-    let dir = PathBuf::from(String::from_utf8(dir.stdout).unwrap().trim());
-    let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.cpio.gz"));
-    assert!(
-        k.is_file() && i.is_file(),
-        "guest not built in {}",
-        dir.display()
-    );
-    (k, i)
-}
-
-/// The host's TSC rate in kHz, measured over 200 ms. Under TCG the guest's TSC is the host's; a
-/// Debian kernel on `-M microvm` (no HPET, no PM timer, no port 0x61) calibrates the TSC against
-/// the PIT, which fails on a loaded host and then hangs the boot. `tsc_early_khz=` skips that.
-fn host_tsc_khz() -> u64 {
-    // SAFETY: RDTSC only reads the time-stamp counter; every x86_64 CPU has it.
-    let tsc = || unsafe { std::arch::x86_64::_rdtsc() };
-    let (t0, c0) = (Instant::now(), tsc());
-    std::thread::sleep(Duration::from_millis(200));
-    let (c1, dt) = (tsc(), t0.elapsed());
-    let khz = u128::from(c1.wrapping_sub(c0)) * 1000 / dt.as_micros().max(1);
-    u64::try_from(khz).unwrap()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A QEMU process killed by PID when dropped (also on panic).
+/// QEMU running the guest, killed by PID when dropped (also on panic).
 struct Guest {
-    child: Child,
+    qemu: ChildGuard,
     serial: PathBuf,
     http: u16,
     echo: u16,
@@ -92,31 +38,25 @@ struct Guest {
 }
 
 impl Guest {
-    fn boot(kernel: &Path, initrd: &Path, disk: &Path, serial: PathBuf) -> Guest {
-        let (http, echo, journal, dirty, random) = (
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-            free_port(),
-        );
+    fn boot(dir: &TestDir, name: &str, disk: &Path) -> Guest {
+        let img = ensure_guest_image().unwrap();
+        let port = || free_tcp_port().unwrap();
+        let (http, echo, journal, dirty, random) = (port(), port(), port(), port(), port());
         let fwd = format!(
             "user,id=n0,hostfwd=tcp:127.0.0.1:{http}-:80,hostfwd=tcp:127.0.0.1:{echo}-:7,\
              hostfwd=tcp:127.0.0.1:{journal}-:5000,hostfwd=tcp:127.0.0.1:{dirty}-:5001,\
              hostfwd=tcp:127.0.0.1:{random}-:5002"
         );
-        let child = Command::new(QEMU)
-            .args(["-M", "microvm", "-accel", "tcg", "-m", "256", "-nodefaults"])
+        let serial = dir.join(format!("{name}.serial.log"));
+        let mut cmd = Command::new(QEMU);
+        cmd.args(["-M", "microvm", "-accel", "tcg", "-m", "256", "-nodefaults"])
             .args(["-no-user-config", "-display", "none"])
             .arg("-kernel")
-            .arg(kernel)
+            .arg(&img.kernel)
             .arg("-initrd")
-            .arg(initrd)
+            .arg(&img.initrd)
             .arg("-append")
-            .arg(format!(
-                "console=ttyS0 quiet tsc_early_khz={}",
-                host_tsc_khz()
-            ))
+            .arg(tcg_append(""))
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .args(["-global", "virtio-mmio.force-legacy=false"])
@@ -126,14 +66,11 @@ impl Guest {
                 "if=none,id=d0,file={},format=raw,cache=none,aio=threads",
                 disk.display()
             ))
-            .args(["-device", "virtio-blk-device,drive=d0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {QEMU}: {e} (install qemu-system-x86)"));
+            .args(["-device", "virtio-blk-device,drive=d0"]);
+        let qemu = ChildGuard::spawn(name, &mut cmd, dir.path())
+            .unwrap_or_else(|e| panic!("{e:#} (install qemu-system-x86)"));
         Guest {
-            child,
+            qemu,
             serial,
             http,
             echo,
@@ -149,46 +86,27 @@ impl Guest {
 
     /// Waits for the READY marker on the serial console; returns the wall time it took.
     fn wait_ready(&mut self, started: Instant) -> Duration {
+        let mut scan = MarkerScan::new(&self.serial, READY_MARKER);
         loop {
-            if self.serial_log().contains(READY) {
+            if scan.found().unwrap() {
                 return started.elapsed();
             }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!(
-                    "QEMU exited ({status}) before {READY}: {err}\nserial:\n{}",
-                    self.serial_log()
-                );
+            if let Err(e) = self.qemu.ensure_running() {
+                panic!("{e:#}\nserial:\n{}", self.serial_log());
             }
             assert!(
                 started.elapsed() < BOOT_DEADLINE,
-                "no {READY} within {BOOT_DEADLINE:?}; serial:\n{}",
+                "no {READY_MARKER} within {BOOT_DEADLINE:?}; serial:\n{}",
                 self.serial_log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Stops QEMU with SIGTERM (a clean exit) and waits for it.
+    /// Stops QEMU with SIGTERM (a clean exit: QEMU flushes the disk) and waits for it.
     fn stop(mut self) {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        // SAFETY: plain kill(2) on the PID of a child we started and have not reaped yet.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "QEMU did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let st = self.qemu.terminate(Duration::from_secs(20));
+        assert!(st.is_some(), "QEMU not reaped");
     }
 }
 
@@ -294,9 +212,11 @@ fn guest_boots_under_tcg_and_serves_http_echo_journal() {
         eprintln!("SKIPPED: COLO_SKIP_TCG is set (guest boot under QEMU TCG not run)");
         return;
     }
-    let (kernel, initrd) = ensure_guest();
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = tmp.path().join("disk.img");
+    let t = Instant::now();
+    ensure_guest_image().unwrap();
+    eprintln!("guest_boot: build-guest.sh took {:?}", t.elapsed());
+    let tmp = TestDir::new().unwrap();
+    let disk = tmp.join("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(16 << 20)
@@ -304,9 +224,9 @@ fn guest_boots_under_tcg_and_serves_http_echo_journal() {
 
     // ---- first boot ----
     let started = Instant::now();
-    let mut g = Guest::boot(&kernel, &initrd, &disk, tmp.path().join("serial1.log"));
+    let mut g = Guest::boot(&tmp, "qemu1", &disk);
     let ready = g.wait_ready(started);
-    eprintln!("guest_boot: first boot to {READY}: {ready:?} wall");
+    eprintln!("guest_boot: first boot to {READY_MARKER}: {ready:?} wall");
     let serial = g.serial_log();
     assert!(
         serial.contains("colo-guest: ["),
@@ -430,9 +350,9 @@ fn guest_boots_under_tcg_and_serves_http_echo_journal() {
 
     // ---- second boot on the same disk: numbering continues ----
     let started = Instant::now();
-    let mut g = Guest::boot(&kernel, &initrd, &disk, tmp.path().join("serial2.log"));
+    let mut g = Guest::boot(&tmp, "qemu2", &disk);
     let ready = g.wait_ready(started);
-    eprintln!("guest_boot: second boot to {READY}: {ready:?} wall");
+    eprintln!("guest_boot: second boot to {READY_MARKER}: {ready:?} wall");
     let next = records.len() + 1;
     assert!(
         g.serial_log()
