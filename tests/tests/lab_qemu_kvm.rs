@@ -117,8 +117,9 @@ fn qemu_kvm_boots_stock_guest_and_serves_http() {
     let module = real_kvm_module();
     assert_ne!(module, "none", "neither kvm_amd nor kvm_intel is loaded");
 
-    let out = colo_tests::lab::out_dir();
-    let dir = tempfile::tempdir_in(&out).unwrap();
+    // QEMU's files live in the local temporary directory (in the lab: L1 RAM; a 9p share is
+    // slower); the serial log is copied to the kept output directory at the end.
+    let dir = tempfile::tempdir().unwrap();
     let serial = dir.path().join("serial.log");
     let disk = dir.path().join("disk.img");
     std::fs::File::create(&disk)
@@ -157,8 +158,12 @@ fn qemu_kvm_boots_stock_guest_and_serves_http() {
     let deadline = t_qemu + BOOT_DEADLINE;
     let ready_line = loop {
         let log = std::fs::read_to_string(&serial).unwrap_or_default();
-        if let Some(l) = log.lines().find(|l| l.contains(READY)) {
-            break l.to_string();
+        // Only a complete line: QEMU may have written part of it.
+        if let Some(l) = log
+            .split_inclusive('\n')
+            .find(|l| l.contains(READY) && l.ends_with('\n'))
+        {
+            break l.trim().to_string();
         }
         if let Some(st) = qemu.0.try_wait().unwrap() {
             let mut err = String::new();
@@ -201,12 +206,15 @@ fn qemu_kvm_boots_stock_guest_and_serves_http() {
 
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     drop(qemu);
+    let kept = colo_tests::lab::out_dir().join("lab_qemu_kvm.serial.log");
+    let _ = std::fs::write(&kept, &log);
     eprintln!(
         "lab_qemu_kvm: {module}: QEMU start to {READY} {:.1} s (guest uptime {uptime} s), \
-         HTTP GET {:.0} ms, whole test (this side) {:.1} s",
+         HTTP GET {:.0} ms, whole test (this side) {:.1} s; serial log: {}",
         boot.as_secs_f64(),
         http.as_secs_f64() * 1000.0,
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        kept.display()
     );
     assert!(
         log.contains(READY),
