@@ -41,6 +41,19 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let o = Opts::parse();
+    // SIGTERM/SIGINT/SIGHUP are taken by a thread that releases the netdev (downscript) and
+    // exits; they are blocked here, before any other thread exists, so every thread inherits it.
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set; sigaddset/pthread_sigmask take valid pointers.
+    let set = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        let mut set = set.assume_init();
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
     let mac = parse_mac(&o.mac)?;
     let app = App::new(&o.netdev, &o.chardev)?;
     for obj in &o.object {
@@ -61,6 +74,19 @@ fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    let sig_app = app.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `set` is an initialised sigset; `sig` is a valid out pointer.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            tracing::info!("signal {sig}: shutting down");
+            if let Some(n) = sig_app.path.netdev() {
+                n.shutdown();
+            }
+            std::process::exit(0);
+        })?;
     let stop = AtomicBool::new(false);
     app.serve(&o.socket, mac, &stop)?;
     Ok(())

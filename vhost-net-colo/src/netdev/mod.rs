@@ -52,6 +52,8 @@ pub trait Netdev: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Sends one frame to the outside. A netdev without a peer drops it (`Ok`).
     fn send(&self, frame: &[u8]) -> std::io::Result<()>;
+    /// Releases the netdev before the process exits (the tap runs its `downscript=`).
+    fn shutdown(&self) {}
     /// Counters for `query-netdevs`-like reports.
     fn describe(&self) -> serde_json::Value {
         serde_json::Value::Null

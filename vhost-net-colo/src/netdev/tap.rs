@@ -26,6 +26,7 @@ pub struct Tap {
     ifname: String,
     file: Arc<File>,
     downscript: Option<String>,
+    down_done: AtomicBool,
     stop: Arc<AtomicBool>,
     counters: Arc<NetCounters>,
 }
@@ -111,6 +112,7 @@ impl Tap {
             ifname,
             file: Arc::new(file),
             downscript,
+            down_done: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
             counters: Arc::default(),
         });
@@ -190,15 +192,22 @@ impl Netdev for Tap {
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({"ifname": self.ifname, "counters": self.counters.json()})
     }
-}
 
-impl Drop for Tap {
-    fn drop(&mut self) {
+    fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        if self.down_done.swap(true, Ordering::Relaxed) {
+            return;
+        }
         if let Some(s) = &self.downscript
             && let Err(e) = run_script(&self.id, s, &self.ifname)
         {
             tracing::warn!("{e}");
         }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }

@@ -1,0 +1,581 @@
+//! vhost-net-colo as the network of a real guest: QEMU 7.2 under TCG (`-M microvm`, memfd shared
+//! memory, `-netdev vhost-user` + `virtio-net-device`) boots the stock test guest.
+//!
+//! - `user` netdev with hostfwd: HTTP and echo answer; a `filter-mirror` (queue=tx) delivers
+//!   exactly the frames the guest received, in order and byte for byte, as a `filter-dump` pcap
+//!   of the same direction shows; filters are removed and re-added (and switched off and on)
+//!   while an echo client streams, and the stream comes back intact.
+//! - `tap` netdev (with `script=`/`downscript=`) on a bridge inside a namespace the test
+//!   creates: HTTP and echo answer from inside the namespace.
+//! - rewriter on real traffic: a primary (user netdev, mirror) and a secondary (redirectors in
+//!   and out, rewriter) each run a guest; the secondary's rewritten TCP segments carry the
+//!   primary's sequence numbers.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use colo_proto::frame::FrameReader;
+use colo_proto::packet::parse_ethernet;
+use colo_tests::guest::{READY_MARKER, tcg_append};
+use colo_tests::{
+    Bridge, ChildGuard, GuestImage, NetNs, QmpClient, TestDir, cargo_bin, free_tcp_port, require,
+    require_root, secs, unique_name,
+};
+use serde_json::json;
+
+const BOOT_DEADLINE: u64 = 300;
+
+fn backend(
+    dir: &TestDir,
+    name: &str,
+    args: &[String],
+    netns: Option<&NetNs>,
+) -> (ChildGuard, PathBuf, PathBuf) {
+    let bin = cargo_bin("vhost-net-colo").unwrap();
+    let sock = dir.join(format!("{name}.vu.sock"));
+    let qmp = dir.join(format!("{name}.qmp.sock"));
+    let mut cmd = match netns {
+        Some(ns) => ns.command(bin.to_str().unwrap()),
+        None => Command::new(&bin),
+    };
+    cmd.arg("--socket")
+        .arg(&sock)
+        .arg("--qmp")
+        .arg(format!("unix:{}", qmp.display()));
+    cmd.args(args);
+    cmd.env("RUST_LOG", "vhost_net_colo=debug");
+    let g = ChildGuard::spawn(name, &mut cmd, dir.path()).unwrap();
+    colo_tests::wait_for_unix_socket(&sock, secs(30)).unwrap();
+    colo_tests::wait_for_unix_socket(&qmp, secs(30)).unwrap();
+    (g, sock, qmp)
+}
+
+fn boot_guest(
+    dir: &TestDir,
+    name: &str,
+    img: &GuestImage,
+    sock: &Path,
+    extra_append: &str,
+) -> (ChildGuard, PathBuf) {
+    let serial = dir.join(format!("{name}.serial.log"));
+    let g = ChildGuard::spawn(
+        name,
+        Command::new("qemu-system-x86_64")
+            .args([
+                "-M",
+                "microvm,memory-backend=mem",
+                "-accel",
+                "tcg",
+                "-m",
+                "256M",
+            ])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+            .args(["-global", "virtio-mmio.force-legacy=false"])
+            .arg("-kernel")
+            .arg(&img.kernel)
+            .arg("-initrd")
+            .arg(&img.initrd)
+            .arg("-append")
+            .arg(tcg_append(&format!(
+                "colo.services=http,echo {extra_append}"
+            )))
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-chardev")
+            .arg(format!("socket,id=c1,path={}", sock.display()))
+            .args(["-netdev", "vhost-user,id=n1,chardev=c1"])
+            .args([
+                "-device",
+                "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56",
+            ]),
+        dir.path(),
+    )
+    .unwrap();
+    (g, serial)
+}
+
+fn wait_ready(serial: &Path, guest: &mut ChildGuard) {
+    let deadline = secs(BOOT_DEADLINE);
+    loop {
+        if std::fs::read_to_string(serial)
+            .unwrap_or_default()
+            .contains(READY_MARKER)
+        {
+            return;
+        }
+        guest.ensure_running().unwrap();
+        assert!(
+            Instant::now() < deadline,
+            "guest not ready within {BOOT_DEADLINE} s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn qmp(path: &Path) -> QmpClient {
+    colo_tests::qmp_connect(path, secs(20)).unwrap()
+}
+
+fn http_get(addr: &str) -> String {
+    let deadline = secs(60);
+    loop {
+        let r = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match r {
+            Ok(body) if body.contains("colo guest") => return body,
+            other => {
+                assert!(Instant::now() < deadline, "HTTP through {addr}: {other:?}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Writes `total` bytes of a pattern to the echo service while reading the echo back; calls
+/// `during` once a third has been sent. Returns what came back.
+fn echo_stream(addr: &str, total: usize, during: impl FnOnce()) -> Vec<u8> {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut r = s.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("echo read after {} bytes: {e}", got.len()),
+            }
+        }
+        got
+    });
+    let data = pattern(total);
+    let mut w = s;
+    let mut during = Some(during);
+    for (i, chunk) in data.chunks(4096).enumerate() {
+        w.write_all(chunk).unwrap();
+        if i * 4096 >= total / 3
+            && let Some(f) = during.take()
+        {
+            f();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    w.shutdown(Shutdown::Write).unwrap();
+    reader.join().unwrap()
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// The packets of a classic pcap file (little-endian, as filter-dump writes it).
+fn read_pcap(path: &Path) -> Vec<Vec<u8>> {
+    let b = std::fs::read(path).unwrap();
+    assert!(b.len() >= 24, "pcap too short");
+    assert_eq!(&b[..4], &[0xd4, 0xc3, 0xb2, 0xa1], "pcap magic");
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= b.len() {
+        let incl = u32::from_le_bytes(b[at + 8..at + 12].try_into().unwrap()) as usize;
+        let orig = u32::from_le_bytes(b[at + 12..at + 16].try_into().unwrap()) as usize;
+        assert_eq!(incl, orig, "dump truncated a packet");
+        out.push(b[at + 16..at + 16 + incl].to_vec());
+        at += 16 + incl;
+    }
+    out
+}
+
+/// Reads framed records from a TCP chardev server until the connection closes or `stop`.
+fn mirror_reader(port: u16) -> (Arc<Mutex<Vec<Vec<u8>>>>, std::thread::JoinHandle<()>) {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let frames = Arc::new(Mutex::new(Vec::new()));
+    let f = frames.clone();
+    let h = std::thread::spawn(move || {
+        let mut r = FrameReader::new(s, false);
+        while let Ok(Some(fr)) = r.read_frame() {
+            f.lock().unwrap().push(fr.payload);
+        }
+    });
+    (frames, h)
+}
+
+#[test]
+fn guest_answers_through_user_netdev_and_mirror_matches_dump_across_filter_swaps() {
+    let img = require!(colo_tests::guest_image());
+    let dir = TestDir::new().unwrap();
+    let (http, echo, mport) = (
+        free_tcp_port().unwrap(),
+        free_tcp_port().unwrap(),
+        free_tcp_port().unwrap(),
+    );
+    let dump = dir.join("tx.pcap");
+    let swap_dump = dir.join("swap.pcap");
+    let args: Vec<String> = vec![
+        "--netdev".into(),
+        format!("user,id=n0,hostfwd=tcp:127.0.0.1:{http}-:80,hostfwd=tcp:127.0.0.1:{echo}-:7"),
+        "--chardev".into(),
+        format!("socket,id=mirror0,host=127.0.0.1,port={mport},server=on,wait=off"),
+        "--object".into(),
+        "filter-mirror,id=m0,netdev=n0,queue=tx,outdev=mirror0".into(),
+        "--object".into(),
+        format!(
+            "filter-dump,id=d0,netdev=n0,queue=tx,file={}",
+            dump.display()
+        ),
+    ];
+    let (_be, sock, qmp_path) = backend(&dir, "backend", &args, None);
+    let (mirrored, reader) = mirror_reader(mport);
+    let (mut guest, serial) = boot_guest(&dir, "guest", &img, &sock, "");
+    wait_ready(&serial, &mut guest);
+
+    let body = http_get(&format!("127.0.0.1:{http}"));
+    assert!(body.starts_with("HTTP/1."), "{body}");
+
+    // Stream through echo while filters are removed, re-added and switched.
+    let mut q = qmp(&qmp_path);
+    let total = 300 * 1024;
+    let back = echo_stream(&format!("127.0.0.1:{echo}"), total, || {
+        for round in 0..3 {
+            q.execute(
+                "object-add",
+                json!({"qom-type":"filter-dump","id":"swap","netdev":"n0","queue":"all",
+                       "file": swap_dump.display().to_string(), "position":"head"}),
+            )
+            .unwrap();
+            q.execute(
+                "object-add",
+                json!({"qom-type":"filter-rewriter","id":"rw","netdev":"n0","queue":"all",
+                       "position":"id=m0","insert":"before"}),
+            )
+            .unwrap();
+            q.execute(
+                "qom-set",
+                json!({"path":"swap","property":"status","value":"off"}),
+            )
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(50 * (round + 1)));
+            q.execute(
+                "qom-set",
+                json!({"path":"swap","property":"status","value":"on"}),
+            )
+            .unwrap();
+            q.execute("object-del", json!({"id":"swap"})).unwrap();
+            q.execute("object-del", json!({"id":"rw"})).unwrap();
+        }
+    });
+    assert_eq!(back.len(), total, "echo stream length");
+    assert!(back == pattern(total), "echo stream corrupted");
+
+    let filters = q.execute("query-filters", json!({})).unwrap();
+    let ids: Vec<&str> = filters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m0", "d0"]);
+    let m0 = &filters[0]["counters"];
+    assert!(m0["sent"].as_u64().unwrap() > 50, "{filters}");
+    assert_eq!(m0["errors"], 0, "{filters}");
+
+    // Mirror output == dump of the same direction, in order, byte for byte. Traffic may still
+    // trickle (ACKs), so compare the common prefix and wait until both agree in length.
+    let deadline = secs(20);
+    loop {
+        let got = mirrored.lock().unwrap().clone();
+        let want = read_pcap(&dump);
+        let n = got.len().min(want.len());
+        for i in 0..n {
+            assert_eq!(got[i], want[i], "frame {i} differs");
+        }
+        if got.len() == want.len() && n > 50 {
+            let has_get = got.iter().any(|f| f.windows(5).any(|w| w == b"GET /"));
+            assert!(has_get, "the HTTP request is among the mirrored frames");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mirror {} frames, dump {}",
+            got.len(),
+            want.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(guest);
+    drop(reader);
+}
+
+#[test]
+fn guest_answers_through_tap_on_a_bridge_in_a_namespace() {
+    let img = require!(colo_tests::guest_image());
+    if !require_root() {
+        return;
+    }
+    require!(colo_tests::host::netns());
+    require!(colo_tests::host::tun());
+    let dir = TestDir::new().unwrap();
+    let ns = NetNs::new("vnc").unwrap();
+    let br = Bridge::new("vncbr", Some(&ns)).unwrap();
+    br.add_addr("10.0.3.1/24").unwrap();
+    let tap = unique_name("vnct");
+    let up = dir.join("ifup.sh");
+    let down = dir.join("ifdown.sh");
+    let mark = dir.join("downscript-ran");
+    std::fs::write(
+        &up,
+        format!(
+            "#!/bin/sh\nip link set \"$1\" up\nip link set \"$1\" master {}\n",
+            br.name()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &down,
+        format!(
+            "#!/bin/sh\nip link set \"$1\" nomaster\necho \"$1\" > {}\n",
+            mark.display()
+        ),
+    )
+    .unwrap();
+    for p in [&up, &down] {
+        Command::new("chmod").arg("+x").arg(p).status().unwrap();
+    }
+    let args: Vec<String> = vec![
+        "--netdev".into(),
+        format!(
+            "tap,id=hn0,ifname={tap},script={},downscript={}",
+            up.display(),
+            down.display()
+        ),
+    ];
+    let (mut be, sock, qmp_path) = backend(&dir, "backend", &args, Some(&ns));
+    let links = ns.ip(&["link", "show", "master", br.name()]).unwrap();
+    assert!(
+        links.contains(&tap),
+        "script= attached the tap to the bridge: {links}"
+    );
+    let (mut guest, serial) = boot_guest(
+        &dir,
+        "guest",
+        &img,
+        &sock,
+        "colo.ip=10.0.3.15/24 colo.gw=10.0.3.1",
+    );
+    wait_ready(&serial, &mut guest);
+
+    let deadline = secs(60);
+    let body = loop {
+        let out = ns
+            .command("curl")
+            .args(["-s", "-m", "20", "http://10.0.3.15/"])
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if body.contains("colo guest") {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no HTTP answer from the guest through the tap"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(body.contains("same on every boot"));
+    let out = ns
+        .command("bash")
+        .args([
+            "-c",
+            "exec 3<>/dev/tcp/10.0.3.15/7; printf colo-echo-test >&3; timeout 20 head -c 14 <&3",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "colo-echo-test");
+
+    let mut q = qmp(&qmp_path);
+    let net = q.execute("query-net", json!({})).unwrap();
+    assert_eq!(net["netdev"]["type"], "tap");
+    assert!(net["device"]["from_guest"].as_u64().unwrap() > 5, "{net}");
+    drop(q);
+    drop(guest);
+    be.terminate(Duration::from_secs(10));
+    let ran = std::fs::read_to_string(&mark).unwrap_or_default();
+    assert_eq!(
+        ran.trim(),
+        tap,
+        "downscript= ran with the interface name on SIGTERM"
+    );
+}
+
+/// What identifies a guest's TCP output for the stand-in comparer: ports, the SYN/FIN/RST
+/// bits, and for segments without SYN the sequence number and payload length.
+fn tcp_signature(f: &[u8]) -> Option<(u16, u16, u16, Option<(u32, usize)>)> {
+    let p = parse_ethernet(f);
+    let t = p.tcp()?;
+    let bits = t.flags.0 & 0x7;
+    if t.flags.syn() {
+        return Some((t.src_port, t.dst_port, bits, None));
+    }
+    if t.payload.is_empty() && bits == 0 {
+        return None; // pure ACKs are released at once
+    }
+    Some((t.src_port, t.dst_port, bits, Some((t.seq, t.payload.len()))))
+}
+
+/// A stand-in for colo-compare on the primary: each TCP segment of the primary guest that
+/// carries data, SYN, FIN or RST is released (written to redire0's indev) only once the
+/// secondary produced the same segment (same ports and flags, same seq and length), so the
+/// client cannot run ahead of the secondary, as under COLO. Returns the number of primary
+/// segments that found no twin within `wait`.
+fn stand_in_compare(
+    primary_out: u16,
+    secondary_out: u16,
+    release: u16,
+    wait: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    std::thread::spawn(move || {
+        let (p_frames, _ph) = mirror_reader(primary_out);
+        let (s_frames, _sh) = mirror_reader(secondary_out);
+        let mut out = TcpStream::connect(("127.0.0.1", release)).unwrap();
+        let mut next = 0;
+        let (mut matched, mut unmatched) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let frame = p_frames.lock().unwrap().get(next).cloned();
+            let Some(frame) = frame else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            next += 1;
+            if let Some(sig) = tcp_signature(&frame) {
+                let deadline = Instant::now() + wait;
+                loop {
+                    let found = s_frames
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|f| tcp_signature(f) == Some(sig));
+                    if found {
+                        matched += 1;
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        unmatched += 1;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            colo_proto::frame::write_frame(
+                &mut out,
+                &colo_proto::frame::Frame::ethernet(frame),
+                false,
+            )
+            .unwrap();
+        }
+        (matched, unmatched)
+    })
+}
+
+#[test]
+fn rewriter_puts_the_secondarys_segments_into_the_primarys_sequence_space() {
+    let img = require!(colo_tests::guest_image());
+    let dir = TestDir::new().unwrap();
+    let port = || free_tcp_port().unwrap();
+    let (http, mport, pout, sout, rel) = (port(), port(), port(), port(), port());
+    let raw = dir.join("secondary-raw.pcap");
+    // Primary: the seed's m0, redire0, redire1 on a user netdev.
+    let pargs: Vec<String> = vec![
+        "--netdev".into(),
+        format!("user,id=hn0,hostfwd=tcp:127.0.0.1:{http}-:80"),
+        "--chardev".into(),
+        format!("socket,id=mirror0,host=127.0.0.1,port={mport},server=on,wait=off"),
+        "--chardev".into(),
+        format!("socket,id=compare0,host=127.0.0.1,port={pout},server=on,wait=off"),
+        "--chardev".into(),
+        format!("socket,id=compare_out,host=127.0.0.1,port={rel},server=on,wait=off"),
+        "--object".into(),
+        "filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0".into(),
+        "--object".into(),
+        "filter-redirector,id=redire0,netdev=hn0,queue=rx,indev=compare_out".into(),
+        "--object".into(),
+        "filter-redirector,id=redire1,netdev=hn0,queue=rx,outdev=compare0".into(),
+    ];
+    // Secondary: the seed's f1, f2, rew0, and a dump of the guest's raw output (rx walks tail
+    // to head: raw, rew0, f2).
+    let sargs: Vec<String> = vec![
+        "--netdev".into(),
+        "user,id=hn0".into(),
+        "--chardev".into(),
+        format!("socket,id=red0,host=127.0.0.1,port={mport},reconnect=1"),
+        "--chardev".into(),
+        format!("socket,id=red1,host=127.0.0.1,port={sout},server=on,wait=off"),
+        "--object".into(),
+        "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0".into(),
+        "--object".into(),
+        "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1".into(),
+        "--object".into(),
+        "filter-rewriter,id=rew0,netdev=hn0,queue=all".into(),
+        "--object".into(),
+        format!(
+            "filter-dump,id=raw,netdev=hn0,queue=rx,file={}",
+            raw.display()
+        ),
+    ];
+    let (_p, psock, _pq) = backend(&dir, "primary", &pargs, None);
+    let (_s, ssock, sq) = backend(&dir, "secondary", &sargs, None);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cmp = stand_in_compare(pout, sout, rel, Duration::from_secs(30), stop.clone());
+    let (mut pg, pserial) = boot_guest(&dir, "pguest", &img, &psock, "");
+    let (mut sg, sserial) = boot_guest(&dir, "sguest", &img, &ssock, "");
+    wait_ready(&pserial, &mut pg);
+    wait_ready(&sserial, &mut sg);
+
+    for _ in 0..3 {
+        let body = http_get(&format!("127.0.0.1:{http}"));
+        assert!(body.contains("same on every boot"));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (matched, unmatched) = cmp.join().unwrap();
+    // Every data/SYN/FIN segment of the primary had a twin from the secondary after rewriting:
+    // 3 connections × (SYN+ACK, response data, FIN) at least.
+    assert!(matched >= 9, "matched {matched}");
+    assert_eq!(unmatched, 0, "primary segments without a rewritten twin");
+    // Before the rewriter, the secondary's data segments were in its own sequence space.
+    let raw_data: Vec<(u32, usize)> = read_pcap(&raw)
+        .iter()
+        .filter_map(|f| tcp_signature(f).and_then(|s| s.3))
+        .collect();
+    assert!(!raw_data.is_empty(), "the secondary answered");
+
+    let mut q = qmp(&sq);
+    let f = q.execute("query-filters", json!({})).unwrap();
+    let rew = f
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "rew0")
+        .unwrap();
+    assert!(rew["counters"]["rewritten"].as_u64().unwrap() >= 9, "{f}");
+    q.execute("colo-net-checkpoint", json!({})).unwrap();
+    q.execute("colo-net-failover", json!({})).unwrap();
+    let f = q.execute("query-filters", json!({})).unwrap();
+    for x in f.as_array().unwrap() {
+        let want = if x["id"] == "rew0" { "on" } else { "off" };
+        assert_eq!(x["status"], want, "after failover: {x}");
+    }
+}
