@@ -4,7 +4,8 @@
 #   scripts/test-all.sh                      # everything
 #   scripts/test-all.sh -- --nocapture       # show the tests' stderr
 #   scripts/test-all.sh --test guest_boot    # one test file
-# Exits non-zero when anything fails.
+# Every test binary runs even after a failure (--no-fail-fast); exits non-zero when anything
+# failed, after listing the failures.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -18,7 +19,8 @@ scripts/build-guest.sh
 step "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
 
-step "cargo test --workspace $*"
-cargo test --workspace "$@"
+# --no-fail-fast: run every test binary even after a failure; cargo still exits non-zero.
+step "cargo test --workspace --no-fail-fast $*"
+cargo test --workspace --no-fail-fast "$@"
 
 step "all tests passed in $((SECONDS - start)) s"
