@@ -125,14 +125,15 @@ pub fn real_kvm(test: &str, timeout: Duration) -> Kvm {
 }
 
 /// A directory for files a test wants to keep. Inside the lab it is shared read-write with the
-/// host (the outer side keeps it when the test fails); elsewhere it is a fresh temporary
-/// directory that is not removed.
+/// host (the outer side keeps it when the test fails); elsewhere it is `<tmp>/colo-test-out`,
+/// shared by all tests (use unique file names).
 pub fn out_dir() -> PathBuf {
     if let Some(d) = std::env::var_os(OUT_DIR_ENV) {
         return PathBuf::from(d);
     }
-    match tempfile::Builder::new().prefix("colo-test-out.").tempdir() {
-        Ok(d) => d.keep(),
+    let d = std::env::temp_dir().join("colo-test-out");
+    match std::fs::create_dir_all(&d) {
+        Ok(()) => d,
         Err(_) => std::env::temp_dir(),
     }
 }
