@@ -62,6 +62,9 @@ use decision::millis;
 
 /// An idle flow with empty queues is forgotten after this long.
 pub const IDLE_FLOW_EXPIRY: Duration = Duration::from_secs(60);
+/// A TCP connection whose primary sent FIN or RST is forgotten after this long idle (long
+/// enough for late or retransmitted secondary segments to still be recognised as stale).
+pub const CLOSED_FLOW_EXPIRY: Duration = Duration::from_secs(10);
 
 /// Options of the comparer, named and defaulted as QEMU's `colo-compare` object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -336,7 +339,9 @@ impl Engine {
         self.conns.retain(|_, c| {
             let idle = now.saturating_sub(c.last_active);
             let empty = c.primary.is_empty() && c.secondary.is_empty() && !c.diverged;
-            !(empty && (idle >= IDLE_FLOW_EXPIRY || (c.closed() && idle >= timeout)))
+            !(empty
+                && (idle >= IDLE_FLOW_EXPIRY
+                    || (c.closed() && idle >= CLOSED_FLOW_EXPIRY.max(3 * timeout))))
         });
         self.sink.stats.connections_expired += (before - self.conns.len()) as u64;
     }
