@@ -1,5 +1,6 @@
 //! Offline replay on synthetic captures (built with real TCP/UDP/ICMP/ARP encodings): the
 //! expected decisions for identical runs with different ISNs and for each kind of variant.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

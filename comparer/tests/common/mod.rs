@@ -1,6 +1,6 @@
 //! Shared helpers of the replay tests: synthetic guest traffic and variants derived from a
 //! capture (changed byte, dropped, delayed, retransmitted, reordered, re-segmented).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
