@@ -213,8 +213,22 @@ impl Lab {
     }
 }
 
+/// The lab runner script, if the lab can run here (it prepares the lab cache on first use);
+/// otherwise the reason. For tests of the runner itself; hold [`lock`] while it runs.
+pub fn runner() -> Result<PathBuf, String> {
+    let lab = Lab::locate();
+    lab.check()?;
+    Ok(lab.script)
+}
+
+/// Takes the lab run lock (waiting for other lab runs of any process to end). Lab runs are
+/// serialised because each L1 keeps both host cores busy.
+pub fn lock(test: &str) -> Result<RunLock, String> {
+    RunLock::acquire(&Lab::locate().cache, test)
+}
+
 /// Holds an exclusive `flock` on the lab's run lock while alive.
-struct RunLock {
+pub struct RunLock {
     _file: File,
 }
 
