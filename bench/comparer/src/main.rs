@@ -14,7 +14,7 @@
 //!   before its secondary twin is written to the moment it is read back from outdev; p50, p99,
 //!   p99.9.
 //!
-//! Usage: bench-comparer --comparer PATH [--impl ours|qemu|both] [--quick] [--rate N]
+//! Usage: bench-comparer --comparer PATH [--impl ours|qemu|both] [--quick] [--rate N[,N...]]
 //!        [--latency-secs S]
 
 use std::io::{ErrorKind, Read, Write};
@@ -92,6 +92,8 @@ fn controller(mut s: UnixStream, count: &AtomicU64) {
 
 struct Running {
     checkpoints: Arc<AtomicU64>,
+    /// Write side of notify_dev, to send a final `COLO_CHECKPOINT`.
+    ntf_w: UnixStream,
     _child: ChildGuard,
     pid: u32,
     pin: UnixStream,
@@ -173,7 +175,11 @@ fn start(which: Which, comparer: &Path, run: usize) -> Result<Running> {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("BENCH_VERBOSE").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .with_context(|| format!("starting {}", which.name()))?;
     let mut child = ChildGuard(child);
@@ -184,6 +190,7 @@ fn start(which: Which, comparer: &Path, run: usize) -> Result<Running> {
     let ntf = accept(&nl, &mut child.0, "notify_dev")?;
     let checkpoints = Arc::new(AtomicU64::new(0));
     let c = checkpoints.clone();
+    let ntf_w = ntf.try_clone()?;
     std::thread::spawn(move || controller(ntf, &c));
     Ok(Running {
         _child: child,
@@ -192,6 +199,7 @@ fn start(which: Which, comparer: &Path, run: usize) -> Result<Running> {
         sin,
         out,
         checkpoints,
+        ntf_w,
         _dir: DirGuard(dir),
     })
 }
@@ -292,6 +300,8 @@ struct Throughput {
     cpu_us_per_frame: f64,
     out_of_order: u64,
     lost: u64,
+    /// Not released within 5 s, but released by a final checkpoint-done.
+    held: u64,
     checkpoints: u64,
 }
 
@@ -306,6 +316,7 @@ fn throughput(r: Running, n: usize, frame_len: usize) -> Result<Throughput> {
         mut sin,
         out,
         checkpoints,
+        mut ntf_w,
         _child,
         _dir,
     } = r;
@@ -354,8 +365,21 @@ fn throughput(r: Running, n: usize, frame_len: usize) -> Result<Throughput> {
     stop.store(true, Ordering::Relaxed);
     let cpu = cpu_time(pid).saturating_sub(cpu0);
     let _ = sender.join();
+    let mut flushed = 0u64;
     if let Err(e) = &res {
-        eprintln!("  ({e}: {got} of {n} frames came back)");
+        eprintln!("  ({e}: {got} of {n} frames came back; sending COLO_CHECKPOINT)");
+        // Are the missing frames held, or gone? A final checkpoint-done flushes held ones.
+        let mut msg = Vec::new();
+        let _ = encode(
+            &Frame::ethernet(b"COLO_CHECKPOINT".to_vec()),
+            false,
+            &mut msg,
+        );
+        ntf_w.write_all(&msg)?;
+        let _ = rx.run(Duration::from_secs(2), |_| {
+            flushed += 1;
+            got + flushed < n as u64
+        });
     }
     let secs = elapsed.as_secs_f64();
     Ok(Throughput {
@@ -363,10 +387,14 @@ fn throughput(r: Running, n: usize, frame_len: usize) -> Result<Throughput> {
         gbps: got as f64 * frame_len as f64 * 8.0 / secs / 1e9,
         cpu_us_per_frame: cpu.as_secs_f64() * 1e6 / got.max(1) as f64,
         out_of_order,
-        lost: n as u64 - got,
+        lost: n as u64 - got - flushed,
+        held: flushed,
         checkpoints: checkpoints.load(Ordering::Relaxed) - ck0,
     })
 }
+
+/// A latency table row: label, value getter, decimals.
+type LatRow = (&'static str, fn(&Latency) -> f64, usize);
 
 #[derive(Default, Clone, Copy)]
 struct Latency {
@@ -443,6 +471,10 @@ fn latency(r: Running, rate: f64, secs: f64) -> Result<Latency> {
     if let Err(e) = &res {
         eprintln!("  ({e}: {got} of {n} frames came back)");
     }
+    if let Some(path) = std::env::var_os("BENCH_LATENCY_DUMP") {
+        let text: String = lat.iter().map(|l| format!("{l}\n")).collect();
+        let _ = std::fs::write(path, text);
+    }
     lat.sort_unstable();
     let pct = |p: f64| {
         if lat.is_empty() {
@@ -479,7 +511,7 @@ fn main() -> Result<()> {
     let mut comparer = None;
     let mut impls = vec![Which::Ours, Which::Qemu];
     let mut quick = false;
-    let mut rate = 100_000.0;
+    let mut rates = vec![10_000.0, 100_000.0];
     let mut lat_secs = 2.0;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -495,10 +527,13 @@ fn main() -> Result<()> {
             }
             "--quick" => quick = true,
             "--rate" => {
-                rate = args
+                rates = args
                     .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| anyhow!("--rate needs a number"))?
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|v| v.parse::<f64>().ok().filter(|r| *r > 0.0))
+                    .collect::<Option<Vec<f64>>>()
+                    .ok_or_else(|| anyhow!("--rate needs positive numbers, comma-separated"))?
             }
             "--latency-secs" => {
                 lat_secs = args
@@ -531,16 +566,20 @@ fn main() -> Result<()> {
         }
         tput.push((len, row));
     }
-    let mut lats = Vec::new();
-    for &w in &impls {
-        run += 1;
-        let mut r = start(w, &comparer, run)?;
-        warm_up(&mut r)?;
-        eprintln!(
-            "latency 64 B at {rate} frames/s for {lat_secs} s: {}",
-            w.name()
-        );
-        lats.push(latency(r, rate, lat_secs)?);
+    let mut lat_runs: Vec<(f64, Vec<Latency>)> = Vec::new();
+    for &rate in &rates {
+        let mut lats = Vec::new();
+        for &w in &impls {
+            run += 1;
+            let mut r = start(w, &comparer, run)?;
+            warm_up(&mut r)?;
+            eprintln!(
+                "latency 64 B at {rate} frames/s for {lat_secs} s: {}",
+                w.name()
+            );
+            lats.push(latency(r, rate, lat_secs)?);
+        }
+        lat_runs.push((rate, lats));
     }
 
     let names: Vec<&str> = impls.iter().map(|w| w.name()).collect();
@@ -600,9 +639,22 @@ fn main() -> Result<()> {
             2,
             false,
         );
+        if r.len() == 2 && r[0].cpu_us_per_frame > 0.0 {
+            println!(
+                "{:<34}{:>44.2}x",
+                format!("{len} B frames per CPU-second"),
+                r[1].cpu_us_per_frame / r[0].cpu_us_per_frame
+            );
+        }
         row(
             format!("{len} B released out of order"),
             r.iter().map(|t| t.out_of_order as f64).collect(),
+            0,
+            false,
+        );
+        row(
+            format!("{len} B stuck until a flush"),
+            r.iter().map(|t| t.held as f64).collect(),
             0,
             false,
         );
@@ -619,47 +671,24 @@ fn main() -> Result<()> {
             false,
         );
     }
-    row(
-        format!("latency: achieved frames/s (64 B)"),
-        lats.iter().map(|l| l.rate).collect(),
-        0,
-        false,
-    );
-    row(
-        "latency p50 µs".into(),
-        lats.iter().map(|l| l.p50).collect(),
-        1,
-        false,
-    );
-    row(
-        "latency p99 µs".into(),
-        lats.iter().map(|l| l.p99).collect(),
-        1,
-        false,
-    );
-    row(
-        "latency p99.9 µs".into(),
-        lats.iter().map(|l| l.p999).collect(),
-        1,
-        false,
-    );
-    row(
-        "latency max µs".into(),
-        lats.iter().map(|l| l.max).collect(),
-        1,
-        false,
-    );
-    row(
-        "latency checkpoints requested".into(),
-        lats.iter().map(|l| l.checkpoints as f64).collect(),
-        0,
-        false,
-    );
-    row(
-        "latency lost".into(),
-        lats.iter().map(|l| l.lost as f64).collect(),
-        0,
-        false,
-    );
+    for (rate, lats) in &lat_runs {
+        let rows: [LatRow; 7] = [
+            ("achieved frames/s", |l| l.rate, 0),
+            ("p50 µs", |l| l.p50, 1),
+            ("p99 µs", |l| l.p99, 1),
+            ("p99.9 µs", |l| l.p999, 1),
+            ("max µs", |l| l.max, 1),
+            ("checkpoints requested", |l| l.checkpoints as f64, 0),
+            ("lost", |l| l.lost as f64, 0),
+        ];
+        for (label, get, prec) in rows {
+            row(
+                format!("latency @{}k/s {label}", rate / 1000.0),
+                lats.iter().map(get).collect(),
+                prec,
+                false,
+            );
+        }
+    }
     Ok(())
 }
