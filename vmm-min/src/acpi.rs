@@ -118,6 +118,9 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     f.reset_value = ACPI_RESET_VALUE;
     f.sleep_control_reg = io_gas(ACPI_SLEEP_CTL_PORT);
     f.sleep_status_reg = io_gas(ACPI_SLEEP_STS_PORT);
+    // IA-PC boot architecture flags: no VGA (bit 2), no CMOS RTC (bit 5); no 8042 bit, so the
+    // kernel does not probe a keyboard controller (reboot=k still works: it writes port 0x64).
+    f.iapc_boot_arch = ((1u16 << 2) | (1 << 5)).into();
     f.hypervisor_vendor_identity = u64::from_le_bytes(*b"COLOVMM_").into();
     bytes(&f.finalize())
 }

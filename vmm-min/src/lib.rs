@@ -15,5 +15,6 @@ pub mod control;
 pub mod devices;
 pub mod machine;
 pub mod memory;
+pub mod qmp;
 pub mod virtio;
 pub mod vm;

@@ -17,9 +17,11 @@ use crate::boot::{self, BootError, BootSpec};
 use crate::control::ExitReason;
 use crate::devices::legacy::{AcpiPm, I8042};
 use crate::devices::serial::{self, SerialDevice, SerialError, SerialSpec};
+use crate::qmp::QmpSpec;
 use crate::virtio::VirtioDevice;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::vhost_user::{RamInfo, VhostUserDevice, VhostUserSpec};
+use crate::vm::DirtyTracker;
 use crate::vm::{Vm, VmConfig, VmError};
 
 /// Errors building or running the machine.
@@ -57,6 +59,8 @@ pub struct MachineConfig {
     pub virtio_cmdline: bool,
     /// How long to wait for each backend socket to accept.
     pub connect_wait: std::time::Duration,
+    /// QMP endpoint.
+    pub qmp: Option<QmpSpec>,
 }
 
 /// Builds the VM with its platform devices and loaded kernel, ready to start.
@@ -180,6 +184,24 @@ fn quit_on_signals(control: std::sync::Arc<crate::control::Control>) {
 pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
     let vm = build(cfg)?;
     quit_on_signals(vm.control().clone());
+    let dirty = Arc::new(DirtyTracker::new(&vm));
+    let registry = crate::qmp::registry(vm.control().clone(), dirty);
+    let events = registry.events();
+    let _server = match &cfg.qmp {
+        Some(QmpSpec::Unix(p)) => Some(
+            colo_proto::qmp::serve_unix(p, registry)
+                .map_err(|e| MachineError::Device(format!("--qmp unix:{}: {e}", p.display())))?,
+        ),
+        Some(QmpSpec::Stdio) => Some(
+            colo_proto::qmp::serve_stdio(registry)
+                .map_err(|e| MachineError::Device(format!("--qmp stdio: {e}")))?,
+        ),
+        None => None,
+    };
     let running = vm.start()?;
-    Ok(running.wait())
+    let reason = running.wait();
+    crate::qmp::emit_end(&events, &reason);
+    // Give clients a moment to read the final events before the sockets close.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    Ok(reason)
 }

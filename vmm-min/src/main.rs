@@ -8,6 +8,7 @@ use clap::Parser;
 use vmm_min::boot::BootSpec;
 use vmm_min::devices::serial::SerialSpec;
 use vmm_min::machine::{self, MachineConfig};
+use vmm_min::qmp::QmpSpec;
 use vmm_min::virtio::vhost_user::{Kind, VhostUserSpec};
 
 #[derive(Parser, Debug)]
@@ -43,6 +44,9 @@ struct Args {
     /// Also put virtio_mmio.device= entries on the kernel command line.
     #[arg(long)]
     virtio_mmio_cmdline: bool,
+    /// QMP: unix:PATH or stdio.
+    #[arg(long)]
+    qmp: Option<QmpSpec>,
     /// Seconds to wait for each backend socket.
     #[arg(long, default_value_t = 10)]
     connect_timeout: u64,
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         devices,
         virtio_cmdline: args.virtio_mmio_cmdline,
         connect_wait: std::time::Duration::from_secs(args.connect_timeout),
+        qmp: args.qmp,
     };
     match machine::run(&cfg) {
         Ok(reason) => {

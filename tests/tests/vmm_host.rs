@@ -1,0 +1,277 @@
+//! vmm-min as a process on this host (PVM is fine: the guests are a few instructions): tiny ELF
+//! "kernels" written by the test boot in 64-bit mode; QMP commands and events, exit statuses for
+//! poweroff/reset/quit, dirty-page counts, garbage on the QMP socket, bad command lines.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use colo_tests::process::ChildGuard;
+use colo_tests::{QmpClient, TestDir, cargo_bin, secs};
+use serde_json::json;
+
+/// An ELF64 executable with one PT_LOAD of `code` at physical 0x100000 and entry there.
+fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    let mut e = Vec::new();
+    e.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&0x10_0000u64.to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    e.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    e.extend_from_slice(&0u32.to_le_bytes()); // flags
+    e.extend_from_slice(&64u16.to_le_bytes()); // ehsize
+    e.extend_from_slice(&56u16.to_le_bytes()); // phentsize
+    e.extend_from_slice(&1u16.to_le_bytes()); // phnum
+    e.extend_from_slice(&64u16.to_le_bytes()); // shentsize
+    e.extend_from_slice(&0u16.to_le_bytes()); // shnum
+    e.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
+    let off = 0x1000u64;
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    e.extend_from_slice(&off.to_le_bytes());
+    e.extend_from_slice(&0x10_0000u64.to_le_bytes()); // vaddr
+    e.extend_from_slice(&0x10_0000u64.to_le_bytes()); // paddr
+    e.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    e.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    e.extend_from_slice(&0x1000u64.to_le_bytes());
+    e.resize(off as usize, 0);
+    e.extend_from_slice(code);
+    e
+}
+
+/// jmp $
+const SPIN: &[u8] = &[0xeb, 0xfe]; // jmp $
+/// mov al, 0x34 (SLP_TYP 5 | SLP_EN); mov dx, 0x3c0; out dx, al; jmp $
+const POWEROFF: &[u8] = &[0xb0, 0x34, 0x66, 0xba, 0xc0, 0x03, 0xee, 0xeb, 0xfe];
+/// mov al, 0xfe; out 0x64, al; jmp $
+const RESET_KBD: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe];
+/// Writes "hi\n" to COM1 then spins: mov dx,0x3f8; mov al,'h'; out dx,al; mov al,'i'; out dx,al;
+/// mov al,10; out dx,al; jmp $
+const SERIAL_HI: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, 0xb0, b'h', 0xee, 0xb0, b'i', 0xee, 0xb0, 0x0a, 0xee, 0xeb, 0xfe,
+];
+
+fn kernel(dir: &TestDir, name: &str, code: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, tiny_elf(code)).unwrap();
+    p
+}
+
+fn vmm(dir: &TestDir, kernel: &Path, extra: &[&str]) -> ChildGuard {
+    let bin = cargo_bin("vmm-min").unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .args(["--memory", "64M", "--cmdline", "console=ttyS0"])
+        .args(extra);
+    ChildGuard::spawn("vmm-min", &mut cmd, dir.path()).unwrap()
+}
+
+fn skip_without_kvm() -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        colo_tests::skipped("no /dev/kvm");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn vmm_guest_poweroff_exits_0_and_reset_exits_3() {
+    if skip_without_kvm() {
+        return;
+    }
+    let dir = TestDir::new().unwrap();
+    let k = kernel(&dir, "off.elf", POWEROFF);
+    let mut v = vmm(&dir, &k, &["--serial", "null"]);
+    let st = v.wait_until(secs(60)).unwrap();
+    assert_eq!(st.code(), Some(0), "{}", v.log_tail(20));
+    let k = kernel(&dir, "reset.elf", RESET_KBD);
+    let mut v = vmm(&dir, &k, &["--serial", "null", "--cpus", "2"]);
+    let st = v.wait_until(secs(60)).unwrap();
+    assert_eq!(st.code(), Some(3), "{}", v.log_tail(20));
+    assert!(v.stderr_text().contains("Reset"), "{}", v.stderr_text());
+}
+
+#[test]
+fn vmm_serial_output_reaches_file_and_unix_socket() {
+    if skip_without_kvm() {
+        return;
+    }
+    let dir = TestDir::new().unwrap();
+    let k = kernel(&dir, "hi.elf", SERIAL_HI);
+    let log = dir.join("con.log");
+    let mut v = vmm(&dir, &k, &["--serial", &format!("file:{}", log.display())]);
+    colo_tests::wait_for_marker(&log, "hi", secs(60)).unwrap();
+    v.terminate(Duration::from_secs(5));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "hi\n");
+
+    // unix: vmm-min listens; a client connected before the guest writes gets the bytes.
+    let sock = dir.join("con.sock");
+    let k2 = kernel(&dir, "spin.elf", SPIN);
+    let mut v2 = vmm(
+        &dir,
+        &k2,
+        &["--serial", &format!("unix:{}", sock.display())],
+    );
+    colo_tests::wait_for_unix_socket(&sock, secs(30)).unwrap();
+    let c = UnixStream::connect(&sock).unwrap();
+    assert!(v2.is_running());
+    drop(c);
+    v2.terminate(Duration::from_secs(5));
+}
+
+#[test]
+fn vmm_qmp_stop_cont_status_dirty_pages_and_quit() {
+    if skip_without_kvm() {
+        return;
+    }
+    let dir = TestDir::new().unwrap();
+    let k = kernel(&dir, "spin.elf", SPIN);
+    let qmp = dir.join("qmp.sock");
+    let mut v = vmm(
+        &dir,
+        &k,
+        &[
+            "--serial",
+            "null",
+            "--cpus",
+            "2",
+            "--qmp",
+            &format!("unix:{}", qmp.display()),
+        ],
+    );
+    let mut c = colo_tests::qmp_connect(&qmp, secs(30)).unwrap();
+    let s = c.execute("query-status", json!({})).unwrap();
+    assert_eq!(s["status"], "running");
+    assert_eq!(s["running"], true);
+    c.execute("stop", json!({})).unwrap();
+    c.wait_event("STOP", Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        c.execute("query-status", json!({})).unwrap()["status"],
+        "paused"
+    );
+    c.execute("cont", json!({})).unwrap();
+    c.wait_event("RESUME", Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        c.execute("query-status", json!({})).unwrap()["status"],
+        "running"
+    );
+    // First call: every page; second: only what changed since (the spinning guest writes
+    // nothing, so very few pages).
+    let d1 = c.execute("query-dirty-pages", json!({})).unwrap();
+    assert_eq!(d1["count"], d1["total"]);
+    assert_eq!(d1["total"], (64u64 << 20) / 4096);
+    let d2 = c.execute("query-dirty-pages", json!({})).unwrap();
+    assert!(d2["count"].as_u64().unwrap() < 16, "{d2}");
+    // Bad arguments are QMP errors, not crashes.
+    let e = c.execute("stop", json!({"bogus": 1})).unwrap_err();
+    assert!(e.to_string().contains("bogus"), "{e}");
+    c.execute("quit", json!({})).unwrap();
+    let ev = c.wait_event("SHUTDOWN", Duration::from_secs(10)).unwrap();
+    assert_eq!(ev.data["reason"], "host-qmp-quit");
+    let st = v.wait_until(secs(30)).unwrap();
+    assert_eq!(st.code(), Some(0));
+}
+
+#[test]
+fn vmm_qmp_garbage_gets_errors_and_the_vm_keeps_running() {
+    if skip_without_kvm() {
+        return;
+    }
+    let dir = TestDir::new().unwrap();
+    let k = kernel(&dir, "spin.elf", SPIN);
+    let qmp = dir.join("qmp.sock");
+    let mut v = vmm(
+        &dir,
+        &k,
+        &[
+            "--serial",
+            "null",
+            "--qmp",
+            &format!("unix:{}", qmp.display()),
+        ],
+    );
+    colo_tests::wait_for_unix_socket(&qmp, secs(30)).unwrap();
+    let mut s = UnixStream::connect(&qmp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("QMP"), "greeting: {line}");
+    s.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("return"), "{line}");
+    s.write_all(b"}}}not json at all{{\n\xff\xfe\n{\"execute\": 42}\n")
+        .unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("error"),
+        "garbage answered with an error: {line}"
+    );
+    drop(r);
+    drop(s);
+    // A fresh client still works and the VM still runs.
+    let mut c = QmpClient::connect_unix(&qmp, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        c.execute("query-status", json!({})).unwrap()["status"],
+        "running"
+    );
+    assert!(v.is_running());
+    c.execute("quit", json!({})).unwrap();
+    assert_eq!(v.wait_until(secs(30)).unwrap().code(), Some(0));
+}
+
+#[test]
+fn vmm_bad_command_lines_fail_clearly() {
+    let dir = TestDir::new().unwrap();
+    let bin = cargo_bin("vmm-min").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(&bin).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&["--kernel", "/nonexistent/vmlinuz", "--serial", "null"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("kernel /nonexistent/vmlinuz"), "{err}");
+    let junk = dir.join("junk");
+    std::fs::write(&junk, b"not a kernel").unwrap();
+    let (code, err) = run(&["--kernel", junk.to_str().unwrap(), "--serial", "null"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not a loadable bzImage or ELF"), "{err}");
+    let (code, err) = run(&["--kernel", "k", "--memory", "12Q"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("unknown size suffix"), "{err}");
+    let (code, err) = run(&["--kernel", "k", "--disk", "file,path=/x"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("only vhost-user"), "{err}");
+    let (code, err) = run(&["--kernel", "k", "--qmp", "tcp:1"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("unix:PATH or stdio"), "{err}");
+    if Path::new("/dev/kvm").exists() {
+        let k = kernel(&dir, "spin.elf", SPIN);
+        let (code, err) = run(&[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--serial",
+            "null",
+            "--connect-timeout",
+            "1",
+            "--disk",
+            "vhost-user,socket=/nonexistent/blk.sock",
+        ]);
+        assert_eq!(code, Some(1));
+        assert!(
+            err.contains("cannot connect") && err.contains("/nonexistent/blk.sock"),
+            "{err}"
+        );
+    }
+}
