@@ -420,25 +420,71 @@ fn guest_answers_through_tap_on_a_bridge_in_a_namespace() {
     );
 }
 
-/// What identifies a guest's TCP output for the stand-in comparer: ports, the SYN/FIN/RST
-/// bits, and for segments without SYN the sequence number and payload length.
-fn tcp_signature(f: &[u8]) -> Option<(u16, u16, u16, Option<(u32, usize)>)> {
+/// A guest's TCP segment as the stand-in comparer sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seg {
+    ports: (u16, u16),
+    syn: bool,
+    fin: bool,
+    seq: u32,
+    len: u32,
+}
+
+fn tcp_seg(f: &[u8]) -> Option<Seg> {
     let p = parse_ethernet(f);
     let t = p.tcp()?;
-    let bits = t.flags.0 & 0x7;
-    if t.flags.syn() {
-        return Some((t.src_port, t.dst_port, bits, None));
+    Some(Seg {
+        ports: (t.src_port, t.dst_port),
+        syn: t.flags.syn(),
+        fin: t.flags.fin(),
+        seq: t.seq,
+        len: t.payload.len() as u32,
+    })
+}
+
+/// Whether the secondary's (rewritten) output already covers primary segment `p`: a SYN for a
+/// SYN; for data and FIN, secondary data of the same connection starting at or before `p` and
+/// reaching at least as far in the (primary's) sequence space, and a FIN at the same place for
+/// a FIN. Segmentation may differ between the guests.
+fn covered(p: &Seg, secondary: &[Seg]) -> bool {
+    let same: Vec<&Seg> = secondary.iter().filter(|s| s.ports == p.ports).collect();
+    if p.syn {
+        return same.iter().any(|s| s.syn);
     }
-    if t.payload.is_empty() && bits == 0 {
-        return None; // pure ACKs are released at once
-    }
-    Some((t.src_port, t.dst_port, bits, Some((t.seq, t.payload.len()))))
+    let end = p.seq.wrapping_add(p.len);
+    let data_ok = p.len == 0
+        || same.iter().any(|s| {
+            !s.syn
+                && s.seq.wrapping_sub(p.seq) as i32 <= 0
+                && s.seq.wrapping_add(s.len).wrapping_sub(end) as i32 >= 0
+        })
+        // or pieces that together reach the end from the start
+        || {
+            let mut reach = p.seq;
+            let mut progressed = true;
+            while progressed && (reach.wrapping_sub(end) as i32) < 0 {
+                progressed = false;
+                for s in &same {
+                    let s_end = s.seq.wrapping_add(s.len);
+                    if !s.syn && s.seq.wrapping_sub(reach) as i32 <= 0 && s_end.wrapping_sub(reach) as i32 > 0 {
+                        reach = s_end;
+                        progressed = true;
+                    }
+                }
+            }
+            reach.wrapping_sub(end) as i32 >= 0
+        };
+    let fin_ok = !p.fin
+        || same
+            .iter()
+            .any(|s| s.fin && s.seq.wrapping_add(s.len) == end);
+    data_ok && fin_ok
 }
 
 /// A stand-in for colo-compare on the primary: each TCP segment of the primary guest that
-/// carries data, SYN, FIN or RST is released (written to redire0's indev) only once the
-/// secondary produced the same segment (same ports and flags, same seq and length), so the
-/// client cannot run ahead of the secondary, as under COLO. Returns the number of primary
+/// carries data, SYN or FIN is released (written to redire0's indev) only once the secondary's
+/// rewritten output covers it ([`covered`]), so the client cannot run ahead of the secondary,
+/// as under COLO. Returns the number of primary
 /// segments that found no twin within `wait`.
 fn stand_in_compare(
     primary_out: u16,
@@ -460,19 +506,21 @@ fn stand_in_compare(
                 continue;
             };
             next += 1;
-            if let Some(sig) = tcp_signature(&frame) {
+            if let Some(seg) = tcp_seg(&frame).filter(|g| g.syn || g.fin || g.len > 0) {
                 let deadline = Instant::now() + wait;
                 loop {
-                    let found = s_frames
+                    let sec: Vec<Seg> = s_frames
                         .lock()
                         .unwrap()
                         .iter()
-                        .any(|f| tcp_signature(f) == Some(sig));
-                    if found {
+                        .filter_map(|f| tcp_seg(f))
+                        .collect();
+                    if covered(&seg, &sec) {
                         matched += 1;
                         break;
                     }
                     if Instant::now() > deadline {
+                        eprintln!("stand-in compare: no secondary twin for {seg:?}");
                         unmatched += 1;
                         break;
                     }
@@ -513,6 +561,11 @@ fn rewriter_puts_the_secondarys_segments_into_the_primarys_sequence_space() {
         "filter-redirector,id=redire0,netdev=hn0,queue=rx,indev=compare_out".into(),
         "--object".into(),
         "filter-redirector,id=redire1,netdev=hn0,queue=rx,outdev=compare0".into(),
+        "--object".into(),
+        format!(
+            "filter-dump,id=pd,netdev=hn0,queue=all,file={}",
+            dir.join("primary.pcap").display()
+        ),
     ];
     // Secondary: the seed's f1, f2, rew0, and a dump of the guest's raw output (rx walks tail
     // to head: raw, rew0, f2).
@@ -527,6 +580,11 @@ fn rewriter_puts_the_secondarys_segments_into_the_primarys_sequence_space() {
         "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0".into(),
         "--object".into(),
         "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1".into(),
+        "--object".into(),
+        format!(
+            "filter-dump,id=sd,netdev=hn0,queue=all,file={}",
+            dir.join("secondary.pcap").display()
+        ),
         "--object".into(),
         "filter-rewriter,id=rew0,netdev=hn0,queue=all".into(),
         "--object".into(),
@@ -556,9 +614,10 @@ fn rewriter_puts_the_secondarys_segments_into_the_primarys_sequence_space() {
     assert!(matched >= 9, "matched {matched}");
     assert_eq!(unmatched, 0, "primary segments without a rewritten twin");
     // Before the rewriter, the secondary's data segments were in its own sequence space.
-    let raw_data: Vec<(u32, usize)> = read_pcap(&raw)
+    let raw_data: Vec<Seg> = read_pcap(&raw)
         .iter()
-        .filter_map(|f| tcp_signature(f).and_then(|s| s.3))
+        .filter_map(|f| tcp_seg(f))
+        .filter(|s| s.len > 0)
         .collect();
     assert!(!raw_data.is_empty(), "the secondary answered");
 
