@@ -28,7 +28,7 @@ REPO=$(cd "$SELF_DIR/.." && pwd) || exit $LAB_RC_FAIL
 INIT_SRC=$SELF_DIR/lab/init
 CACHE=${KVM_LAB_DIR:-$REPO/.cache/kvm-lab}
 QEMU=${KVM_LAB_QEMU:-qemu-system-x86_64}
-MODULES=${KVM_LAB_MODULES:-overlay kvm_amd tun vhost_net vhost_vsock veth bridge}
+MODULES=${KVM_LAB_MODULES:-overlay kvm_amd tun vhost_net veth bridge}
 # Bump when the cache layout or the initramfs recipe changes.
 readonly CACHE_FORMAT=3
 
