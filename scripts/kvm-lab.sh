@@ -28,7 +28,8 @@ REPO=$(cd "$SELF_DIR/.." && pwd) || exit $LAB_RC_FAIL
 INIT_SRC=$SELF_DIR/lab/init
 CACHE=${KVM_LAB_DIR:-$REPO/.cache/kvm-lab}
 QEMU=${KVM_LAB_QEMU:-qemu-system-x86_64}
-MODULES=${KVM_LAB_MODULES:-overlay kvm_amd tun vhost_net veth bridge}
+# Loaded at start; others (tun, vhost_net, veth, bridge, ...) load on demand.
+MODULES=${KVM_LAB_MODULES:-overlay kvm_amd}
 # Bump when the cache layout or the initramfs recipe changes.
 readonly CACHE_FORMAT=3
 
@@ -134,7 +135,7 @@ build_kernel() { # $1 = target dir (does not exist yet): the unpacked kernel pac
 	mv "$tmp" "$out"
 }
 
-build_initrd() { # $1 = target file: busybox, /init, the virtio and 9p modules
+build_initrd() { # $1 = target file: busybox, /init, the virtio, 9p, overlay and kvm_amd modules
 	local out=$1 kver tmp m f
 	kver=$(cat "$KDIR/kver")
 	tmp=$out.tmp.$$
@@ -148,7 +149,7 @@ build_initrd() { # $1 = target file: busybox, /init, the virtio and 9p modules
 	ln -s ../bin/modprobe "$ir/sbin/modprobe" || return 1
 	ln -s ../bin/insmod "$ir/sbin/insmod" || return 1
 	for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
-		netfs fscache 9pnet 9pnet_virtio 9p; do
+		netfs fscache 9pnet 9pnet_virtio 9p overlay irqbypass kvm ccp kvm-amd; do
 		f=$(find "$KDIR/k/lib/modules/$kver/kernel" -name "$m.ko" | head -n 1)
 		[ -n "$f" ] || { say "module $m not in ${KDEB##*/}"; return 1; }
 		cp "$f" "$ir/lib/lab-modules/" || return 1
@@ -181,7 +182,8 @@ ensure_cache() {
 		build_kernel "$KDIR" || { rm -rf "$KDIR.tmp.$$"; die "unpacking the kernel failed"; }
 		say "kernel unpacked in $(since "$tb") s"
 	fi
-	ikey=$({ echo "$CACHE_FORMAT $kkey ${BBDEB##*/}"; cat "$INIT_SRC"; } | sha256sum | cut -c1-12)
+	ikey=$({ echo "$CACHE_FORMAT $kkey ${BBDEB##*/}"; cat "$INIT_SRC"; declare -f build_initrd; } |
+		sha256sum | cut -c1-12)
 	INITRD=$CACHE/initrd-$ikey.cpio.gz
 	if [ ! -f "$INITRD" ]; then
 		for f in "$CACHE"/initrd-*.cpio.gz; do [ -f "$f" ] && rm -f "$f"; done
