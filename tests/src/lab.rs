@@ -26,7 +26,9 @@
 //! Lab runs are serialised across threads and processes with an `flock` on
 //! `<lab cache>/run.lock`: each lab L1 keeps both host cores busy.
 //!
-//! Inside the lab the host root is a throw-away overlay: files a test wants to keep go to
+//! Prepare on the host, before the call: build the guest, call `colo_tests::cargo_bin` for the
+//! binaries the test needs (inside the lab `COLO_TESTS_NO_BUILD=1` is set, so nothing is built
+//! there). Inside the lab the host root is a throw-away overlay: files a test wants to keep go to
 //! [`out_dir`] (shared read-write with the host; kept and printed when the test fails) or to
 //! another directory the outer side shares.
 //!
@@ -332,6 +334,9 @@ fn run_in_lab(lab: &Lab, test: &str, timeout: Duration) -> Result<(), String> {
         .arg(&exe)
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(OUT_DIR_ENV, out.path())
+        // No cargo builds inside the lab (TCG speed): colo_tests::cargo_bin uses what the
+        // outer run built, so call it before needs_real_kvm.
+        .env("COLO_TESTS_NO_BUILD", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
