@@ -1,9 +1,12 @@
 //! The virtio-net header at the socket edges of filters with `vnet_hdr_support=on`.
 //!
-//! Inside the chain frames are bare Ethernet. A filter with `vnet_hdr_support=on` sends each
-//! frame behind a 12-byte virtio 1.0 header (no offload requested), as QEMU's filters do for a
-//! virtio-net guest; frames it receives have their header removed, completing a partial
-//! checksum in software when the header asks for it (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
+//! Inside the chain frames are bare Ethernet. A filter with `vnet_hdr_support=on` sends the
+//! `vnet_hdr_len` field as QEMU does: the length of the netdev's virtio-net header, which is 0
+//! for all our netdevs (none of them carries one), so the payload is the bare frame. For a QEMU
+//! peer whose netdev does use a header (a tap with `vnet_hdr`, 12 bytes for virtio 1.0), the
+//! option `vnet_hdr_len=12` (our extension) puts a zeroed header (no offload requested) in front.
+//! Received records have their header removed, completing a partial checksum in software when
+//! the header asks for it (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
 
 use colo_proto::frame::Frame;
 
@@ -12,14 +15,14 @@ pub const VNET_HDR_LEN: usize = 12;
 /// `flags` bit: the checksum from `csum_start` on still has to be computed.
 pub const F_NEEDS_CSUM: u8 = 1;
 
-/// A frame as a filter with the given `vnet_hdr_support` sends it.
-pub fn to_record(l2: &[u8], vnet_hdr_support: bool) -> Frame {
-    if vnet_hdr_support {
-        let mut payload = Vec::with_capacity(VNET_HDR_LEN + l2.len());
-        payload.resize(VNET_HDR_LEN, 0);
+/// A frame as a filter with the given `vnet_hdr_support` and header length sends it.
+pub fn to_record(l2: &[u8], vnet_hdr_support: bool, hdr_len: usize) -> Frame {
+    if vnet_hdr_support && hdr_len > 0 {
+        let mut payload = Vec::with_capacity(hdr_len + l2.len());
+        payload.resize(hdr_len, 0);
         payload.extend_from_slice(l2);
         Frame {
-            vnet_hdr_len: VNET_HDR_LEN as u32,
+            vnet_hdr_len: hdr_len as u32,
             payload,
         }
     } else {
@@ -79,11 +82,13 @@ mod tests {
     #[test]
     fn records_with_and_without_header_round_trip() {
         let l2 = vec![0xaau8; 60];
-        let r = to_record(&l2, true);
+        let r = to_record(&l2, true, VNET_HDR_LEN);
         assert_eq!(r.vnet_hdr_len, 12);
         assert_eq!(r.l2(), &l2[..]);
         assert_eq!(from_record(r), l2);
-        let r = to_record(&l2, false);
+        let r = to_record(&l2, false, VNET_HDR_LEN);
+        assert_eq!(r.vnet_hdr_len, 0);
+        let r = to_record(&l2, true, 0);
         assert_eq!(r.vnet_hdr_len, 0);
         assert_eq!(from_record(r), l2);
     }

@@ -105,7 +105,10 @@ mod tests {
         );
         let mut r = PcapReader::new(std::fs::File::open(&path).unwrap()).unwrap();
         assert_eq!(r.header().datalink, pcap_file::DataLink::ETHERNET);
-        assert_eq!(&std::fs::read(&path).unwrap()[..4], &[0xd4, 0xc3, 0xb2, 0xa1]);
+        assert_eq!(
+            &std::fs::read(&path).unwrap()[..4],
+            &[0xd4, 0xc3, 0xb2, 0xa1]
+        );
         let p1 = r.next_packet().unwrap().unwrap();
         assert_eq!(&p1.data[..], &frames[0][..]);
         let p2 = r.next_packet().unwrap().unwrap();

@@ -9,6 +9,7 @@ use crate::vnet;
 pub struct FilterMirror {
     outdev: Arc<dyn Outdev>,
     vnet_hdr_support: bool,
+    vnet_hdr_len: usize,
 }
 
 impl FilterMirror {
@@ -16,7 +17,14 @@ impl FilterMirror {
         Self {
             outdev,
             vnet_hdr_support,
+            vnet_hdr_len: 0,
         }
+    }
+
+    /// The `vnet_hdr_len` to send (see [`crate::vnet`]); 0 by default.
+    pub fn with_vnet_hdr_len(mut self, n: usize) -> Self {
+        self.vnet_hdr_len = n;
+        self
     }
 }
 
@@ -26,7 +34,7 @@ impl Filter for FilterMirror {
     }
 
     fn receive(&mut self, _dir: Direction, frame: &mut Vec<u8>, c: &mut Counters) -> Verdict {
-        let rec = vnet::to_record(frame, self.vnet_hdr_support);
+        let rec = vnet::to_record(frame, self.vnet_hdr_support, self.vnet_hdr_len);
         match self.outdev.send_frame(&rec, self.vnet_hdr_support) {
             Ok(()) => c.sent += 1,
             Err(e) => {
@@ -55,7 +63,7 @@ mod tests {
             entry(
                 "m0",
                 QueueSel::Tx,
-                Box::new(FilterMirror::new(out.clone(), true)),
+                Box::new(FilterMirror::new(out.clone(), true).with_vnet_hdr_len(12)),
             ),
             &Position::Tail,
             Insert::Behind,

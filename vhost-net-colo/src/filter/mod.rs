@@ -566,6 +566,19 @@ pub fn build(mut spec: ObjectSpec, chardevs: &dyn ChardevLookup) -> Result<Built
         None => Insert::Behind,
     };
     let vnet = spec.take_bool("vnet_hdr_support", false)?;
+    let vnet_len = match spec.take("vnet_hdr_len") {
+        Some(v) => match v.as_str() {
+            "0" | "10" | "12" | "20" => v.parse::<usize>().unwrap_or(0),
+            _ => {
+                return Err(FilterError::BadOption {
+                    key: "vnet_hdr_len",
+                    value: v,
+                    expected: "0, 10, 12 or 20",
+                });
+            }
+        },
+        None => 0,
+    };
     let lookup = |key: &'static str, name: &str| -> Result<Arc<dyn Outdev>, FilterError> {
         chardevs.outdev(name).ok_or_else(|| FilterError::Invalid {
             kind: kind.clone(),
@@ -580,7 +593,7 @@ pub fn build(mut spec: ObjectSpec, chardevs: &dyn ChardevLookup) -> Result<Built
                 kind: kind.clone(),
                 key: "outdev",
             })?;
-            Box::new(FilterMirror::new(lookup("outdev", &out)?, vnet))
+            Box::new(FilterMirror::new(lookup("outdev", &out)?, vnet).with_vnet_hdr_len(vnet_len))
         }
         "filter-redirector" => {
             let out = spec.take("outdev");
@@ -604,7 +617,7 @@ pub fn build(mut spec: ObjectSpec, chardevs: &dyn ChardevLookup) -> Result<Built
                 None => None,
             };
             indev = ind.map(|i| (i, vnet));
-            Box::new(FilterRedirector::new(outdev, vnet))
+            Box::new(FilterRedirector::new(outdev, vnet).with_vnet_hdr_len(vnet_len))
         }
         "filter-rewriter" => Box::new(FilterRewriter::new()),
         "filter-dump" => {

@@ -12,6 +12,7 @@ use crate::vnet;
 pub struct FilterRedirector {
     outdev: Option<Arc<dyn Outdev>>,
     vnet_hdr_support: bool,
+    vnet_hdr_len: usize,
 }
 
 impl FilterRedirector {
@@ -19,7 +20,14 @@ impl FilterRedirector {
         Self {
             outdev,
             vnet_hdr_support,
+            vnet_hdr_len: 0,
         }
+    }
+
+    /// The `vnet_hdr_len` to send (see [`crate::vnet`]); 0 by default.
+    pub fn with_vnet_hdr_len(mut self, n: usize) -> Self {
+        self.vnet_hdr_len = n;
+        self
     }
 }
 
@@ -32,7 +40,7 @@ impl Filter for FilterRedirector {
         let Some(out) = &self.outdev else {
             return Verdict::Pass;
         };
-        let rec = vnet::to_record(frame, self.vnet_hdr_support);
+        let rec = vnet::to_record(frame, self.vnet_hdr_support, self.vnet_hdr_len);
         match out.send_frame(&rec, self.vnet_hdr_support) {
             Ok(()) => c.sent += 1,
             Err(e) => {
