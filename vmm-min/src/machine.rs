@@ -198,8 +198,20 @@ pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
         ),
         None => None,
     };
+    let ram_file = vm.ram().file().clone();
     let running = vm.start()?;
     let reason = running.wait();
+    // Debug aid: VMM_MIN_DUMP_RAM=PATH writes guest RAM (the memfd) to PATH at exit.
+    if let Some(p) = std::env::var_os("VMM_MIN_DUMP_RAM") {
+        let res = std::fs::File::create(&p).and_then(|mut out| {
+            let mut f: &std::fs::File = &ram_file;
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
+            std::io::copy(&mut f, &mut out)
+        });
+        if let Err(e) = res {
+            tracing::warn!("VMM_MIN_DUMP_RAM: {e}");
+        }
+    }
     crate::qmp::emit_end(&events, &reason);
     // Give clients a moment to read the final events before the sockets close.
     std::thread::sleep(std::time::Duration::from_millis(100));

@@ -122,6 +122,33 @@ pub fn fixup_cpuid(cpuid: &mut CpuId, id: u8, count: u8, tsc_deadline: bool) {
     }
 }
 
+/// Narrows CPUID to a conservative feature set (roughly QEMU's `qemu64` plus what a modern
+/// kernel expects): no XSAVE/AVX/PKU/PCID and no leaf-7 extensions. Used with
+/// `VMM_MIN_CPUID=minimal` where the full host set misbehaves (nested KVM under TCG).
+pub fn minimal_cpuid(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            0x1 => {
+                // XSAVE, OSXSAVE, AVX, F16C, RDRAND, FMA, PCID, MOVBE, x2APIC kept.
+                e.ecx &= !((1 << 26) | (1 << 27) | (1 << 28) | (1 << 29) | (1 << 30));
+                e.ecx &= !((1 << 12) | (1 << 17) | (1 << 22));
+            }
+            0x7 => {
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            0xd => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
 /// MSR indices set at boot.
 pub mod msr {
     /// IA32_SYSENTER_CS.
@@ -223,6 +250,9 @@ pub fn setup_common(
         .map_err(kvm_err(id, "KVM_GET_SUPPORTED_CPUID"))?;
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     fixup_cpuid(&mut cpuid, id, count, tsc_deadline);
+    if std::env::var_os("VMM_MIN_CPUID").is_some_and(|v| v == "minimal") {
+        minimal_cpuid(&mut cpuid);
+    }
     vcpu.set_cpuid2(&cpuid)
         .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
     let msrs = Msrs::from_entries(&boot_msrs()).map_err(|_| CpuError::Fam("MSR"))?;
