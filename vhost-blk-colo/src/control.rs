@@ -13,6 +13,11 @@
 //!   (progress in `colo-blk-status`, `BLOCK_JOB_COMPLETED` at the end); primary: stop
 //!   replicating and drop the replication child from its quorum (run unprotected).
 //! - `colo-blk-stop`: stop without failover (secondary: one more checkpoint).
+//! - `colo-blk-sync {device, node, granularity?}`: initial disk sync of a new secondary whose
+//!   base differs (QEMU needs `drive-mirror` for this): copies the quorum's local disk to the
+//!   secondary through replication node `node` while the guest runs; guest writes meanwhile are
+//!   forwarded and their chunks copied again. Start the secondary's `colo-blk-start` after the
+//!   `BLOCK_JOB_COMPLETED` event (type `mirror`).
 //! - `colo-blk-status`: stages, overlay sizes, failover progress, NBD server address, counters.
 //!
 //! Events: `QUORUM_REPORT_BAD`, `QUORUM_FAILURE`, `COLO_BLK_SECONDARY_LOST`,
@@ -515,6 +520,47 @@ impl BlkControl {
         Ok(json!({}))
     }
 
+    /// `colo-blk-sync`: initial disk sync from the quorum's first child (the local disk) to the
+    /// secondary through replication node `node`, on a thread; `BLOCK_JOB_COMPLETED` (type
+    /// `mirror`) or `BLOCK_JOB_ERROR` at the end, progress in `colo-blk-status`.
+    pub fn colo_sync(&self, device: &str, node: &str, chunk: u64) -> Result<Value, ControlError> {
+        let st = self.st();
+        let q = st
+            .quorums
+            .get(device)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(device.to_owned()))?;
+        let p = st
+            .primaries
+            .get(node)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(node.to_owned()))?;
+        let source = q
+            .children()
+            .into_iter()
+            .find(|c| c.node_name != node)
+            .map(|c| c.node)
+            .ok_or_else(|| inval(format!("{device} has no local child to copy from")))?;
+        let events = self.events.clone();
+        let (dev, nd) = (device.to_owned(), node.to_owned());
+        std::thread::Builder::new()
+            .name("colo-blk-sync".into())
+            .spawn(move || match p.sync_from(&source, chunk) {
+                Ok(()) => events(
+                    "BLOCK_JOB_COMPLETED",
+                    json!({"type": "mirror", "device": dev, "target": nd,
+                                 "len": source.size(), "offset": source.size(), "speed": 0}),
+                ),
+                Err(e) => events(
+                    "BLOCK_JOB_ERROR",
+                    json!({"device": dev, "operation": "write", "action": "stop",
+                                 "error": e.to_string()}),
+                ),
+            })
+            .map_err(|e| inval(format!("spawning the sync thread: {e}")))?;
+        Ok(json!({}))
+    }
+
     /// `colo-blk-status`.
     pub fn colo_status(&self) -> Value {
         let st = self.st();
@@ -652,6 +698,27 @@ impl BlkControl {
         reg.add("colo-blk-failover", move |_| Ok(c.colo_failover()?));
         let c = self.clone();
         reg.add("colo-blk-stop", move |_| Ok(c.colo_stop()?));
+        let c = self.clone();
+        reg.add("colo-blk-sync", move |a| {
+            let device = a
+                .get("device")
+                .and_then(Value::as_str)
+                .ok_or_else(|| QmpError::generic("Parameter 'device' is missing"))?;
+            let node = a
+                .get("node")
+                .and_then(Value::as_str)
+                .ok_or_else(|| QmpError::generic("Parameter 'node' is missing"))?;
+            let chunk = a
+                .get("granularity")
+                .and_then(Value::as_u64)
+                .unwrap_or(1 << 20);
+            if chunk == 0 || chunk > 32 << 20 {
+                return Err(QmpError::generic(
+                    "granularity must be between 1 and 32 MiB",
+                ));
+            }
+            Ok(c.colo_sync(device, node, chunk)?)
+        });
         let c = self.clone();
         reg.add("colo-blk-status", move |_| Ok(c.colo_status()));
     }

@@ -340,7 +340,8 @@ impl VhostUserBlk {
         s.copy_from_slice(&hdr[8..16]);
         let sector = u64::from_le_bytes(s);
         let wlen = writer.available_bytes();
-        let outcome = self.execute(rtype, sector, &mut reader, &mut writer, wlen);
+        let rlen = reader.available_bytes();
+        let outcome = self.execute(rtype, sector, &mut reader, &mut writer, wlen, rlen);
         Ok(Started {
             status_addr,
             outcome,
@@ -354,6 +355,7 @@ impl VhostUserBlk {
         reader: &mut R,
         writer: &mut W,
         wlen: usize,
+        rlen: usize,
     ) -> Outcome {
         let fail = |e: BlockError| {
             tracing::warn!(rtype, sector, "virtio-blk request failed: {e}");
@@ -367,12 +369,14 @@ impl VhostUserBlk {
                 let Some(len) = Some(wlen).filter(|&l| l <= MAX_REQUEST_BYTES) else {
                     return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
                 };
-                let mut buf = vec![0u8; len];
-                if let Err(e) = self.node.read_at(&mut buf, offset) {
-                    return fail(e);
-                }
-                if writer.write_all(&buf).is_err() {
-                    return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
+                let r = with_scratch(len, |buf| {
+                    self.node.read_at(buf, offset).map_err(Some)?;
+                    writer.write_all(buf).map_err(|_| None)
+                });
+                match r {
+                    Ok(()) => {}
+                    Err(Some(e)) => return fail(e),
+                    Err(None) => return Outcome::Done(VIRTIO_BLK_S_IOERR, 0),
                 }
                 self.stats.reads.fetch_add(1, Ordering::Relaxed);
                 self.stats
@@ -384,20 +388,23 @@ impl VhostUserBlk {
                 if self.read_only() {
                     return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
                 }
-                let mut buf = Vec::new();
-                match reader
-                    .take(MAX_REQUEST_BYTES as u64 + 1)
-                    .read_to_end(&mut buf)
-                {
-                    Ok(n) if n <= MAX_REQUEST_BYTES => {}
-                    _ => return Outcome::Done(VIRTIO_BLK_S_IOERR, 0),
+                if rlen > MAX_REQUEST_BYTES {
+                    return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
                 }
-                let p = self.node.submit(WriteOp::Write {
-                    buf: &buf,
-                    offset,
-                    fua: false,
+                // The node copies what it keeps (NBD frames) during submit, so the scratch
+                // buffer is free again when submit returns.
+                let r = with_scratch(rlen, |buf| {
+                    reader.read_exact(buf).map_err(|_| ())?;
+                    Ok(self.node.submit(WriteOp::Write {
+                        buf,
+                        offset,
+                        fua: false,
+                    }))
                 });
-                Outcome::Wait(p, buf.len() as u64)
+                match r {
+                    Ok(p) => Outcome::Wait(p, rlen as u64),
+                    Err(()) => Outcome::Done(VIRTIO_BLK_S_IOERR, 0),
+                }
             }
             VIRTIO_BLK_T_FLUSH => match self.node.flush() {
                 Ok(()) => {
@@ -467,6 +474,23 @@ impl VhostUserBlk {
             _ => Outcome::Done(VIRTIO_BLK_S_UNSUPP, 0),
         }
     }
+}
+
+thread_local! {
+    // Per worker thread bounce buffer, reused across requests (no zeroing, no page faults).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0u8; len]),
+    })
 }
 
 /// A started request.

@@ -75,10 +75,19 @@ fn content(seed: u32) -> Vec<u8> {
 
 /// Starts both sides with identical images and wires them up as the seed does.
 fn start_pair(nbd_timeout_ms: u64) -> Pair {
+    start_pair_with(nbd_timeout_ms, false)
+}
+
+fn start_pair_with(nbd_timeout_ms: u64, differing_secondary: bool) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let img = content(1);
     std::fs::write(dir.path().join("pri.img"), &img).unwrap();
-    std::fs::write(dir.path().join("sec.img"), &img).unwrap();
+    let sec_img = if differing_secondary {
+        content(99)
+    } else {
+        img.clone()
+    };
+    std::fs::write(dir.path().join("sec.img"), &sec_img).unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
     let secondary = spawn(&[
         "--socket".into(),
@@ -102,7 +111,9 @@ fn start_pair(nbd_timeout_ms: u64) -> Pair {
         json!({"device": "colo-disk0", "writable": true}),
     )
     .unwrap();
-    sq.execute("colo-blk-start", json!({})).unwrap();
+    if !differing_secondary {
+        sq.execute("colo-blk-start", json!({})).unwrap();
+    }
 
     let primary = spawn(&[
         "--socket".into(),
@@ -296,4 +307,44 @@ fn sigkill_of_secondary_mid_workload_loses_no_primary_write() {
     assert_eq!(ev.data["node-name"], "node0");
     let st = status(&mut pair.pq);
     assert_eq!(st["replication"][0]["secondary-connected"], false, "{st}");
+}
+
+#[test]
+fn initial_sync_copies_the_primary_disk_to_a_differing_secondary_while_writes_continue() {
+    let mut pair = start_pair_with(5000, true);
+    assert!(std::fs::read(pair.p("sec.img")).unwrap() != std::fs::read(pair.p("pri.img")).unwrap());
+    let mut pf = fe(&pair.p("pri.sock"));
+    pair.pq
+        .execute(
+            "colo-blk-sync",
+            json!({"device": "colo-disk0", "node": "node0", "granularity": 65536}),
+        )
+        .unwrap();
+    // Guest writes while the sync runs.
+    for (sector, data) in workload(5, 150) {
+        assert_eq!(pf.write(0, sector, &data).unwrap(), VIRTIO_BLK_S_OK);
+    }
+    let ev = pair
+        .pq
+        .wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(ev.data["type"], "mirror");
+    let st = status(&mut pair.pq);
+    assert!(
+        st["replication"][0]["sync"]["done"].as_u64().unwrap() >= (SIZE / 65536) as u64,
+        "{st}"
+    );
+    // Now the secondary starts replication; both disks are equal.
+    pair.sq.execute("colo-blk-start", json!({})).unwrap();
+    for (sector, data) in workload(6, 50) {
+        assert_eq!(pf.write(0, sector, &data).unwrap(), VIRTIO_BLK_S_OK);
+    }
+    assert_eq!(pf.flush(0).unwrap(), VIRTIO_BLK_S_OK);
+    pair.sq.execute("colo-blk-checkpoint", json!({})).unwrap();
+    let pri = std::fs::read(pair.p("pri.img")).unwrap();
+    let sec = std::fs::read(pair.p("sec.img")).unwrap();
+    assert!(
+        pri == sec,
+        "after the initial sync and a checkpoint the secondary equals the primary"
+    );
 }

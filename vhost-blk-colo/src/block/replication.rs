@@ -100,6 +100,10 @@ pub struct ReplicationPrimary {
     size: u64,
     stage: Mutex<Stage>,
     forwarded: Arc<AtomicU64>,
+    /// While an initial sync runs: chunk size and the chunks written since their last copy.
+    dirty: Mutex<Option<(u64, std::collections::BTreeSet<u64>)>>,
+    sync_done: AtomicU64,
+    sync_total: AtomicU64,
 }
 
 impl std::fmt::Debug for ReplicationPrimary {
@@ -123,7 +127,61 @@ impl ReplicationPrimary {
             },
             stage: Mutex::new(Stage::None),
             forwarded: Arc::new(AtomicU64::new(0)),
+            dirty: Mutex::new(None),
+            sync_done: AtomicU64::new(0),
+            sync_total: AtomicU64::new(0),
         }
+    }
+
+    /// Initial disk sync (what QEMU needs `drive-mirror` for): copies `source` (the primary's
+    /// local disk) to the secondary through this node's NBD child, in `chunk`-byte pieces,
+    /// while the guest runs. Replication must be running, so guest writes are forwarded; the
+    /// chunks they touch are copied again until a pass finds none. Progress is in `status()`.
+    pub fn sync_from(&self, source: &NodeRef, chunk: u64) -> BlockResult<()> {
+        if self.stage() != Stage::Running {
+            return Err(BlockError::Replication(format!(
+                "{}: sync needs stage running",
+                self.shared.node_name
+            )));
+        }
+        if source.size() != self.size || chunk == 0 {
+            return Err(BlockError::Config(format!(
+                "{}: sync source size or chunk invalid",
+                self.shared.node_name
+            )));
+        }
+        let n = self.size.div_ceil(chunk);
+        self.sync_total.store(n, Ordering::Relaxed);
+        self.sync_done.store(0, Ordering::Relaxed);
+        *self.dirty.lock().map_err(|_| lock_err())? = Some((chunk, (0..n).collect()));
+        let result = (|| {
+            let mut buf = vec![0u8; chunk as usize];
+            loop {
+                let next = {
+                    let mut d = self.dirty.lock().map_err(|_| lock_err())?;
+                    d.as_mut().and_then(|(_, set)| set.pop_first())
+                };
+                let Some(c) = next else { return Ok(()) };
+                let off = c * chunk;
+                let len = (self.size - off).min(chunk) as usize;
+                source.read_at(&mut buf[..len], off)?;
+                let child = self.shared.child.read().ok().and_then(|c| c.clone());
+                let Some(child) = child else {
+                    return Err(BlockError::Replication("secondary lost during sync".into()));
+                };
+                child.write_at(&buf[..len], off, false)?;
+                self.sync_done.fetch_add(1, Ordering::Relaxed);
+            }
+        })();
+        if let Ok(mut d) = self.dirty.lock() {
+            *d = None;
+        }
+        if let Err(e) = &result {
+            self.shared.lose(&e.to_string());
+        } else if let Some(child) = self.shared.child.read().ok().and_then(|c| c.clone()) {
+            child.flush()?;
+        }
+        result
     }
 
     /// Node name.
@@ -173,6 +231,7 @@ impl ReplicationPrimary {
             "stage": self.stage().as_str(),
             "secondary-connected": self.connected(),
             "forwarded-writes": self.forwarded.load(Ordering::Relaxed),
+            "sync": {"done": self.sync_done.load(Ordering::Relaxed), "total": self.sync_total.load(Ordering::Relaxed)},
             "error": self.shared.error.lock().ok().and_then(|e| e.clone()),
         })
     }
@@ -203,6 +262,17 @@ impl BlockNode for ReplicationPrimary {
                 op.name(),
                 stage.as_str()
             ))));
+        }
+        if let Some((offset, len)) = op.range()
+            && len > 0
+            && let Ok(mut d) = self.dirty.lock()
+            && let Some((chunk, set)) = d.as_mut()
+        {
+            // Mark before forwarding: the local child has already been written (quorum
+            // submits in child order), so a later copy of the chunk reads the new data.
+            for c in offset / *chunk..=(offset + len - 1) / *chunk {
+                set.insert(c);
+            }
         }
         let child = self.shared.child.read().ok().and_then(|c| c.clone());
         let Some(child) = child else {
