@@ -2,7 +2,8 @@
 //! found through ACPI) and its services answer: HTTP (exact page, uptime CGI), echo, the disk
 //! journal (appends, concurrent appends, query), random and the memory dirtier. After QEMU stops,
 //! the journal records are read back from the raw image file and compared byte for byte. A second
-//! boot on the same image continues the journal numbering.
+//! boot on the same image continues the journal numbering and takes its address, netmask and
+//! hostname from the kernel's `ip=` option (parsed by /init).
 //!
 //! The guest is built by the script when missing (it is idempotent). This test does not skip:
 //! without QEMU or the guest it fails with the reason, because CI must run it. Set
@@ -38,14 +39,17 @@ struct Guest {
 }
 
 impl Guest {
-    fn boot(dir: &TestDir, name: &str, disk: &Path) -> Guest {
+    /// Boots with `extra` on the kernel command line; `guest_ip` is where the port forwards go.
+    fn boot(dir: &TestDir, name: &str, disk: &Path, guest_ip: &str, extra: &str) -> Guest {
         let img = ensure_guest_image().unwrap();
         let port = || free_tcp_port().unwrap();
         let (http, echo, journal, dirty, random) = (port(), port(), port(), port(), port());
         let fwd = format!(
-            "user,id=n0,hostfwd=tcp:127.0.0.1:{http}-:80,hostfwd=tcp:127.0.0.1:{echo}-:7,\
-             hostfwd=tcp:127.0.0.1:{journal}-:5000,hostfwd=tcp:127.0.0.1:{dirty}-:5001,\
-             hostfwd=tcp:127.0.0.1:{random}-:5002"
+            "user,id=n0,hostfwd=tcp:127.0.0.1:{http}-{guest_ip}:80,\
+             hostfwd=tcp:127.0.0.1:{echo}-{guest_ip}:7,\
+             hostfwd=tcp:127.0.0.1:{journal}-{guest_ip}:5000,\
+             hostfwd=tcp:127.0.0.1:{dirty}-{guest_ip}:5001,\
+             hostfwd=tcp:127.0.0.1:{random}-{guest_ip}:5002"
         );
         let serial = dir.join(format!("{name}.serial.log"));
         let mut cmd = Command::new(QEMU);
@@ -56,7 +60,7 @@ impl Guest {
             .arg("-initrd")
             .arg(&img.initrd)
             .arg("-append")
-            .arg(tcg_append(""))
+            .arg(tcg_append(extra))
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .args(["-global", "virtio-mmio.force-legacy=false"])
@@ -224,7 +228,7 @@ fn guest_boots_under_tcg_and_serves_http_echo_journal() {
 
     // ---- first boot ----
     let started = Instant::now();
-    let mut g = Guest::boot(&tmp, "qemu1", &disk);
+    let mut g = Guest::boot(&tmp, "qemu1", &disk, "10.0.2.15", "");
     let ready = g.wait_ready(started);
     eprintln!("guest_boot: first boot to {READY_MARKER}: {ready:?} wall");
     let serial = g.serial_log();
@@ -348,9 +352,10 @@ fn guest_boots_under_tcg_and_serves_http_echo_journal() {
     g.stop();
     assert_image(&disk, &records);
 
-    // ---- second boot on the same disk: numbering continues ----
+    // ---- second boot on the same disk: numbering continues; address from the kernel's ip= ----
     let started = Instant::now();
-    let mut g = Guest::boot(&tmp, "qemu2", &disk);
+    let ip = "ip=10.0.2.16::10.0.2.2:255.255.255.0:colo2:eth0";
+    let mut g = Guest::boot(&tmp, "qemu2", &disk, "10.0.2.16", ip);
     let ready = g.wait_ready(started);
     eprintln!("guest_boot: second boot to {READY_MARKER}: {ready:?} wall");
     let next = records.len() + 1;
@@ -360,6 +365,13 @@ fn guest_boots_under_tcg_and_serves_http_echo_journal() {
         "{}",
         g.serial_log()
     );
+    assert!(
+        g.serial_log().contains("net eth0 10.0.2.16/24 gw 10.0.2.2"),
+        "{}",
+        g.serial_log()
+    );
+    let (_, body) = http_get(g.http, "/cgi-bin/hostname");
+    assert_eq!(body, b"colo2\n", "hostname from ip=");
     let mut j = LineClient::new(g.journal);
     assert_eq!(j.ask("APPEND after reboot"), format!("OK {next}"));
     records.push("after reboot".into());
