@@ -228,11 +228,10 @@ impl NetBackend {
                 }
                 if have < need {
                     if !mrg && !chains.is_empty() {
-                        // The single buffer cannot hold this frame: drop it, as a NIC would.
-                        let (head, _, _) = chains.remove(0);
+                        // The frame does not fit a single buffer: drop it, as a NIC would, and
+                        // leave the buffer to the next frame.
+                        queue.go_to_previous_position();
                         drop(q);
-                        let _ = vring.add_used(head, 0);
-                        used_any = true;
                         pending.pop_front();
                         self.counters
                             .rx_dropped_too_big

@@ -16,3 +16,4 @@ pub mod netdev;
 pub mod path;
 pub mod shim;
 pub mod vnet;
+pub mod testing;

@@ -1,0 +1,453 @@
+//! A small vhost-user-net frontend for tests and benchmarks: it plays the VMM's part with memfd
+//! shared memory and split virtqueues (receive queue 0, transmit queue 1), and sends and
+//! receives frames straight from that memory (no guest).
+//!
+//! Receive buffers are single writable descriptors of `rx_buf_size` bytes (small sizes exercise
+//! `VIRTIO_NET_F_MRG_RXBUF`); transmit requests are single readable descriptors holding the
+//! 12-byte virtio-net header and the frame. Completions are found by polling the used rings.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{Ordering, fence};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::backend::{VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX};
+use crate::vnet::VNET_HDR_LEN;
+
+const DESC_F_WRITE: u16 = 2;
+
+/// Errors of the test frontend.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("vhost-user {what}: {source}")]
+    Vhost {
+        what: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn vh(what: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
+    move |source| FrontendError::Vhost { what, source }
+}
+
+struct Mem {
+    fd: OwnedFd,
+    ptr: *mut u8,
+    size: usize,
+}
+
+// SAFETY: plain shared memory; access is coordinated through the virtqueue protocol and the
+// frontend is used by one thread at a time.
+unsafe impl Send for Mem {}
+
+impl Mem {
+    fn new(size: usize) -> Result<Self, FrontendError> {
+        let os = |what| move |source| FrontendError::Os { what, source };
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let raw =
+            unsafe { libc::memfd_create(c"vhost-net-test-frontend".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(os("memfd_create")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on our own descriptor.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+            return Err(os("ftruncate")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: maps `size` bytes of our memfd, shared; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(os("mmap")(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            fd,
+            ptr: ptr.cast(),
+            size,
+        })
+    }
+
+    fn at(&self, gpa: u64, len: usize) -> *mut u8 {
+        assert!(
+            gpa as usize + len <= self.size,
+            "test frontend: access outside its memory"
+        );
+        // SAFETY: within the mapping (checked above).
+        unsafe { self.ptr.add(gpa as usize) }
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) {
+        // SAFETY: `at` checked the range; the backend does not use buffers not yet handed over.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.at(gpa, data.len()), data.len())
+        };
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        // SAFETY: `at` checked the range.
+        unsafe { std::ptr::copy_nonoverlapping(self.at(gpa, len), v.as_mut_ptr(), len) };
+        v
+    }
+
+    fn w16(&self, gpa: u64, v: u16) {
+        // SAFETY: ring fields are 2-aligned and in range; volatile: the backend reads them.
+        unsafe { std::ptr::write_volatile(self.at(gpa, 2).cast::<u16>(), v.to_le()) };
+    }
+
+    fn r16(&self, gpa: u64) -> u16 {
+        // SAFETY: as in `w16`; volatile: the backend writes them.
+        u16::from_le(unsafe { std::ptr::read_volatile(self.at(gpa, 2).cast::<u16>()) })
+    }
+
+    fn r32(&self, gpa: u64) -> u32 {
+        // SAFETY: used-ring fields are 4-aligned and in range.
+        u32::from_le(unsafe { std::ptr::read_volatile(self.at(gpa, 4).cast::<u32>()) })
+    }
+
+    fn write_desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16) {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        self.write(table + 16 * u64::from(i), &d);
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.size) };
+    }
+}
+
+struct Ring {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    bufs: u64,
+    buf_size: usize,
+    kick: EventFd,
+    _call: EventFd,
+    avail_idx: u16,
+    last_used: u16,
+    free: Vec<u16>,
+}
+
+impl Ring {
+    fn publish(&mut self, mem: &Mem, id: u16) {
+        mem.w16(
+            self.avail + 4 + 2 * u64::from(self.avail_idx % self.size),
+            id,
+        );
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        mem.w16(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    fn next_used(&mut self, mem: &Mem) -> Option<(u16, u32)> {
+        fence(Ordering::SeqCst);
+        if mem.r16(self.used + 2) == self.last_used {
+            return None;
+        }
+        fence(Ordering::Acquire);
+        let e = self.used + 4 + 8 * u64::from(self.last_used % self.size);
+        let id = mem.r32(e) as u16;
+        let len = mem.r32(e + 4);
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((id, len))
+    }
+
+    /// Driver's `used_event` (asks for a call at every completion; we poll anyway).
+    fn set_used_event(&self, mem: &Mem) {
+        mem.w16(self.avail + 4 + 2 * u64::from(self.size), self.last_used);
+    }
+}
+
+/// Options of [`NetFrontend::connect`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub queue_size: u16,
+    pub rx_buf_size: usize,
+    pub event_idx: bool,
+    pub mrg_rxbuf: bool,
+    pub connect_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            queue_size: 256,
+            rx_buf_size: 2048,
+            event_idx: true,
+            mrg_rxbuf: true,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The test frontend.
+pub struct NetFrontend {
+    fe: Frontend,
+    mem: Mem,
+    rx: Ring,
+    tx: Ring,
+    features: u64,
+}
+
+impl NetFrontend {
+    /// Connects, negotiates and sets up both queues; all receive buffers are posted.
+    pub fn connect(socket: &Path, o: &Options) -> Result<Self, FrontendError> {
+        let deadline = Instant::now() + o.connect_timeout;
+        let mut fe = loop {
+            match Frontend::connect(socket, 2) {
+                Ok(f) => break f,
+                Err(e) if Instant::now() >= deadline => return Err(vh("connect")(e)),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let qs = u64::from(o.queue_size);
+        let ring_bytes = (16 * qs + 6 + 2 * qs).next_multiple_of(4) + 6 + 8 * qs;
+        let tx_buf = 65536 + VNET_HDR_LEN;
+        let per_rx = ring_bytes.next_multiple_of(4096) + qs * o.rx_buf_size as u64;
+        let per_tx = ring_bytes.next_multiple_of(4096) + qs * tx_buf as u64;
+        let size = (per_rx + per_tx).next_multiple_of(1 << 20) as usize;
+        let mem = Mem::new(size)?;
+
+        fe.set_owner().map_err(vh("SET_OWNER"))?;
+        let avail = fe.get_features().map_err(vh("GET_FEATURES"))?;
+        let mut want = avail
+            & !(1 << VIRTIO_RING_F_EVENT_IDX
+                | 1 << VIRTIO_NET_F_MRG_RXBUF
+                | VhostUserVirtioFeatures::LOG_ALL.bits());
+        if o.event_idx {
+            want |= avail & (1 << VIRTIO_RING_F_EVENT_IDX);
+        }
+        if o.mrg_rxbuf {
+            want |= avail & (1 << VIRTIO_NET_F_MRG_RXBUF);
+        }
+        fe.set_features(want).map_err(vh("SET_FEATURES"))?;
+        if avail & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let pf = fe
+                .get_protocol_features()
+                .map_err(vh("GET_PROTOCOL_FEATURES"))?;
+            let keep = VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK;
+            fe.set_protocol_features(pf & keep)
+                .map_err(vh("SET_PROTOCOL_FEATURES"))?;
+        }
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: size as u64,
+            userspace_addr: mem.ptr as u64,
+            mmap_offset: 0,
+            mmap_handle: mem.fd.as_raw_fd(),
+        }])
+        .map_err(vh("SET_MEM_TABLE"))?;
+        let mut rings = Vec::new();
+        for (q, base, buf_size) in [(0usize, 0u64, o.rx_buf_size), (1, per_rx, tx_buf)] {
+            let desc = base;
+            let avail_ring = desc + 16 * qs;
+            let used = (avail_ring + 6 + 2 * qs).next_multiple_of(4);
+            let bufs = (base + ring_bytes).next_multiple_of(4096);
+            let ev = || {
+                EventFd::new(EFD_NONBLOCK).map_err(|source| FrontendError::Os {
+                    what: "eventfd",
+                    source,
+                })
+            };
+            let (kick, call) = (ev()?, ev()?);
+            fe.set_vring_num(q, o.queue_size)
+                .map_err(vh("SET_VRING_NUM"))?;
+            let va = mem.ptr as u64;
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: o.queue_size,
+                    queue_size: o.queue_size,
+                    flags: 0,
+                    desc_table_addr: va + desc,
+                    used_ring_addr: va + used,
+                    avail_ring_addr: va + avail_ring,
+                    log_addr: None,
+                },
+            )
+            .map_err(vh("SET_VRING_ADDR"))?;
+            fe.set_vring_base(q, 0).map_err(vh("SET_VRING_BASE"))?;
+            fe.set_vring_call(q, &call).map_err(vh("SET_VRING_CALL"))?;
+            fe.set_vring_kick(q, &kick).map_err(vh("SET_VRING_KICK"))?;
+            rings.push(Ring {
+                size: o.queue_size,
+                desc,
+                avail: avail_ring,
+                used,
+                bufs,
+                buf_size,
+                kick,
+                _call: call,
+                avail_idx: 0,
+                last_used: 0,
+                free: (0..o.queue_size).rev().collect(),
+            });
+        }
+        let tx = rings
+            .pop()
+            .ok_or_else(|| FrontendError::Invalid("no tx ring".into()))?;
+        let mut rx = rings
+            .pop()
+            .ok_or_else(|| FrontendError::Invalid("no rx ring".into()))?;
+        for i in 0..o.queue_size {
+            let addr = rx.bufs + u64::from(i) * rx.buf_size as u64;
+            mem.write_desc(rx.desc, i, addr, rx.buf_size as u32, DESC_F_WRITE);
+            rx.publish(&mem, i);
+        }
+        rx.free.clear();
+        rx.set_used_event(&mem);
+        tx.set_used_event(&mem);
+        for q in 0..2 {
+            fe.set_vring_enable(q, true)
+                .map_err(vh("SET_VRING_ENABLE"))?;
+        }
+        let _ = rx.kick.write(1);
+        Ok(Self {
+            fe,
+            mem,
+            rx,
+            tx,
+            features: want,
+        })
+    }
+
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The device config space (`mac`, `status`, ...).
+    pub fn config(&mut self, size: u32) -> Result<Vec<u8>, FrontendError> {
+        let buf = vec![0u8; size as usize];
+        let (_, data) = self
+            .fe
+            .get_config(0, size, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(vh("GET_CONFIG"))?;
+        Ok(data)
+    }
+
+    fn reclaim_tx(&mut self) {
+        while let Some((id, _)) = self.tx.next_used(&self.mem) {
+            self.tx.free.push(id);
+        }
+        self.tx.set_used_event(&self.mem);
+    }
+
+    /// Queues one frame on the transmit queue (waits for a free descriptor) and kicks.
+    pub fn send(&mut self, frame: &[u8]) -> Result<(), FrontendError> {
+        self.send_batch(std::slice::from_ref(&frame))
+    }
+
+    /// Queues several frames, then kicks once.
+    pub fn send_batch<F: AsRef<[u8]>>(&mut self, frames: &[F]) -> Result<(), FrontendError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for f in frames {
+            let f = f.as_ref();
+            if f.len() + VNET_HDR_LEN > self.tx.buf_size {
+                return Err(FrontendError::Invalid(format!(
+                    "frame of {} bytes",
+                    f.len()
+                )));
+            }
+            let id = loop {
+                self.reclaim_tx();
+                if let Some(id) = self.tx.free.pop() {
+                    break id;
+                }
+                let _ = self.tx.kick.write(1);
+                if Instant::now() > deadline {
+                    return Err(FrontendError::Invalid(
+                        "transmit queue never drained".into(),
+                    ));
+                }
+                std::thread::yield_now();
+            };
+            let addr = self.tx.bufs + u64::from(id) * self.tx.buf_size as u64;
+            self.mem.write(addr, &[0u8; VNET_HDR_LEN]);
+            self.mem.write(addr + VNET_HDR_LEN as u64, f);
+            self.mem
+                .write_desc(self.tx.desc, id, addr, (VNET_HDR_LEN + f.len()) as u32, 0);
+            self.tx.publish(&self.mem, id);
+        }
+        let _ = self.tx.kick.write(1);
+        Ok(())
+    }
+
+    /// The next received frame (header removed, merged buffers joined), if one is there.
+    /// Also returns the `num_buffers` the device wrote.
+    pub fn try_recv(&mut self) -> Option<(Vec<u8>, u16)> {
+        let (id, len) = self.rx.next_used(&self.mem)?;
+        let addr = self.rx.bufs + u64::from(id) * self.rx.buf_size as u64;
+        let first = self.mem.read(addr, len as usize);
+        let nbufs = first
+            .get(10..12)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .unwrap_or(1)
+            .max(1);
+        let mut data = first.get(VNET_HDR_LEN..).unwrap_or(&[]).to_vec();
+        let mut ids = vec![id];
+        for _ in 1..nbufs {
+            // The device publishes all buffers of a frame before the used index moves past them.
+            let Some((id, len)) = self.rx.next_used(&self.mem) else {
+                break;
+            };
+            let addr = self.rx.bufs + u64::from(id) * self.rx.buf_size as u64;
+            data.extend_from_slice(&self.mem.read(addr, len as usize));
+            ids.push(id);
+        }
+        for id in ids {
+            self.rx.publish(&self.mem, id);
+        }
+        self.rx.set_used_event(&self.mem);
+        let _ = self.rx.kick.write(1);
+        Some((data, nbufs))
+    }
+
+    /// Waits up to `timeout` for the next received frame.
+    pub fn recv(&mut self, timeout: Duration) -> Option<(Vec<u8>, u16)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(f) = self.try_recv() {
+                return Some(f);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+    }
+}

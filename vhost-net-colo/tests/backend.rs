@@ -1,0 +1,237 @@
+//! The vhost-user-net device through a real vhost-user socket, driven by the test frontend
+//! (`vhost_net_colo::testing`: memfd memory, split virtqueues), with a `stream` netdev whose
+//! other end is the test.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use colo_proto::frame::{Frame, FrameReader, write_frame};
+use vhost_net_colo::backend::{VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX};
+use vhost_net_colo::testing::{NetFrontend, Options};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    _proc: Proc,
+    sock: PathBuf,
+    /// The far end of the backend's stream netdev.
+    wire: UnixStream,
+}
+
+fn start(extra: &[&str]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vu.sock");
+    let wire_path = dir.path().join("wire.sock");
+    let l = UnixListener::bind(&wire_path).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vhost-net-colo"))
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--netdev")
+        .arg(format!(
+            "stream,id=s0,server=off,addr.type=unix,addr.path={}",
+            wire_path.display()
+        ))
+        .args(extra)
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    let (wire, _) = l.accept().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "backend socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Setup {
+        _dir: dir,
+        _proc: proc,
+        sock,
+        wire,
+    }
+}
+
+fn frame(i: usize, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    for (j, b) in f[14..].iter_mut().enumerate() {
+        *b = (i + j * 3) as u8;
+    }
+    f
+}
+
+const SIZES: [usize; 8] = [60, 61, 128, 500, 1514, 1000, 4000, 9014];
+
+fn exchange(s: &Setup, o: &Options) {
+    let mut fe = NetFrontend::connect(&s.sock, o).unwrap();
+    // Guest -> netdev, in order.
+    let out: Vec<Vec<u8>> = (0..200).map(|i| frame(i, SIZES[i % SIZES.len()])).collect();
+    fe.send_batch(&out[..100]).unwrap();
+    for f in &out[100..] {
+        fe.send(f).unwrap();
+    }
+    let mut r = FrameReader::new(s.wire.try_clone().unwrap(), false);
+    s.wire
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for (i, want) in out.iter().enumerate() {
+        let got = r.read_frame().unwrap().unwrap();
+        assert_eq!(&got.payload, want, "guest frame {i}");
+    }
+    // Netdev -> guest, in order; large frames span several buffers with MRG_RXBUF.
+    let mut w = s.wire.try_clone().unwrap();
+    let inbound: Vec<Vec<u8>> = (0..200)
+        .map(|i| frame(i + 7, SIZES[(i + 3) % SIZES.len()]))
+        .collect();
+    let mut max_bufs = 0;
+    let mut next = 0;
+    for f in &inbound {
+        write_frame(&mut w, &Frame::ethernet(f.clone()), false).unwrap();
+    }
+    let mrg = fe.features() & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+    while next < inbound.len() {
+        let want = &inbound[next];
+        if !mrg && want.len() + 12 > o.rx_buf_size {
+            next += 1; // dropped by the device: it does not fit one buffer
+            continue;
+        }
+        let (got, nbufs) = fe
+            .recv(Duration::from_secs(10))
+            .expect("frame to the guest");
+        assert_eq!(&got, want, "netdev frame {next}");
+        max_bufs = max_bufs.max(nbufs);
+        next += 1;
+    }
+    if mrg {
+        let need = (9014usize + 12).div_ceil(o.rx_buf_size) as u16;
+        assert_eq!(
+            max_bufs, need,
+            "a 9014-byte frame in {}-byte buffers",
+            o.rx_buf_size
+        );
+    } else {
+        assert_eq!(max_bufs, 1);
+    }
+}
+
+#[test]
+fn frames_cross_the_device_both_ways_in_order_with_merged_buffers_and_event_idx() {
+    let s = start(&[]);
+    exchange(
+        &s,
+        &Options {
+            rx_buf_size: 1024,
+            ..Options::default()
+        },
+    );
+}
+
+#[test]
+fn frames_cross_the_device_without_event_idx_or_merged_buffers() {
+    let s = start(&[]);
+    let o = Options {
+        event_idx: false,
+        mrg_rxbuf: false,
+        rx_buf_size: 2048,
+        ..Options::default()
+    };
+    exchange(&s, &o);
+}
+
+#[test]
+fn mac_and_link_status_are_in_config_space_and_features_are_offered() {
+    let s = start(&["--mac", "52:54:00:ab:cd:ef"]);
+    let mut fe = NetFrontend::connect(&s.sock, &Options::default()).unwrap();
+    let cfg = fe.config(8).unwrap();
+    assert_eq!(&cfg[..6], &[0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+    assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]) & 1, 1, "link up");
+    let f = fe.features();
+    assert_ne!(f & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+    assert_ne!(f & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+    assert_eq!(
+        f & (1 << 0 | 1 << 11),
+        0,
+        "no checksum or TSO offload offered"
+    );
+}
+
+#[test]
+fn serves_again_after_the_frontend_disconnects() {
+    let s = start(&[]);
+    for round in 0..3 {
+        let mut fe = NetFrontend::connect(&s.sock, &Options::default()).unwrap();
+        let f = frame(round, 100);
+        fe.send(&f).unwrap();
+        let mut r = FrameReader::new(s.wire.try_clone().unwrap(), false);
+        s.wire
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(r.read_frame().unwrap().unwrap().payload, f, "round {round}");
+        let mut w = s.wire.try_clone().unwrap();
+        write_frame(&mut w, &Frame::ethernet(frame(round + 50, 200)), false).unwrap();
+        let (got, _) = fe
+            .recv(Duration::from_secs(10))
+            .expect("frame to the guest");
+        assert_eq!(got, frame(round + 50, 200), "round {round}");
+        drop(fe);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn bad_command_lines_are_refused_with_a_message() {
+    let bin = env!("CARGO_BIN_EXE_vhost-net-colo");
+    for args in [
+        vec!["--socket", "/tmp/x.sock", "--netdev", "bogus,id=x"],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--netdev",
+            "user,id=n0",
+            "--mac",
+            "zz",
+        ],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--netdev",
+            "user,id=n0",
+            "--object",
+            "filter-mirror,id=m,netdev=n0",
+        ],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--netdev",
+            "user,id=n0",
+            "--object",
+            "filter-rewriter,id=r,netdev=other",
+        ],
+        vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--netdev",
+            "user,id=n0,hostfwd=tcp:1.2.3.4",
+        ],
+        vec!["--socket", "/tmp/x.sock", "--netdev", "stream,id=s"],
+    ] {
+        let out = Command::new(bin).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("Error"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let _ = Path::new("/tmp/x.sock");
+}
