@@ -348,3 +348,44 @@ fn initial_sync_copies_the_primary_disk_to_a_differing_secondary_while_writes_co
         "after the initial sync and a checkpoint the secondary equals the primary"
     );
 }
+
+#[test]
+fn a_hung_secondary_is_dropped_after_the_nbd_timeout_and_never_fails_guest_writes() {
+    let mut pair = start_pair(1000);
+    let mut pf = fe(&pair.p("pri.sock"));
+    let pid = pair.secondary.as_ref().unwrap().0.id() as libc::pid_t;
+    for (sector, data) in workload(4, 20) {
+        assert_eq!(pf.write(0, sector, &data).unwrap(), VIRTIO_BLK_S_OK);
+    }
+    // SAFETY: kill(2) on a child process this test started and has not reaped.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let t0 = Instant::now();
+    let writes = workload(9, 50);
+    for (i, (sector, data)) in writes.iter().enumerate() {
+        assert_eq!(
+            pf.write(0, *sector, data).unwrap(),
+            VIRTIO_BLK_S_OK,
+            "write {i} while the secondary hangs"
+        );
+    }
+    let took = t0.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        took < Duration::from_secs(10),
+        "writes stalled {took:?} (timeout is 1 s, paid once)"
+    );
+    let ev = pair
+        .pq
+        .wait_event("COLO_BLK_SECONDARY_LOST", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        ev.data["error"].as_str().unwrap().contains("timed out"),
+        "{ev:?}"
+    );
+    let pri = std::fs::read(pair.p("pri.img")).unwrap();
+    for (sector, data) in writes.iter().rev().take(1) {
+        let o = *sector as usize * 512;
+        assert_eq!(&pri[o..o + data.len()], &data[..]);
+    }
+}
