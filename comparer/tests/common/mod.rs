@@ -208,3 +208,67 @@ pub fn release_reasons(r: &ReplayReport) -> Vec<ReleaseReason> {
 pub fn first_reason(r: &ReplayReport) -> &CheckpointReason {
     &r.checkpoints.first().expect("a checkpoint").1
 }
+
+/// Rebuilds every IPv4 TCP frame as IPv6 (fd00::<last IPv4 octet>), keeping ports, sequence
+/// numbers, flags and payload; other frames stay as they are.
+pub fn to_ipv6(p: &[Packet]) -> Vec<Packet> {
+    use std::net::{IpAddr, Ipv6Addr};
+    let v6 = |a: IpAddr| match a {
+        IpAddr::V4(a) => IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            u16::from(a.octets()[3]),
+        )),
+        a => a,
+    };
+    p.iter()
+        .map(|x| {
+            let pp = parse_ethernet(&x.data);
+            let (Some(ip), Some(t)) = (pp.ip(), pp.tcp()) else {
+                return x.clone();
+            };
+            let data = tcp_frame(
+                &Link {
+                    src_mac: pp.src_mac,
+                    dst_mac: pp.dst_mac,
+                    vlan: pp.vlan(),
+                },
+                &TcpSegment {
+                    src: SocketAddr::new(v6(ip.src), t.src_port),
+                    dst: SocketAddr::new(v6(ip.dst), t.dst_port),
+                    seq: t.seq,
+                    ack: t.ack,
+                    flags: t.flags.0,
+                    window: t.window,
+                    payload: t.payload,
+                },
+            );
+            Packet {
+                ts: x.ts,
+                data,
+                offset: x.offset,
+            }
+        })
+        .collect()
+}
+
+/// Stream offset (bytes after the SYN) of payload byte `at` of TCP packet `i`, given the
+/// connection's SYN-ACK in the same capture.
+pub fn stream_offset(p: &[Packet], i: usize, at: usize) -> u64 {
+    let t = parse_ethernet(&p[i].data).tcp().expect("tcp").clone();
+    let key = parse_ethernet(&p[i].data).conn_key();
+    let isn = p
+        .iter()
+        .find_map(|x| {
+            let pp = parse_ethernet(&x.data);
+            (pp.conn_key() == key && pp.tcp().is_some_and(|t| t.flags.syn()))
+                .then(|| pp.tcp().expect("tcp").seq)
+        })
+        .expect("a SYN-ACK");
+    u64::from(t.seq.wrapping_sub(isn).wrapping_sub(1)) + at as u64
+}
