@@ -253,6 +253,15 @@ impl Stream {
     }
 }
 
+impl std::os::fd::AsRawFd for Stream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -347,6 +356,22 @@ impl ChardevEndpoint {
 
     pub fn spec(&self) -> &ChardevSpec {
         &self.spec
+    }
+
+    /// The listening socket's descriptor (servers only), for a caller's own `poll` loop: it
+    /// becomes readable when a peer waits to be accepted with [`ChardevEndpoint::accept`].
+    pub fn listener_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match &self.listener {
+            Some(Listener::Unix(l, _)) => Some(l.as_raw_fd()),
+            Some(Listener::Tcp(l)) => Some(l.as_raw_fd()),
+            None => None,
+        }
+    }
+
+    /// Takes the stream accepted by `open` with `wait=on`, if it was not handed out yet.
+    pub fn take_pending(&mut self) -> Option<Stream> {
+        self.pending.take()
     }
 
     /// The address actually bound (resolves `port=0` of a TCP server).

@@ -1,15 +1,22 @@
-//! The live comparer's threads: input readers, the engine loop (which also writes `outdev`),
-//! the QMP server.
+//! The live comparer's event loop and the QMP server.
+//!
+//! One thread owns everything on the data path: it polls the input sockets (and their
+//! listeners while they have no peer), decodes records, drives the engine, and writes released
+//! frames to `outdev`; a frame therefore crosses no thread boundary between its arrival and its
+//! release. The QMP server runs in its own threads and reaches the loop through a channel plus
+//! a wake-up socket.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use colo_proto::chardev::{ChardevEndpoint, ChardevError, FramedSender, Stream};
+use colo_proto::chardev::{ChardevEndpoint, FramedSender, Stream};
 use colo_proto::frame::{Frame, FrameDecoder};
 use colo_proto::qmp::{QmpError, QmpServer, Registry, serve_unix};
 use serde::Serialize;
@@ -118,6 +125,8 @@ impl LiveHandle {
                 done = cv.wait(done).unwrap_or_else(|e| e.into_inner());
             }
         }
+        // Let the QMP server send the reply to `quit` before it is shut down.
+        std::thread::sleep(Duration::from_millis(100));
         self.shutdown();
     }
 
@@ -176,30 +185,40 @@ pub fn start_with(
             .spawn(f)
             .map_err(|source| LiveError::Thread { name, source })
     };
-    for (input, ep, name) in [
-        (Input::Primary, Some(primary), "cmp-primary"),
-        (Input::Secondary, Some(secondary), "cmp-secondary"),
-        (Input::Notify, notify, "cmp-notify"),
+    let mut ports = Vec::new();
+    for (input, ep) in [
+        (Input::Primary, Some(primary)),
+        (Input::Secondary, Some(secondary)),
+        (Input::Notify, notify),
     ] {
-        let Some(ep) = ep else { continue };
-        let tx = tx.clone();
-        let cancel = cancel.clone();
-        threads.push(spawn(
-            name,
-            Box::new(move || reader_loop(input, ep, vnet, &tx, &cancel)),
-        )?);
+        if let Some(ep) = ep {
+            ports.push(InputPort {
+                input,
+                ep,
+                stream: None,
+                dec: FrameDecoder::new(vnet),
+                next_attempt: None,
+            });
+        }
     }
+    let (wake_rx, wake_tx) = UnixStream::pair().map_err(|source| LiveError::Thread {
+        name: "wake-up socket",
+        source,
+    })?;
+    let _ = wake_tx.set_nonblocking(true);
+    let _ = wake_rx.set_nonblocking(true);
+    let wake_tx = Arc::new(wake_tx);
 
     let qmp = match &config.qmp {
         Some(path) => {
             let mut reg = Registry::new().with_package("colo comparer");
-            let qtx = tx.clone();
+            let (qtx, w) = (tx.clone(), wake_tx.clone());
             reg.add("query-colo-compare", move |_args| {
-                ask(&qtx, Msg::Query).map_err(QmpError::generic)
+                ask(&qtx, &w, Msg::Query).map_err(QmpError::generic)
             });
-            let qtx = tx.clone();
+            let (qtx, w) = (tx.clone(), wake_tx.clone());
             reg.add("colo-checkpoint-done", move |_args| {
-                ask(&qtx, Msg::CheckpointDone).map_err(QmpError::generic)
+                ask(&qtx, &w, Msg::CheckpointDone).map_err(QmpError::generic)
             });
             let d = done.clone();
             reg.add("quit", move |_args| {
@@ -230,7 +249,7 @@ pub fn start_with(
     };
     threads.push(spawn(
         "cmp-engine",
-        Box::new(move || lp.run(&rx, &cancel2)),
+        Box::new(move || lp.run(ports, &wake_rx, &rx, &cancel2)),
     )?);
     Ok(LiveHandle {
         cancel,
@@ -240,84 +259,46 @@ pub fn start_with(
     })
 }
 
-/// Sends a request to the engine loop and waits for its answer.
-fn ask(tx: &SyncSender<Msg>, mk: fn(SyncSender<Value>) -> Msg) -> Result<Value, String> {
+/// Sends a request to the engine loop, wakes it, and waits for its answer.
+fn ask(
+    tx: &SyncSender<Msg>,
+    wake: &UnixStream,
+    mk: fn(SyncSender<Value>) -> Msg,
+) -> Result<Value, String> {
     let (rtx, rrx) = mpsc::sync_channel(1);
     tx.send(mk(rtx))
         .map_err(|_| "comparer is shutting down".to_owned())?;
+    // A full wake-up socket already holds a wake-up: ignoring WouldBlock is right.
+    let _ = (&*wake).write(&[1]);
     rrx.recv_timeout(Duration::from_secs(10))
         .map_err(|_| "comparer engine did not answer within 10 s".to_owned())
 }
 
-fn reader_loop(
+/// One input endpoint (primary_in, secondary_in, notify_dev) and its current peer.
+struct InputPort {
     input: Input,
-    mut ep: ChardevEndpoint,
-    vnet: bool,
-    tx: &SyncSender<Msg>,
-    cancel: &AtomicBool,
-) {
-    let mut buf = vec![0u8; 256 * 1024];
-    while !cancel.load(Ordering::Relaxed) {
-        let mut stream = match ep.next_stream(cancel, colo_proto::chardev::DEFAULT_RECONNECT) {
-            Ok(s) => s,
-            Err(ChardevError::Cancelled { .. }) => return,
-            Err(e) => {
-                tracing::error!("{}: {e}", input_name(input));
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
-        let write_half = if input == Input::Notify {
-            stream.try_clone().ok()
-        } else {
-            None
-        };
-        if tx.send(Msg::Connected(input, write_half)).is_err() {
-            return;
-        }
-        tracing::info!("{}: peer connected", input_name(input));
-        let mut dec = FrameDecoder::new(vnet);
-        let reason = loop {
-            if cancel.load(Ordering::Relaxed) {
-                return;
-            }
-            let n = match stream.read(&mut buf) {
-                Ok(0) => break dec.finish().err().map(|e| e.to_string()),
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => break Some(e.to_string()),
-            };
-            dec.push(&buf[..n]);
-            let mut batch = Vec::new();
-            let err = loop {
-                match dec.next_frame() {
-                    Ok(Some(f)) => batch.push(f),
-                    Ok(None) => break None,
-                    Err(e) => break Some(e.to_string()),
-                }
-            };
-            if !batch.is_empty() && tx.send(Msg::Frames(input, batch)).is_err() {
-                return;
-            }
-            if err.is_some() {
-                break err;
-            }
-        };
-        if let Some(r) = &reason {
-            tracing::warn!("{}: link dropped: {r}", input_name(input));
-        }
-        if tx.send(Msg::Disconnected(input, reason)).is_err() {
-            return;
-        }
-    }
+    ep: ChardevEndpoint,
+    stream: Option<Stream>,
+    dec: FrameDecoder,
+    /// Connecting endpoints: when to try again (None: now).
+    next_attempt: Option<Instant>,
+}
+
+/// What a poll slot watches.
+#[derive(Clone, Copy)]
+enum Slot {
+    Wake,
+    Stream(usize),
+    Listener(usize),
+}
+
+/// Waits until one of `fds` is ready or `timeout` passes; fills in `revents`.
+fn poll_fds(fds: &mut [libc::pollfd], timeout: Duration) -> usize {
+    let ms = timeout.as_millis().min(1000) as libc::c_int;
+    // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd for the whole call and
+    // its length is passed as nfds; the descriptors are owned by the caller and stay open.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    usize::try_from(r).unwrap_or(0)
 }
 
 struct EngineLoop {
@@ -344,15 +325,54 @@ impl EngineLoop {
         self.start.elapsed()
     }
 
-    fn run(&mut self, rx: &Receiver<Msg>, cancel: &AtomicBool) {
+    fn run(
+        &mut self,
+        mut ports: Vec<InputPort>,
+        wake: &UnixStream,
+        rx: &Receiver<Msg>,
+        cancel: &AtomicBool,
+    ) {
         self.stats.connected.insert("outdev", false);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut slots: Vec<Slot> = Vec::new();
         loop {
             if cancel.load(Ordering::Relaxed) {
                 return;
             }
             self.service_outdev();
-            let now = self.now();
             let mut wait = Duration::from_millis(50);
+            // Connecting inputs without a peer: (re)connect when due.
+            for (i, port) in ports.iter_mut().enumerate() {
+                if port.stream.is_some() || port.ep.spec().server {
+                    continue;
+                }
+                let now = Instant::now();
+                if let Some(t) = port.next_attempt
+                    && now < t
+                {
+                    wait = wait.min(t - now);
+                    continue;
+                }
+                let retry = port
+                    .ep
+                    .spec()
+                    .reconnect
+                    .unwrap_or(colo_proto::chardev::DEFAULT_RECONNECT);
+                match port.ep.connect_once() {
+                    Ok(s) => {
+                        port.next_attempt = None;
+                        self.attach(&mut ports, i, s);
+                        break; // `ports` was borrowed again; look at the rest next round
+                    }
+                    Err(e) => {
+                        tracing::debug!("{e}");
+                        port.next_attempt = Some(now + retry);
+                        wait = wait.min(retry);
+                    }
+                }
+            }
+            let now = self.now();
             if let Some(d) = self.engine.next_deadline() {
                 wait = wait.min(d.saturating_sub(now));
             }
@@ -360,29 +380,110 @@ impl EngineLoop {
                 // outdev has no peer or is slow: look again soon.
                 wait = wait.min(Duration::from_millis(5));
             }
+            fds.clear();
+            slots.clear();
+            fds.push(pollfd(wake.as_raw_fd()));
+            slots.push(Slot::Wake);
             if self.backlog.len() < BACKLOG_LIMIT {
-                match rx.recv_timeout(wait) {
-                    Ok(m) => {
-                        self.handle(m);
-                        // Take what else is already there, bounded so outputs flow.
-                        for _ in 0..64 {
-                            match rx.try_recv() {
-                                Ok(m) => self.handle(m),
-                                Err(_) => break,
+                for (i, port) in ports.iter().enumerate() {
+                    if let Some(s) = &port.stream {
+                        fds.push(pollfd(s.as_raw_fd()));
+                        slots.push(Slot::Stream(i));
+                    } else if let Some(fd) = port.ep.listener_fd() {
+                        fds.push(pollfd(fd));
+                        slots.push(Slot::Listener(i));
+                    }
+                }
+            }
+            if poll_fds(&mut fds, wait) > 0 {
+                for k in 0..fds.len() {
+                    if fds[k].revents == 0 {
+                        continue;
+                    }
+                    match slots[k] {
+                        Slot::Wake => {
+                            let mut sink = [0u8; 64];
+                            while matches!((&*wake).read(&mut sink), Ok(n) if n > 0) {}
+                        }
+                        Slot::Listener(i) => {
+                            let never = AtomicBool::new(false);
+                            match ports[i].ep.accept(&never, Some(Duration::ZERO)) {
+                                Ok(Some(s)) => self.attach(&mut ports, i, s),
+                                Ok(None) => {}
+                                Err(e) => tracing::warn!("{}: {e}", input_name(ports[i].input)),
                             }
                         }
+                        Slot::Stream(i) => self.read_input(&mut ports[i], &mut buf),
                     }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return,
                 }
-            } else {
-                std::thread::sleep(wait);
+            }
+            while let Ok(m) = rx.try_recv() {
+                self.handle(m);
             }
             let now = self.now();
             if self.engine.next_deadline().is_some_and(|d| d <= now) {
                 self.engine.on_tick(now);
             }
             self.collect();
+        }
+    }
+
+    /// A new peer on input `i`.
+    fn attach(&mut self, ports: &mut [InputPort], i: usize, s: Stream) {
+        let port = &mut ports[i];
+        tracing::info!("{}: peer connected", input_name(port.input));
+        let write_half = if port.input == Input::Notify {
+            s.try_clone().ok()
+        } else {
+            None
+        };
+        port.dec = FrameDecoder::new(self.config.vnet_hdr_support);
+        port.stream = Some(s);
+        self.handle(Msg::Connected(port.input, write_half));
+    }
+
+    /// Reads what input `port` has (poll said it would not block) and feeds the engine.
+    fn read_input(&mut self, port: &mut InputPort, buf: &mut [u8]) {
+        let Some(stream) = &mut port.stream else {
+            return;
+        };
+        let gone = match stream.read(buf) {
+            Ok(0) => Some(port.dec.finish().err().map(|e| e.to_string())),
+            Ok(n) => {
+                port.dec.push(&buf[..n]);
+                let mut batch = Vec::new();
+                let err = loop {
+                    match port.dec.next_frame() {
+                        Ok(Some(f)) => batch.push(f),
+                        Ok(None) => break None,
+                        Err(e) => break Some(e.to_string()),
+                    }
+                };
+                if !batch.is_empty() {
+                    self.handle(Msg::Frames(port.input, batch));
+                }
+                err.map(Some)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                None
+            }
+            Err(e) => Some(Some(e.to_string())),
+        };
+        if let Some(reason) = gone {
+            if let Some(r) = &reason {
+                tracing::warn!("{}: link dropped: {r}", input_name(port.input));
+            } else {
+                tracing::info!("{}: peer went away", input_name(port.input));
+            }
+            if let Some(s) = port.stream.take() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            self.handle(Msg::Disconnected(port.input, reason));
         }
     }
 
@@ -566,13 +667,17 @@ impl EngineLoop {
     }
 }
 
+fn pollfd(fd: std::os::fd::RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
 /// Whether the peer of `s` has closed its end (readable with EOF or hung up), without blocking.
 fn peer_closed(s: &Stream) -> bool {
-    use std::os::fd::AsRawFd;
-    let fd = match s {
-        Stream::Unix(u) => u.as_raw_fd(),
-        Stream::Tcp(t) => t.as_raw_fd(),
-    };
+    let fd = s.as_raw_fd();
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN | libc::POLLRDHUP,
