@@ -79,18 +79,16 @@ done
 command -v "$QEMU" >/dev/null || die "$QEMU not found (Debian package qemu-system-x86)"
 
 # ---------------------------------------------------------------- cache: kernel + initramfs
-find_deb() { # $1 = glob; searches our cache and the guest build's cache
-	local f
-	for f in "$CACHE"/debs/$1 "$REPO"/.cache/guest/$1 "$REPO"/.cache/guest/*/$1 \
-		"$REPO"/.cache/guest/*/*/$1; do
+find_deb() { # $1 = glob; the newest match in our cache or the guest build's cache
+	local f gc=${COLO_CACHE:-$REPO/.cache}/guest
+	for f in "$CACHE"/debs/$1 "$gc"/$1 "$gc"/*/$1 "$gc"/*/*/$1; do
 		case $f in *cloud*|*-rt-*|*-dbg_*|*unsigned*) continue ;; esac
-		[ -f "$f" ] && { printf '%s\n' "$f"; return 0; }
-	done
-	return 1
+		[ -f "$f" ] && printf '%s %s\n' "${f##*/}" "$f"
+	done | sort -V -k1,1 | tail -n 1 | cut -d' ' -f2-
 }
 
 get_debs() {
-	KDEB=$(find_deb 'linux-image-6.1*-amd64_*_amd64.deb' | sort -V | tail -n 1)
+	KDEB=$(find_deb 'linux-image-6.1*-amd64_*_amd64.deb')
 	if [ -z "$KDEB" ]; then
 		local pkg
 		pkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
@@ -98,16 +96,16 @@ get_debs() {
 		[ -n "$pkg" ] || pkg=linux-image-6.1.0-56-amd64
 		say "downloading $pkg (apt-get download) into $CACHE/debs"
 		mkdir -p "$CACHE/debs" || return 1
-		(cd "$CACHE/debs" && apt-get download -q "$pkg" >&2) || return 1
-		KDEB=$(find_deb 'linux-image-6.1*-amd64_*_amd64.deb' | sort -V | tail -n 1)
+		(cd "$CACHE/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) || return 1
+		KDEB=$(find_deb 'linux-image-6.1*-amd64_*_amd64.deb')
 		[ -n "$KDEB" ] || return 1
 	fi
-	BBDEB=$(find_deb 'busybox-static_*_amd64.deb' | sort -V | tail -n 1)
+	BBDEB=$(find_deb 'busybox-static_*_amd64.deb')
 	if [ -z "$BBDEB" ]; then
 		mkdir -p "$CACHE/debs" || return 1
 		say "downloading busybox-static (apt-get download) into $CACHE/debs"
-		(cd "$CACHE/debs" && apt-get download -q busybox-static >&2) || return 1
-		BBDEB=$(find_deb 'busybox-static_*_amd64.deb' | sort -V | tail -n 1)
+		(cd "$CACHE/debs" && apt-get download -q -o APT::Sandbox::User=root busybox-static >&2) || return 1
+		BBDEB=$(find_deb 'busybox-static_*_amd64.deb')
 		[ -n "$BBDEB" ] || return 1
 	fi
 }
