@@ -246,6 +246,8 @@ pub fn start_with(
         start: Instant::now(),
         out: Outputs::default(),
         next_outdev_attempt: None,
+        last_write: Instant::now(),
+        _wake_tx: wake_tx.clone(),
     };
     threads.push(spawn(
         "cmp-engine",
@@ -315,6 +317,11 @@ struct EngineLoop {
     out: Outputs,
     /// When to try connecting/accepting outdev next (None: now).
     next_outdev_attempt: Option<Instant>,
+    /// Last successful write to outdev.
+    last_write: Instant,
+    /// Keeps the sending end of the wake-up socket open (without QMP nobody else holds it,
+    /// and a closed peer would make the receiving end readable forever).
+    _wake_tx: Arc<UnixStream>,
 }
 
 /// Above this many unwritten frames the loop stops reading inputs until outdev drains.
@@ -611,8 +618,12 @@ impl EngineLoop {
     /// Keeps outdev connected (a server accepts, a client connects, retrying at its
     /// `reconnect` interval) and writes the backlog to it.
     fn service_outdev(&mut self) {
+        // A peer that closed while we were idle: a TCP write would still succeed once and
+        // its frames would be lost, so look before writing after a pause. (While frames flow,
+        // a closed peer shows up as a write error, and the frames are kept.)
         if self.outdev.is_connected()
             && !self.backlog.is_empty()
+            && self.last_write.elapsed() > Duration::from_millis(1)
             && self.outdev.stream().is_some_and(peer_closed)
         {
             self.outdev.disconnect();
@@ -651,6 +662,7 @@ impl EngineLoop {
             let n = batch.len();
             match self.outdev.send_batch(batch) {
                 Ok(()) => {
+                    self.last_write = Instant::now();
                     self.stats.frames_out += n as u64;
                     self.stats.bytes_out +=
                         batch.iter().map(|f| f.payload.len() as u64).sum::<u64>();
