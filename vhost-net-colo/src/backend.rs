@@ -255,6 +255,7 @@ impl NetBackend {
                 let mut hdr = [0u8; VNET_HDR_LEN];
                 hdr[10..12].copy_from_slice(&(n as u16).to_le_bytes());
                 let mut src: Vec<&[u8]> = vec![&hdr, frame];
+                let mut used = Vec::with_capacity(n);
                 for (head, chain, _) in chains {
                     let written = match write_chain(&mem, chain, &mut src) {
                         Some(w) => w,
@@ -265,7 +266,12 @@ impl NetBackend {
                             0
                         }
                     };
-                    let _ = vring.add_used(head, written as u32);
+                    used.push((head, written as u32));
+                }
+                if add_used_batch(vring, &mem, &used).is_err() {
+                    self.counters
+                        .bad_descriptors
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 used_any = true;
                 pending.pop_front();
@@ -278,10 +284,36 @@ impl NetBackend {
             break;
         }
         drop(pending);
+        self.path.guest.notify_room();
         if used_any {
             self.signal(vring);
         }
     }
+}
+
+/// Puts all buffers of one frame in the used ring and only then moves the used index, so the
+/// driver never sees a merged frame with buffers missing (`add_used` publishes one at a time).
+fn add_used_batch(vring: &VringRwLock<GM>, mem: &Mem, used: &[(u16, u32)]) -> Result<(), ()> {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut q = vring.get_mut();
+    let queue = q.get_queue_mut();
+    let (base, size, next) = (queue.used_ring(), queue.size(), queue.next_used());
+    if size == 0 {
+        return Err(());
+    }
+    for (i, &(id, len)) in used.iter().enumerate() {
+        let slot = u64::from(next.wrapping_add(i as u16) % size);
+        let at = GuestAddress(base + 4 + 8 * slot);
+        mem.write_obj(u32::from(id).to_le(), at).map_err(|_| ())?;
+        mem.write_obj(len.to_le(), GuestAddress(at.0 + 4))
+            .map_err(|_| ())?;
+    }
+    let new = next.wrapping_add(used.len() as u16);
+    std::sync::atomic::fence(Ordering::Release);
+    mem.store(new.to_le(), GuestAddress(base + 2), Ordering::Release)
+        .map_err(|_| ())?;
+    queue.set_next_used(new);
+    Ok(())
 }
 
 fn read_chain(mem: &Mem, chain: DescriptorChain<GuestMemoryLoadGuard<Mem>>) -> Option<Vec<u8>> {

@@ -15,5 +15,5 @@ pub mod filter;
 pub mod netdev;
 pub mod path;
 pub mod shim;
-pub mod vnet;
 pub mod testing;
+pub mod vnet;

@@ -16,6 +16,7 @@ use crate::netdev::Netdev;
 /// Frames waiting to be written into the guest's receive queue.
 pub struct GuestRx {
     queue: Mutex<VecDeque<Vec<u8>>>,
+    room: std::sync::Condvar,
     /// Signalled when frames are queued; the vhost worker listens on it.
     pub kick: EventFd,
     cap: usize,
@@ -27,6 +28,7 @@ impl GuestRx {
     pub fn new(cap: usize) -> std::io::Result<Self> {
         Ok(Self {
             queue: Mutex::new(VecDeque::new()),
+            room: std::sync::Condvar::new(),
             kick: EventFd::new(EFD_NONBLOCK)?,
             cap,
             dropped: AtomicU64::new(0),
@@ -58,6 +60,22 @@ impl GuestRx {
         if let Ok(mut q) = self.queue.lock() {
             q.clear();
         }
+        self.room.notify_all();
+    }
+
+    /// Waits (up to `timeout`) until the queue has room: netdev readers call it before taking
+    /// a frame through the chain, so a guest that is slow to post buffers slows the netdev down
+    /// (a stream socket or tap backs up) instead of losing frames.
+    pub fn wait_room(&self, timeout: std::time::Duration) {
+        let Ok(q) = self.queue.lock() else { return };
+        let _ = self
+            .room
+            .wait_timeout_while(q, timeout, |q| q.len() >= self.cap);
+    }
+
+    /// Called by the ring filler after taking frames.
+    pub fn notify_room(&self) {
+        self.room.notify_all();
     }
 }
 
@@ -132,8 +150,12 @@ impl NetPath {
         }
     }
 
-    /// A frame the netdev received (guest ingress, `tx`).
+    /// A frame the netdev received (guest ingress, `tx`). Waits a little for room in the
+    /// guest's queue first (outside the chain lock), so the netdev is back-pressured.
     pub fn from_netdev(&self, frame: Vec<u8>) {
+        if self.guest_connected.load(Ordering::Relaxed) {
+            self.guest.wait_room(std::time::Duration::from_secs(1));
+        }
         let mut chain = self.chain();
         if let Outcome::Deliver(f) = chain.process(Direction::Tx, frame) {
             self.deliver(Direction::Tx, f);
