@@ -132,13 +132,17 @@ fuzz_target!(|input: Input| {
         for d in d {
             match d {
                 Decision::Release { frame, .. } => {
-                    let c = prim.get_mut(&frame.payload).expect("released frame is a primary frame");
+                    let c = prim
+                        .get_mut(&frame.payload)
+                        .expect("released frame is a primary frame");
                     assert!(*c > 0, "released twice");
                     *c -= 1;
                     *released += 1;
                 }
                 Decision::DropSecondary { frame, .. } => {
-                    let c = sec.get_mut(&frame.payload).expect("dropped frame is a secondary frame");
+                    let c = sec
+                        .get_mut(&frame.payload)
+                        .expect("dropped frame is a secondary frame");
                     assert!(*c > 0, "dropped twice");
                     *c -= 1;
                 }
@@ -175,7 +179,10 @@ fuzz_target!(|input: Input| {
     check(e.take_decisions(), &mut prim, &mut sec, &mut released);
     assert_eq!(released, given, "every primary frame released exactly once");
     assert!(prim.values().all(|&c| c == 0));
-    assert!(sec.values().all(|&c| c == 0), "every secondary frame dropped");
+    assert!(
+        sec.values().all(|&c| c == 0),
+        "every secondary frame dropped"
+    );
     let s = e.stats();
     assert_eq!((s.primary_queued, s.secondary_queued), (0, 0));
     assert_eq!(s.released, given);
