@@ -493,3 +493,59 @@ fn secondary_only_output_times_out() {
         "{d:?}"
     );
 }
+
+#[test]
+fn ethernet_padding_is_not_tcp_payload() {
+    let mut e = engine();
+    e.on_primary(seg(0, SYN | ACK, b""), ms(0));
+    e.on_secondary(seg(0, SYN | ACK, b""), ms(0));
+    summary(&mut e);
+    // A pure ACK padded to the 60-byte Ethernet minimum with garbage is still a pure ACK
+    // (QEMU counts the padding as payload).
+    let mut padded = seg(1, ACK, b"");
+    padded.payload.resize(60, 0xee);
+    e.on_primary(padded, ms(1));
+    assert_eq!(summary(&mut e), vec![D::Rel(ReleaseReason::PureAck)]);
+    let mut p = seg(1, ACK, b"ab");
+    p.payload.resize(60, 0x11);
+    let mut s = seg(1, ACK, b"ab");
+    s.payload.resize(60, 0x22);
+    e.on_primary(p, ms(2));
+    e.on_secondary(s, ms(2));
+    assert_eq!(
+        summary(&mut e),
+        vec![D::Rel(ReleaseReason::Matched), D::Drop(DropReason::Matched)]
+    );
+}
+
+#[test]
+fn outstanding_checkpoint_is_repeated_after_compare_timeout() {
+    let mut e = engine();
+    let g: SocketAddr = "10.0.0.2:9".parse().unwrap();
+    e.on_primary(
+        Frame::ethernet(udp_frame(&Link::default(), g, client(), b"a")),
+        ms(0),
+    );
+    e.on_secondary(
+        Frame::ethernet(udp_frame(&Link::default(), g, client(), b"b")),
+        ms(0),
+    );
+    assert_eq!(
+        summary(&mut e),
+        vec![
+            D::Ckpt("payload_differs"),
+            D::Drop(DropReason::AfterDivergence)
+        ]
+    );
+    // Not done: the primary frame's timeout is held back until the request is overdue.
+    assert_eq!(e.next_deadline(), Some(ms(1000)), "expiry scan");
+    e.on_tick(ms(1000));
+    assert_eq!(e.next_deadline(), Some(ms(2000)));
+    e.on_tick(ms(2000));
+    e.on_tick(ms(2999));
+    assert_eq!(summary(&mut e), vec![]);
+    e.on_tick(ms(3000));
+    assert_eq!(summary(&mut e), vec![D::Ckpt("timeout")]);
+    assert_eq!(e.stats().checkpoints.payload_differs, 1);
+    assert_eq!(e.stats().checkpoints.timeout, 1);
+}
