@@ -15,6 +15,7 @@
 //!   p99.9.
 //!
 //! Usage: bench-comparer --comparer PATH [--impl ours|qemu|both] [--quick] [--rate N[,N...]]
+//!        [--rt: latency runs under SCHED_FIFO (the implementations via chrt, the driver's threads)]
 //!        [--latency-secs S]
 
 use std::io::{ErrorKind, Read, Write};
@@ -133,7 +134,7 @@ fn accept(l: &UnixListener, child: &mut Child, what: &str) -> Result<UnixStream>
     }
 }
 
-fn start(which: Which, comparer: &Path, run: usize) -> Result<Running> {
+fn start(which: Which, comparer: &Path, run: usize, rt: bool) -> Result<Running> {
     let dir = std::env::temp_dir().join(format!("bench-comparer-{}-{run}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -172,6 +173,14 @@ fn start(which: Which, comparer: &Path, run: usize) -> Result<Running> {
             c
         }
     };
+    if rt {
+        // Real-time FIFO priority for the implementation under test (latency runs with --rt).
+        let mut c = Command::new("chrt");
+        c.args(["-f", "10"])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        cmd = c;
+    }
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -255,6 +264,27 @@ fn cpu_time(pid: u32) -> Duration {
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / hz)
+}
+
+/// Puts the calling thread under SCHED_FIFO priority 10 (`on`) or back to SCHED_OTHER.
+fn set_fifo(on: bool) {
+    let param = libc::sched_param {
+        sched_priority: if on { 10 } else { 0 },
+    };
+    let policy = if on {
+        libc::SCHED_FIFO
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: `param` is a valid sched_param for the duration of the call; pid 0 is the
+    // calling thread; the call has no other memory effects.
+    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if r != 0 {
+        eprintln!(
+            "  (sched_setscheduler failed: {})",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 struct Receiver {
@@ -407,7 +437,7 @@ struct Latency {
     checkpoints: u64,
 }
 
-fn latency(r: Running, rate: f64, secs: f64) -> Result<Latency> {
+fn latency(r: Running, rate: f64, secs: f64, rt: bool) -> Result<Latency> {
     let frame_len = 64;
     let n = (rate * secs) as usize;
     let (bytes, rec) = stream(n, frame_len, FIRST_SEQ, 80);
@@ -429,6 +459,9 @@ fn latency(r: Running, rate: f64, secs: f64) -> Result<Latency> {
     let sender = {
         let (bytes, sent_at, stop) = (bytes.clone(), sent_at.clone(), stop.clone());
         std::thread::spawn(move || -> Result<f64> {
+            if rt {
+                set_fifo(true);
+            }
             let interval = 1.0 / rate;
             for i in 0..n {
                 let due = start + Duration::from_secs_f64(i as f64 * interval);
@@ -451,6 +484,9 @@ fn latency(r: Running, rate: f64, secs: f64) -> Result<Latency> {
             Ok(n as f64 / start.elapsed().as_secs_f64())
         })
     };
+    if rt {
+        set_fifo(true);
+    }
     let mut rx = Receiver::new(out);
     let mut lat = Vec::with_capacity(n);
     let mut got = 0usize;
@@ -465,6 +501,9 @@ fn latency(r: Running, rate: f64, secs: f64) -> Result<Latency> {
         got < n
     });
     stop.store(true, Ordering::Relaxed);
+    if rt {
+        set_fifo(false);
+    }
     let achieved = sender
         .join()
         .map_err(|_| anyhow!("sender thread panicked"))??;
@@ -511,6 +550,7 @@ fn main() -> Result<()> {
     let mut comparer = None;
     let mut impls = vec![Which::Ours, Which::Qemu];
     let mut quick = false;
+    let mut rt = false;
     let mut rates = vec![10_000.0, 100_000.0];
     let mut lat_secs = 2.0;
     let mut args = std::env::args().skip(1);
@@ -526,6 +566,7 @@ fn main() -> Result<()> {
                 }
             }
             "--quick" => quick = true,
+            "--rt" => rt = true,
             "--rate" => {
                 rates = args
                     .next()
@@ -559,7 +600,7 @@ fn main() -> Result<()> {
         let mut row = Vec::new();
         for &w in &impls {
             run += 1;
-            let mut r = start(w, &comparer, run)?;
+            let mut r = start(w, &comparer, run, false)?;
             warm_up(&mut r)?;
             eprintln!("throughput {len} B x {n}: {}", w.name());
             row.push(throughput(r, n, len)?);
@@ -571,13 +612,13 @@ fn main() -> Result<()> {
         let mut lats = Vec::new();
         for &w in &impls {
             run += 1;
-            let mut r = start(w, &comparer, run)?;
+            let mut r = start(w, &comparer, run, rt)?;
             warm_up(&mut r)?;
             eprintln!(
                 "latency 64 B at {rate} frames/s for {lat_secs} s: {}",
                 w.name()
             );
-            lats.push(latency(r, rate, lat_secs)?);
+            lats.push(latency(r, rate, lat_secs, rt)?);
         }
         lat_runs.push((rate, lats));
     }
