@@ -39,6 +39,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -323,7 +324,19 @@ fn run_in_lab(lab: &Lab, test: &str, timeout: Duration) -> Result<(), String> {
         "{test}: needs real KVM; running it inside the KVM lab ({})",
         lab.script.display()
     );
-    let mut child = Command::new(&lab.script)
+    let mut cmd = Command::new(&lab.script);
+    // SAFETY: runs in the forked child before exec and only calls prctl(2), which is
+    // async-signal-safe. If this test process dies (even by SIGKILL), the runner gets SIGTERM
+    // and cleans up (kills its QEMU by PID, removes its run dir).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .arg("-t")
         .arg(timeout.as_secs().max(1).to_string())
         .arg("-w")
