@@ -29,7 +29,12 @@ impl Write for Shared {
     }
 }
 
-fn registry() -> Registry {
+fn registry() -> &'static Registry {
+    static R: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+    R.get_or_init(make_registry)
+}
+
+fn make_registry() -> Registry {
     let mut r = Registry::new();
     r.add("add", |a| {
         args::reject_unknown(a, &["a", "b"])?;
@@ -76,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
     }
     stream.extend_from_slice(input);
     let out = Shared::default();
-    serve_connection(&registry(), Cursor::new(stream.clone()), out.clone())
+    serve_connection(registry(), Cursor::new(stream.clone()), out.clone())
         .expect("in-memory I/O cannot fail");
     let bytes = out.0.lock().unwrap().clone();
     let text = String::from_utf8(bytes).expect("responses are UTF-8");
