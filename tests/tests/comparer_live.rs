@@ -378,3 +378,53 @@ fn live_comparer_speaks_qemu_notify_dev_strings() {
     let got = read_unix(&mut out, Duration::from_secs(5)).expect("COLO_CHECKPOINT did not flush");
     assert_eq!(got, held, "vnet header and frame must come back intact");
 }
+
+#[test]
+fn live_comparer_drops_a_peer_that_sends_an_impossible_record_and_takes_the_next() {
+    let bin = comparer_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let child = Command::new(&bin)
+        .arg("--primary_in")
+        .arg(format!("unix:{},server=on", p("pin.sock").display()))
+        .arg("--secondary_in")
+        .arg(format!("unix:{},server=on", p("sin.sock").display()))
+        .arg("--outdev")
+        .arg(format!("unix:{},server=on", p("out.sock").display()))
+        .arg("--qmp")
+        .arg(p("qmp.sock"))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = ChildGuard(child);
+    let mut q = QmpClient::connect_unix_retry(
+        p("qmp.sock"),
+        Instant::now() + Duration::from_secs(10),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let mut bad = connect_unix_retry(&p("pin.sock"));
+    // A record longer than QEMU's 69632-byte maximum: the stream cannot be trusted any more.
+    bad.write_all(&(70_000u32).to_be_bytes()).unwrap();
+    bad.write_all(&[0u8; 64]).unwrap();
+    let mut eof = [0u8; 1];
+    bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(
+        bad.read(&mut eof).unwrap(),
+        0,
+        "the comparer must hang up on that peer"
+    );
+    let st = query(&mut q);
+    assert_eq!(live(&st, "link_errors"), 1, "{st}");
+    assert_eq!(live(&st, "primary_frames_in"), 0, "{st}");
+    // The next peer is served normally.
+    let mut pin = connect_unix_retry(&p("pin.sock"));
+    let mut sin = connect_unix_retry(&p("sin.sock"));
+    let mut out = Out::new(connect_unix_retry(&p("out.sock")), false);
+    let f = udp(7000, b"after a bad peer");
+    send(&mut pin, &f);
+    send(&mut sin, &f);
+    let got = read_unix(&mut out, Duration::from_secs(5)).expect("not released after a bad peer");
+    assert_eq!(got.payload, f);
+    assert!(guard.0.try_wait().unwrap().is_none(), "comparer died");
+}
