@@ -17,7 +17,7 @@
 # Exit status: the command's; 125 = the lab itself failed; 124 = deadline reached.
 # Environment: KVM_LAB_DIR (cache, default <repo>/.cache/kvm-lab), KVM_LAB_KEEP=1 (keep the run
 # dir), KVM_LAB_TIMES=1 (print timings), KVM_LAB_ROOT=ro (plain ro root + tmpfs /tmp),
-# KVM_LAB_MODULES (modules to load, default below), KVM_LAB_QEMU (QEMU binary), KVM_LAB_APPEND
+# KVM_LAB_MODULES (modules to load at start, default "overlay kvm_amd"), KVM_LAB_QEMU (QEMU binary), KVM_LAB_APPEND
 # (extra L1 kernel parameters), KVM_LAB_PVH=0 (boot the compressed kernel instead of PVH).
 set -u
 set -o pipefail
@@ -41,9 +41,9 @@ RW=()
 
 say() { printf 'kvm-lab: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit $LAB_RC_FAIL; }
-usage() {
+usage() { # $1 = exit status (default: the lab failed)
 	sed -n '2,/^set -u/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}" >&2
-	exit $LAB_RC_FAIL
+	exit "${1:-$LAB_RC_FAIL}"
 }
 # elapsed seconds since T0, 2 decimals
 since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }'; }
@@ -56,7 +56,7 @@ while [ $# -gt 0 ]; do
 	-c) [ $# -ge 2 ] || usage; CPUS=$2; shift 2 ;;
 	-v) VERBOSE=1; shift ;;
 	--check) CHECK=1; shift ;;
-	-h|--help) usage ;;
+	-h|--help) usage 0 ;;
 	--) shift; break ;;
 	*) say "unknown option: $1"; usage ;;
 	esac
