@@ -39,12 +39,21 @@ pub struct LiveConfig {
     pub outdev: ChardevSpec,
     /// QEMU's Xen-style controller channel (`DO_CHECKPOINT` / `COLO_CHECKPOINT`).
     pub notify_dev: Option<ChardevSpec>,
-    /// The QMP control socket (a Unix socket path we listen on).
-    pub qmp: Option<PathBuf>,
+    /// The QMP control channel.
+    pub qmp: Option<QmpAddr>,
     pub compare_timeout: Duration,
     pub expired_scan_cycle: Duration,
     pub max_queue_size: usize,
     pub vnet_hdr_support: bool,
+}
+
+/// Where QMP is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QmpAddr {
+    /// A Unix socket we listen on.
+    Unix(PathBuf),
+    /// stdin/stdout (`--qmp stdio`).
+    Stdio,
 }
 
 /// The live comparer's command line (clap), after `-object`/`-chardev`/`-qmp` were given their
@@ -67,7 +76,7 @@ pub struct LiveArgs {
     /// Xen-style controller channel (chardev spec).
     #[arg(long = "notify_dev", alias = "notify-dev")]
     pub notify_dev: Option<String>,
-    /// QMP control socket: unix:PATH[,server=on,wait=off] or a path.
+    /// QMP control socket: unix:PATH[,server=on,wait=off], a path, or stdio.
     #[arg(long)]
     pub qmp: Option<String>,
     /// Milliseconds a frame may wait for its twin (QEMU default 3000).
@@ -145,7 +154,14 @@ fn kv_list(s: &str) -> Result<(String, Vec<(String, String)>), LiveError> {
     Ok((ty, kvs))
 }
 
-fn parse_qmp(s: &str) -> Result<PathBuf, LiveError> {
+fn parse_qmp(s: &str) -> Result<QmpAddr, LiveError> {
+    if s == "stdio" {
+        return Ok(QmpAddr::Stdio);
+    }
+    parse_qmp_path(s).map(QmpAddr::Unix)
+}
+
+fn parse_qmp_path(s: &str) -> Result<PathBuf, LiveError> {
     if let Some(rest) = s.strip_prefix("unix:") {
         let path = rest.split(',').next().unwrap_or_default();
         if path.is_empty() {
@@ -315,7 +331,7 @@ mod tests {
         assert!(c.primary_in.server);
         assert!(c.secondary_in.server);
         assert!(!c.outdev.server);
-        assert_eq!(c.qmp, Some(PathBuf::from("/c.sock")));
+        assert_eq!(c.qmp, Some(QmpAddr::Unix(PathBuf::from("/c.sock"))));
         assert_eq!(c.compare_timeout, Duration::from_millis(3000));
         assert_eq!(c.expired_scan_cycle, Duration::from_millis(1000));
         assert_eq!(c.max_queue_size, 1024);
@@ -338,7 +354,7 @@ mod tests {
         assert!(c.primary_in.server && !c.outdev.server);
         assert_eq!(c.compare_timeout, Duration::from_millis(500));
         assert!(c.vnet_hdr_support);
-        assert_eq!(c.qmp, Some(PathBuf::from("/tmp/q.sock")));
+        assert_eq!(c.qmp, Some(QmpAddr::Unix(PathBuf::from("/tmp/q.sock"))));
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub mod config;
 pub mod notify;
 pub mod runtime;
 
-pub use config::{LiveArgs, LiveConfig};
+pub use config::{LiveArgs, LiveConfig, QmpAddr};
 pub use runtime::{LiveHandle, start};
 
 /// Name of the QMP event sent when the comparer needs a checkpoint.

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use colo_proto::chardev::{ChardevEndpoint, FramedSender, Stream};
 use colo_proto::frame::{Frame, FrameDecoder};
-use colo_proto::qmp::{QmpError, QmpServer, Registry, serve_unix};
+use colo_proto::qmp::{QmpError, QmpServer, Registry, serve_stdio, serve_unix};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::config::QmpAddr;
 use super::notify::{self, NotifyMsg};
 use super::{CHECKPOINT_EVENT, LiveConfig, LiveError};
 
@@ -210,7 +211,7 @@ pub fn start_with(
     let wake_tx = Arc::new(wake_tx);
 
     let qmp = match &config.qmp {
-        Some(path) => {
+        Some(addr) => {
             let mut reg = Registry::new().with_package("colo comparer");
             let (qtx, w) = (tx.clone(), wake_tx.clone());
             reg.add("query-colo-compare", move |_args| {
@@ -227,7 +228,11 @@ pub fn start_with(
                 cv.notify_all();
                 Ok(Value::Null)
             });
-            Some(serve_unix(path, reg).map_err(|e| LiveError::Qmp(e.to_string()))?)
+            let server = match addr {
+                QmpAddr::Unix(path) => serve_unix(path, reg),
+                QmpAddr::Stdio => serve_stdio(reg),
+            };
+            Some(server.map_err(|e| LiveError::Qmp(e.to_string()))?)
         }
         None => None,
     };
