@@ -348,6 +348,12 @@ impl EngineLoop {
         let mut buf = vec![0u8; 256 * 1024];
         let mut fds: Vec<libc::pollfd> = Vec::new();
         let mut slots: Vec<Slot> = Vec::new();
+        // Peers accepted at startup (`wait=on`).
+        for i in 0..ports.len() {
+            if let Some(s) = ports[i].ep.take_pending() {
+                self.attach(&mut ports, i, s);
+            }
+        }
         loop {
             if cancel.load(Ordering::Relaxed) {
                 return;
