@@ -41,7 +41,10 @@ fn decode(input: &[u8], vnet: bool, seed: u32) -> (Vec<Frame>, u64, bool) {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    assert!(!matches!(e, FrameError::Stopped(_)), "first error is not Stopped");
+                    assert!(
+                        !matches!(e, FrameError::Stopped(_)),
+                        "first error is not Stopped"
+                    );
                     failed = true;
                     assert!(matches!(dec.next_frame(), Err(FrameError::Stopped(_))));
                     assert!(dec.finish().is_err());

@@ -46,7 +46,9 @@ fn make_registry() -> Registry {
         let id = args::required_str(a, "id")?;
         let _ = args::optional_bool(a, "force")?;
         let _ = args::optional_object(a, "opts")?;
-        Err(QmpError::device_not_found(format!("Device '{id}' not found")))
+        Err(QmpError::device_not_found(format!(
+            "Device '{id}' not found"
+        )))
     });
     r.add("echo", |a| Ok(Value::Object(a.clone())));
     r
@@ -71,7 +73,10 @@ fuzz_target!(|data: &[u8]| {
 
     // The splitter: chunking does not matter, with the default and a tiny limit.
     let whole = split(input, input.len(), colo_proto::qmp::wire::MAX_MESSAGE_LEN);
-    assert_eq!(whole, split(input, chunk, colo_proto::qmp::wire::MAX_MESSAGE_LEN));
+    assert_eq!(
+        whole,
+        split(input, chunk, colo_proto::qmp::wire::MAX_MESSAGE_LEN)
+    );
     assert_eq!(split(input, input.len(), 64), split(input, chunk, 64));
 
     // The server path. Prefix a negotiation half the time so commands get dispatched.
@@ -92,7 +97,10 @@ fuzz_target!(|data: &[u8]| {
     for line in lines {
         let v: Value = serde_json::from_str(line).expect("each response is JSON");
         let obj = v.as_object().expect("each response is an object");
-        assert!(obj.contains_key("return") ^ obj.contains_key("error"), "{line}");
+        assert!(
+            obj.contains_key("return") ^ obj.contains_key("error"),
+            "{line}"
+        );
         if let Some(e) = obj.get("error") {
             assert!(e["class"].is_string() && e["desc"].is_string());
         }

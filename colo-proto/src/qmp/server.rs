@@ -330,11 +330,14 @@ fn client_loop<R: Read>(registry: &Registry, reader: &mut R, client: &Client) ->
             .writer
             .lock()
             .map_err(|_| io::Error::other("QMP client writer poisoned"))?;
-        w.write_all(bytes)?;
-        w.flush()?;
+        // Marked before the response is written, under the writer lock: an event emitted
+        // meanwhile waits for the lock, so it follows the response, and a client that has
+        // read the response cannot miss an event emitted after that.
         if set_negotiated {
             client.negotiated.store(true, Ordering::Release);
         }
+        w.write_all(bytes)?;
+        w.flush()?;
         Ok(())
     };
     write(&to_line(&registry.greeting()), false)?;
