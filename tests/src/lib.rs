@@ -10,7 +10,10 @@
 //!   `SKIPPED: <test>: <reason>` to stderr and return.
 //! - Workspace: [`workspace_root`], [`cargo_bin`] (builds the binary if needed),
 //!   [`guest_image`] (kernel + initramfs from `scripts/build-guest.sh`).
+//! - [`guest`]: the test guest under QEMU TCG (build on demand, kernel command line, READY
+//!   marker); [`lab`]: re-run a test inside the KVM lab when this host's KVM is PVM.
 //! - QMP: [`qmp`] re-exports `colo_proto::qmp`; [`qmp_connect`] waits for the socket.
+//!   `src/bin/qmp-demo.rs` is a minimal QMP server process built on it.
 //!
 //! Test code may `unwrap`; the harness returns `anyhow::Result` with context instead.
 
