@@ -1,0 +1,371 @@
+//! The vmm-min state format (snapshot files and migration streams), version 1.
+//!
+//! ```text
+//! magic      8 bytes  "COLOVMST"
+//! version    u32 LE   FORMAT_VERSION
+//! state_len  u64 LE   length of the JSON state that follows (at most MAX_STATE_LEN)
+//! state      JSON     VmSnapshot: shape, per-VM state, per-vCPU state, device state
+//! memory     records  u64 LE header = guest physical page address | kind
+//!                       kind 0 (PAGE): 4096 bytes of page content follow
+//!                       kind 1 (ZERO): the page is all zeros, nothing follows
+//!                     the header END (u64::MAX) closes the section
+//! checksum   u64 LE   FNV-1a 64 of every byte before it
+//! ```
+//!
+//! Zero pages are not written by [`write_snapshot`] (restore targets fresh, zeroed RAM);
+//! the ZERO kind exists for streams that update RAM that is already populated.
+//! A reader refuses, with a [`FormatError`], a stream with another magic or version, a VM of a
+//! different shape, pages outside RAM, a truncated stream or a bad checksum. A restore is only
+//! usable when [`read_snapshot`] returned `Ok`: callers must not start the VM otherwise.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::devices::serial::SerialSnapshot;
+use crate::memory::GuestRam;
+use crate::virtio::mmio::MmioState;
+
+use super::vcpu::VcpuState;
+use super::vm::VmState;
+
+/// File / stream magic.
+pub const MAGIC: &[u8; 8] = b"COLOVMST";
+/// The format version this build writes and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Largest JSON state accepted (guards allocations on corrupt input).
+pub const MAX_STATE_LEN: u64 = 64 << 20;
+/// Page size of the memory section.
+pub const PAGE_SIZE: u64 = 4096;
+/// Memory record kind: page content follows.
+pub const KIND_PAGE: u64 = 0;
+/// Memory record kind: zero page.
+pub const KIND_ZERO: u64 = 1;
+/// Memory section end marker.
+pub const END: u64 = u64::MAX;
+
+/// Errors reading or writing the state format.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// The stream does not start with `COLOVMST`.
+    #[error("not a vmm-min state stream: magic is {found:02x?}, expected \"COLOVMST\"")]
+    BadMagic {
+        /// The first 8 bytes.
+        found: [u8; 8],
+    },
+    /// Written by an incompatible vmm-min.
+    #[error("state format version {found} is not supported (this vmm-min reads version {expected})")]
+    Version {
+        /// Version in the stream.
+        found: u32,
+        /// Version we read.
+        expected: u32,
+    },
+    /// The stream ended early.
+    #[error("state stream truncated while reading {what}")]
+    Truncated {
+        /// The part being read.
+        what: &'static str,
+    },
+    /// An I/O error other than end of stream.
+    #[error("state stream I/O while {what}: {source}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The JSON state is too large.
+    #[error("state section is {0} bytes, more than the {MAX_STATE_LEN} accepted")]
+    StateTooLarge(u64),
+    /// The JSON state does not parse.
+    #[error("state section is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The saved VM has a different shape than the one restoring it.
+    #[error("the saved VM does not match this one: saved {saved:?}, this VM {ours:?}")]
+    Shape {
+        /// Shape in the stream.
+        saved: Box<VmShape>,
+        /// Shape of the restoring VM.
+        ours: Box<VmShape>,
+    },
+    /// The state is inconsistent with its own shape.
+    #[error("state is inconsistent: {0}")]
+    Inconsistent(String),
+    /// A memory record is malformed or outside RAM.
+    #[error("memory record {header:#x} is invalid: {why}")]
+    BadPage {
+        /// The record header.
+        header: u64,
+        /// Why.
+        why: &'static str,
+    },
+    /// The checksum does not match.
+    #[error("state stream is corrupt: checksum {found:#018x}, computed {computed:#018x}")]
+    Checksum {
+        /// Checksum in the stream.
+        found: u64,
+        /// Checksum of what was read.
+        computed: u64,
+    },
+}
+
+/// What must match between the saved VM and the restoring one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmShape {
+    /// RAM bytes.
+    pub memory: u64,
+    /// vCPU count.
+    pub cpus: u32,
+    /// In-kernel irqchip and PIT.
+    pub irqchip: bool,
+    /// Device identities in bus order, e.g. `"serial@0x3f8"`, `"virtio-net@0xd0000000"`.
+    pub devices: Vec<String>,
+}
+
+/// One device's state. Slots for the devices vmm-min has; the VMM fills them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    /// The 16550 console.
+    Serial {
+        /// Identity, as in [`VmShape::devices`].
+        id: String,
+        /// Registers and pending input.
+        state: SerialSnapshot,
+    },
+    /// A virtio-MMIO transport and its vhost-user rings.
+    VirtioMmio {
+        /// Identity, as in [`VmShape::devices`].
+        id: String,
+        /// Transport registers and queue set-up.
+        transport: MmioState,
+        /// Per queue: next available index, from `VHOST_USER_GET_VRING_BASE` (rings stopped, in
+        /// flight requests drained); given back with `SET_VRING_BASE` on restore.
+        vring_bases: Vec<u16>,
+    },
+}
+
+impl DeviceState {
+    /// The device identity.
+    pub fn id(&self) -> &str {
+        match self {
+            DeviceState::Serial { id, .. } | DeviceState::VirtioMmio { id, .. } => id,
+        }
+    }
+}
+
+/// Everything but memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// VM shape.
+    pub shape: VmShape,
+    /// Per-VM KVM state.
+    pub vm: VmState,
+    /// Per-vCPU state, index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Devices, in [`VmShape::devices`] order.
+    pub devices: Vec<DeviceState>,
+}
+
+impl VmSnapshot {
+    /// Checks the snapshot against its own shape (vCPU count, device list, irqchip).
+    pub fn check_consistent(&self) -> Result<(), FormatError> {
+        if self.vcpus.len() != self.shape.cpus as usize {
+            return Err(FormatError::Inconsistent(format!(
+                "{} vCPU states for {} vCPUs",
+                self.vcpus.len(),
+                self.shape.cpus
+            )));
+        }
+        let ids: Vec<&str> = self.devices.iter().map(DeviceState::id).collect();
+        if ids != self.shape.devices.iter().map(String::as_str).collect::<Vec<_>>() {
+            return Err(FormatError::Inconsistent(format!(
+                "device states {ids:?} do not match the device list {:?}",
+                self.shape.devices
+            )));
+        }
+        if self.vm.irqchip.is_some() != self.shape.irqchip {
+            return Err(FormatError::Inconsistent(
+                "irqchip state does not match the shape".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// FNV-1a 64 over everything written or read.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+    fn update(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+struct Writer<W> {
+    w: W,
+    sum: Fnv,
+    n: u64,
+}
+
+impl<W: Write> Writer<W> {
+    fn put(&mut self, data: &[u8]) -> Result<(), FormatError> {
+        self.sum.update(data);
+        self.n += data.len() as u64;
+        self.w.write_all(data).map_err(|source| FormatError::Io {
+            what: "writing",
+            source,
+        })
+    }
+}
+
+struct Reader<R> {
+    r: R,
+    sum: Fnv,
+}
+
+impl<R: Read> Reader<R> {
+    fn get(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), FormatError> {
+        self.r.read_exact(buf).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                FormatError::Truncated { what }
+            } else {
+                FormatError::Io { what, source }
+            }
+        })?;
+        self.sum.update(buf);
+        Ok(())
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, FormatError> {
+        let mut b = [0u8; 8];
+        self.get(&mut b, what)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> FormatError {
+    move |e| FormatError::Io {
+        what,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Writes `snap` and every non-zero page of `ram` to `w`; returns the bytes written.
+pub fn write_snapshot<W: Write>(
+    w: W,
+    snap: &VmSnapshot,
+    ram: &GuestRam,
+) -> Result<u64, FormatError> {
+    snap.check_consistent()?;
+    let mut w = Writer {
+        w,
+        sum: Fnv::new(),
+        n: 0,
+    };
+    let json = serde_json::to_vec(snap)?;
+    w.put(MAGIC)?;
+    w.put(&FORMAT_VERSION.to_le_bytes())?;
+    w.put(&(json.len() as u64).to_le_bytes())?;
+    w.put(&json)?;
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for r in ram.ranges() {
+        let mut gpa = r.guest_addr;
+        while gpa < r.guest_addr + r.len {
+            ram.mem()
+                .read_slice(&mut page, GuestAddress(gpa))
+                .map_err(mem_err("reading guest RAM"))?;
+            if page.iter().any(|&b| b != 0) {
+                w.put(&(gpa | KIND_PAGE).to_le_bytes())?;
+                w.put(&page)?;
+            }
+            gpa += PAGE_SIZE;
+        }
+    }
+    w.put(&END.to_le_bytes())?;
+    let sum = w.sum.0;
+    w.put(&sum.to_le_bytes())?;
+    w.w.flush().map_err(|source| FormatError::Io {
+        what: "flushing",
+        source,
+    })?;
+    Ok(w.n)
+}
+
+/// Reads a stream written by [`write_snapshot`] for a VM of shape `ours`, writing its pages into
+/// `ram`. Returns the non-memory state, to be given to [`super::restore_vm`].
+pub fn read_snapshot<R: Read>(
+    r: R,
+    ours: &VmShape,
+    ram: &GuestRam,
+) -> Result<VmSnapshot, FormatError> {
+    let mut r = Reader { r, sum: Fnv::new() };
+    let mut magic = [0u8; 8];
+    r.get(&mut magic, "the magic")?;
+    if &magic != MAGIC {
+        return Err(FormatError::BadMagic { found: magic });
+    }
+    let mut v = [0u8; 4];
+    r.get(&mut v, "the version")?;
+    let version = u32::from_le_bytes(v);
+    if version != FORMAT_VERSION {
+        return Err(FormatError::Version {
+            found: version,
+            expected: FORMAT_VERSION,
+        });
+    }
+    let len = r.u64("the state length")?;
+    if len > MAX_STATE_LEN {
+        return Err(FormatError::StateTooLarge(len));
+    }
+    let mut json = vec![0u8; len as usize];
+    r.get(&mut json, "the state section")?;
+    let snap: VmSnapshot = serde_json::from_slice(&json)?;
+    if snap.shape != *ours {
+        return Err(FormatError::Shape {
+            saved: Box::new(snap.shape.clone()),
+            ours: Box::new(ours.clone()),
+        });
+    }
+    snap.check_consistent()?;
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    loop {
+        let header = r.u64("a memory record")?;
+        if header == END {
+            break;
+        }
+        let kind = header & (PAGE_SIZE - 1);
+        let gpa = header & !(PAGE_SIZE - 1);
+        if !ram.contains(gpa, PAGE_SIZE) {
+            return Err(FormatError::BadPage {
+                header,
+                why: "page outside guest RAM",
+            });
+        }
+        match kind {
+            KIND_PAGE => r.get(&mut page, "a memory page")?,
+            KIND_ZERO => page.fill(0),
+            _ => {
+                return Err(FormatError::BadPage {
+                    header,
+                    why: "unknown record kind",
+                });
+            }
+        }
+        ram.mem()
+            .write_slice(&page, GuestAddress(gpa))
+            .map_err(mem_err("writing guest RAM"))?;
+    }
+    let computed = r.sum.0;
+    let found = r.u64("the checksum")?;
+    if found != computed {
+        return Err(FormatError::Checksum { found, computed });
+    }
+    Ok(snap)
+}

@@ -1,0 +1,350 @@
+//! Save/restore round trips with a tiny in-process guest on this host's KVM (PVM included: the
+//! guest runs a few dozen instructions), and the format's refusals.
+
+use kvm_ioctls::VcpuExit;
+use vm_memory::{Bytes, GuestAddress};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::format::{self, FORMAT_VERSION, MAGIC};
+use super::vcpu::{self, MSR_IA32_TSC};
+use super::*;
+use crate::arch::cpu::StartMode;
+use crate::devices::serial::{IrqTrigger, SerialSnapshot};
+use crate::vm::{Vm, VmConfig};
+
+const MEM: u64 = 64 << 20;
+const CODE: u64 = 0x4000;
+const COUNTER: u64 = 0x5000;
+
+fn new_vm(cpus: u32, irqchip: bool) -> Vm {
+    Vm::new(VmConfig {
+        memory: MEM,
+        cpus,
+        irqchip,
+    })
+    .unwrap()
+}
+
+/// Long-mode loop: `inc rcx; mov [0x5000],rcx; mov al,cl; out 0x10,al; jmp loop` (no SSE:
+/// PVM's instruction emulator stops at it).
+fn load_counter_guest(vm: &Vm) {
+    let code = [
+        0x48, 0xff, 0xc1, // inc rcx
+        0x48, 0x89, 0x0c, 0x25, 0x00, 0x50, 0x00, 0x00, // mov [0x5000], rcx
+        0x88, 0xc8, // mov al, cl
+        0xe6, 0x10, // out 0x10, al
+        0xeb, 0xef, // jmp loop (-17)
+    ];
+    vm.ram()
+        .mem()
+        .write_slice(&code, GuestAddress(CODE))
+        .unwrap();
+    // A recognisable pattern elsewhere in RAM, high up.
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    vm.ram()
+        .mem()
+        .write_slice(&pattern, GuestAddress(MEM - 3 * 4096))
+        .unwrap();
+    vm.set_boot_cpu(StartMode::Long {
+        rip: CODE,
+        rsi: 0,
+        rsp: 0x8ff0,
+    })
+    .unwrap();
+}
+
+/// Runs vCPU 0 until its next `out 0x10`; returns the byte.
+fn next_out(vm: &mut Vm) -> u8 {
+    let v = &mut vm.vcpus_mut()[0];
+    loop {
+        match v.run().unwrap() {
+            VcpuExit::IoOut(0x10, data) => return data[0],
+            VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => {}
+            e => panic!("unexpected exit {e:?}"),
+        }
+    }
+}
+
+fn counter(vm: &Vm) -> u64 {
+    vm.ram().mem().read_obj(GuestAddress(COUNTER)).unwrap()
+}
+
+/// A 16550 with non-default registers and pending input.
+fn busy_serial() -> Serial<IrqTrigger, NoEvents, Vec<u8>> {
+    let mut s = Serial::new(IrqTrigger(EventFd::new(0).unwrap()), Vec::new());
+    s.write(3, 0x83).unwrap(); // LCR: DLAB
+    s.write(0, 0x0c).unwrap(); // DLL: 9600 baud
+    s.write(1, 0x00).unwrap(); // DLM
+    s.write(3, 0x03).unwrap(); // LCR: 8N1
+    s.write(1, 0x01).unwrap(); // IER: received data available
+    s.write(7, 0x5a).unwrap(); // SCR
+    s.write(4, 0x0b).unwrap(); // MCR: DTR RTS OUT2
+    s.enqueue_raw_bytes(b"hello").unwrap();
+    s
+}
+
+/// The capture with the fields that move with host time zeroed (KVM clock, PIT load time, TSC):
+/// everything else must be bit for bit identical after a restore.
+fn normalized(snap: &VmSnapshot) -> String {
+    let mut s = snap.clone();
+    s.vm.clock = Default::default();
+    if let Some(c) = &mut s.vm.irqchip {
+        for ch in &mut c.pit.channels {
+            ch.count_load_time = 0;
+        }
+    }
+    for v in &mut s.vcpus {
+        for m in &mut v.msrs {
+            if m.index == MSR_IA32_TSC {
+                m.data = 0;
+            }
+        }
+    }
+    serde_json::to_string_pretty(&s).unwrap()
+}
+
+fn first_difference(a: &str, b: &str) -> String {
+    for (i, (x, y)) in a.lines().zip(b.lines()).enumerate() {
+        if x != y {
+            let ctx: Vec<&str> = a.lines().skip(i.saturating_sub(6)).take(7).collect();
+            return format!("line {i}: {x:?} vs {y:?}\ncontext:\n{}", ctx.join("\n"));
+        }
+    }
+    "lengths differ".into()
+}
+
+fn serial_id() -> String {
+    "serial@0x3f8".into()
+}
+
+#[test]
+fn state_round_trip_registers_memory_and_serial_survive_bit_for_bit() {
+    // Source: run the counter guest 5 iterations.
+    let mut a = new_vm(1, true);
+    load_counter_guest(&a);
+    for i in 1..=5u8 {
+        assert_eq!(next_out(&mut a), i);
+    }
+    vcpu::complete_pending_io(&mut a.vcpus_mut()[0]).unwrap();
+    let serial = busy_serial();
+    let devices = vec![DeviceState::Serial {
+        id: serial_id(),
+        state: SerialSnapshot::from(&serial.state()),
+    }];
+    let snap_a = capture_vm(&mut a, devices).unwrap();
+    let v0 = &snap_a.vcpus[0];
+    assert_eq!(v0.regs.rcx, 5);
+    assert!(v0.lapic.is_some());
+    assert!(v0.msrs.len() > 10, "only {} MSRs captured", v0.msrs.len());
+    assert!(v0.msr(MSR_IA32_TSC).is_some(), "TSC among the MSRs");
+
+    let mut file = Vec::new();
+    let n = format::write_snapshot(&mut file, &snap_a, a.ram()).unwrap();
+    assert_eq!(n, file.len() as u64);
+    // Zero pages are not written: the stream is far smaller than RAM.
+    assert!(file.len() < (1 << 20), "stream is {} bytes", file.len());
+
+    // Destination: a new VM of the same shape.
+    let mut b = new_vm(1, true);
+    let shape = shape_of(&b, vec![serial_id()]);
+    let snap_in = format::read_snapshot(&file[..], &shape, b.ram()).unwrap();
+    restore_vm(&mut b, &snap_in).unwrap();
+    let DeviceState::Serial { state, .. } = &snap_in.devices[0] else {
+        panic!("serial state expected");
+    };
+    let serial_b = Serial::from_state(
+        &SerialState::from(state),
+        IrqTrigger(EventFd::new(0).unwrap()),
+        NoEvents,
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(
+        SerialSnapshot::from(&serial_b.state()),
+        SerialSnapshot::from(&serial.state()),
+        "serial registers and pending input survive"
+    );
+
+    // Memory: every byte of RAM identical.
+    let mut ma = vec![0u8; MEM as usize];
+    let mut mb = vec![0u8; MEM as usize];
+    a.ram().mem().read_slice(&mut ma, GuestAddress(0)).unwrap();
+    b.ram().mem().read_slice(&mut mb, GuestAddress(0)).unwrap();
+    assert!(ma == mb, "guest RAM differs after restore");
+
+    // Registers and every other KVM state: a capture of the restored VM equals the original.
+    let snap_b = capture_vm(
+        &mut b,
+        vec![DeviceState::Serial {
+            id: serial_id(),
+            state: SerialSnapshot::from(&serial_b.state()),
+        }],
+    )
+    .unwrap();
+    let (na, nb) = (normalized(&snap_a), normalized(&snap_b));
+    assert!(na == nb, "state differs: {}", first_difference(&na, &nb));
+    // Time-based fields only moved forward.
+    let tsc_a = snap_a.vcpus[0].msr(MSR_IA32_TSC).unwrap();
+    let tsc_b = snap_b.vcpus[0].msr(MSR_IA32_TSC).unwrap();
+    assert!(tsc_b >= tsc_a, "TSC went back: {tsc_a} -> {tsc_b}");
+    assert!(
+        tsc_b - tsc_a < 60 * 10_000_000_000,
+        "TSC jumped: {tsc_a} -> {tsc_b}"
+    );
+    assert!(snap_b.vm.clock.clock >= snap_a.vm.clock.clock);
+
+    // The guest continues on the destination from where it was captured...
+    for i in 6..=8u8 {
+        assert_eq!(next_out(&mut b), i);
+    }
+    assert_eq!(counter(&b), 8);
+    // ...and the source is unharmed by the capture.
+    assert_eq!(next_out(&mut a), 6);
+    assert_eq!(counter(&a), 6);
+}
+
+#[test]
+fn state_round_trip_of_a_vm_without_irqchip_and_two_vcpus() {
+    let mut a = new_vm(2, false);
+    load_counter_guest(&a);
+    assert_eq!(next_out(&mut a), 1);
+    vcpu::complete_pending_io(&mut a.vcpus_mut()[0]).unwrap();
+    let snap_a = capture_vm(&mut a, Vec::new()).unwrap();
+    assert!(snap_a.vm.irqchip.is_none());
+    assert_eq!(snap_a.vcpus.len(), 2);
+    let mut file = Vec::new();
+    format::write_snapshot(&mut file, &snap_a, a.ram()).unwrap();
+    let mut b = new_vm(2, false);
+    let snap_in = format::read_snapshot(&file[..], &shape_of(&b, Vec::new()), b.ram()).unwrap();
+    restore_vm(&mut b, &snap_in).unwrap();
+    let snap_b = capture_vm(&mut b, Vec::new()).unwrap();
+    let (na, nb) = (normalized(&snap_a), normalized(&snap_b));
+    assert!(na == nb, "state differs: {}", first_difference(&na, &nb));
+    assert_eq!(next_out(&mut b), 2);
+    assert_eq!(counter(&b), 2);
+}
+
+/// A valid stream of a small idle VM, and that VM's shape.
+fn idle_stream() -> (Vec<u8>, VmShape) {
+    let mut a = new_vm(1, true);
+    load_counter_guest(&a);
+    let snap = capture_vm(&mut a, Vec::new()).unwrap();
+    let mut file = Vec::new();
+    format::write_snapshot(&mut file, &snap, a.ram()).unwrap();
+    (file, snap.shape)
+}
+
+fn read(file: &[u8], shape: &VmShape) -> Result<VmSnapshot, FormatError> {
+    let b = new_vm(shape.cpus, shape.irqchip);
+    format::read_snapshot(file, shape, b.ram())
+}
+
+#[test]
+fn state_format_refuses_bad_magic_and_other_versions() {
+    let (file, shape) = idle_stream();
+    assert!(read(&file, &shape).is_ok());
+
+    let mut bad = file.clone();
+    bad[0..8].copy_from_slice(b"QEVM\0\0\0\x03");
+    let e = read(&bad, &shape).unwrap_err();
+    assert!(matches!(e, FormatError::BadMagic { .. }), "{e}");
+    assert!(e.to_string().contains("COLOVMST"), "{e}");
+
+    let mut v2 = file.clone();
+    v2[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    let e = read(&v2, &shape).unwrap_err();
+    assert!(
+        matches!(e, FormatError::Version { found, expected } if found == FORMAT_VERSION + 1 && expected == FORMAT_VERSION),
+        "{e}"
+    );
+
+    let e = read(b"", &shape).unwrap_err();
+    assert!(matches!(e, FormatError::Truncated { .. }), "{e}");
+    assert!(file.starts_with(MAGIC));
+}
+
+#[test]
+fn state_format_refuses_a_vm_of_another_shape() {
+    let (file, shape) = idle_stream();
+    let bigger = VmShape {
+        memory: shape.memory * 2,
+        ..shape.clone()
+    };
+    let b = Vm::new(VmConfig {
+        memory: bigger.memory,
+        cpus: 1,
+        irqchip: true,
+    })
+    .unwrap();
+    let e = format::read_snapshot(&file[..], &bigger, b.ram()).unwrap_err();
+    assert!(matches!(e, FormatError::Shape { .. }), "{e}");
+    assert!(e.to_string().contains("does not match"), "{e}");
+
+    let two = VmShape {
+        cpus: 2,
+        ..shape.clone()
+    };
+    let e = read(&file, &two).unwrap_err();
+    assert!(matches!(e, FormatError::Shape { .. }), "{e}");
+
+    let with_dev = VmShape {
+        devices: vec!["virtio-net@0xd0000000".into()],
+        ..shape.clone()
+    };
+    let e = read(&file, &with_dev).unwrap_err();
+    assert!(matches!(e, FormatError::Shape { .. }), "{e}");
+
+    // restore_vm refuses too, before touching KVM.
+    let (file, _) = idle_stream();
+    let mut b = new_vm(1, true);
+    let snap = format::read_snapshot(&file[..], &shape, b.ram()).unwrap();
+    let mut c = new_vm(2, true);
+    let e = restore_vm(&mut c, &snap).unwrap_err();
+    assert!(matches!(e, StateError::Format(FormatError::Shape { .. })), "{e}");
+    assert!(restore_vm(&mut b, &snap).is_ok());
+}
+
+#[test]
+fn state_format_refuses_truncated_and_corrupt_streams() {
+    let (file, shape) = idle_stream();
+    let json_len = u64::from_le_bytes(file[12..20].try_into().unwrap()) as usize;
+    let cuts = [
+        4,                    // in the magic
+        10,                   // in the version
+        15,                   // in the state length
+        20 + json_len / 2,    // in the state
+        20 + json_len + 4,    // in a page header
+        20 + json_len + 100,  // in a page
+        file.len() - 12,      // in the end marker
+        file.len() - 1,       // in the checksum
+    ];
+    for cut in cuts {
+        let e = read(&file[..cut], &shape).unwrap_err();
+        assert!(
+            matches!(e, FormatError::Truncated { .. }),
+            "cut at {cut}: {e}"
+        );
+    }
+    // A flipped bit in a page is caught by the checksum.
+    let mut bad = file.clone();
+    bad[20 + json_len + 8 + 17] ^= 0x10;
+    let e = read(&bad, &shape).unwrap_err();
+    assert!(matches!(e, FormatError::Checksum { .. }), "{e}");
+    // A page outside RAM.
+    let mut bad = file.clone();
+    bad[20 + json_len..20 + json_len + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let e = read(&bad, &shape).unwrap_err();
+    assert!(matches!(e, FormatError::BadPage { .. }), "{e}");
+    // Garbage in the state section.
+    let mut bad = file.clone();
+    bad[20] = b'!';
+    let e = read(&bad, &shape).unwrap_err();
+    assert!(matches!(e, FormatError::Json(_)), "{e}");
+    // An absurd state length.
+    let mut bad = file.clone();
+    bad[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+    let e = read(&bad, &shape).unwrap_err();
+    assert!(matches!(e, FormatError::StateTooLarge(_)), "{e}");
+}
