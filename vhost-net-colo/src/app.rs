@@ -155,7 +155,7 @@ impl App {
             "guest_queue": {
                 "queued": self.path.guest.queued.load(Relaxed),
                 "dropped_full": self.path.guest.dropped.load(Relaxed),
-                "dropped_no_guest": self.path.no_guest.load(Relaxed),
+                "queued_before_frontend": self.path.no_guest.load(Relaxed),
             },
             "netdev_send_errors": self.path.to_netdev_errors.load(Relaxed),
             "chardevs": self.chardevs.ids(),

@@ -86,7 +86,7 @@ pub struct NetPath {
     netdev: Mutex<Option<Arc<dyn Netdev>>>,
     pub guest: Arc<GuestRx>,
     pub to_netdev_errors: AtomicU64,
-    /// Frames from the outside dropped because no guest is connected.
+    /// Frames from the outside that arrived while no frontend was set up (queued, bounded).
     pub no_guest: AtomicU64,
     pub guest_connected: std::sync::atomic::AtomicBool,
 }
@@ -124,11 +124,13 @@ impl NetPath {
     fn deliver(&self, dir: Direction, frame: Vec<u8>) {
         match dir {
             Direction::Tx => {
-                if self.guest_connected.load(Ordering::Relaxed) {
-                    self.guest.push(frame);
-                } else {
+                // Queued even while no frontend has set up memory yet (frames that arrive while
+                // the rings are being set up are kept); the queue is bounded and emptied when
+                // a frontend goes away.
+                if !self.guest_connected.load(Ordering::Relaxed) {
                     self.no_guest.fetch_add(1, Ordering::Relaxed);
                 }
+                self.guest.push(frame);
             }
             Direction::Rx => {
                 let nd = self.netdev.lock().ok().and_then(|g| g.clone());
