@@ -55,7 +55,9 @@ pub enum FormatError {
         found: [u8; 8],
     },
     /// Written by an incompatible vmm-min.
-    #[error("state format version {found} is not supported (this vmm-min reads version {expected})")]
+    #[error(
+        "state format version {found} is not supported (this vmm-min reads version {expected})"
+    )]
     Version {
         /// Version in the stream.
         found: u32,
@@ -179,7 +181,14 @@ impl VmSnapshot {
             )));
         }
         let ids: Vec<&str> = self.devices.iter().map(DeviceState::id).collect();
-        if ids != self.shape.devices.iter().map(String::as_str).collect::<Vec<_>>() {
+        if ids
+            != self
+                .shape
+                .devices
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        {
             return Err(FormatError::Inconsistent(format!(
                 "device states {ids:?} do not match the device list {:?}",
                 self.shape.devices

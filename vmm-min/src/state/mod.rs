@@ -57,7 +57,8 @@ pub fn capture_vm(vm: &mut Vm, devices: Vec<DeviceState>) -> Result<VmSnapshot, 
     let mut vcpus = Vec::new();
     for (id, v) in vm.vcpus_mut().iter().enumerate() {
         let id = id as u32;
-        vcpus.push(vcpu::capture(v, id, irqchip).map_err(|source| StateError::Vcpu { id, source })?);
+        vcpus
+            .push(vcpu::capture(v, id, irqchip).map_err(|source| StateError::Vcpu { id, source })?);
     }
     Ok(VmSnapshot {
         shape,

@@ -3,8 +3,8 @@
 
 use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress};
-use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
+use vm_superio::serial::{NoEvents, SerialState};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::format::{self, FORMAT_VERSION, MAGIC};
@@ -302,7 +302,10 @@ fn state_format_refuses_a_vm_of_another_shape() {
     let snap = format::read_snapshot(&file[..], &shape, b.ram()).unwrap();
     let mut c = new_vm(2, true);
     let e = restore_vm(&mut c, &snap).unwrap_err();
-    assert!(matches!(e, StateError::Format(FormatError::Shape { .. })), "{e}");
+    assert!(
+        matches!(e, StateError::Format(FormatError::Shape { .. })),
+        "{e}"
+    );
     assert!(restore_vm(&mut b, &snap).is_ok());
 }
 
@@ -311,14 +314,14 @@ fn state_format_refuses_truncated_and_corrupt_streams() {
     let (file, shape) = idle_stream();
     let json_len = u64::from_le_bytes(file[12..20].try_into().unwrap()) as usize;
     let cuts = [
-        4,                    // in the magic
-        10,                   // in the version
-        15,                   // in the state length
-        20 + json_len / 2,    // in the state
-        20 + json_len + 4,    // in a page header
-        20 + json_len + 100,  // in a page
-        file.len() - 12,      // in the end marker
-        file.len() - 1,       // in the checksum
+        4,                   // in the magic
+        10,                  // in the version
+        15,                  // in the state length
+        20 + json_len / 2,   // in the state
+        20 + json_len + 4,   // in a page header
+        20 + json_len + 100, // in a page
+        file.len() - 12,     // in the end marker
+        file.len() - 1,      // in the checksum
     ];
     for cut in cuts {
         let e = read(&file[..cut], &shape).unwrap_err();

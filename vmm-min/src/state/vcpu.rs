@@ -227,9 +227,25 @@ fn read_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<MsrValue>, VcpuStateErro
     Ok(out)
 }
 
+fn read_one_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
+    let mut one = Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .ok()?;
+    match vcpu.get_msrs(&mut one) {
+        Ok(1) => one.as_slice().first().map(|e| e.data),
+        _ => None,
+    }
+}
+
+/// Writes `msrs` with `KVM_SET_MSRS`, up to 256 per call. KVM stops at the first MSR it refuses;
+/// a refused MSR that already holds the saved value (for example `MSR_KVM_ASYNC_PF_INT` = 0 on a
+/// VM without in-kernel LAPIC, where KVM refuses any write) is skipped, any other is an error.
 fn write_msrs(vcpu: &VcpuFd, msrs: &[MsrValue]) -> Result<(), VcpuStateError> {
-    let mut done_total = 0;
-    for chunk in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+    let mut rest = msrs;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
         let entries: Vec<kvm_msr_entry> = chunk
             .iter()
             .map(|m| kvm_msr_entry {
@@ -238,21 +254,28 @@ fn write_msrs(vcpu: &VcpuFd, msrs: &[MsrValue]) -> Result<(), VcpuStateError> {
                 ..Default::default()
             })
             .collect();
-        let first = chunk.first().map(|m| m.index).unwrap_or(0);
-        let k = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::MsrRefused {
-            index: first,
-            done: done_total,
+        let done = msrs.len() - rest.len();
+        let refused = |n: usize| VcpuStateError::MsrRefused {
+            index: chunk[n.min(chunk.len() - 1)].index,
+            done: done + n,
             total: msrs.len(),
-        })?;
+        };
+        let k = Msrs::from_entries(&entries).map_err(|_| refused(0))?;
         let n = vcpu.set_msrs(&k).map_err(kerr("KVM_SET_MSRS"))?;
         if n < chunk.len() {
-            return Err(VcpuStateError::MsrRefused {
-                index: chunk[n].index,
-                done: done_total + n,
-                total: msrs.len(),
-            });
+            let m = chunk[n];
+            if read_one_msr(vcpu, m.index) != Some(m.data) {
+                return Err(refused(n));
+            }
+            tracing::debug!(
+                "MSR {:#x} refused by KVM but already {:#x}",
+                m.index,
+                m.data
+            );
+            rest = &rest[n + 1..];
+        } else {
+            rest = &rest[n..];
         }
-        done_total += n;
     }
     Ok(())
 }
@@ -274,7 +297,11 @@ pub fn capture(vcpu: &VcpuFd, id: u32, irqchip: bool) -> Result<VcpuState, VcpuS
     let regs = vcpu.get_regs().map_err(kerr("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(kerr("KVM_GET_SREGS"))?;
     let fpu = FpuState::from(&vcpu.get_fpu().map_err(kerr("KVM_GET_FPU"))?);
-    let xsave = vcpu.get_xsave().map_err(kerr("KVM_GET_XSAVE"))?.region.to_vec();
+    let xsave = vcpu
+        .get_xsave()
+        .map_err(kerr("KVM_GET_XSAVE"))?
+        .region
+        .to_vec();
     let xcrs = vcpu.get_xcrs().map_err(kerr("KVM_GET_XCRS"))?;
     let debug_regs = vcpu.get_debug_regs().map_err(kerr("KVM_GET_DEBUGREGS"))?;
     let lapic = if irqchip {
@@ -284,7 +311,9 @@ pub fn capture(vcpu: &VcpuFd, id: u32, irqchip: bool) -> Result<VcpuState, VcpuS
     };
     let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
     let msrs = read_msrs(vcpu, saveable_msrs(vcpu)?)?;
-    let events = vcpu.get_vcpu_events().map_err(kerr("KVM_GET_VCPU_EVENTS"))?;
+    let events = vcpu
+        .get_vcpu_events()
+        .map_err(kerr("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
         id,
         mp_state,
@@ -310,7 +339,8 @@ pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), VcpuStateError> {
     vcpu.set_mp_state(state.mp_state)
         .map_err(kerr("KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&state.regs).map_err(kerr("KVM_SET_REGS"))?;
-    vcpu.set_sregs(&state.sregs).map_err(kerr("KVM_SET_SREGS"))?;
+    vcpu.set_sregs(&state.sregs)
+        .map_err(kerr("KVM_SET_SREGS"))?;
     vcpu.set_fpu(&kvm_fpu::from(&state.fpu))
         .map_err(kerr("KVM_SET_FPU"))?;
     check_xsave_size()?;
