@@ -191,6 +191,13 @@ fn main() {
         },
     ];
 
+    let only = get("--only", "");
+    let workloads: Vec<Workload> = workloads
+        .into_iter()
+        .filter(|w| only.is_empty() || w.name == only)
+        .collect();
+    let skip_qsd = args.iter().any(|a| a == "--no-qsd");
+    let skip_repl = args.iter().any(|a| a == "--no-replication");
     let mut table: Vec<(String, &'static str, Result_)> = Vec::new();
 
     // 1. ours, raw file.
@@ -207,12 +214,12 @@ fn main() {
                 .expect("start vhost-blk-colo"),
         );
         let mut fe = connect(&sock);
-        for w in workloads {
+        for &w in &workloads {
             table.push(("vhost-blk-colo".into(), w.name, run(&mut fe, w, size, secs)));
         }
     }
     // 2. qemu-storage-daemon, same file.
-    {
+    if !skip_qsd {
         let sock = dir.path().join("qsd.sock");
         let p = Command::new("qemu-storage-daemon")
             .args(["--blockdev", &format!("driver=file,node-name=file0,filename={},cache.direct=off", file.display())])
@@ -227,7 +234,7 @@ fn main() {
             Ok(c) => {
                 let _p = Proc(c);
                 let mut fe = connect(&sock);
-                for w in workloads {
+                for &w in &workloads {
                     table.push((
                         "qemu-storage-daemon".into(),
                         w.name,
@@ -239,8 +246,8 @@ fn main() {
         }
     }
     // 3. replication cost: quorum local-only vs quorum + replication(NBD to a secondary).
-    let repl_workloads = [workloads[1], workloads[3], workloads[5]];
-    {
+    let repl_workloads: Vec<Workload> = workloads.iter().copied().filter(|w| w.write).collect();
+    if !skip_repl {
         let sock = dir.path().join("local.sock");
         let _p = Proc(
             Command::new(&ours)
@@ -256,7 +263,7 @@ fn main() {
                 .unwrap(),
         );
         let mut fe = connect(&sock);
-        for w in repl_workloads {
+        for &w in &repl_workloads {
             table.push((
                 "primary, local only".into(),
                 w.name,
@@ -264,7 +271,7 @@ fn main() {
             ));
         }
     }
-    {
+    if !skip_repl {
         let sec_img = dir.path().join("sec.img");
         std::fs::copy(&file, &sec_img).unwrap();
         let sq_path = dir.path().join("sec.qmp");
@@ -334,7 +341,7 @@ fn main() {
         .unwrap();
         pq.execute("colo-blk-start", json!({})).unwrap();
         let mut fe = connect(&sock);
-        for w in repl_workloads {
+        for &w in &repl_workloads {
             table.push((
                 "primary + NBD secondary".into(),
                 w.name,

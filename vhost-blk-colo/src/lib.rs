@@ -2,8 +2,13 @@
 //!
 //! - [`block`]: a small block graph (`file`, `mem`, `overlay`, `nbd`, `quorum`, `replication`).
 //! - [`nbd`]: our own NBD server and pipelining client on tokio.
+//! - [`vhost_user`]: the vhost-user-blk device (dirty logging, EVENT_IDX, multiqueue) and the
+//!   serve-again loop.
+//! - [`control`]: the process's graph and its QMP commands (QEMU's names, plus the
+//!   `colo-blk-*` commands of the checkpoint engine); [`drive`]: QEMU-style option lists.
+//! - [`testing`]: a vhost-user-blk test frontend on memfd shared memory (tests, benchmarks).
 //!
-//! What it does not do: qcow2 images, structured NBD replies, TLS.
+//! What it does not do: qcow2 images, inflight-fd tracking, structured NBD replies, TLS.
 
 pub mod block;
 pub mod control;

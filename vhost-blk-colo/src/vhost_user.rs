@@ -23,8 +23,8 @@ use vhost_user_backend::{
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap, bitmap::Bitmap,
 };
 use vmm_sys_util::{
     epoll::EventSet,
@@ -324,6 +324,17 @@ impl VhostUserBlk {
             .addr()
             .checked_add(u64::from(last.len()) - 1)
             .ok_or_else(|| bad("status address overflows".into()))?;
+        // Single-segment fast path: header in its own descriptor, the data in exactly one
+        // descriptor, then the status byte. The node then reads/writes guest memory directly.
+        let descs: Vec<_> = chain.clone().collect();
+        let direct = match descs.as_slice() {
+            [h, d, st]
+                if h.len() == 16 && !h.is_write_only() && st.len() == 1 && st.is_write_only() =>
+            {
+                Some((d.addr(), d.len() as usize, d.is_write_only()))
+            }
+            _ => None,
+        };
         let mut reader = chain.clone().reader(mem).map_err(|e| bad(e.to_string()))?;
         let mut writer = chain.writer(mem).map_err(|e| bad(e.to_string()))?;
         let mut hdr = [0u8; 16];
@@ -341,11 +352,76 @@ impl VhostUserBlk {
         let sector = u64::from_le_bytes(s);
         let wlen = writer.available_bytes();
         let rlen = reader.available_bytes();
-        let outcome = self.execute(rtype, sector, &mut reader, &mut writer, wlen, rlen);
+        let outcome = match (rtype, direct) {
+            (VIRTIO_BLK_T_IN, Some((addr, len, true)))
+                if len == wlen && len <= MAX_REQUEST_BYTES =>
+            {
+                self.read_direct(mem, addr, len, sector)
+            }
+            (VIRTIO_BLK_T_OUT, Some((addr, len, false)))
+                if len == rlen && len <= MAX_REQUEST_BYTES =>
+            {
+                self.write_direct(mem, addr, len, sector)
+            }
+            _ => self.execute(rtype, sector, &mut reader, &mut writer, wlen, rlen),
+        };
         Ok(Started {
             status_addr,
             outcome,
         })
+    }
+
+    /// Reads from the node straight into one guest buffer, then marks it dirty.
+    fn read_direct(&self, mem: &Mem, addr: GuestAddress, len: usize, sector: u64) -> Outcome {
+        let Some(offset) = sector.checked_mul(SECTOR) else {
+            return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
+        };
+        let Ok(vs) = mem.get_slice(addr, len) else {
+            return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
+        };
+        let guard = vs.ptr_guard_mut();
+        // SAFETY: `vs` covers `len` bytes of mapped guest memory that the driver handed to us
+        // as device-writable for this request; nothing else in this process touches it until
+        // the request completes. The guest could write it concurrently (its own bug); bytes
+        // are plain data, so that cannot break memory safety here.
+        let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), len) };
+        match self.node.read_at(buf, offset) {
+            Ok(()) => {
+                vs.bitmap().mark_dirty(0, len);
+                self.stats.reads.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_read
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                Outcome::Done(VIRTIO_BLK_S_OK, len)
+            }
+            Err(e) => {
+                tracing::warn!(sector, "virtio-blk read failed: {e}");
+                Outcome::Done(VIRTIO_BLK_S_IOERR, 0)
+            }
+        }
+    }
+
+    /// Submits a write straight from one guest buffer.
+    fn write_direct(&self, mem: &Mem, addr: GuestAddress, len: usize, sector: u64) -> Outcome {
+        if self.read_only() {
+            return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
+        }
+        let Some(offset) = sector.checked_mul(SECTOR) else {
+            return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
+        };
+        let Ok(vs) = mem.get_slice(addr, len) else {
+            return Outcome::Done(VIRTIO_BLK_S_IOERR, 0);
+        };
+        let guard = vs.ptr_guard();
+        // SAFETY: `vs` covers `len` bytes of mapped guest memory, device-readable for this
+        // request. The slice lives only during `submit`, which copies what it keeps.
+        let buf = unsafe { std::slice::from_raw_parts(guard.as_ptr(), len) };
+        let p = self.node.submit(WriteOp::Write {
+            buf,
+            offset,
+            fua: false,
+        });
+        Outcome::Wait(p, len as u64)
     }
 
     fn execute<R: Read, W: Write>(
