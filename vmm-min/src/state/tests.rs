@@ -27,10 +27,21 @@ fn new_vm(cpus: u32, irqchip: bool) -> Vm {
     .unwrap()
 }
 
-/// Long-mode loop: `inc rcx; mov [0x5000],rcx; mov al,cl; out 0x10,al; jmp loop` (no SSE:
+/// Programs PIT channel 2 (count 0x1234), writes MSR IA32_SYSENTER_CS = 0x10, then loops:
+/// `inc rcx; mov [0x5000],rcx; mov al,cl; out 0x10,al; jmp loop` (no SSE:
 /// PVM's instruction emulator stops at it).
 fn load_counter_guest(vm: &Vm) {
     let code = [
+        // PIT channel 2 (gate low: it does not count, so no time-dependent output): lo/hi, mode 2.
+        0xb0, 0xb4, 0xe6, 0x43, // mov al,0xb4; out 0x43,al
+        0xb0, 0x34, 0xe6, 0x42, // mov al,0x34; out 0x42,al: count low
+        0xb0, 0x12, 0xe6, 0x42, // mov al,0x12; out 0x42,al: count high
+        0xb9, 0x74, 0x01, 0x00, 0x00, // mov ecx, 0x174 (IA32_SYSENTER_CS)
+        0xb8, 0x10, 0x00, 0x00, 0x00, // mov eax, 0x10
+        0x31, 0xd2, // xor edx, edx
+        0x0f, 0x30, // wrmsr
+        0x31, 0xc9, // xor ecx, ecx
+        // loop:
         0x48, 0xff, 0xc1, // inc rcx
         0x48, 0x89, 0x0c, 0x25, 0x00, 0x50, 0x00, 0x00, // mov [0x5000], rcx
         0x88, 0xc8, // mov al, cl
@@ -106,13 +117,24 @@ fn normalized(snap: &VmSnapshot) -> String {
 }
 
 fn first_difference(a: &str, b: &str) -> String {
-    for (i, (x, y)) in a.lines().zip(b.lines()).enumerate() {
-        if x != y {
-            let ctx: Vec<&str> = a.lines().skip(i.saturating_sub(6)).take(7).collect();
-            return format!("line {i}: {x:?} vs {y:?}\ncontext:\n{}", ctx.join("\n"));
+    fn walk(p: String, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
+        use serde_json::Value::{Array, Object};
+        match (a, b) {
+            (Object(x), Object(y)) => x
+                .iter()
+                .find_map(|(k, v)| walk(format!("{p}.{k}"), v, y.get(k)?)),
+            (Array(x), Array(y)) if x.len() == y.len() => x
+                .iter()
+                .zip(y)
+                .enumerate()
+                .find_map(|(i, (v, w))| walk(format!("{p}[{i}]"), v, w)),
+            _ if a != b => Some(format!("{p}: {a} vs {b}")),
+            _ => None,
         }
     }
-    "lengths differ".into()
+    let a: serde_json::Value = serde_json::from_str(a).unwrap();
+    let b: serde_json::Value = serde_json::from_str(b).unwrap();
+    walk(String::new(), &a, &b).unwrap_or_else(|| "no difference found".into())
 }
 
 fn serial_id() -> String {
@@ -139,6 +161,10 @@ fn state_round_trip_registers_memory_and_serial_survive_bit_for_bit() {
     assert!(v0.lapic.is_some());
     assert!(v0.msrs.len() > 10, "only {} MSRs captured", v0.msrs.len());
     assert!(v0.msr(MSR_IA32_TSC).is_some(), "TSC among the MSRs");
+    assert_eq!(v0.msr(0x174), Some(0x10), "the guest's WRMSR is captured");
+    let pit = &snap_a.vm.irqchip.as_ref().unwrap().pit.channels[2];
+    assert_eq!(pit.count, 0x1234, "the guest's PIT programming is captured");
+    assert_eq!(pit.mode, 2);
 
     let mut file = Vec::new();
     let n = format::write_snapshot(&mut file, &snap_a, a.ram()).unwrap();
