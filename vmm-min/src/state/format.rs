@@ -103,6 +103,14 @@ pub enum FormatError {
         /// Why.
         why: &'static str,
     },
+    /// A snapshot file cannot be created, written, synced or opened.
+    #[error("snapshot file {path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
     /// The checksum does not match.
     #[error("state stream is corrupt: checksum {found:#018x}, computed {computed:#018x}")]
     Checksum {
@@ -377,4 +385,49 @@ pub fn read_snapshot<R: Read>(
         return Err(FormatError::Checksum { found, computed });
     }
     Ok(snap)
+}
+
+/// Writes a snapshot file atomically: to `PATH.tmp`, synced, then renamed over `path`, so a
+/// crash never leaves a partial file under the final name. Returns the bytes written.
+pub fn save_file(
+    path: &std::path::Path,
+    snap: &VmSnapshot,
+    ram: &GuestRam,
+) -> Result<u64, FormatError> {
+    let file_err = |p: &std::path::Path| {
+        let p = p.to_path_buf();
+        move |source| FormatError::File { path: p, source }
+    };
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let f = std::fs::File::create(&tmp).map_err(file_err(&tmp))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let n = match write_snapshot(&mut w, snap, ram) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let f = w.into_inner().map_err(|e| FormatError::File {
+        path: tmp.clone(),
+        source: e.into_error(),
+    })?;
+    f.sync_all().map_err(file_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(file_err(path))?;
+    Ok(n)
+}
+
+/// Reads a snapshot file written by [`save_file`] (see [`read_snapshot`]).
+pub fn load_file(
+    path: &std::path::Path,
+    ours: &VmShape,
+    ram: &GuestRam,
+) -> Result<VmSnapshot, FormatError> {
+    let f = std::fs::File::open(path).map_err(|source| FormatError::File {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    read_snapshot(std::io::BufReader::with_capacity(1 << 20, f), ours, ram)
 }
