@@ -157,6 +157,27 @@ pub enum DeviceState {
 }
 
 impl DeviceState {
+    /// The console's state.
+    pub fn serial(id: impl Into<String>, dev: &crate::devices::serial::SerialDevice) -> Self {
+        DeviceState::Serial {
+            id: id.into(),
+            state: dev.snapshot(),
+        }
+    }
+
+    /// A virtio-MMIO transport's state; `vring_bases` from `GET_VRING_BASE` per queue.
+    pub fn virtio_mmio(
+        id: impl Into<String>,
+        t: &crate::virtio::mmio::MmioTransport,
+        vring_bases: Vec<u16>,
+    ) -> Self {
+        DeviceState::VirtioMmio {
+            id: id.into(),
+            transport: t.state().clone(),
+            vring_bases,
+        }
+    }
+
     /// The device identity.
     pub fn id(&self) -> &str {
         match self {

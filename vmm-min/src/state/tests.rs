@@ -233,16 +233,32 @@ fn state_round_trip_registers_memory_and_serial_survive_bit_for_bit() {
 
 #[test]
 fn state_round_trip_of_a_vm_without_irqchip_and_two_vcpus() {
-    let mut a = new_vm(2, false);
+    two_vcpus(false);
+}
+
+#[test]
+fn state_round_trip_of_two_vcpus_with_an_ap_waiting_for_sipi() {
+    two_vcpus(true);
+}
+
+fn two_vcpus(irqchip: bool) {
+    let mut a = new_vm(2, irqchip);
     load_counter_guest(&a);
     assert_eq!(next_out(&mut a), 1);
     vcpu::complete_pending_io(&mut a.vcpus_mut()[0]).unwrap();
     let snap_a = capture_vm(&mut a, Vec::new()).unwrap();
-    assert!(snap_a.vm.irqchip.is_none());
+    assert_eq!(snap_a.vm.irqchip.is_some(), irqchip);
     assert_eq!(snap_a.vcpus.len(), 2);
+    if irqchip {
+        // The AP never got INIT/SIPI.
+        assert_ne!(
+            snap_a.vcpus[1].mp_state.mp_state,
+            kvm_bindings::KVM_MP_STATE_RUNNABLE
+        );
+    }
     let mut file = Vec::new();
     format::write_snapshot(&mut file, &snap_a, a.ram()).unwrap();
-    let mut b = new_vm(2, false);
+    let mut b = new_vm(2, irqchip);
     let snap_in = format::read_snapshot(&file[..], &shape_of(&b, Vec::new()), b.ram()).unwrap();
     restore_vm(&mut b, &snap_in).unwrap();
     let snap_b = capture_vm(&mut b, Vec::new()).unwrap();
