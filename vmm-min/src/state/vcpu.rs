@@ -178,10 +178,12 @@ impl VcpuState {
 }
 
 /// The MSRs KVM reports (`KVM_GET_MSR_INDEX_LIST`) that `vcpu` can actually read, computed once
-/// per process (the list depends on the host, not the VM).
-pub fn saveable_msrs(vcpu: &VcpuFd) -> Result<&'static [u32], VcpuStateError> {
-    static LIST: OnceLock<Vec<u32>> = OnceLock::new();
-    if let Some(l) = LIST.get() {
+/// per process and irqchip mode (the list depends on the host and on whether the LAPIC is in
+/// the kernel, not on the guest).
+pub fn saveable_msrs(vcpu: &VcpuFd, irqchip: bool) -> Result<&'static [u32], VcpuStateError> {
+    static LISTS: [OnceLock<Vec<u32>>; 2] = [OnceLock::new(), OnceLock::new()];
+    let list = &LISTS[usize::from(irqchip)];
+    if let Some(l) = list.get() {
         return Ok(l);
     }
     let kvm = Kvm::new().map_err(kerr("open /dev/kvm"))?;
@@ -190,16 +192,11 @@ pub fn saveable_msrs(vcpu: &VcpuFd) -> Result<&'static [u32], VcpuStateError> {
         .map_err(kerr("KVM_GET_MSR_INDEX_LIST"))?;
     let mut ok = Vec::new();
     for &index in all.as_slice() {
-        let mut one = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .map_err(|_| VcpuStateError::MsrUnreadable { index })?;
-        if matches!(vcpu.get_msrs(&mut one), Ok(1)) {
+        if read_one_msr(vcpu, index).is_some() {
             ok.push(index);
         }
     }
-    Ok(LIST.get_or_init(|| ok))
+    Ok(list.get_or_init(|| ok))
 }
 
 fn read_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<MsrValue>, VcpuStateError> {
@@ -310,7 +307,7 @@ pub fn capture(vcpu: &VcpuFd, id: u32, irqchip: bool) -> Result<VcpuState, VcpuS
         None
     };
     let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-    let msrs = read_msrs(vcpu, saveable_msrs(vcpu)?)?;
+    let msrs = read_msrs(vcpu, saveable_msrs(vcpu, irqchip)?)?;
     let events = vcpu
         .get_vcpu_events()
         .map_err(kerr("KVM_GET_VCPU_EVENTS"))?;
