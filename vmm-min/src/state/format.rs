@@ -111,6 +111,12 @@ pub enum FormatError {
         /// OS error.
         source: std::io::Error,
     },
+    /// A migration stream section tag we do not know.
+    #[error("migration stream: unknown section tag {0}")]
+    BadTag(u8),
+    /// A migration stream ended (END) without the VM state.
+    #[error("migration stream ended without the VM state section")]
+    MissingState,
     /// The checksum does not match.
     #[error("state stream is corrupt: checksum {found:#018x}, computed {computed:#018x}")]
     Checksum {
@@ -233,13 +239,13 @@ impl VmSnapshot {
 }
 
 /// FNV-1a 64 over everything written or read.
-struct Fnv(u64);
+pub(super) struct Fnv(pub(super) u64);
 
 impl Fnv {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self(0xcbf2_9ce4_8422_2325)
     }
-    fn update(&mut self, data: &[u8]) {
+    pub(super) fn update(&mut self, data: &[u8]) {
         for &b in data {
             self.0 ^= u64::from(b);
             self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
@@ -247,14 +253,14 @@ impl Fnv {
     }
 }
 
-struct Writer<W> {
-    w: W,
-    sum: Fnv,
-    n: u64,
+pub(super) struct Writer<W> {
+    pub(super) w: W,
+    pub(super) sum: Fnv,
+    pub(super) n: u64,
 }
 
 impl<W: Write> Writer<W> {
-    fn put(&mut self, data: &[u8]) -> Result<(), FormatError> {
+    pub(super) fn put(&mut self, data: &[u8]) -> Result<(), FormatError> {
         self.sum.update(data);
         self.n += data.len() as u64;
         self.w.write_all(data).map_err(|source| FormatError::Io {
@@ -264,13 +270,13 @@ impl<W: Write> Writer<W> {
     }
 }
 
-struct Reader<R> {
-    r: R,
-    sum: Fnv,
+pub(super) struct Reader<R> {
+    pub(super) r: R,
+    pub(super) sum: Fnv,
 }
 
 impl<R: Read> Reader<R> {
-    fn get(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), FormatError> {
+    pub(super) fn get(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), FormatError> {
         self.r.read_exact(buf).map_err(|source| {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {
                 FormatError::Truncated { what }
@@ -281,14 +287,16 @@ impl<R: Read> Reader<R> {
         self.sum.update(buf);
         Ok(())
     }
-    fn u64(&mut self, what: &'static str) -> Result<u64, FormatError> {
+    pub(super) fn u64(&mut self, what: &'static str) -> Result<u64, FormatError> {
         let mut b = [0u8; 8];
         self.get(&mut b, what)?;
         Ok(u64::from_le_bytes(b))
     }
 }
 
-fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> FormatError {
+pub(super) fn mem_err(
+    what: &'static str,
+) -> impl FnOnce(vm_memory::GuestMemoryError) -> FormatError {
     move |e| FormatError::Io {
         what,
         source: std::io::Error::other(e.to_string()),

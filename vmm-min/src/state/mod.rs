@@ -6,6 +6,7 @@
 //! same shape whose vCPUs have not run yet (or are stopped).
 
 pub mod format;
+pub mod migration;
 pub mod vcpu;
 pub mod vm;
 

@@ -491,3 +491,112 @@ fn state_virtio_mmio_slot_survives_the_format() {
     let e = format::write_snapshot(Vec::new(), &bad, a.ram()).unwrap_err();
     assert!(matches!(e, FormatError::Inconsistent(_)), "{e}");
 }
+
+#[test]
+fn state_migration_over_tcp_loopback_two_passes_then_state() {
+    use super::migration::{self, StreamWriter};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut b = new_vm(1, true);
+        let shape = shape_of(&b, Vec::new());
+        let (snap, stats) =
+            migration::receive(std::io::BufReader::new(sock), &shape, b.ram()).unwrap();
+        restore_vm(&mut b, &snap).unwrap();
+        let outs: Vec<u8> = (0..3).map(|_| next_out(&mut b)).collect();
+        (outs, counter(&b), stats)
+    });
+
+    let mut a = new_vm(1, true);
+    load_counter_guest(&a);
+    assert_eq!(next_out(&mut a), 1);
+    let sock = std::net::TcpStream::connect(addr).unwrap();
+    let shape = shape_of(&a, Vec::new());
+    let mut w = StreamWriter::start(std::io::BufWriter::new(sock), &shape).unwrap();
+    // Pass 1: all of RAM while the guest "runs" (here: between our KVM_RUNs).
+    w.send_pages(a.ram(), &migration::all_pages(a.ram()))
+        .unwrap();
+    let after_pass1 = w.stats();
+    assert_eq!(
+        after_pass1.pages + after_pass1.zero_pages,
+        MEM / format::PAGE_SIZE
+    );
+    assert!(
+        after_pass1.bytes < 1 << 20,
+        "zero pages are not sent as 4 KiB: {after_pass1:?}"
+    );
+    // The guest runs on and dirties its counter page; pass 2 sends it.
+    for i in 2..=4u8 {
+        assert_eq!(next_out(&mut a), i);
+    }
+    w.send_pages(a.ram(), &[COUNTER]).unwrap();
+    // Stop: finish the pending OUT, capture, send the state.
+    vcpu::complete_pending_io(&mut a.vcpus_mut()[0]).unwrap();
+    let snap = capture_vm(&mut a, Vec::new()).unwrap();
+    let (_sock, stats) = w.finish(&snap).unwrap();
+    let (outs, count, rstats) = dest.join().unwrap();
+    assert_eq!(
+        outs,
+        vec![5, 6, 7],
+        "the guest continues on the destination"
+    );
+    assert_eq!(count, 7);
+    assert_eq!(rstats.pages, stats.pages);
+    assert_eq!(rstats.zero_pages, stats.zero_pages);
+    eprintln!("migration stream: {stats:?}");
+}
+
+#[test]
+fn state_migration_stream_cut_or_for_another_vm_is_refused() {
+    use super::migration::{self, StreamWriter};
+    let mut a = new_vm(1, true);
+    load_counter_guest(&a);
+    let shape = shape_of(&a, Vec::new());
+    let mut w = StreamWriter::start(Vec::new(), &shape).unwrap();
+    w.send_pages(a.ram(), &[CODE, COUNTER, MEM - 3 * 4096])
+        .unwrap();
+    let snap = capture_vm(&mut a, Vec::new()).unwrap();
+    let (stream, _) = w.finish(&snap).unwrap();
+    let recv = |s: &[u8], shape: &VmShape| {
+        let ram = crate::memory::GuestRam::new(shape.memory).unwrap();
+        migration::receive(s, shape, &ram)
+    };
+    assert!(recv(&stream, &shape).is_ok());
+    // Cut anywhere: never a state.
+    for cut in (0..stream.len()).step_by(97).chain([stream.len() - 1]) {
+        let e = recv(&stream[..cut], &shape).unwrap_err();
+        assert!(matches!(e, FormatError::Truncated { .. }), "cut {cut}: {e}");
+    }
+    // Another VM: refused from the header, before any page.
+    let other = VmShape {
+        cpus: 4,
+        ..shape.clone()
+    };
+    let e = recv(&stream, &other).unwrap_err();
+    assert!(matches!(e, FormatError::Shape { .. }), "{e}");
+    // A snapshot file is not a migration stream.
+    let mut file = Vec::new();
+    format::write_snapshot(&mut file, &snap, a.ram()).unwrap();
+    let e = recv(&file, &shape).unwrap_err();
+    assert!(matches!(e, FormatError::BadMagic { .. }), "{e}");
+    // Pages but no state, then END: refused.
+    let mut w = StreamWriter::start(Vec::new(), &shape).unwrap();
+    w.send_pages(a.ram(), &[CODE]).unwrap();
+    let mut s = w.w_into_inner_for_test();
+    let sum = {
+        let mut f = format::Fnv::new();
+        f.update(&s);
+        f.update(&[3]);
+        f.0
+    };
+    s.push(3);
+    s.extend_from_slice(&sum.to_le_bytes());
+    let e = recv(&s, &shape).unwrap_err();
+    assert!(matches!(e, FormatError::MissingState), "{e}");
+    // A corrupt byte anywhere.
+    let mut bad = stream.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x04;
+    assert!(recv(&bad, &shape).is_err());
+}
