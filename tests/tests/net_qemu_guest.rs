@@ -7,6 +7,8 @@
 //!   while an echo client streams, and the stream comes back intact.
 //! - `tap` netdev (with `script=`/`downscript=`) on a bridge inside a namespace the test
 //!   creates: HTTP and echo answer from inside the namespace.
+//! - backend restart: the backend is killed and started again while a client streams through
+//!   the tap; QEMU reconnects and the stream completes intact.
 //! - rewriter on real traffic: a primary (user netdev, mirror) and a secondary (redirectors in
 //!   and out, rewriter) each run a guest; the secondary's rewritten TCP segments carry the
 //!   primary's sequence numbers.
@@ -637,4 +639,140 @@ fn rewriter_puts_the_secondarys_segments_into_the_primarys_sequence_space() {
         let want = if x["id"] == "rew0" { "on" } else { "off" };
         assert_eq!(x["status"], want, "after failover: {x}");
     }
+}
+
+/// Streams through the guest's echo service from inside the namespace while the backend is
+/// killed (SIGKILL) and started again on the same socket: QEMU reconnects (`reconnect=1`), the
+/// new backend resumes the rings it is given, the tap comes back on the bridge through
+/// `script=`, and the stream completes intact.
+#[test]
+fn stream_survives_a_backend_restart() {
+    let img = require!(colo_tests::guest_image());
+    if !require_root() {
+        return;
+    }
+    require!(colo_tests::host::netns());
+    require!(colo_tests::host::tun());
+    require!(colo_tests::host::tool("python3"));
+    let dir = TestDir::new().unwrap();
+    let ns = NetNs::new("vnr").unwrap();
+    let br = Bridge::new("vnrbr", Some(&ns)).unwrap();
+    br.add_addr("10.0.4.1/24").unwrap();
+    let tap = unique_name("vnrt");
+    let up = dir.join("ifup.sh");
+    std::fs::write(
+        &up,
+        format!(
+            "#!/bin/sh\nip link set \"$1\" up\nip link set \"$1\" master {}\n",
+            br.name()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&up).status().unwrap();
+    let args: Vec<String> = vec![
+        "--netdev".into(),
+        format!("tap,id=hn0,ifname={tap},script={}", up.display()),
+    ];
+    let (mut be, sock, _q) = backend(&dir, "backend", &args, Some(&ns));
+    let serial = dir.join("guest.serial.log");
+    let mut guest = ChildGuard::spawn(
+        "guest",
+        Command::new("qemu-system-x86_64")
+            .args([
+                "-M",
+                "microvm,memory-backend=mem",
+                "-accel",
+                "tcg",
+                "-m",
+                "256M",
+            ])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+            .args(["-global", "virtio-mmio.force-legacy=false"])
+            .arg("-kernel")
+            .arg(&img.kernel)
+            .arg("-initrd")
+            .arg(&img.initrd)
+            .arg("-append")
+            .arg(tcg_append(
+                "colo.services=echo colo.ip=10.0.4.15/24 colo.gw=10.0.4.1",
+            ))
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-chardev")
+            .arg(format!("socket,id=c1,path={},reconnect=1", sock.display()))
+            .args(["-netdev", "vhost-user,id=n1,chardev=c1"])
+            .args([
+                "-device",
+                "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56",
+            ]),
+        dir.path(),
+    )
+    .unwrap();
+    wait_ready(&serial, &mut guest);
+    let client = dir.join("client.py");
+    std::fs::write(
+        &client,
+        r#"
+import socket, sys, threading, time
+total = 3 * 1024 * 1024
+data = bytes(range(251)) * (total // 251 + 1)
+data = data[:total]
+s = socket.create_connection(("10.0.4.15", 7), timeout=120)
+got = bytearray()
+def rd():
+    while len(got) < total:
+        b = s.recv(65536)
+        if not b:
+            break
+        got.extend(b)
+t = threading.Thread(target=rd); t.start()
+for i in range(0, total, 8192):
+    s.sendall(data[i:i + 8192])
+    if i == 64 * 8192:
+        print("STREAMING", flush=True)
+    time.sleep(0.004)
+t.join(180)
+print("OK" if bytes(got) == data else "BAD %d of %d" % (len(got), total))
+"#,
+    )
+    .unwrap();
+    // Wait for the echo service, then stream in the background.
+    let deadline = secs(60);
+    loop {
+        let out = ns
+            .command("bash")
+            .args([
+                "-c",
+                "exec 3<>/dev/tcp/10.0.4.15/7; printf x >&3; timeout 10 head -c 1 <&3",
+            ])
+            .output()
+            .unwrap();
+        if out.stdout == b"x" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "echo never answered through the tap"
+        );
+    }
+    let mut cl =
+        ChildGuard::spawn("client", ns.command("python3").arg(&client), dir.path()).unwrap();
+    cl.wait_for_output("STREAMING", secs(120)).unwrap();
+    be.kill();
+    drop(be);
+    std::thread::sleep(Duration::from_millis(500));
+    let (_be2, _s2, q2) = backend(&dir, "backend", &args, Some(&ns));
+    let status = cl.wait_until(secs(240)).unwrap();
+    assert!(status.success(), "client: {}", cl.stderr_text());
+    let out = cl.stdout_text();
+    assert_eq!(
+        out.lines().last(),
+        Some("OK"),
+        "stream after the restart: {out}"
+    );
+    // The new backend carried the rest of the stream.
+    let net = qmp(&q2).execute("query-net", json!({})).unwrap();
+    assert!(net["device"]["from_guest"].as_u64().unwrap() > 100, "{net}");
+    assert!(net["device"]["to_guest"].as_u64().unwrap() > 100, "{net}");
 }
