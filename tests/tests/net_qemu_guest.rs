@@ -202,7 +202,10 @@ fn read_pcap(path: &Path) -> Vec<Vec<u8>> {
 }
 
 /// Reads framed records from a TCP chardev server until the connection closes or `stop`.
-fn mirror_reader(port: u16) -> (Arc<Mutex<Vec<Vec<u8>>>>, std::thread::JoinHandle<()>) {
+/// Frames collected by a reader thread.
+type Collected = Arc<Mutex<Vec<Vec<u8>>>>;
+
+fn mirror_reader(port: u16) -> (Collected, std::thread::JoinHandle<()>) {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let frames = Arc::new(Mutex::new(Vec::new()));
     let f = frames.clone();
