@@ -2,6 +2,8 @@
 //! "kernels" written by the test boot in 64-bit mode; QMP commands and events, exit statuses for
 //! poweroff/reset/quit, dirty-page counts, garbage on the QMP socket, bad command lines.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
