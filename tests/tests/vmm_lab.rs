@@ -3,6 +3,8 @@
 //! vhost-user-blk export of qemu-storage-daemon; the guest's journal records are then found in
 //! the image file. The console is vmm-min's stdio: the test types into the guest shell.
 
+#![allow(clippy::unwrap_used)] // test helpers
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::layout::{
     ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SIZE, ACPI_SLEEP_CTL_PORT, ACPI_SLEEP_STS_PORT,
-    ACPI_START, IOAPIC_ADDR, LAPIC_ADDR,
+    ACPI_START, COM1_IRQ, COM1_PORT, IOAPIC_ADDR, LAPIC_ADDR,
 };
 use crate::devices::legacy::S5_TYPE;
 use crate::memory::GuestMem;
@@ -86,7 +86,17 @@ pub fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
             )
         })
         .collect();
-    let dev_refs: Vec<&dyn Aml> = devs.iter().map(|d| d as &dyn Aml).collect();
+    // COM1, so the kernel's PNP serial driver gets IRQ 4 through ACPI (without a legacy PIC
+    // in hardware-reduced mode, ISA IRQs are only set up for devices ACPI describes).
+    let com_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com_uid = aml::Name::new("_UID".into(), &0u32);
+    let com_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let com_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com_res = aml::ResourceTemplate::new(vec![&com_io, &com_irq]);
+    let com_crs = aml::Name::new("_CRS".into(), &com_res);
+    let com1 = aml::Device::new("COM1".into(), vec![&com_hid, &com_uid, &com_crs]);
+    let mut dev_refs: Vec<&dyn Aml> = vec![&com1];
+    dev_refs.extend(devs.iter().map(|d| d as &dyn Aml));
     let sb = aml::Scope::new("\\_SB_".into(), dev_refs);
     sb.to_aml_bytes(&mut sdt);
     let s5_pkg = aml::Package::new(vec![&S5_TYPE, &S5_TYPE, &0u8, &0u8]);
@@ -231,6 +241,9 @@ mod tests {
         i.extend_from_slice(&6u32.to_le_bytes());
         assert!(find(&d, &i));
         assert!(find(&d, b"_S5_"));
+        assert!(find(&d, b"COM1"));
+        // IO descriptor for 0x3f8..0x3ff.
+        assert!(find(&d, &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
     }
 
     #[test]

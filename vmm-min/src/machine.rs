@@ -17,6 +17,7 @@ use crate::boot::{self, BootError, BootSpec};
 use crate::control::ExitReason;
 use crate::devices::legacy::{AcpiPm, I8042};
 use crate::devices::serial::{self, SerialDevice, SerialError, SerialSpec};
+use crate::dirty_log::SharedLog;
 use crate::qmp::QmpSpec;
 use crate::virtio::VirtioDevice;
 use crate::virtio::mmio::MmioTransport;
@@ -63,8 +64,21 @@ pub struct MachineConfig {
     pub qmp: Option<QmpSpec>,
 }
 
+/// The built VM and the vhost-user dirty log its backends write (if any).
+pub struct Built {
+    /// The VM, ready to start.
+    pub vm: Vm,
+    /// The shared vhost-user dirty log, when backends log.
+    pub log: Option<Arc<SharedLog>>,
+}
+
 /// Builds the VM with its platform devices and loaded kernel, ready to start.
 pub fn build(cfg: &MachineConfig) -> Result<Vm, MachineError> {
+    build_with_log(cfg).map(|b| b.vm)
+}
+
+/// [`build`], also returning the shared dirty log.
+pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
     crate::vm::warn_if_pvm();
     let mut vm = Vm::new(VmConfig {
         memory: cfg.memory,
@@ -102,11 +116,36 @@ pub fn build(cfg: &MachineConfig) -> Result<Vm, MachineError> {
 
     let mut infos = Vec::new();
     let ram_info = RamInfo::new(vm.ram());
+    // With a control plane, backends log their writes to guest memory into one shared log.
+    // Off unless VMM_MIN_VHOST_LOG=1: vhost 0.18's set_log_base waits for a 16-byte reply
+    // where libvhost-user (qemu-storage-daemon 7.2) sends 8 bytes, so activation stalls.
+    let vhost_log = std::env::var_os("VMM_MIN_VHOST_LOG").is_some_and(|v| v == "1");
+    let shared_log = if vhost_log && cfg.qmp.is_some() && !cfg.devices.is_empty() {
+        Some(Arc::new(
+            SharedLog::new(vm.ram().last_addr())
+                .map_err(|e| MachineError::Device(e.to_string()))?,
+        ))
+    } else {
+        None
+    };
+    let logged = Mutex::new(false);
     for (i, spec) in cfg.devices.iter().enumerate() {
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
         let irq = VIRTIO_IRQ_BASE + i as u32;
-        let dev = VhostUserDevice::connect(spec.clone(), ram_info.clone(), cfg.connect_wait)
+        let mut dev = VhostUserDevice::connect(spec.clone(), ram_info.clone(), cfg.connect_wait)
             .map_err(|e| MachineError::Device(e.to_string()))?;
+        if let Some(log) = &shared_log {
+            if dev.set_dirty_log(log.clone()) {
+                *logged
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+            } else {
+                tracing::warn!(
+                    socket = %spec.socket.display(),
+                    "backend cannot log dirty pages (no LOG_SHMFD or LOG_ALL): its writes are not tracked"
+                );
+            }
+        }
         let qn = dev.queue_max_sizes().len();
         let mut kicks = Vec::new();
         for q in 0..qn {
@@ -148,7 +187,15 @@ pub fn build(cfg: &MachineConfig) -> Result<Vm, MachineError> {
 
     let start = boot::load(vm.ram(), &boot, Some(rsdp))?;
     vm.set_boot_cpu(start)?;
-    Ok(vm)
+    let log = if *logged
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        shared_log
+    } else {
+        None
+    };
+    Ok(Built { vm, log })
 }
 
 static TERM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -182,9 +229,9 @@ fn quit_on_signals(control: std::sync::Arc<crate::control::Control>) {
 
 /// Builds and runs the machine to its end.
 pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
-    let vm = build(cfg)?;
+    let Built { vm, log } = build_with_log(cfg)?;
     quit_on_signals(vm.control().clone());
-    let dirty = Arc::new(DirtyTracker::new(&vm));
+    let dirty = Arc::new(DirtyTracker::new(&vm).with_logs(log.into_iter().collect()));
     let registry = crate::qmp::registry(vm.control().clone(), dirty);
     let events = registry.events();
     let _server = match &cfg.qmp {

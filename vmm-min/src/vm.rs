@@ -542,6 +542,7 @@ pub struct DirtyTracker {
     fd: Arc<VmFd>,
     slots: Vec<kvm_userspace_memory_region>,
     enabled: std::sync::Mutex<bool>,
+    logs: Vec<Arc<crate::dirty_log::SharedLog>>,
 }
 
 impl DirtyTracker {
@@ -566,7 +567,14 @@ impl DirtyTracker {
             fd: vm.fd.clone(),
             slots,
             enabled: std::sync::Mutex::new(false),
+            logs: Vec::new(),
         }
+    }
+
+    /// Also merges these vhost-user shared logs (pages written by backends).
+    pub fn with_logs(mut self, logs: Vec<Arc<crate::dirty_log::SharedLog>>) -> Self {
+        self.logs = logs;
+        self
     }
 
     /// Number of 4 KiB pages of RAM.
@@ -608,10 +616,17 @@ impl DirtyTracker {
         self.slots
             .iter()
             .map(|s| {
-                self.fd
+                let mut b = self
+                    .fd
                     .get_dirty_log(s.slot, s.memory_size as usize)
-                    .map(|b| (s.guest_phys_addr, b))
-                    .map_err(kerr("KVM_GET_DIRTY_LOG"))
+                    .map_err(kerr("KVM_GET_DIRTY_LOG"))?;
+                for log in &self.logs {
+                    let l = log.take(s.guest_phys_addr / 4096, s.memory_size / 4096);
+                    for (w, x) in b.iter_mut().zip(l) {
+                        *w |= x;
+                    }
+                }
+                Ok((s.guest_phys_addr, b))
             })
             .collect()
     }

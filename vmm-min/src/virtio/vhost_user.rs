@@ -168,6 +168,7 @@ pub struct VhostUserDevice {
     ram: RamInfo,
     state: VhostUserState,
     queue_count: usize,
+    log: Option<std::sync::Arc<crate::dirty_log::SharedLog>>,
 }
 
 /// What the frontend needs to know about guest RAM.
@@ -219,8 +220,12 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 
 /// Transport features never offered to the guest (no IOMMU, split rings only, no in-order,
 /// no notification data, no ring reset).
-const TRANSPORT_MASK: u64 =
-    VIRTIO_F_ACCESS_PLATFORM | VIRTIO_F_RING_PACKED | (1 << 35) | (1 << 38) | (1 << 40);
+const TRANSPORT_MASK: u64 = crate::dirty_log::VHOST_F_LOG_ALL
+    | VIRTIO_F_ACCESS_PLATFORM
+    | VIRTIO_F_RING_PACKED
+    | (1 << 35)
+    | (1 << 38)
+    | (1 << 40);
 
 /// Net features that need the control queue or multiqueue (not offered: 2 queues only).
 const NET_MASK: u64 = (0x7f << 17) | (0x7f << 57);
@@ -276,6 +281,7 @@ impl VhostUserDevice {
             ram,
             state: VhostUserState::default(),
             queue_count,
+            log: None,
         };
         dev.handshake()?;
         Ok(dev)
@@ -371,6 +377,20 @@ impl VhostUserDevice {
         Ok(cfg)
     }
 
+    /// Makes the backend log its guest-memory writes into `log` from activation on (if it
+    /// offers VHOST_F_LOG_ALL and LOG_SHMFD).
+    pub fn set_dirty_log(&mut self, log: std::sync::Arc<crate::dirty_log::SharedLog>) -> bool {
+        let proto = VhostUserProtocolFeatures::from_bits_truncate(self.state.protocol_features);
+        if proto.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+            && self.state.backend_features & crate::dirty_log::VHOST_F_LOG_ALL != 0
+        {
+            self.log = Some(log);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Negotiated state.
     pub fn state(&self) -> &VhostUserState {
         &self.state
@@ -391,12 +411,28 @@ impl VhostUserDevice {
         if self.state.backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             f |= VHOST_USER_F_PROTOCOL_FEATURES;
         }
+        let logging = self.log.is_some()
+            && self.state.backend_features & crate::dirty_log::VHOST_F_LOG_ALL != 0;
+        if logging {
+            f |= crate::dirty_log::VHOST_F_LOG_ALL;
+        }
         self.frontend
             .set_features(f)
             .map_err(self.req("SET_FEATURES"))?;
         self.frontend
             .set_mem_table(&self.ram.regions)
             .map_err(self.req("SET_MEM_TABLE"))?;
+        if logging && let Some(log) = &self.log {
+            use std::os::fd::AsRawFd;
+            let region = vhost::VhostUserDirtyLogRegion {
+                mmap_size: log.mmap_size(),
+                mmap_offset: 0,
+                mmap_handle: log.file().as_raw_fd(),
+            };
+            self.frontend
+                .set_log_base(0, Some(region))
+                .map_err(self.req("SET_LOG_BASE"))?;
+        }
         for (i, q) in queues.iter().enumerate().take(self.queue_count) {
             if !q.ready {
                 continue;
@@ -424,11 +460,12 @@ impl VhostUserDevice {
             let cfg = VringConfigData {
                 queue_max_size: q.max_size,
                 queue_size: q.size,
-                flags: 0,
+                // VHOST_VRING_F_LOG: the backend logs used-ring writes at `log_addr` (a GPA).
+                flags: u32::from(logging),
                 desc_table_addr: desc,
                 used_ring_addr: used,
                 avail_ring_addr: avail,
-                log_addr: None,
+                log_addr: logging.then_some(q.used),
             };
             self.frontend
                 .set_vring_addr(i, &cfg)
