@@ -52,7 +52,7 @@ for i in $(seq "$RUNS"); do
         -object memory-backend-memfd,id=mem,size=256M,share=on -nodefaults -no-user-config \
         -global virtio-mmio.force-legacy=false -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.cpio.gz" \
         -append "$CMDLINE" -serial "file:$W/con.log" -display none \
-        -chardev "socket,id=c0,path=$W/blk.sock" -device vhost-user-blk-device,chardev=c0)")
+        -chardev "socket,id=c0,path=$W/blk.sock" -device vhost-user-blk,chardev=c0)")
 done
 echo "Boot to COLO-GUEST-READY, seconds, KVM lab (nested KVM under TCG), 256 MiB, 1 vCPU, vhost-user-blk disk"
 printf '%-6s %-12s %-12s\n' run vmm-min qemu-microvm

@@ -124,3 +124,84 @@ fn vmm_lab_stock_guest_ready_with_2_vcpus() {
     }
     boot_and_check(2);
 }
+
+/// HTTP and echo answer through a vhost-user net backend (`vhost-net-colo` with its userspace
+/// `user` netdev forwarding host ports), with the disk on qemu-storage-daemon as well.
+#[test]
+fn vmm_lab_stock_guest_serves_http_and_echo_through_vhost_user_net() {
+    if lab::needs_real_kvm_within(
+        "vmm_lab_stock_guest_serves_http_and_echo_through_vhost_user_net",
+        Duration::from_secs(600),
+    ) {
+        return;
+    }
+    let img_files = match guest_image() {
+        Ok(i) => i,
+        Err(e) => {
+            colo_tests::skipped(&e);
+            return;
+        }
+    };
+    let dir = TestDir::new().unwrap();
+    let net_sock = dir.join("net.sock");
+    let http_port = colo_tests::free_tcp_port().unwrap();
+    let echo_port = colo_tests::free_tcp_port().unwrap();
+    let mut ncmd = Command::new(cargo_bin("vhost-net-colo").unwrap());
+    ncmd.arg("--socket").arg(&net_sock).args([
+        "--netdev",
+        &format!(
+            "user,id=n0,hostfwd=tcp:127.0.0.1:{http_port}-:80,hostfwd=tcp:127.0.0.1:{echo_port}-:7"
+        ),
+        "--mac",
+        "52:54:00:12:34:56",
+    ]);
+    let _net = ChildGuard::spawn("vhost-net-colo", &mut ncmd, dir.path()).unwrap();
+    colo_tests::wait_for_unix_socket(&net_sock, secs(60)).unwrap();
+    let mut cmd = Command::new(cargo_bin("vmm-min").unwrap());
+    cmd.arg("--kernel")
+        .arg(&img_files.kernel)
+        .arg("--initrd")
+        .arg(&img_files.initrd)
+        .args([
+            "--cmdline",
+            "console=ttyS0 quiet pci=noearly colo.services=http,echo",
+            "--memory",
+            "512M",
+            "--serial",
+            "stdio",
+            "--net",
+            &format!(
+                "vhost-user,socket={},mac=52:54:00:12:34:56",
+                net_sock.display()
+            ),
+        ]);
+    let mut vmm = ChildGuard::spawn("vmm-min", &mut cmd, dir.path()).unwrap();
+    vmm.wait_for_output("COLO-GUEST-READY", secs(240)).unwrap();
+    let page = http_get(http_port);
+    assert!(page.contains("<h1>colo guest</h1>"), "{page}");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", echo_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"ping through vhost-user\n").unwrap();
+    let mut buf = [0u8; 24];
+    std::io::Read::read_exact(&mut s, &mut buf).unwrap();
+    assert_eq!(&buf, b"ping through vhost-user\n");
+}
+
+fn http_get(port: u16) -> String {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")?;
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut s, &mut out)?;
+            Ok(out)
+        })();
+        match r {
+            Ok(p) if p.contains("200") => return p,
+            _ if std::time::Instant::now() < end => std::thread::sleep(Duration::from_millis(500)),
+            other => panic!("HTTP through vhost-user net: {other:?}"),
+        }
+    }
+}
