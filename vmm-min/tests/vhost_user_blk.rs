@@ -313,3 +313,22 @@ fn missing_backend_socket_is_a_clear_error() {
         "{e}"
     );
 }
+
+#[test]
+fn silent_backend_times_out_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let t = fake_backend(&sock, |mut s| {
+        // Read everything, answer nothing, keep the socket open for a while.
+        let mut b = [0u8; 256];
+        let end = Instant::now() + Duration::from_secs(25);
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        while Instant::now() < end {
+            let _ = s.read(&mut b);
+        }
+    });
+    let e = connect_err(&sock);
+    assert!(e.contains("GET_FEATURES"), "{e}");
+    t.join().unwrap();
+}

@@ -169,6 +169,7 @@ pub struct VhostUserDevice {
     state: VhostUserState,
     queue_count: usize,
     log: Option<std::sync::Arc<crate::dirty_log::SharedLog>>,
+    sock: std::os::unix::net::UnixStream,
 }
 
 /// What the frontend needs to know about guest RAM.
@@ -207,6 +208,48 @@ impl RamInfo {
             .find(|r| gpa >= r.guest_phys_addr && end <= r.guest_phys_addr + r.memory_size)?;
         let _ = self.mem.get_host_address(GuestAddress(gpa)).ok()?;
         Some(r.userspace_addr + (gpa - r.guest_phys_addr))
+    }
+}
+
+/// Shuts the backend socket down if a request sequence takes longer than [`REPLY_TIMEOUT`]:
+/// the vhost crate retries reads that time out, so a silent backend would block forever; a
+/// shut-down socket makes the pending read fail instead.
+struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn arm(sock: &std::os::unix::net::UnixStream) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = sock.try_clone().ok().and_then(|s| {
+            std::thread::Builder::new()
+                .name("vhost-user-watchdog".into())
+                .spawn(move || {
+                    if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        rx.recv_timeout(REPLY_TIMEOUT)
+                    {
+                        tracing::warn!("vhost-user backend did not answer in time: disconnecting");
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                })
+                .ok()
+        });
+        Self {
+            done: Some(tx),
+            thread,
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -274,6 +317,7 @@ impl VhostUserDevice {
         sock.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(to)?;
         sock.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(to)?;
         let queue_count = 2usize.min(if spec.kind == Kind::Net { 2 } else { 1 });
+        let watch_sock = sock.try_clone().map_err(to)?;
         let frontend = Frontend::from_stream(sock, queue_count as u64);
         let mut dev = Self {
             spec,
@@ -282,7 +326,9 @@ impl VhostUserDevice {
             state: VhostUserState::default(),
             queue_count,
             log: None,
+            sock: watch_sock,
         };
+        let _w = Watchdog::arm(&dev.sock);
         dev.handshake()?;
         Ok(dev)
     }
@@ -561,6 +607,7 @@ impl VirtioDevice for VhostUserDevice {
 
     fn reset(&mut self) {
         // Stop the rings: GET_VRING_BASE makes the backend stop processing them.
+        let _w = Watchdog::arm(&self.sock);
         for i in 0..self.queue_count {
             if self.state.queues.get(i).is_some_and(|q| q.ready)
                 && let Err(e) = self.frontend.get_vring_base(i)
