@@ -117,9 +117,11 @@ pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
     let mut infos = Vec::new();
     let ram_info = RamInfo::new(vm.ram());
     // With a control plane, backends log their writes to guest memory into one shared log.
-    // Off unless VMM_MIN_VHOST_LOG=1: vhost 0.18's set_log_base waits for a 16-byte reply
-    // where libvhost-user (qemu-storage-daemon 7.2) sends 8 bytes, so activation stalls.
-    let vhost_log = std::env::var_os("VMM_MIN_VHOST_LOG").is_some_and(|v| v == "1");
+    // On by default (VMM_MIN_VHOST_LOG=0 switches it off): each backend that offers LOG_SHMFD
+    // is probed with SET_LOG_BASE at connect time; one that fails the probe (libvhost-user,
+    // i.e. qemu-storage-daemon 7.2, answers with a reply vhost 0.18 does not expect) is
+    // reconnected without the log and a warning says its writes are not tracked.
+    let vhost_log = std::env::var_os("VMM_MIN_VHOST_LOG").is_none_or(|v| v != "0");
     let shared_log = if vhost_log && cfg.qmp.is_some() && !cfg.devices.is_empty() {
         Some(Arc::new(
             SharedLog::new(vm.ram().last_addr())
@@ -135,14 +137,17 @@ pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
         let mut dev = VhostUserDevice::connect(spec.clone(), ram_info.clone(), cfg.connect_wait)
             .map_err(|e| MachineError::Device(e.to_string()))?;
         if let Some(log) = &shared_log {
-            if dev.set_dirty_log(log.clone()) {
+            if dev
+                .set_dirty_log(log.clone())
+                .map_err(|e| MachineError::Device(e.to_string()))?
+            {
                 *logged
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
             } else {
                 tracing::warn!(
                     socket = %spec.socket.display(),
-                    "backend cannot log dirty pages (no LOG_SHMFD or LOG_ALL): its writes are not tracked"
+                    "backend does not log dirty pages (no LOG_SHMFD or LOG_ALL, or SET_LOG_BASE failed): its writes are not tracked"
                 );
             }
         }

@@ -332,3 +332,84 @@ fn silent_backend_times_out_instead_of_hanging() {
     assert!(e.contains("GET_FEATURES"), "{e}");
     t.join().unwrap();
 }
+
+#[test]
+fn qemu_storage_daemon_fails_the_log_probe_and_serves_without_the_log() {
+    if !have("qemu-storage-daemon") {
+        eprintln!(
+            "SKIPPED: qemu-storage-daemon not installed (Debian package qemu-system-common / qemu-utils)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let mut content = vec![0u8; 1 << 20];
+    content[512..1024].fill(0x77);
+    std::fs::write(&img, &content).unwrap();
+    let sock = dir.path().join("blk.sock");
+    let _qsd = qsd(&img, &sock);
+
+    let ram = GuestRam::new(32 << 20).unwrap();
+    let spec = VhostUserSpec::parse(
+        Kind::Block,
+        &format!("vhost-user,socket={}", sock.display()),
+    )
+    .unwrap();
+    let mut dev =
+        VhostUserDevice::connect(spec, RamInfo::new(&ram), Duration::from_secs(5)).unwrap();
+    let log = std::sync::Arc::new(vmm_min::dirty_log::SharedLog::new(ram.last_addr()).unwrap());
+    let start = Instant::now();
+    // libvhost-user answers SET_LOG_BASE with 8 bytes where vhost 0.18 waits for 16: the probe
+    // times out, the frontend reconnects without LOG_SHMFD.
+    assert!(!dev.set_dirty_log(log.clone()).unwrap());
+    assert!(!dev.logs_dirty_pages());
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "probe + reconnect took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        dev.state().protocol_features
+            & vhost::vhost_user::VhostUserProtocolFeatures::LOG_SHMFD.bits(),
+        0
+    );
+
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(
+        Box::new(dev),
+        vec![kick.try_clone().unwrap()],
+        call.try_clone().unwrap(),
+    );
+    w(&mut t, reg::STATUS, ACKNOWLEDGE);
+    w(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER);
+    w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+    w(
+        &mut t,
+        reg::DRIVER_FEATURES,
+        (VIRTIO_F_VERSION_1 >> 32) as u32,
+    );
+    w(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    w(&mut t, reg::QUEUE_SEL, 0);
+    w(&mut t, reg::QUEUE_NUM, u32::from(QSIZE));
+    w(&mut t, reg::QUEUE_DESC_LOW, DESC as u32);
+    w(&mut t, reg::QUEUE_AVAIL_LOW, AVAIL as u32);
+    w(&mut t, reg::QUEUE_USED_LOW, USED as u32);
+    w(&mut t, reg::QUEUE_READY, 1);
+    w(
+        &mut t,
+        reg::STATUS,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+    );
+    assert!(t.state().activated, "status {:#x}", r(&mut t, reg::STATUS));
+    assert_eq!(blk_request(&ram, &call, &kick, 0, false, 1, 0x30000), 0);
+    let mut buf = [0u8; 512];
+    ram.mem()
+        .read_slice(&mut buf, GuestAddress(0x30000))
+        .unwrap();
+    assert!(buf.iter().all(|b| *b == 0x77), "read after the fallback");
+    assert!(
+        log.take(0, 64 * 64).iter().all(|w| *w == 0),
+        "nothing logged"
+    );
+}

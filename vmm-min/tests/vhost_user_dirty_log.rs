@@ -194,7 +194,7 @@ fn backend_writes_to_guest_memory_show_in_the_dirty_bitmap() {
     let mut dev =
         VhostUserDevice::connect(spec, RamInfo::new(ram), Duration::from_secs(5)).unwrap();
     assert!(
-        dev.set_dirty_log(log.clone()),
+        dev.set_dirty_log(log.clone()).unwrap(),
         "vhost-blk-colo offers LOG_SHMFD and LOG_ALL"
     );
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();

@@ -35,6 +35,8 @@ pub const NET_CONFIG_SIZE: u32 = 12;
 pub const QUEUE_SIZE: u16 = 256;
 /// How long one vhost-user reply may take.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the SET_LOG_BASE probe may take before the backend counts as unable to log.
+pub const LOG_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors of the vhost-user frontend.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +172,8 @@ pub struct VhostUserDevice {
     queue_count: usize,
     log: Option<std::sync::Arc<crate::dirty_log::SharedLog>>,
     sock: std::os::unix::net::UnixStream,
+    /// Do not ask for LOG_SHMFD (the backend failed the SET_LOG_BASE probe).
+    no_log: bool,
 }
 
 /// What the frontend needs to know about guest RAM.
@@ -221,13 +225,17 @@ struct Watchdog {
 
 impl Watchdog {
     fn arm(sock: &std::os::unix::net::UnixStream) -> Self {
+        Self::arm_for(sock, REPLY_TIMEOUT)
+    }
+
+    fn arm_for(sock: &std::os::unix::net::UnixStream, timeout: Duration) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let thread = sock.try_clone().ok().and_then(|s| {
             std::thread::Builder::new()
                 .name("vhost-user-watchdog".into())
                 .spawn(move || {
                     if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                        rx.recv_timeout(REPLY_TIMEOUT)
+                        rx.recv_timeout(timeout)
                     {
                         tracing::warn!("vhost-user backend did not answer in time: disconnecting");
                         let _ = s.shutdown(std::net::Shutdown::Both);
@@ -309,6 +317,15 @@ impl VhostUserDevice {
         ram: RamInfo,
         connect_wait: Duration,
     ) -> Result<Self, VhostUserError> {
+        Self::connect_inner(spec, ram, connect_wait, false)
+    }
+
+    fn connect_inner(
+        spec: VhostUserSpec,
+        ram: RamInfo,
+        connect_wait: Duration,
+        no_log: bool,
+    ) -> Result<Self, VhostUserError> {
         let sock = connect(&spec.socket, connect_wait)?;
         let to = |source| VhostUserError::Connect {
             path: spec.socket.clone(),
@@ -327,6 +344,7 @@ impl VhostUserDevice {
             queue_count,
             log: None,
             sock: watch_sock,
+            no_log,
         };
         let _w = Watchdog::arm(&dev.sock);
         dev.handshake()?;
@@ -361,6 +379,9 @@ impl VhostUserDevice {
                 .get_protocol_features()
                 .map_err(self.req("GET_PROTOCOL_FEATURES"))?;
             proto = offered & wanted_protocol_features();
+            if self.no_log {
+                proto.remove(VhostUserProtocolFeatures::LOG_SHMFD);
+            }
             self.frontend
                 .set_protocol_features(proto)
                 .map_err(self.req("SET_PROTOCOL_FEATURES"))?;
@@ -423,18 +444,57 @@ impl VhostUserDevice {
         Ok(cfg)
     }
 
-    /// Makes the backend log its guest-memory writes into `log` from activation on (if it
-    /// offers VHOST_F_LOG_ALL and LOG_SHMFD).
-    pub fn set_dirty_log(&mut self, log: std::sync::Arc<crate::dirty_log::SharedLog>) -> bool {
+    /// Makes the backend log its guest-memory writes into `log` from activation on, if it
+    /// offers VHOST_F_LOG_ALL and LOG_SHMFD and answers a SET_LOG_BASE probe correctly.
+    /// Call before activation. Returns whether the backend will log.
+    ///
+    /// The probe: vhost 0.18 waits for a 16-byte SET_LOG_BASE reply; libvhost-user
+    /// (qemu-storage-daemon 7.2) sends 8, which would stall the frontend. The probe runs under a
+    /// [`LOG_PROBE_TIMEOUT`] watchdog; on failure the backend is reconnected and negotiated
+    /// without LOG_SHMFD (a warning says its writes are not tracked) and `Ok(false)` returned.
+    pub fn set_dirty_log(
+        &mut self,
+        log: std::sync::Arc<crate::dirty_log::SharedLog>,
+    ) -> Result<bool, VhostUserError> {
         let proto = VhostUserProtocolFeatures::from_bits_truncate(self.state.protocol_features);
-        if proto.contains(VhostUserProtocolFeatures::LOG_SHMFD)
-            && self.state.backend_features & crate::dirty_log::VHOST_F_LOG_ALL != 0
+        if !proto.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+            || self.state.backend_features & crate::dirty_log::VHOST_F_LOG_ALL == 0
         {
-            self.log = Some(log);
-            true
-        } else {
-            false
+            return Ok(false);
         }
+        let probe = {
+            use std::os::fd::AsRawFd;
+            let _w = Watchdog::arm_for(&self.sock, LOG_PROBE_TIMEOUT);
+            let region = vhost::VhostUserDirtyLogRegion {
+                mmap_size: log.mmap_size(),
+                mmap_offset: 0,
+                mmap_handle: log.file().as_raw_fd(),
+            };
+            self.frontend.set_log_base(0, Some(region))
+        };
+        match probe {
+            Ok(()) => {
+                self.log = Some(log);
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    socket = %self.spec.socket.display(),
+                    "backend offers LOG_SHMFD but SET_LOG_BASE failed ({e}): reconnecting \
+                     without the shared dirty log; its writes to guest memory are not tracked"
+                );
+                let _ = self.sock.shutdown(std::net::Shutdown::Both);
+                let fresh =
+                    Self::connect_inner(self.spec.clone(), self.ram.clone(), REPLY_TIMEOUT, true)?;
+                *self = fresh;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Whether the backend logs its writes into the shared dirty log.
+    pub fn logs_dirty_pages(&self) -> bool {
+        self.log.is_some()
     }
 
     /// Negotiated state.
