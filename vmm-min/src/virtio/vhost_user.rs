@@ -174,6 +174,134 @@ pub struct VhostUserDevice {
     sock: std::os::unix::net::UnixStream,
     /// Do not ask for LOG_SHMFD (the backend failed the SET_LOG_BASE probe).
     no_log: bool,
+    /// Watches the backend socket while the rings run; reconnects when the backend goes away.
+    monitor: Option<Monitor>,
+    /// A connection the monitor restored, adopted before the next request.
+    pending: std::sync::Arc<std::sync::Mutex<Option<Conn>>>,
+}
+
+/// One backend connection: the frontend and a clone of its socket.
+struct Conn {
+    frontend: Frontend,
+    sock: std::os::unix::net::UnixStream,
+}
+
+/// The reconnect thread of one activated device (stopped and joined on drop).
+struct Monitor {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a reconnect needs to restore the rings of an activated device.
+struct RestoreJob {
+    spec: VhostUserSpec,
+    ram: RamInfo,
+    no_log: bool,
+    log: Option<std::sync::Arc<crate::dirty_log::SharedLog>>,
+    acked_features: u64,
+    queues: Vec<QueueState>,
+    kicks: Vec<EventFd>,
+    call: EventFd,
+}
+
+/// True once the peer of `sock` hung up (or the socket failed); waits up to 200 ms.
+fn hung_up(sock: &std::os::unix::net::UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, count 1.
+    let n = unsafe { libc::poll(&mut p, 1, 200) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+impl RestoreJob {
+    /// Connects to the backend again and restores features, memory table, dirty log and each
+    /// ring from the used index in guest memory (requests the old backend had taken but not
+    /// completed are taken again), then kicks every queue.
+    fn restore(&self) -> Result<Conn, VhostUserError> {
+        let mut d = VhostUserDevice::connect_inner(
+            self.spec.clone(),
+            self.ram.clone(),
+            Duration::from_millis(500),
+            self.no_log,
+        )?;
+        if let Some(log) = &self.log {
+            d.set_dirty_log(log.clone())?;
+        }
+        d.state.acked_features = self.acked_features;
+        let bases: Vec<u16> = self
+            .queues
+            .iter()
+            .map(|q| {
+                vm_memory::Bytes::read_obj::<u16>(&self.ram.mem, GuestAddress(q.used + 2))
+                    .unwrap_or(0)
+            })
+            .collect();
+        {
+            let _w = Watchdog::arm(&d.sock);
+            d.start_rings(&self.queues, &self.kicks, &self.call, Some(&bases))?;
+        }
+        for k in &self.kicks {
+            let _ = k.write(1);
+        }
+        let sock = d
+            .sock
+            .try_clone()
+            .map_err(|source| VhostUserError::Connect {
+                path: self.spec.socket.clone(),
+                source,
+            })?;
+        Ok(Conn {
+            frontend: d.frontend.clone(),
+            sock,
+        })
+    }
+
+    fn run(
+        self,
+        mut watch: std::os::unix::net::UnixStream,
+        pending: std::sync::Arc<std::sync::Mutex<Option<Conn>>>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::Ordering;
+        while !stop.load(Ordering::SeqCst) {
+            if !hung_up(&watch) {
+                continue;
+            }
+            tracing::warn!(socket = %self.spec.socket.display(), "vhost-user backend went away: reconnecting");
+            while !stop.load(Ordering::SeqCst) {
+                match self.restore() {
+                    Ok(conn) => match conn.sock.try_clone() {
+                        Ok(w) => {
+                            watch = w;
+                            *pending
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn);
+                            tracing::warn!(socket = %self.spec.socket.display(), "vhost-user backend reconnected, rings restored");
+                            break;
+                        }
+                        Err(e) => tracing::warn!("vhost-user reconnect: socket clone: {e}"),
+                    },
+                    Err(e) => {
+                        tracing::debug!("vhost-user reconnect attempt failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// What the frontend needs to know about guest RAM.
@@ -345,6 +473,8 @@ impl VhostUserDevice {
             log: None,
             sock: watch_sock,
             no_log,
+            monitor: None,
+            pending: std::sync::Arc::new(std::sync::Mutex::new(None)),
         };
         let _w = Watchdog::arm(&dev.sock);
         dev.handshake()?;
@@ -507,11 +637,61 @@ impl VhostUserDevice {
         &self.spec.socket
     }
 
+    /// Takes over a connection the monitor restored.
+    fn adopt(&mut self) {
+        let conn = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(c) = conn {
+            self.frontend = c.frontend;
+            self.sock = c.sock;
+        }
+    }
+
+    /// Starts the reconnect monitor for the rings just activated.
+    fn start_monitor(&mut self, queues: &[QueueState], kicks: &[EventFd], call: &EventFd) {
+        let clones = (|| -> std::io::Result<_> {
+            let kicks = kicks
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<std::io::Result<Vec<_>>>()?;
+            Ok((kicks, call.try_clone()?, self.sock.try_clone()?))
+        })();
+        let (kicks, call, watch) = match clones {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(socket = %self.spec.socket.display(), "no reconnect monitor: {e}");
+                return;
+            }
+        };
+        let job = RestoreJob {
+            spec: self.spec.clone(),
+            ram: self.ram.clone(),
+            no_log: self.no_log,
+            log: self.log.clone(),
+            acked_features: self.state.acked_features,
+            queues: queues.to_vec(),
+            kicks,
+            call,
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, pending) = (stop.clone(), self.pending.clone());
+        let thread = std::thread::Builder::new()
+            .name("vhost-user-reconnect".into())
+            .spawn(move || job.run(watch, pending, s))
+            .map_err(|e| tracing::warn!("no reconnect monitor: {e}"))
+            .ok();
+        self.monitor = Some(Monitor { stop, thread });
+    }
+
     fn start_rings(
         &mut self,
         queues: &[QueueState],
         kicks: &[EventFd],
         call: &EventFd,
+        bases: Option<&[u16]>,
     ) -> Result<(), VhostUserError> {
         let mut f = self.state.acked_features;
         if self.state.backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
@@ -577,7 +757,7 @@ impl VhostUserDevice {
                 .set_vring_addr(i, &cfg)
                 .map_err(self.req("SET_VRING_ADDR"))?;
             self.frontend
-                .set_vring_base(i, 0)
+                .set_vring_base(i, bases.and_then(|b| b.get(i)).copied().unwrap_or(0))
                 .map_err(self.req("SET_VRING_BASE"))?;
             self.frontend
                 .set_vring_call(i, call)
@@ -643,6 +823,7 @@ impl VirtioDevice for VhostUserDevice {
             return;
         }
         self.state.config[off..off + data.len()].copy_from_slice(data);
+        self.adopt();
         let proto = VhostUserProtocolFeatures::from_bits_truncate(self.state.protocol_features);
         if proto.contains(VhostUserProtocolFeatures::CONFIG)
             && let Err(e) =
@@ -660,13 +841,19 @@ impl VirtioDevice for VhostUserDevice {
         kicks: &[EventFd],
         call: &EventFd,
     ) -> Result<(), String> {
+        self.monitor = None;
+        self.adopt();
         self.state.acked_features = features;
-        self.start_rings(queues, kicks, call)
-            .map_err(|e| e.to_string())
+        self.start_rings(queues, kicks, call, None)
+            .map_err(|e| e.to_string())?;
+        self.start_monitor(queues, kicks, call);
+        Ok(())
     }
 
     fn reset(&mut self) {
         // Stop the rings: GET_VRING_BASE makes the backend stop processing them.
+        self.monitor = None;
+        self.adopt();
         let _w = Watchdog::arm(&self.sock);
         for i in 0..self.queue_count {
             if self.state.queues.get(i).is_some_and(|q| q.ready)
