@@ -54,7 +54,15 @@ pub struct Conn {
 pub struct FilterRewriter {
     conns: HashMap<ConnKey, Conn>,
     failover: bool,
+    /// Offsets of the most recently closed connections: a guest may still retransmit its FIN
+    /// (or the last ACK) after the close was seen, e.g. when the peer's ACK reaches it late;
+    /// those stragglers are translated with the old offset. A new SYN on the key forgets it.
+    closed: HashMap<ConnKey, u32>,
+    closed_order: std::collections::VecDeque<ConnKey>,
 }
+
+/// How many closed connections' offsets are kept for stragglers.
+const MAX_CLOSED: usize = 1024;
 
 impl FilterRewriter {
     pub fn new() -> Self {
@@ -154,8 +162,30 @@ impl Filter for FilterRewriter {
         };
         let (nkey, _) = s.key.normalized();
         let tracked = self.conns.contains_key(&nkey);
+        if !tracked
+            && !s.syn
+            && let Some(&offset) = self.closed.get(&nkey)
+        {
+            // A straggler of a closed connection.
+            let (seq, ack) = match dir {
+                Direction::Rx => (s.seq.wrapping_sub(offset), s.ack),
+                Direction::Tx if s.ack_flag => (s.seq, s.ack.wrapping_add(offset)),
+                Direction::Tx => (s.seq, s.ack),
+            };
+            if (seq, ack) != (s.seq, s.ack) {
+                if rewrite(frame, &s, seq, ack) {
+                    c.rewritten += 1;
+                } else {
+                    c.errors += 1;
+                }
+            }
+            return Verdict::Pass;
+        }
         if !tracked {
             let opens = s.syn && !s.ack_flag;
+            if opens {
+                self.closed.remove(&nkey);
+            }
             if self.failover || !opens {
                 return Verdict::Pass;
             }
@@ -240,8 +270,19 @@ impl Filter for FilterRewriter {
                 }
             }
         }
-        if remove {
-            self.conns.remove(&nkey);
+        if remove
+            && let Some(gone) = self.conns.remove(&nkey)
+            && !s.rst
+            && gone.offset != 0
+        {
+            if self.closed.insert(nkey, gone.offset).is_none() {
+                self.closed_order.push_back(nkey);
+            }
+            while self.closed_order.len() > MAX_CLOSED {
+                if let Some(k) = self.closed_order.pop_front() {
+                    self.closed.remove(&k);
+                }
+            }
         }
         if (seq, ack) != (s.seq, s.ack) {
             if rewrite(frame, &s, seq, ack) {
@@ -258,6 +299,8 @@ impl Filter for FilterRewriter {
             c.offset = 0;
             c.svm_isn = None;
         }
+        self.closed.clear();
+        self.closed_order.clear();
     }
 
     fn failover(&mut self) -> bool {
