@@ -426,6 +426,22 @@ mod tests {
         assert_eq!(seq_ack(&fin).0, PVM_ISN + 301);
         pass(&mut c, tx, seg(tx, C_ISN + 7, PVM_ISN + 302, A, b""));
         assert_eq!(c.query()[0]["state"]["connections"], 0);
+        // The guest had not seen that ACK yet and retransmits its FIN: still translated.
+        let again = pass(
+            &mut c,
+            rx,
+            seg(rx, SVM_ISN.wrapping_add(301), C_ISN + 7, F | A, b""),
+        );
+        assert_eq!(seq_ack(&again).0, PVM_ISN + 301);
+        assert!(checksum_ok(&again));
+        // A checkpoint forgets closed connections too (offsets are 0 afterwards).
+        c.checkpoint();
+        let after = pass(
+            &mut c,
+            rx,
+            seg(rx, SVM_ISN.wrapping_add(301), C_ISN + 7, F | A, b""),
+        );
+        assert_eq!(seq_ack(&after).0, SVM_ISN.wrapping_add(301));
     }
 
     #[test]
