@@ -152,6 +152,9 @@ struct Align {
     verified: u64,
     /// Absolute position of stream byte 0 (after the SYN if aligned on one).
     base: u64,
+    /// The offset comes from the SYN/SYN-ACK pair and is not yet confirmed by a later
+    /// secondary segment (it may be 0 after all, if a filter-rewriter sits in between).
+    pending: bool,
 }
 
 impl Align {
@@ -162,6 +165,25 @@ impl Align {
             ref_abs: ABS_BASE,
             verified: ABS_BASE,
             base: ABS_BASE + u64::from(syn),
+            pending: syn && s_seq != p_seq,
+        }
+    }
+    /// The primary seq at an absolute position.
+    fn seq_at(&self, abs: u64) -> u32 {
+        self.ref_seq
+            .wrapping_add((abs.wrapping_sub(self.ref_abs)) as u32)
+    }
+    /// Decides a pending handshake offset from the first secondary segment after the
+    /// handshake (no SYN; data, FIN or RST): if its seq is the primary's seq of stream byte 0
+    /// without offset, the secondary's output was already rewritten into the primary's
+    /// sequence space (filter-rewriter) and the offset becomes 0; otherwise the handshake
+    /// offset stays (independent captures).
+    fn resolve(&mut self, s: &TcpSeg) {
+        if self.pending && !s.syn && (s.seq_len() > 0 || s.rst) {
+            if s.seq == self.seq_at(self.base) {
+                self.delta = 0;
+            }
+            self.pending = false;
         }
     }
     fn abs(&self, p_seq: u32) -> u64 {
@@ -283,6 +305,7 @@ impl Conn {
     /// was already compared (a retransmission, or stale after a flush).
     pub fn push_secondary(&mut self, frame: Frame, kind: Kind, at: Duration, sink: &mut Sink) {
         if let (Kind::Tcp(t), Some(al)) = (kind, self.tcp.align.as_ref())
+            && !al.pending
             && t.seq_len() > 0
             && al.s_range(&t).1 <= al.verified
         {
@@ -433,6 +456,17 @@ impl Conn {
         let Some(mut al) = self.tcp.align else {
             return Step::Wait;
         };
+        if al.pending && al.verified >= al.base {
+            // The SYN was compared: decide the offset from the first later secondary segment.
+            if let Some(s) = self
+                .secondary
+                .iter()
+                .find_map(|e| e.tcp().filter(|s| !s.syn && (s.seq_len() > 0 || s.rst)))
+            {
+                al.resolve(&s);
+                self.tcp.align = Some(al);
+            }
+        }
         let (pa, pe) = al.p_range(&ps);
         if ps.seq_len() > 0 && pe <= al.verified {
             self.release_front(sink, ReleaseReason::AlreadyVerified);
@@ -537,6 +571,10 @@ impl Conn {
         let mut i = 0;
         while i < self.secondary.len() {
             let done = self.secondary[i].tcp().and_then(|s| {
+                if al.pending && !s.syn {
+                    // Its sequence space is not known yet.
+                    return None;
+                }
                 let (_, se) = al.s_range(&s);
                 (s.seq_len() > 0 && se <= verified).then_some(se)
             });
@@ -568,6 +606,7 @@ impl Conn {
         self.diverged = false;
         if !keep_alignment && let Some(al) = self.tcp.align.as_mut() {
             al.delta = 0;
+            al.pending = false;
         }
     }
 }

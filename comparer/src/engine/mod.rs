@@ -15,6 +15,12 @@
 //!   Sequence arithmetic is wrap-safe (QEMU's sort is not). The secondary's sequence space is
 //!   aligned on the SYN/SYN-ACK pair (so captures with different ISNs match even without
 //!   filter-rewriter), or head-to-head on the first segments when no handshake was seen.
+//!   The handshake offset is only provisional: a filter-rewriter leaves the secondary's
+//!   SYN-ACK alone (its ISN) but rewrites every later segment into the primary's sequence
+//!   space. So the first secondary segment after the SYN that carries data, FIN or RST
+//!   decides: if its seq equals the primary's seq of stream byte 0 (ISN + 1) without offset,
+//!   the offset becomes 0 for the rest of the connection (rewritten); otherwise the handshake
+//!   offset stays (independent captures). The SYN itself is compared ignoring its ISN.
 //!   After a checkpoint the secondary is a copy of the primary, so the offset becomes 0 (unless
 //!   [`Engine::keep_seq_alignment_across_checkpoints`] is set, for offline replay of two
 //!   independent captures, where it stays).

@@ -97,6 +97,51 @@ fn handshake_with_different_isn_aligns_and_matches() {
 }
 
 #[test]
+fn handshake_with_different_isn_and_rewritten_secondary_matches() {
+    // filter-rewriter: the secondary's SYN-ACK keeps its own ISN, every later segment is
+    // already in the primary's sequence space.
+    let mut e = engine();
+    let (pi, si) = (0xffff_fff0u32, 12345u32);
+    e.on_primary(seg(pi, SYN | ACK, b""), ms(0));
+    e.on_secondary(seg(si, SYN | ACK, b""), ms(1));
+    assert_eq!(
+        summary(&mut e),
+        vec![D::Rel(ReleaseReason::Matched), D::Drop(DropReason::Matched)]
+    );
+    let body = vec![7u8; 100];
+    // Secondary first this time: it must be neither dropped nor mis-aligned.
+    e.on_secondary(seg(pi.wrapping_add(1), ACK | PSH, &body), ms(2));
+    assert_eq!(summary(&mut e), vec![]);
+    e.on_primary(seg(pi.wrapping_add(1), ACK | PSH, &body), ms(3));
+    assert_eq!(
+        summary(&mut e),
+        vec![D::Rel(ReleaseReason::Matched), D::Drop(DropReason::Matched)]
+    );
+    e.on_primary(seg(pi.wrapping_add(101), ACK | PSH, b"more"), ms(4));
+    e.on_secondary(seg(pi.wrapping_add(101), ACK | PSH, b"more"), ms(5));
+    e.on_primary(seg(pi.wrapping_add(105), FIN | ACK, b""), ms(6));
+    e.on_secondary(seg(pi.wrapping_add(105), FIN | ACK, b""), ms(7));
+    assert_eq!(
+        summary(&mut e),
+        vec![
+            D::Rel(ReleaseReason::Matched),
+            D::Drop(DropReason::Matched),
+            D::Rel(ReleaseReason::Matched),
+            D::Drop(DropReason::Matched)
+        ]
+    );
+    // Nothing waits, so no timeout can follow.
+    e.on_tick(ms(10_000));
+    assert_eq!(summary(&mut e), vec![]);
+    let s = e.stats();
+    assert_eq!(
+        (s.released_matched, s.primary_queued, s.secondary_queued),
+        (4, 0, 0)
+    );
+    assert_eq!(s.checkpoints, CheckpointCounts::default());
+}
+
+#[test]
 fn differently_segmented_streams_match_without_leftovers() {
     let mut e = engine();
     e.on_primary(seg(100, SYN | ACK, b""), ms(0));
