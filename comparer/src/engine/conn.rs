@@ -250,6 +250,9 @@ struct TcpState {
     align: Option<Align>,
     /// Seq of the primary's SYN the alignment came from.
     p_syn: Option<u32>,
+    /// Seq of the secondary's SYN it was matched with (its own ISN: a filter-rewriter leaves
+    /// the SYN-ACK alone), to recognise the secondary's retransmissions of it.
+    s_syn: Option<u32>,
     /// A primary FIN or RST was released.
     closed: bool,
 }
@@ -302,12 +305,12 @@ impl Conn {
     }
 
     /// Queues a secondary frame, or drops it at once when it is TCP data entirely below what
-    /// was already compared (a retransmission, or stale after a flush).
+    /// was already compared (a retransmission, or stale after a flush), or a retransmission of
+    /// the secondary's SYN once that was compared.
     pub fn push_secondary(&mut self, frame: Frame, kind: Kind, at: Duration, sink: &mut Sink) {
         if let (Kind::Tcp(t), Some(al)) = (kind, self.tcp.align.as_ref())
-            && !al.pending
-            && t.seq_len() > 0
-            && al.s_range(&t).1 <= al.verified
+            && (self.is_compared_syn(&t, al)
+                || (!al.pending && t.seq_len() > 0 && al.s_range(&t).1 <= al.verified))
         {
             sink.drop_secondary(frame, &self.flow, DropReason::AlreadyVerified);
             return;
@@ -318,6 +321,19 @@ impl Conn {
             kind,
             progress: 0,
         });
+    }
+
+    /// A bare secondary SYN (or SYN-ACK) with the ISN of the one the alignment was made on,
+    /// after that SYN was compared: a retransmission. Its ISN is the secondary's own, so once
+    /// the offset resolved to 0 (filter-rewriter) its sequence range says nothing; QEMU drops
+    /// secondary segments without payload unconditionally.
+    fn is_compared_syn(&self, s: &TcpSeg, al: &Align) -> bool {
+        s.syn
+            && s.data_len == 0
+            && !s.fin
+            && !s.rst
+            && self.tcp.s_syn == Some(s.seq)
+            && al.verified >= al.base
     }
 
     /// Bookkeeping for a primary frame that leaves without comparison.
@@ -422,6 +438,7 @@ impl Conn {
                     Some(s_seq) => {
                         self.tcp.align = Some(Align::new(ps.seq, s_seq, true));
                         self.tcp.p_syn = Some(ps.seq);
+                        self.tcp.s_syn = Some(s_seq);
                         if let Some(p) = self.primary.front_mut() {
                             p.progress = 0;
                         }
@@ -576,7 +593,11 @@ impl Conn {
                     return None;
                 }
                 let (_, se) = al.s_range(&s);
-                (s.seq_len() > 0 && se <= verified).then_some(se)
+                if s.seq_len() > 0 && se <= verified {
+                    return Some(se);
+                }
+                // A retransmitted SYN whose ISN no longer maps below `verified`.
+                self.is_compared_syn(&s, al).then_some(old)
             });
             match done {
                 Some(se) => {

@@ -594,3 +594,51 @@ fn outstanding_checkpoint_is_repeated_after_compare_timeout() {
     assert_eq!(e.stats().checkpoints.payload_differs, 1);
     assert_eq!(e.stats().checkpoints.timeout, 1);
 }
+
+#[test]
+fn secondary_only_syn_ack_retransmission_after_rewriter_is_dropped() {
+    // Two guests answer the same client; the secondary's output passes a filter-rewriter (its
+    // SYN-ACK keeps its own ISN, later segments are in the primary's space) and the secondary
+    // retransmits its SYN-ACK more often than the primary. Its ISN lies above the primary's
+    // stream (within 2 GiB), so once the offset resolved to 0 the retransmission's sequence
+    // range would be "ahead"; it must still be recognised and dropped, not wait for a twin.
+    let mut e = engine();
+    let (pi, si) = (1000u32, 1000u32.wrapping_add(0x4000_0000));
+    e.on_primary(seg(pi, SYN | ACK, b""), ms(0));
+    e.on_secondary(seg(si, SYN | ACK, b""), ms(1));
+    assert_eq!(
+        summary(&mut e),
+        vec![D::Rel(ReleaseReason::Matched), D::Drop(DropReason::Matched)]
+    );
+    // Retransmitted before the offset is decided, then rewritten data.
+    e.on_secondary(seg(si, SYN | ACK, b""), ms(2));
+    let body = vec![7u8; 100];
+    e.on_secondary(seg(pi + 1, ACK | PSH, &body), ms(3));
+    // The primary retransmits once (released), then sends its data.
+    e.on_primary(seg(pi, SYN | ACK, b""), ms(4));
+    e.on_primary(seg(pi + 1, ACK | PSH, &body), ms(5));
+    // Retransmitted again after the offset resolved to 0.
+    e.on_secondary(seg(si, SYN | ACK, b""), ms(6));
+    e.on_primary(seg(pi + 101, FIN | ACK, b""), ms(7));
+    e.on_secondary(seg(pi + 101, FIN | ACK, b""), ms(8));
+    let d = summary(&mut e);
+    assert_eq!(
+        d.iter()
+            .filter(|x| **x == D::Drop(DropReason::AlreadyVerified))
+            .count(),
+        2,
+        "{d:?}"
+    );
+    assert_eq!(
+        d.iter()
+            .filter(|x| **x == D::Rel(ReleaseReason::Matched))
+            .count(),
+        2,
+        "{d:?}"
+    );
+    e.on_tick(ms(60_000));
+    assert_eq!(summary(&mut e), vec![]);
+    let s = e.stats();
+    assert_eq!((s.primary_queued, s.secondary_queued), (0, 0));
+    assert_eq!(s.checkpoints, CheckpointCounts::default());
+}
