@@ -22,6 +22,7 @@ pub mod host;
 pub mod lab;
 pub mod net;
 pub mod process;
+pub mod vmm;
 
 pub use colo_proto::qmp;
 pub use colo_proto::qmp::{Event as QmpEvent, QmpClient, QmpClientError};
