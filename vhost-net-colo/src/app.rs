@@ -11,6 +11,12 @@
 //! - `colo-net-checkpoint`: the COLO checkpoint event: every filter's checkpoint hook runs (the
 //!   rewriter's offsets become 0). Called by the checkpoint engine on the secondary after each
 //!   checkpoint is loaded;
+//! - `announce-self {"initial","max","rounds","step"}` (QEMU's command and defaults: 50, 550,
+//!   5, 100 ms; `interfaces`/`id` accepted, see [`crate::announce`]): RARP broadcasts of the
+//!   guest MAC straight out of the netdev, after the filter chain;
+//! - `set_link {"name": NETDEV-ID, "up": bool}` (QEMU's command): link status in config space;
+//!   the frontend gets `CONFIG_CHANGE_MSG` when it set up a backend-request channel; while down,
+//!   frames are dropped both ways;
 //! - `colo-net-failover`: the COLO failover event: filters without a failover behaviour are
 //!   switched off (redirectors stop intercepting), the rewriter stays on and keeps translating
 //!   the connections it tracks.
@@ -158,6 +164,9 @@ impl App {
                 "queued_before_frontend": self.path.no_guest.load(Relaxed),
             },
             "netdev_send_errors": self.path.to_netdev_errors.load(Relaxed),
+            "link_up": self.path.link_is_up(),
+            "link_down_dropped": self.path.link_down_dropped.load(Relaxed),
+            "announces_sent": self.path.announced.load(Relaxed),
             "chardevs": self.chardevs.ids(),
         })
     }
@@ -247,6 +256,42 @@ impl App {
         let app = self.clone();
         r.add("colo-net-checkpoint", move |_a: &Map<String, Value>| {
             app.path.chain().checkpoint();
+            Ok(json!({}))
+        });
+        let app = self.clone();
+        r.add("announce-self", move |a: &Map<String, Value>| {
+            args::reject_unknown(a, &["initial", "max", "rounds", "step", "interfaces", "id"])?;
+            let d = crate::announce::AnnounceParams::default();
+            let p = crate::announce::AnnounceParams {
+                initial: args::optional_u64(a, "initial")?.unwrap_or(d.initial),
+                max: args::optional_u64(a, "max")?.unwrap_or(d.max),
+                rounds: args::optional_u64(a, "rounds")?.unwrap_or(d.rounds),
+                step: args::optional_u64(a, "step")?.unwrap_or(d.step),
+            };
+            if p.rounds > crate::announce::AnnounceParams::MAX_ROUNDS {
+                return Err(args::invalid_value("rounds", "at most 1000"));
+            }
+            if let Some(list) = args::optional_array(a, "interfaces")? {
+                let ours = list.iter().any(|v| v.as_str() == Some(&app.path.netdev_id));
+                if !list.is_empty() && !ours {
+                    return Ok(json!({}));
+                }
+            }
+            crate::announce::spawn_announce(app.path.clone(), app.path.mac(), p)
+                .map_err(|e| QmpError::generic(format!("announce-self: {e}")))?;
+            Ok(json!({}))
+        });
+        let app = self.clone();
+        r.add("set_link", move |a: &Map<String, Value>| {
+            args::reject_unknown(a, &["name", "up"])?;
+            let name = args::required_str(a, "name")?;
+            let up = args::required_bool(a, "up")?;
+            if name != app.path.netdev_id {
+                return Err(QmpError::device_not_found(format!(
+                    "Device '{name}' not found"
+                )));
+            }
+            app.path.set_link(up);
             Ok(json!({}))
         });
         let app = self.clone();

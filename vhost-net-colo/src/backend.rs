@@ -123,7 +123,12 @@ impl NetBackend {
         // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
         let mut c = Vec::with_capacity(12);
         c.extend_from_slice(&self.mac);
-        c.extend_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        let status = if self.path.link_is_up() {
+            VIRTIO_NET_S_LINK_UP
+        } else {
+            0
+        };
+        c.extend_from_slice(&status.to_le_bytes());
         c.extend_from_slice(&1u16.to_le_bytes());
         c.extend_from_slice(&1500u16.to_le_bytes());
         c
@@ -381,6 +386,7 @@ impl VhostUserBackend for NetBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RARP
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -433,6 +439,19 @@ impl VhostUserBackend for NetBackend {
     }
 }
 
+/// What the relay hands to the device: SEND_RARP and the backend-request channel.
+struct PathHooks(Arc<NetPath>);
+
+impl crate::shim::Hooks for PathHooks {
+    fn send_rarp(&self, mac: [u8; 6]) {
+        self.0.announce(crate::announce::rarp_frame(mac));
+    }
+
+    fn backend_channel(&self, chan: std::os::unix::net::UnixStream, protocol_features: u64) {
+        self.0.set_backend_channel(Some((chan, protocol_features)));
+    }
+}
+
 /// Serves the vhost-user socket at `socket` until `stop`: one frontend at a time, a new
 /// daemon for each. The socket stays bound between sessions, so a frontend that reconnects
 /// quickly never finds it missing. Sessions go through [`crate::shim::relay`].
@@ -450,6 +469,7 @@ pub fn serve(
         path: socket.to_string(),
         msg,
     };
+    path.set_mac(mac);
     let _ = std::fs::remove_file(socket);
     let outer = UnixListener::bind(socket)?;
     // The daemon's side of the relay: an abstract socket private to this process.
@@ -477,7 +497,7 @@ pub fn serve(
         daemon
             .start(&mut inner)
             .map_err(|e| daemon_err(e.to_string()))?;
-        if let Err(e) = crate::shim::relay(front, back) {
+        if let Err(e) = crate::shim::relay_with(front, back, &PathHooks(path.clone())) {
             tracing::debug!("vhost-user relay: {e}");
         }
         let r = daemon.wait();
@@ -485,6 +505,7 @@ pub fn serve(
             h.send_exit_event();
         }
         path.guest_connected.store(false, Ordering::Relaxed);
+        path.set_backend_channel(None);
         path.guest.clear();
         match r {
             Ok(()) => {

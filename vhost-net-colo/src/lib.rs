@@ -21,6 +21,7 @@
 //! What it does not do: compare packets (that is the `comparer` crate) or checkpoint guests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod announce;
 pub mod app;
 pub mod backend;
 pub mod chardevs;

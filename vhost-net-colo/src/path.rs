@@ -89,7 +89,23 @@ pub struct NetPath {
     /// Frames from the outside that arrived while no frontend was set up (queued, bounded).
     pub no_guest: AtomicU64,
     pub guest_connected: std::sync::atomic::AtomicBool,
+    /// Link state (`set_link`): while down, frames are dropped in both directions.
+    pub link_up: std::sync::atomic::AtomicBool,
+    /// Frames dropped because the link was down.
+    pub link_down_dropped: AtomicU64,
+    /// RARP announces sent to the netdev (SEND_RARP, `announce-self`).
+    pub announced: AtomicU64,
+    /// The guest MAC (config space; announces).
+    pub mac: Mutex<[u8; 6]>,
+    /// The frontend's backend-request channel, when it negotiated one (with the protocol
+    /// features then negotiated).
+    backend_chan: Mutex<Option<(std::os::unix::net::UnixStream, u64)>>,
 }
+
+/// `VHOST_USER_PROTOCOL_F_BACKEND_REQ`.
+const PROTOCOL_F_BACKEND_REQ: u64 = 1 << 5;
+/// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
+const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 
 impl NetPath {
     pub fn new(netdev_id: &str, guest: Arc<GuestRx>) -> Self {
@@ -101,7 +117,78 @@ impl NetPath {
             to_netdev_errors: AtomicU64::new(0),
             no_guest: AtomicU64::new(0),
             guest_connected: std::sync::atomic::AtomicBool::new(false),
+            link_up: std::sync::atomic::AtomicBool::new(true),
+            link_down_dropped: AtomicU64::new(0),
+            announced: AtomicU64::new(0),
+            mac: Mutex::new([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            backend_chan: Mutex::new(None),
         }
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        *self.mac.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_mac(&self, mac: [u8; 6]) {
+        *self.mac.lock().unwrap_or_else(|p| p.into_inner()) = mac;
+    }
+
+    pub fn link_is_up(&self) -> bool {
+        self.link_up.load(Ordering::Relaxed)
+    }
+
+    /// Sets the link state; true when it changed. Tells the frontend (config change) if it can.
+    pub fn set_link(&self, up: bool) -> bool {
+        let changed = self.link_up.swap(up, Ordering::SeqCst) != up;
+        if changed {
+            match self.notify_config_change() {
+                Ok(true) => {
+                    tracing::info!("link {}: frontend notified", if up { "up" } else { "down" })
+                }
+                Ok(false) => tracing::info!(
+                    "link {}: the frontend has no backend-request channel; the guest sees it when it reads config space",
+                    if up { "up" } else { "down" }
+                ),
+                Err(e) => tracing::warn!("link change: CONFIG_CHANGE_MSG to the frontend: {e}"),
+            }
+        }
+        changed
+    }
+
+    /// Remembers the frontend's backend-request channel (from the vhost-user relay).
+    pub fn set_backend_channel(&self, chan: Option<(std::os::unix::net::UnixStream, u64)>) {
+        *self.backend_chan.lock().unwrap_or_else(|p| p.into_inner()) = chan;
+    }
+
+    /// Sends `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (no reply asked for) on the backend-request
+    /// channel. Ok(false) when there is none.
+    pub fn notify_config_change(&self) -> std::io::Result<bool> {
+        use std::io::Write;
+        let g = self.backend_chan.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((chan, pf)) = g.as_ref() else {
+            return Ok(false);
+        };
+        if pf & PROTOCOL_F_BACKEND_REQ == 0 {
+            return Ok(false);
+        }
+        let mut m = Vec::with_capacity(12);
+        m.extend_from_slice(&BACKEND_CONFIG_CHANGE_MSG.to_le_bytes());
+        m.extend_from_slice(&1u32.to_le_bytes()); // version 1, no NEED_REPLY
+        m.extend_from_slice(&0u32.to_le_bytes());
+        let mut w = chan;
+        w.write_all(&m)?;
+        Ok(true)
+    }
+
+    /// Sends a frame the device itself originates (a RARP announce) straight to the netdev,
+    /// after the filter chain; dropped while the link is down.
+    pub fn announce(&self, frame: Vec<u8>) {
+        if !self.link_is_up() {
+            self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.announced.fetch_add(1, Ordering::Relaxed);
+        self.deliver(Direction::Rx, frame);
     }
 
     pub fn set_netdev(&self, n: Arc<dyn Netdev>) {
@@ -122,6 +209,11 @@ impl NetPath {
     }
 
     fn deliver(&self, dir: Direction, frame: Vec<u8>) {
+        // Also covers frames injected from an indev while the link is down.
+        if !self.link_is_up() {
+            self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         match dir {
             Direction::Tx => {
                 // Queued even while no frontend has set up memory yet (frames that arrive while
@@ -146,6 +238,10 @@ impl NetPath {
 
     /// A frame the guest sent (guest egress, `rx`).
     pub fn from_guest(&self, frame: Vec<u8>) {
+        if !self.link_is_up() {
+            self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let mut chain = self.chain();
         if let Outcome::Deliver(f) = chain.process(Direction::Rx, frame) {
             self.deliver(Direction::Rx, f);
@@ -155,6 +251,10 @@ impl NetPath {
     /// A frame the netdev received (guest ingress, `tx`). Waits a little for room in the
     /// guest's queue first (outside the chain lock), so the netdev is back-pressured.
     pub fn from_netdev(&self, frame: Vec<u8>) {
+        if !self.link_is_up() {
+            self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if self.guest_connected.load(Ordering::Relaxed) {
             self.guest.wait_room(std::time::Duration::from_secs(1));
         }

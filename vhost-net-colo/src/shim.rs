@@ -8,8 +8,19 @@
 //! ack of 0 when the frontend asked for one), remembers the last state asked for each ring, and
 //! replays those enables right after passing on a `SET_FEATURES` that acknowledges protocol
 //! features (QEMU 7.2 does not send them again). A frontend that follows the message order of
-//! the spec is relayed unchanged. Everything else, file descriptors
-//! included, is passed through as is.
+//! the spec is relayed unchanged.
+//!
+//! The relay also handles what the `vhost` crate's request handler does not:
+//! - `VHOST_USER_SEND_RARP` (request 19, payload a u64 whose low 6 bytes are the MAC, as QEMU
+//!   sends it after a migration): handed to [`Hooks::send_rarp`] (the device broadcasts a RARP
+//!   announce); acknowledged with 0 when the frontend asked for a reply.
+//! - Any request the handler does not know (the crate would drop the connection on it): logged
+//!   and consumed; when the frontend asked for a reply (`NEED_REPLY`), answered with a u64 1
+//!   (failure, as the REPLY_ACK convention has it). Descriptors sent with it are closed.
+//! - `VHOST_USER_SET_BACKEND_REQ_FD` is passed on, and a duplicate of the backend-request
+//!   channel is given to [`Hooks::backend_channel`] (the device sends `CONFIG_CHANGE_MSG` on it).
+//!
+//! Everything else, file descriptors included, is passed through as is.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -20,7 +31,18 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const HDR_LEN: usize = 12;
 const SET_FEATURES: u32 = 2;
+const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_ENABLE: u32 = 18;
+/// `VHOST_USER_SEND_RARP`.
+pub const SEND_RARP: u32 = 19;
+/// `VHOST_USER_SET_BACKEND_REQ_FD`.
+const SET_BACKEND_REQ_FD: u32 = 21;
+/// Requests the `vhost` 0.18 backend request handler implements; anything else would make it
+/// fail the connection, so the relay answers those itself.
+const HANDLED: &[u32] = &[
+    1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 21, 24, 25, 28, 29, 30, 31, 32, 33,
+    34, 36, 37, 38, 41, 42, 43, 44,
+];
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -73,8 +95,52 @@ fn field(msg: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([msg[at], msg[at + 1], msg[at + 2], msg[at + 3]])
 }
 
+fn field64(msg: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&msg[at..at + 8]);
+    u64::from_le_bytes(v)
+}
+
+/// What the device does with the messages the relay handles itself.
+pub trait Hooks: Send + Sync {
+    /// `VHOST_USER_SEND_RARP` with the guest's MAC.
+    fn send_rarp(&self, _mac: [u8; 6]) {}
+    /// The frontend's backend-request channel (a duplicate of the descriptor passed on to the
+    /// daemon), with the protocol features negotiated so far.
+    fn backend_channel(&self, _chan: UnixStream, _protocol_features: u64) {}
+}
+
+/// Hooks that do nothing (the relay still consumes SEND_RARP and unknown requests).
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+/// The MAC in a SEND_RARP payload: the low 6 bytes of the little-endian u64, i.e. its first
+/// 6 bytes in memory, as QEMU copies the MAC into it.
+pub fn rarp_mac(payload: &[u8]) -> Option<[u8; 6]> {
+    let b = payload.get(..6)?;
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(b);
+    Some(mac)
+}
+
 /// Relays one session until either side closes.
 pub fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
+    relay_with(front, back, &NoHooks)
+}
+
+fn reply_u64(w: &Mutex<UnixStream>, req: u32, value: u64) -> io::Result<()> {
+    let mut reply = Vec::with_capacity(HDR_LEN + 8);
+    reply.extend_from_slice(&req.to_le_bytes());
+    reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    reply.extend_from_slice(&8u32.to_le_bytes());
+    reply.extend_from_slice(&value.to_le_bytes());
+    let w = w.lock().unwrap_or_else(|p| p.into_inner());
+    (&*w).write_all(&reply)
+}
+
+/// Relays one session until either side closes, with `hooks` for the messages the relay
+/// handles itself (see the module documentation).
+pub fn relay_with(front: UnixStream, back: UnixStream, hooks: &dyn Hooks) -> io::Result<()> {
     let front_w = Arc::new(Mutex::new(front.try_clone()?));
     // Backend → frontend: whole messages, so our own replies never interleave with its.
     let (b, fw) = (back.try_clone()?, front_w.clone());
@@ -101,6 +167,7 @@ pub fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
                 .shutdown(std::net::Shutdown::Both);
         })?;
     let mut protocol_acked = false;
+    let mut protocol_features = 0u64;
     let mut early_enables: std::collections::BTreeMap<u32, u32> = Default::default();
     let res = loop {
         let (msg, fds) = match read_msg(&front) {
@@ -118,9 +185,57 @@ pub fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
             "vhost-user request"
         );
         if req == SET_FEATURES && msg.len() >= HDR_LEN + 8 {
-            let mut v = [0u8; 8];
-            v.copy_from_slice(&msg[HDR_LEN..HDR_LEN + 8]);
-            protocol_acked = u64::from_le_bytes(v) & F_PROTOCOL_FEATURES != 0;
+            protocol_acked = field64(&msg, HDR_LEN) & F_PROTOCOL_FEATURES != 0;
+        }
+        if req == SET_PROTOCOL_FEATURES && msg.len() >= HDR_LEN + 8 {
+            protocol_features = field64(&msg, HDR_LEN);
+        }
+        if req == SEND_RARP {
+            match rarp_mac(&msg[HDR_LEN..]) {
+                Some(mac) => {
+                    tracing::info!(
+                        "vhost-user SEND_RARP for {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                        mac[0],
+                        mac[1],
+                        mac[2],
+                        mac[3],
+                        mac[4],
+                        mac[5]
+                    );
+                    hooks.send_rarp(mac);
+                }
+                None => tracing::warn!(
+                    "vhost-user SEND_RARP with a {}-byte payload",
+                    msg.len() - HDR_LEN
+                ),
+            }
+            if flags & FLAG_NEED_REPLY != 0
+                && let Err(e) = reply_u64(&front_w, req, 0)
+            {
+                break Err(e);
+            }
+            continue;
+        }
+        if !HANDLED.contains(&req) {
+            tracing::warn!(
+                "vhost-user request {req} ({} bytes, {} fds) not supported: ignored",
+                msg.len() - HDR_LEN,
+                fds.len()
+            );
+            if flags & FLAG_NEED_REPLY != 0
+                && let Err(e) = reply_u64(&front_w, req, 1)
+            {
+                break Err(e);
+            }
+            continue;
+        }
+        if req == SET_BACKEND_REQ_FD
+            && let Some(fd) = fds.first()
+        {
+            match fd.try_clone() {
+                Ok(dup) => hooks.backend_channel(UnixStream::from(dup), protocol_features),
+                Err(e) => tracing::warn!("vhost-user: dup of the backend-request channel: {e}"),
+            }
         }
         if req == SET_VRING_ENABLE && !protocol_acked {
             if msg.len() >= HDR_LEN + 8 {
@@ -129,16 +244,10 @@ pub fn relay(front: UnixStream, back: UnixStream) -> io::Result<()> {
             tracing::debug!(
                 "vhost-user: SET_VRING_ENABLE before SET_FEATURES answered by the relay"
             );
-            if flags & FLAG_NEED_REPLY != 0 {
-                let mut reply = Vec::with_capacity(HDR_LEN + 8);
-                reply.extend_from_slice(&SET_VRING_ENABLE.to_le_bytes());
-                reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-                reply.extend_from_slice(&8u32.to_le_bytes());
-                reply.extend_from_slice(&0u64.to_le_bytes());
-                let w = front_w.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = (&*w).write_all(&reply) {
-                    break Err(e);
-                }
+            if flags & FLAG_NEED_REPLY != 0
+                && let Err(e) = reply_u64(&front_w, SET_VRING_ENABLE, 0)
+            {
+                break Err(e);
             }
             continue;
         }
