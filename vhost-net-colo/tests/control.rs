@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use colo_proto::frame::{Frame, FrameReader, write_frame};
 use colo_proto::qmp::QmpClient;
 use serde_json::json;
+use vhost_net_colo::testing::{NetFrontend, Options};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x01];
 
@@ -89,6 +91,8 @@ const SEND_RARP: u32 = 19;
 const NEED_REPLY: u32 = 0x8;
 const PROTOCOL_F_RARP: u64 = 1 << 2;
 const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+const PROTOCOL_F_BACKEND_REQ: u64 = 1 << 5;
+const SET_BACKEND_REQ_FD: u32 = 21;
 
 impl RawFrontend {
     fn connect(sock: &std::path::Path) -> Self {
@@ -283,4 +287,124 @@ fn qmp_announce_self_sends_the_requested_rounds() {
     }
     let net = s.qmp.execute("query-net", json!({})).unwrap();
     assert_eq!(net["announces_sent"], 8, "{net}");
+}
+
+fn guest_frame(i: u8) -> Vec<u8> {
+    let mut f = vec![i; 80];
+    f[..6].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 9]);
+    f[6..12].copy_from_slice(&MAC);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    f
+}
+
+#[test]
+fn set_link_changes_config_status_and_drops_frames_both_ways_while_down() {
+    let mut s = start(&[]);
+    let mut fe = NetFrontend::connect(&s.sock, &Options::default()).unwrap();
+    let status = |fe: &mut NetFrontend| {
+        let c = fe.config(8).unwrap();
+        u16::from_le_bytes([c[6], c[7]])
+    };
+    assert_eq!(status(&mut fe), 1, "link up at start");
+    assert_ne!(fe.features() & (1 << 16), 0, "VIRTIO_NET_F_STATUS");
+    // Up: frames pass.
+    fe.send(&guest_frame(1)).unwrap();
+    assert_eq!(
+        s.wire.read_frame().unwrap().unwrap().payload,
+        guest_frame(1)
+    );
+
+    s.qmp
+        .execute("set_link", json!({"name": "s0", "up": false}))
+        .unwrap();
+    assert_eq!(status(&mut fe), 0, "link down in config space");
+    fe.send(&guest_frame(2)).unwrap();
+    write_frame(&mut s.wire_w, &Frame::ethernet(guest_frame(3)), false).unwrap();
+    assert!(
+        fe.recv(Duration::from_millis(500)).is_none(),
+        "a frame reached the guest while the link was down"
+    );
+    s.qmp
+        .execute("announce-self", json!({"rounds": 1, "initial": 0}))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let net = s.qmp.execute("query-net", json!({})).unwrap();
+    assert_eq!(net["link_up"], false, "{net}");
+    assert_eq!(net["link_down_dropped"], 3, "{net}");
+
+    s.qmp
+        .execute("set_link", json!({"name": "s0", "up": true}))
+        .unwrap();
+    assert_eq!(status(&mut fe), 1, "link up again");
+    fe.send(&guest_frame(4)).unwrap();
+    // The frames sent while down never come out: the next one on the wire is frame 4.
+    assert_eq!(
+        s.wire.read_frame().unwrap().unwrap().payload,
+        guest_frame(4)
+    );
+    write_frame(&mut s.wire_w, &Frame::ethernet(guest_frame(5)), false).unwrap();
+    let (got, _) = fe
+        .recv(Duration::from_secs(10))
+        .expect("frame after link up");
+    assert_eq!(got, guest_frame(5));
+
+    for bad in [
+        json!({"name": "nope", "up": false}),
+        json!({"name": "s0"}),
+        json!({"name": "s0", "up": "yes"}),
+    ] {
+        assert!(s.qmp.execute("set_link", bad.clone()).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn set_link_sends_config_change_on_the_backend_request_channel() {
+    let mut s = start(&[]);
+    let mut fe = RawFrontend::connect(&s.sock);
+    let pf = fe.negotiate(PROTOCOL_F_BACKEND_REQ | PROTOCOL_F_REPLY_ACK);
+    assert_ne!(pf & PROTOCOL_F_BACKEND_REQ, 0, "BACKEND_REQ offered");
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut m = Vec::new();
+    m.extend_from_slice(&SET_BACKEND_REQ_FD.to_le_bytes());
+    m.extend_from_slice(&(1 | NEED_REPLY).to_le_bytes());
+    m.extend_from_slice(&0u32.to_le_bytes());
+    use std::os::fd::AsRawFd;
+    fe.0.send_with_fds(&[&m[..]], &[theirs.as_raw_fd()])
+        .unwrap();
+    assert_eq!(fe.reply_u64(SET_BACKEND_REQ_FD), 0, "channel accepted");
+    drop(theirs);
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut r = &ours;
+    for up in [false, true] {
+        s.qmp
+            .execute("set_link", json!({"name": "s0", "up": up}))
+            .unwrap();
+        let mut h = [0u8; 12];
+        r.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(h[..4].try_into().unwrap()),
+            2,
+            "CONFIG_CHANGE_MSG"
+        );
+        assert_eq!(
+            u32::from_le_bytes(h[4..8].try_into().unwrap()),
+            1,
+            "version 1"
+        );
+        assert_eq!(
+            u32::from_le_bytes(h[8..12].try_into().unwrap()),
+            0,
+            "no payload"
+        );
+    }
+    // Same state again: no message.
+    s.qmp
+        .execute("set_link", json!({"name": "s0", "up": true}))
+        .unwrap();
+    ours.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(r.read(&mut b).is_err(), "config change without a change");
+    fe.alive();
 }
