@@ -168,14 +168,35 @@ pub fn is_command_not_found(e: &crate::QmpClientError) -> bool {
 
 /// A TCP proxy on 127.0.0.1 for one connection: forwards client → target (recording those
 /// bytes) and target → client. `throttle` (bytes per second) slows the client → target
-/// direction. Threads end when either side closes; dropping the proxy closes both sockets.
+/// direction. When either side goes away (or on [`StreamProxy::cut`] or drop) both sockets are
+/// closed abortively (RST), as a killed peer's kernel would, so the other side's writes fail.
 pub struct StreamProxy {
     addr: SocketAddr,
     captured: Arc<Mutex<Vec<u8>>>,
     forwarded: Arc<AtomicU64>,
     done: Arc<AtomicBool>,
-    socks: Arc<Mutex<Vec<TcpStream>>>,
+    socks: Arc<Mutex<Vec<Arc<TcpStream>>>>,
     acceptor: Option<JoinHandle<()>>,
+}
+
+/// SO_LINGER {on, 0}: close() then resets the connection.
+fn set_abortive_close(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt(2) on a socket fd we own, with a pointer to a live `linger` of the
+    // size we pass.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 impl StreamProxy {
@@ -186,7 +207,7 @@ impl StreamProxy {
         let captured = Arc::new(Mutex::new(Vec::new()));
         let forwarded = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicBool::new(false));
-        let socks = Arc::new(Mutex::new(Vec::<TcpStream>::new()));
+        let socks = Arc::new(Mutex::new(Vec::<Arc<TcpStream>>::new()));
         let (cap, fw, dn, sk) = (
             Arc::clone(&captured),
             Arc::clone(&forwarded),
@@ -194,26 +215,28 @@ impl StreamProxy {
             Arc::clone(&socks),
         );
         let acceptor = std::thread::spawn(move || {
-            let Ok((client, _)) = l.accept() else {
-                dn.store(true, Ordering::SeqCst);
-                return;
+            let run = || {
+                let (client, _) = l.accept().ok()?;
+                if dn.load(Ordering::SeqCst) {
+                    return None;
+                }
+                let server = TcpStream::connect(target).ok()?;
+                set_abortive_close(&client);
+                set_abortive_close(&server);
+                let (client, server) = (Arc::new(client), Arc::new(server));
+                {
+                    let mut v = sk.lock().unwrap_or_else(|p| p.into_inner());
+                    v.push(Arc::clone(&client));
+                    v.push(Arc::clone(&server));
+                }
+                let (c2, s2) = (Arc::clone(&client), Arc::clone(&server));
+                let back = std::thread::spawn(move || pump(&s2, &c2, None, None, None));
+                pump(&client, &server, Some(&cap), Some(&fw), throttle);
+                let _ = back.join();
+                Some(())
             };
-            let Ok(server) = TcpStream::connect(target) else {
-                dn.store(true, Ordering::SeqCst);
-                return;
-            };
-            let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
-                dn.store(true, Ordering::SeqCst);
-                return;
-            };
-            if let (Ok(a), Ok(b)) = (client.try_clone(), server.try_clone()) {
-                let mut v = sk.lock().unwrap_or_else(|p| p.into_inner());
-                v.push(a);
-                v.push(b);
-            }
-            let back = std::thread::spawn(move || pump(s2, c2, None, None, None));
-            pump(client, server, Some(cap), Some(fw), throttle);
-            let _ = back.join();
+            let _ = run();
+            sk.lock().unwrap_or_else(|p| p.into_inner()).clear();
             dn.store(true, Ordering::SeqCst);
         });
         Ok(StreamProxy {
@@ -265,7 +288,7 @@ impl StreamProxy {
             .clone()
     }
 
-    /// Closes both sockets of the connection now (both peers see the connection end).
+    /// Ends the connection now: both peers see it reset.
     pub fn cut(&self) {
         for s in self.socks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = s.shutdown(Shutdown::Both);
@@ -277,6 +300,7 @@ impl Drop for StreamProxy {
     fn drop(&mut self) {
         self.cut();
         if !self.finished() {
+            self.done.store(true, Ordering::SeqCst);
             // Unblock a pending accept.
             let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
         }
@@ -284,10 +308,10 @@ impl Drop for StreamProxy {
 }
 
 fn pump(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    cap: Option<Arc<Mutex<Vec<u8>>>>,
-    count: Option<Arc<AtomicU64>>,
+    from: &TcpStream,
+    to: &TcpStream,
+    cap: Option<&Mutex<Vec<u8>>>,
+    count: Option<&AtomicU64>,
     throttle: Option<u64>,
 ) {
     let t0 = Instant::now();
@@ -296,21 +320,27 @@ fn pump(
     let chunk = throttle.map_or(buf.len(), |bps| {
         usize::try_from((bps / 20).clamp(512, 64 * 1024)).unwrap_or(4096)
     });
+    let (mut from_r, mut to_w) = (from, to);
     loop {
-        let n = match from.read(&mut buf[..chunk]) {
-            Ok(0) | Err(_) => break,
+        let n = match from_r.read(&mut buf[..chunk]) {
+            Ok(0) => {
+                // An orderly end of this direction: pass it on, the other may carry on.
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(c) = &cap {
+        if let Some(c) = cap {
             c.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend_from_slice(&buf[..n]);
         }
-        if to.write_all(&buf[..n]).is_err() {
+        if to_w.write_all(&buf[..n]).is_err() {
             break;
         }
         total += n as u64;
-        if let Some(c) = &count {
+        if let Some(c) = count {
             c.store(total, Ordering::SeqCst);
         }
         if let Some(bps) = throttle {
@@ -321,8 +351,9 @@ fn pump(
             }
         }
     }
-    let _ = to.shutdown(Shutdown::Write);
-    let _ = from.shutdown(Shutdown::Read);
+    // One side failed: end both, so the other pump and both peers see it.
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
 
 /// Connects to `addr` (retrying until `deadline`), sends `bytes`, closes the sending side and
