@@ -184,6 +184,146 @@ impl BlockNode for FileNode {
     fn submit(&self, op: WriteOp<'_>) -> Pending {
         Pending::Ready(self.apply(op))
     }
+
+    fn read_vectored_at(
+        &self,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        offset: u64,
+    ) -> BlockResult<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        check_range("read", offset, total as u64, self.size)?;
+        if bufs.len() == 1 || !self.vec_aligned(offset, bufs.iter().map(|b| (b.as_ptr(), b.len())))
+        {
+            return self.read_vectored_fallback(bufs, offset);
+        }
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: every iovec points into one of `bufs`, each exclusively borrowed for the
+        // call; preadv writes at most iov_len bytes into each.
+        rw_vectored(&mut iov, offset, total, |iov, off| unsafe {
+            libc::preadv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, off)
+        })
+        .map_err(|e| BlockError::io(self.ctx("readv", offset, total), e))
+    }
+
+    fn write_vectored_at(
+        &self,
+        bufs: &[std::io::IoSlice<'_>],
+        offset: u64,
+        fua: bool,
+    ) -> BlockResult<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        check_range("write", offset, total as u64, self.size)?;
+        if self.read_only {
+            return Err(BlockError::ReadOnly(self.path.display().to_string()));
+        }
+        if bufs.len() == 1 || !self.vec_aligned(offset, bufs.iter().map(|b| (b.as_ptr(), b.len())))
+        {
+            let mut tmp = Vec::with_capacity(total);
+            for b in bufs {
+                tmp.extend_from_slice(b);
+            }
+            return self.apply(WriteOp::Write {
+                buf: &tmp,
+                offset,
+                fua,
+            });
+        }
+        let mut iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: every iovec points into one of `bufs`, borrowed for the call; pwritev only
+        // reads from them.
+        rw_vectored(&mut iov, offset, total, |iov, off| unsafe {
+            libc::pwritev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, off)
+        })
+        .map_err(|e| BlockError::io(self.ctx("writev", offset, total), e))?;
+        if fua { self.sync() } else { Ok(()) }
+    }
+}
+
+/// Runs `op` (preadv/pwritev) until `total` bytes moved, advancing the iovecs after short
+/// transfers. A read that hits end of file zero-fills the rest.
+fn rw_vectored(
+    iov: &mut [libc::iovec],
+    offset: u64,
+    total: usize,
+    op: impl Fn(&[libc::iovec], libc::off_t) -> isize,
+) -> std::io::Result<()> {
+    let mut done = 0usize;
+    let mut first = 0usize;
+    while done < total {
+        let Ok(off) = libc::off_t::try_from(offset + done as u64) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        let live = &iov[first..];
+        let n = op(&live[..live.len().min(1024)], off);
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            // End of file while reading: the rest reads as zeroes.
+            for v in &iov[first..] {
+                // SAFETY: each remaining iovec is valid for iov_len writable bytes (reads only
+                // reach this point; a zero-length pwritev result cannot happen with bytes left).
+                unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+            }
+            return Ok(());
+        }
+        let mut n = n as usize;
+        done += n;
+        while n > 0 && first < iov.len() {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: advancing inside the same buffer by less than its length.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl FileNode {
+    fn vec_aligned(&self, offset: u64, segs: impl Iterator<Item = (*const u8, usize)>) -> bool {
+        if !self.direct {
+            return true;
+        }
+        let mut ok = offset.is_multiple_of(DIRECT_ALIGN as u64);
+        for (p, l) in segs {
+            ok &= (p as usize).is_multiple_of(DIRECT_ALIGN) && l.is_multiple_of(DIRECT_ALIGN);
+        }
+        ok
+    }
+
+    fn read_vectored_fallback(
+        &self,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        mut offset: u64,
+    ) -> BlockResult<()> {
+        for b in bufs.iter_mut() {
+            self.read_at(b, offset)?;
+            offset += b.len() as u64;
+        }
+        Ok(())
+    }
 }
 
 impl FileNode {
@@ -311,6 +451,25 @@ mod tests {
             assert_eq!(e.errno(), libc::ENOSPC);
             node.flush().unwrap();
         }
+        let node = FileNode::open(&p, false, false).unwrap();
+        let (a, b2) = ([0x5au8; 700], [0xa5u8; 3396]);
+        node.write_vectored_at(
+            &[std::io::IoSlice::new(&a), std::io::IoSlice::new(&b2)],
+            65536,
+            false,
+        )
+        .unwrap();
+        let (mut x, mut y) = ([0u8; 100], [0u8; 3996]);
+        node.read_vectored_at(
+            &mut [
+                std::io::IoSliceMut::new(&mut x),
+                std::io::IoSliceMut::new(&mut y),
+            ],
+            65536,
+        )
+        .unwrap();
+        assert_eq!(x, [0x5a; 100]);
+        assert!(y[..600].iter().all(|&v| v == 0x5a) && y[600..].iter().all(|&v| v == 0xa5));
         let ro = FileNode::open(&p, true, false).unwrap();
         assert!(matches!(
             ro.write_at(&[1], 0, false),

@@ -206,6 +206,50 @@ pub trait BlockNode: Send + Sync {
         false
     }
 
+    /// True when [`BlockNode::submit`] returns before the data is written (the request is in
+    /// flight elsewhere, e.g. on the network). A parent that writes to several children (quorum)
+    /// starts such children first, so their latency overlaps the synchronous children's I/O.
+    fn submits_async(&self) -> bool {
+        false
+    }
+
+    /// Reads into several buffers, back to back from `offset` (a scatter list of guest
+    /// memory). The default reads once into a bounce buffer; `file` uses `preadv`.
+    fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> BlockResult<()> {
+        if let [one] = bufs {
+            return self.read_at(one, offset);
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut tmp = vec![0u8; total];
+        self.read_at(&mut tmp, offset)?;
+        let mut pos = 0;
+        for b in bufs.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&tmp[pos..pos + n]);
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Writes several buffers back to back from `offset` as one request (a gather list of
+    /// guest memory). The default gathers into one buffer; `file` uses `pwritev`.
+    fn write_vectored_at(
+        &self,
+        bufs: &[io::IoSlice<'_>],
+        offset: u64,
+        fua: bool,
+    ) -> BlockResult<()> {
+        if let [one] = bufs {
+            return self.write_at(one, offset, fua);
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut tmp = Vec::with_capacity(total);
+        for b in bufs {
+            tmp.extend_from_slice(b);
+        }
+        self.write_at(&tmp, offset, fua)
+    }
+
     /// Writes `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> BlockResult<()> {
         self.submit(WriteOp::Write { buf, offset, fua }).wait()

@@ -134,6 +134,10 @@ impl BlockNode for NbdNode {
         self.client.read_only()
     }
 
+    fn submits_async(&self) -> bool {
+        true
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         check_range("read", offset, buf.len() as u64, self.size())?;
         let mut waits = Vec::new();

@@ -304,8 +304,13 @@ impl BlockNode for QuorumNode {
             return Pending::Ready(Err(e));
         }
         let children = self.children();
-        let started: Vec<(String, Pending)> = children
-            .iter()
+        // Children whose submit only sends the request (NBD, replication) start first, so the
+        // network round trip overlaps the local write instead of following it.
+        let (remote, local): (Vec<&Child>, Vec<&Child>) =
+            children.iter().partition(|c| c.node.submits_async());
+        let started: Vec<(String, Pending)> = remote
+            .into_iter()
+            .chain(local)
             .map(|c| (c.node_name.clone(), c.node.submit(op)))
             .collect();
         let threshold = self.threshold;

@@ -94,6 +94,20 @@ impl PrimaryShared {
     }
 }
 
+/// Chunk size and the chunks written since their last copy, while an initial sync runs.
+type DirtyChunks = Mutex<Option<(u64, std::collections::BTreeSet<u64>)>>;
+
+fn mark_dirty(dirty: &DirtyChunks, range: Option<(u64, u64)>) {
+    if let Some((offset, len)) = range
+        && let Ok(mut d) = dirty.lock()
+        && let Some((chunk, set)) = d.as_mut()
+    {
+        for c in offset / *chunk..=(offset + len - 1) / *chunk {
+            set.insert(c);
+        }
+    }
+}
+
 /// The primary side's replication node.
 pub struct ReplicationPrimary {
     shared: PrimaryShared,
@@ -101,7 +115,7 @@ pub struct ReplicationPrimary {
     stage: Mutex<Stage>,
     forwarded: Arc<AtomicU64>,
     /// While an initial sync runs: chunk size and the chunks written since their last copy.
-    dirty: Mutex<Option<(u64, std::collections::BTreeSet<u64>)>>,
+    dirty: Arc<DirtyChunks>,
     sync_done: AtomicU64,
     sync_total: AtomicU64,
 }
@@ -127,7 +141,7 @@ impl ReplicationPrimary {
             },
             stage: Mutex::new(Stage::None),
             forwarded: Arc::new(AtomicU64::new(0)),
-            dirty: Mutex::new(None),
+            dirty: Arc::default(),
             sync_done: AtomicU64::new(0),
             sync_total: AtomicU64::new(0),
         }
@@ -182,6 +196,10 @@ impl ReplicationPrimary {
             child.flush()?;
         }
         result
+    }
+
+    fn mark_dirty(&self, range: Option<(u64, u64)>) {
+        mark_dirty(&self.dirty, range);
     }
 
     /// Node name.
@@ -246,6 +264,10 @@ impl BlockNode for ReplicationPrimary {
         "replication"
     }
 
+    fn submits_async(&self) -> bool {
+        true
+    }
+
     fn read_at(&self, _buf: &mut [u8], _offset: u64) -> BlockResult<()> {
         Err(BlockError::Replication(format!(
             "{}: reads are not served by a primary replication node",
@@ -263,17 +285,12 @@ impl BlockNode for ReplicationPrimary {
                 stage.as_str()
             ))));
         }
-        if let Some((offset, len)) = op.range()
-            && len > 0
-            && let Ok(mut d) = self.dirty.lock()
-            && let Some((chunk, set)) = d.as_mut()
-        {
-            // Mark before forwarding: the local child has already been written (quorum
-            // submits in child order), so a later copy of the chunk reads the new data.
-            for c in offset / *chunk..=(offset + len - 1) / *chunk {
-                set.insert(c);
-            }
-        }
+        // While an initial sync runs, the chunks this write touches are marked for copying
+        // (again). The quorum starts this node before the local write, so they are marked
+        // once more when the completion is collected, which is after the local write: a copy
+        // taken from then on reads the new data.
+        let range = op.range().filter(|&(_, len)| len > 0);
+        self.mark_dirty(range);
         let child = self.shared.child.read().ok().and_then(|c| c.clone());
         let Some(child) = child else {
             // Unprotected: the secondary was dropped; the guest's write is fine without it.
@@ -283,7 +300,9 @@ impl BlockNode for ReplicationPrimary {
         let shared = self.shared.clone();
         let forwarded = self.forwarded.clone();
         let is_write = !matches!(op, WriteOp::Flush);
+        let dirty = self.dirty.clone();
         Pending::Wait(Box::new(move || {
+            mark_dirty(&dirty, range);
             match p.wait() {
                 Ok(()) if is_write => {
                     forwarded.fetch_add(1, Ordering::Relaxed);
