@@ -40,8 +40,9 @@ use crate::{
         file::FileNode,
         nbd::NbdNode,
         overlay::DEFAULT_CLUSTER,
+        qcow2::Qcow2Node,
         quorum::{QuorumNode, ReadPattern},
-        replication::{ReplicationPrimary, ReplicationSecondary},
+        replication::{LayerSpec, ReplicationPrimary, ReplicationSecondary},
     },
     drive::{Opts, flag, flatten_json, parse_opts, sub},
     nbd::{Export, ExportTable, NbdServer},
@@ -280,25 +281,22 @@ impl BlkControl {
                     Ok(p)
                 }
                 Some("secondary") => {
-                    let fdrv = o
-                        .get("file.driver")
-                        .map(String::as_str)
-                        .unwrap_or("overlay");
-                    if fdrv != "overlay" {
-                        return Err(inval(format!(
-                            "{name}: file.driver={fdrv} is not supported for the active disk \
-                             (qcow2 overlays are not implemented); use file.driver=overlay"
-                        )));
-                    }
-                    let hdrv = o
-                        .get("file.backing.driver")
-                        .map(String::as_str)
-                        .unwrap_or("overlay");
-                    if hdrv != "overlay" {
-                        return Err(inval(format!(
-                            "{name}: file.backing.driver={hdrv} is not supported for the hidden disk; use overlay"
-                        )));
-                    }
+                    let cluster: u64 = o
+                        .get("file.cluster-size")
+                        .map(|v| v.parse())
+                        .transpose()
+                        .map_err(|_| inval(format!("{name}: bad file.cluster-size")))?
+                        .unwrap_or(DEFAULT_CLUSTER);
+                    // Active disk: `file.*` without `file.backing.*`; hidden: `file.backing.*`.
+                    let mut ao = sub(o, "file");
+                    ao.retain(|k, _| !k.starts_with("backing"));
+                    let active =
+                        LayerSpec::from_opts(&ao, &format!("{name} active disk"), cluster)?;
+                    let hidden = LayerSpec::from_opts(
+                        &sub(o, "file.backing"),
+                        &format!("{name} hidden disk"),
+                        cluster,
+                    )?;
                     let base_id = o.get("file.backing.backing").ok_or_else(|| {
                         inval(format!(
                             "{name}: secondary needs file.backing.backing=<base drive id>"
@@ -309,16 +307,11 @@ impl BlkControl {
                         .get(base_id)
                         .cloned()
                         .ok_or_else(|| ControlError::NotFound(base_id.clone()))?;
-                    let cluster: u64 = o
-                        .get("file.cluster-size")
-                        .map(|v| v.parse())
-                        .transpose()
-                        .map_err(|_| inval(format!("{name}: bad file.cluster-size")))?
-                        .unwrap_or(DEFAULT_CLUSTER);
-                    let r = Arc::new(ReplicationSecondary::new(
+                    let r = Arc::new(ReplicationSecondary::with_layers(
                         name,
                         base,
-                        cluster,
+                        &active,
+                        &hidden,
                         self.events.clone(),
                     )?);
                     // The base drive, as the NBD server will export it, now copies before writes.
@@ -330,9 +323,28 @@ impl BlkControl {
                     "{name}: replication needs mode=primary|secondary, got {other:?}"
                 ))),
             },
-            "qcow2" => Err(inval(format!(
-                "{name}: qcow2 is not implemented; use driver=overlay for active/hidden disks"
-            ))),
+            "qcow2" => {
+                // A qcow2 image over an optional named backing node (`backing=<id>`); the
+                // header's own backing file is not used.
+                let fo = sub(o, "file");
+                let filename = fo
+                    .get("filename")
+                    .or_else(|| o.get("filename"))
+                    .ok_or_else(|| inval(format!("{name}: driver qcow2 needs file.filename=")))?;
+                let lower = match o.get("backing") {
+                    Some(b) => Some(
+                        st.nodes
+                            .get(b)
+                            .cloned()
+                            .ok_or_else(|| ControlError::NotFound(b.clone()))?,
+                    ),
+                    None => None,
+                };
+                Ok(Arc::new(
+                    Qcow2Node::open(Path::new(filename), lower, read_only)
+                        .map_err(|e| inval(format!("{name}: {filename}: {e}")))?,
+                ))
+            }
             other => Err(inval(format!("{name}: unknown driver {other:?}"))),
         }
     }

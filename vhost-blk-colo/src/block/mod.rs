@@ -7,13 +7,15 @@
 //! for any of them.
 //!
 //! Drivers: [`file`] (raw image, optional O_DIRECT), [`mem`] (RAM disk, for tests and scratch),
-//! [`overlay`] (sparse copy-on-write layer with an allocation map), [`nbd`] (NBD client),
+//! [`overlay`] (sparse copy-on-write layer with an allocation map), [`qcow2`] (qcow2 image
+//! files as copy-on-write overlays), [`nbd`] (NBD client),
 //! [`quorum`] and [`replication`] (COLO).
 
 pub mod file;
 pub mod mem;
 pub mod nbd;
 pub mod overlay;
+pub mod qcow2;
 pub mod quorum;
 pub mod replication;
 

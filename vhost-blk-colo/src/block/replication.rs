@@ -30,8 +30,167 @@ use serde_json::{Value, json};
 
 use super::{
     BlockError, BlockNode, BlockResult, EventSink, NodeRef, Pending, WriteOp, check_range,
-    overlay::OverlayNode,
+    overlay::OverlayNode, qcow2::Qcow2Node,
 };
+
+/// What the secondary needs of its active and hidden disks: the native RAM overlay
+/// ([`OverlayNode`]) or a qcow2 file ([`Qcow2Node`]).
+pub trait OverlayLayer: BlockNode {
+    /// Cluster size in bytes.
+    fn cluster_size(&self) -> u64;
+    /// Number of clusters held.
+    fn allocated_count(&self) -> usize;
+    /// Held cluster indexes, sorted.
+    fn allocated(&self) -> Vec<u64>;
+    /// True when cluster `idx` is held.
+    fn is_allocated(&self, idx: u64) -> bool;
+    /// Drops everything held (time proportional to what is held).
+    fn make_empty(&self) -> BlockResult<()>;
+    /// Removes cluster `idx` and returns its content.
+    fn take_cluster(&self, idx: u64) -> BlockResult<Option<Box<[u8]>>>;
+    /// Stores a whole cluster unless it is already held.
+    fn insert_if_absent(&self, idx: u64, data: Box<[u8]>) -> BlockResult<()>;
+    /// Length of cluster `idx` (the last one may be short).
+    fn cluster_len(&self, idx: u64) -> usize;
+    /// This layer as a plain block node (the lower node of the layer above).
+    fn as_node(self: Arc<Self>) -> NodeRef;
+}
+
+impl OverlayLayer for OverlayNode {
+    fn cluster_size(&self) -> u64 {
+        OverlayNode::cluster_size(self)
+    }
+    fn allocated_count(&self) -> usize {
+        OverlayNode::allocated_count(self)
+    }
+    fn allocated(&self) -> Vec<u64> {
+        OverlayNode::allocated(self)
+    }
+    fn is_allocated(&self, idx: u64) -> bool {
+        OverlayNode::is_allocated(self, idx)
+    }
+    fn make_empty(&self) -> BlockResult<()> {
+        OverlayNode::make_empty(self);
+        Ok(())
+    }
+    fn take_cluster(&self, idx: u64) -> BlockResult<Option<Box<[u8]>>> {
+        Ok(OverlayNode::take_cluster(self, idx))
+    }
+    fn insert_if_absent(&self, idx: u64, data: Box<[u8]>) -> BlockResult<()> {
+        OverlayNode::insert_if_absent(self, idx, data)
+    }
+    fn cluster_len(&self, idx: u64) -> usize {
+        OverlayNode::cluster_len(self, idx)
+    }
+    fn as_node(self: Arc<Self>) -> NodeRef {
+        self
+    }
+}
+
+impl OverlayLayer for Qcow2Node {
+    fn cluster_size(&self) -> u64 {
+        Qcow2Node::cluster_size(self)
+    }
+    fn allocated_count(&self) -> usize {
+        Qcow2Node::allocated_count(self)
+    }
+    fn allocated(&self) -> Vec<u64> {
+        Qcow2Node::allocated(self)
+    }
+    fn is_allocated(&self, idx: u64) -> bool {
+        Qcow2Node::is_allocated(self, idx)
+    }
+    fn make_empty(&self) -> BlockResult<()> {
+        Qcow2Node::make_empty(self)
+    }
+    fn take_cluster(&self, idx: u64) -> BlockResult<Option<Box<[u8]>>> {
+        Qcow2Node::take_cluster(self, idx)
+    }
+    fn insert_if_absent(&self, idx: u64, data: Box<[u8]>) -> BlockResult<()> {
+        Qcow2Node::insert_if_absent(self, idx, &data)
+    }
+    fn cluster_len(&self, idx: u64) -> usize {
+        Qcow2Node::cluster_len(self, idx)
+    }
+    fn as_node(self: Arc<Self>) -> NodeRef {
+        self
+    }
+}
+
+/// Which kind of layer a drive option map asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerSpec {
+    /// The native RAM overlay with this cluster size.
+    Overlay {
+        /// Cluster size in bytes.
+        cluster: u64,
+    },
+    /// A qcow2 image file.
+    Qcow2 {
+        /// The image's path.
+        path: std::path::PathBuf,
+    },
+}
+
+impl LayerSpec {
+    /// Interprets one layer's options (`driver`, `file.filename` or `filename`, `cluster-size`),
+    /// as found under `file.` (active) or `file.backing.` (hidden) of a secondary replication
+    /// drive. Without `driver`, a named file is probed: a qcow2 file gives qcow2; no file gives
+    /// the native overlay.
+    pub fn from_opts(
+        o: &std::collections::BTreeMap<String, String>,
+        what: &str,
+        default_cluster: u64,
+    ) -> BlockResult<Self> {
+        let filename = o
+            .get("file.filename")
+            .or_else(|| o.get("filename"))
+            .map(std::path::PathBuf::from);
+        let driver = match (o.get("driver").map(String::as_str), &filename) {
+            (Some(d), _) => d.to_owned(),
+            (None, Some(p)) if super::qcow2::is_qcow2(p) => "qcow2".to_owned(),
+            (None, Some(p)) => {
+                return Err(BlockError::Config(format!(
+                    "{what}: {} is not a qcow2 image (create it with `qemu-img create -f qcow2`)",
+                    p.display()
+                )));
+            }
+            (None, None) => "overlay".to_owned(),
+        };
+        match (driver.as_str(), filename) {
+            ("overlay", None) => Ok(LayerSpec::Overlay {
+                cluster: o
+                    .get("cluster-size")
+                    .map(|v| v.parse())
+                    .transpose()
+                    .map_err(|_| BlockError::Config(format!("{what}: bad cluster-size")))?
+                    .unwrap_or(default_cluster),
+            }),
+            ("overlay", Some(_)) => Err(BlockError::Config(format!(
+                "{what}: the native overlay lives in memory and takes no file; use driver=qcow2"
+            ))),
+            ("qcow2", Some(path)) => Ok(LayerSpec::Qcow2 { path }),
+            ("qcow2", None) => Err(BlockError::Config(format!(
+                "{what}: driver=qcow2 needs file.filename=<image made by qemu-img create -f qcow2>"
+            ))),
+            (other, _) => Err(BlockError::Config(format!(
+                "{what}: driver {other:?} cannot be an active or hidden disk (overlay or qcow2)"
+            ))),
+        }
+    }
+
+    /// Opens the layer over `lower`.
+    pub fn open(&self, lower: NodeRef) -> BlockResult<Arc<dyn OverlayLayer>> {
+        Ok(match self {
+            LayerSpec::Overlay { cluster } => Arc::new(OverlayNode::new(lower, *cluster)?),
+            LayerSpec::Qcow2 { path } => {
+                Arc::new(Qcow2Node::open(path, Some(lower), false).map_err(|e| {
+                    BlockError::Config(format!("qcow2 image {}: {e}", path.display()))
+                })?)
+            }
+        })
+    }
+}
 
 /// Replication stage (QEMU's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,8 +478,8 @@ impl BlockNode for ReplicationPrimary {
 /// State shared by the secondary's guest-facing node, its CBW export node and the failover
 /// thread.
 struct SecondaryShared {
-    active: Arc<OverlayNode>,
-    hidden: Arc<OverlayNode>,
+    active: Arc<dyn OverlayLayer>,
+    hidden: Arc<dyn OverlayLayer>,
     base: NodeRef,
     /// Guest I/O holds it shared; primary writes, checkpoints and fold steps hold it exclusive.
     gate: RwLock<()>,
@@ -368,8 +527,29 @@ impl ReplicationSecondary {
     /// same length and the overlays must be stacked (active's backing is hidden, hidden's is
     /// base) — the constructor builds them that way from the cluster size.
     pub fn new(id: &str, base: NodeRef, cluster: u64, events: EventSink) -> BlockResult<Self> {
-        let hidden = Arc::new(OverlayNode::new(base.clone(), cluster)?);
-        let active = Arc::new(OverlayNode::new(hidden.clone(), cluster)?);
+        let spec = LayerSpec::Overlay { cluster };
+        Self::with_layers(id, base, &spec, &spec, events)
+    }
+
+    /// Builds the secondary graph with the given kinds of active and hidden disks (hidden over
+    /// `base`, active over hidden). As in QEMU, active, hidden and base must have the same
+    /// length.
+    pub fn with_layers(
+        id: &str,
+        base: NodeRef,
+        active: &LayerSpec,
+        hidden: &LayerSpec,
+        events: EventSink,
+    ) -> BlockResult<Self> {
+        let hidden = hidden.open(base.clone())?;
+        let active = active.open(hidden.clone().as_node())?;
+        let (a, h, b) = (active.size(), hidden.size(), base.size());
+        if a != b || h != b {
+            return Err(BlockError::Config(format!(
+                "{id}: active disk ({a} bytes), hidden disk ({h} bytes) and secondary disk \
+                 ({b} bytes) must have the same length (qemu-img create -f qcow2 FILE {b})"
+            )));
+        }
         let shared = Arc::new(SecondaryShared {
             active,
             hidden,
@@ -435,8 +615,8 @@ impl ReplicationSecondary {
         }
         let t0 = Instant::now();
         let _g = self.shared.gate.write().map_err(|_| lock_err())?;
-        self.shared.active.make_empty();
-        self.shared.hidden.make_empty();
+        self.shared.active.make_empty()?;
+        self.shared.hidden.make_empty()?;
         let us = t0.elapsed().as_micros() as u64;
         self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.shared.last_checkpoint_us.store(us, Ordering::Relaxed);
@@ -521,11 +701,12 @@ impl ReplicationSecondary {
 
 fn fold(sh: &SecondaryShared) -> BlockResult<()> {
     let cl = sh.active.cluster_size();
+    let hcl = sh.hidden.cluster_size();
     for idx in sh.hidden.allocated() {
         let _g = sh.gate.write().map_err(|_| lock_err())?;
-        if let Some(data) = sh.hidden.take_cluster(idx) {
-            if !sh.active.is_allocated(idx) {
-                sh.base.write_at(&data, idx * cl, false)?;
+        if let Some(data) = sh.hidden.take_cluster(idx)? {
+            if !(hcl == cl && sh.active.is_allocated(idx)) {
+                sh.base.write_at(&data, idx * hcl, false)?;
             }
             sh.fold_done.fetch_add(1, Ordering::Relaxed);
         }
@@ -537,7 +718,7 @@ fn fold(sh: &SecondaryShared) -> BlockResult<()> {
         }
         for idx in list {
             let _g = sh.gate.write().map_err(|_| lock_err())?;
-            if let Some(data) = sh.active.take_cluster(idx) {
+            if let Some(data) = sh.active.take_cluster(idx)? {
                 sh.base.write_at(&data, idx * cl, false)?;
                 sh.fold_done.fetch_add(1, Ordering::Relaxed);
             }
@@ -546,7 +727,7 @@ fn fold(sh: &SecondaryShared) -> BlockResult<()> {
     // Final step under the gate: anything written meanwhile, then switch the guest to the base.
     let _g = sh.gate.write().map_err(|_| lock_err())?;
     for idx in sh.active.allocated() {
-        if let Some(data) = sh.active.take_cluster(idx) {
+        if let Some(data) = sh.active.take_cluster(idx)? {
             sh.base.write_at(&data, idx * cl, false)?;
             sh.fold_done.fetch_add(1, Ordering::Relaxed);
         }

@@ -1,0 +1,461 @@
+//! Unit tests of the qcow2 driver against images made by the real `qemu-img`.
+
+use std::{os::unix::fs::FileExt, path::Path, process::Command, sync::Arc};
+
+use super::*;
+use crate::block::mem::MemNode;
+
+/// Makes an image with `qemu-img create`; `None` (after a loud SKIPPED) when qemu-img is absent.
+pub(crate) fn create(dir: &Path, name: &str, size: u64, extra: &[&str]) -> Option<PathBuf> {
+    let p = dir.join(name);
+    let out = match Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .args(extra)
+        .arg(&p)
+        .arg(size.to_string())
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED: qemu-img not runnable ({e}); install qemu-utils");
+            return None;
+        }
+    };
+    assert!(out.status.success(), "qemu-img create: {out:?}");
+    Some(p)
+}
+
+/// `qemu-img check`: exit 0 means no errors and no leaks.
+pub(crate) fn assert_check_clean(p: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json"])
+        .arg(p)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qemu-img check {} failed ({:?}): {text} {}",
+        p.display(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("\"leaks\"") && !text.contains("\"corruptions\""),
+        "{text}"
+    );
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn pattern(size: usize, seed: u8) -> Vec<u8> {
+    (0..size)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+/// Random writes, zeroes and partial-cluster writes against a model.
+fn random_io(node: &Qcow2Node, model: &mut [u8], rng: &mut Rng, n: usize) {
+    let size = model.len() as u64;
+    let cs = node.cluster_size();
+    for _ in 0..n {
+        let len = match rng.below(4) {
+            0 => 1 + rng.below(cs.min(4096)),
+            1 => 1 + rng.below(3 * cs),
+            2 => 512 * (1 + rng.below(16)),
+            _ => cs,
+        }
+        .min(size);
+        let off = rng.below(size - len + 1);
+        if rng.below(8) == 0 {
+            node.write_zeroes(off, len, false).unwrap();
+            model[off as usize..(off + len) as usize].fill(0);
+        } else {
+            let b = rng.next() as u8;
+            let data: Vec<u8> = (0..len).map(|i| b.wrapping_add(i as u8)).collect();
+            node.write_at(&data, off, false).unwrap();
+            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+    }
+}
+
+fn read_all(node: &dyn BlockNode) -> Vec<u8> {
+    let mut v = vec![0u8; node.size() as usize];
+    node.read_at(&mut v, 0).unwrap();
+    v
+}
+
+#[test]
+fn random_writes_match_a_model_and_qemu_img_check_is_clean_for_several_cluster_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    for (cs, size) in [
+        (512u64, 3 << 20),
+        (4096, (8 << 20) + 1536),
+        (65536, 8 << 20),
+        (2 << 20, 12 << 20),
+    ] {
+        let name = format!("o{cs}.qcow2");
+        let opt = format!("cluster_size={cs}");
+        let Some(p) = create(dir.path(), &name, size, &["-o", &opt]) else {
+            return;
+        };
+        let base_data = pattern(size as usize, 7);
+        let base: NodeRef = Arc::new(MemNode::from_vec(base_data.clone()));
+        let node = Qcow2Node::open(&p, Some(base.clone()), false).unwrap();
+        assert_eq!(node.cluster_size(), cs);
+        assert_eq!(node.size(), size);
+        assert_eq!(
+            read_all(&node),
+            base_data,
+            "empty image reads the lower node"
+        );
+        let mut model = base_data.clone();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ cs);
+        // Fewer operations for 2 MiB clusters (each allocation writes a whole cluster).
+        let ops = if cs >= 1 << 20 { 60 } else { 300 };
+        random_io(&node, &mut model, &mut rng, ops);
+        assert!(read_all(&node) == model, "cluster size {cs}: view differs");
+        assert!(node.allocated_count() > 0);
+        node.flush().unwrap();
+        assert_check_clean(&p);
+        // Reopen: everything is in the file.
+        drop(node);
+        let node = Qcow2Node::open(&p, Some(base.clone()), false).unwrap();
+        assert!(read_all(&node) == model, "cluster size {cs}: after reopen");
+        random_io(&node, &mut model, &mut rng, 100);
+        assert!(read_all(&node) == model);
+        // make_empty: back to the lower node, image valid and small again.
+        let before = std::fs::metadata(&p).unwrap().len();
+        node.make_empty().unwrap();
+        assert_eq!(node.allocated_count(), 0);
+        assert!(node.allocated().is_empty());
+        assert!(
+            read_all(&node) == base_data,
+            "cluster size {cs}: after make_empty"
+        );
+        let after = std::fs::metadata(&p).unwrap().len();
+        assert!(
+            after < before && after <= 8 * cs,
+            "{cs}: {before} -> {after}"
+        );
+        assert_check_clean(&p);
+        // And it works again afterwards.
+        let mut model = base_data.clone();
+        random_io(&node, &mut model, &mut rng, 50);
+        assert!(read_all(&node) == model);
+        node.flush().unwrap();
+        assert_check_clean(&p);
+        node.make_empty().unwrap();
+        assert_check_clean(&p);
+    }
+}
+
+#[test]
+fn qemu_sees_what_we_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4u64 << 20;
+    let Some(p) = create(dir.path(), "v.qcow2", size, &[]) else {
+        return;
+    };
+    let base_path = dir.path().join("base.raw");
+    let base_data = pattern(size as usize, 3);
+    std::fs::write(&base_path, &base_data).unwrap();
+    let base: NodeRef =
+        Arc::new(crate::block::file::FileNode::open(&base_path, true, false).unwrap());
+    let node = Qcow2Node::open(&p, Some(base), false).unwrap();
+    let mut model = base_data.clone();
+    random_io(&node, &mut model, &mut Rng(42), 200);
+    node.write_at(&[0xa5; 1000], 70_000, false).unwrap();
+    model[70_000..71_000].fill(0xa5);
+    node.flush().unwrap();
+    let want = dir.path().join("want.raw");
+    std::fs::write(&want, &model).unwrap();
+    // QEMU reads the image over the same base given as an explicit backing node.
+    let spec = format!(
+        "driver=qcow2,file.filename={},backing.driver=raw,backing.file.filename={}",
+        p.display(),
+        base_path.display()
+    );
+    let out = Command::new("qemu-img")
+        .args([
+            "compare",
+            "--image-opts",
+            &spec,
+            &format!("driver=raw,file.filename={}", want.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("qemu-io")
+        .args(["--image-opts", &spec, "-c", "read -P 0xa5 70000 1000"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "{text}"
+    );
+    assert_check_clean(&p);
+}
+
+#[test]
+fn we_read_what_qemu_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = create(dir.path(), "q.qcow2", 2 << 20, &["-o", "cluster_size=4096"]) else {
+        return;
+    };
+    let out = Command::new("qemu-io")
+        .arg("-c")
+        .arg("write -P 0x5a 12288 10000")
+        .arg("-c")
+        .arg("write -z 65536 8192")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let base: NodeRef = Arc::new(MemNode::from_vec(vec![0x11; 2 << 20]));
+    let node = Qcow2Node::open(&p, Some(base), false).unwrap();
+    let v = read_all(&node);
+    assert!(v[12288..22288].iter().all(|&x| x == 0x5a));
+    assert!(v[..12288].iter().all(|&x| x == 0x11));
+    assert!(
+        v[65536..73728].iter().all(|&x| x == 0),
+        "zero clusters read as zero"
+    );
+    assert!(v[73728..].iter().all(|&x| x == 0x11));
+    node.write_at(&[1; 100], 65600, false).unwrap();
+    node.make_empty().unwrap();
+    assert!(read_all(&node).iter().all(|&x| x == 0x11));
+    assert_check_clean(&p);
+}
+
+#[test]
+fn refcount_table_grows_for_small_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    // 512-byte clusters: one refcount table cluster covers only 8 MiB of file.
+    let size = 10u64 << 20;
+    let Some(p) = create(dir.path(), "g.qcow2", size, &["-o", "cluster_size=512"]) else {
+        return;
+    };
+    let node = Qcow2Node::open(&p, None, false).unwrap();
+    let data = pattern(size as usize, 9);
+    for off in (0..size).step_by(1 << 20) {
+        node.write_at(&data[off as usize..(off + (1 << 20)) as usize], off, false)
+            .unwrap();
+    }
+    assert!(read_all(&node) == data);
+    node.flush().unwrap();
+    assert_check_clean(&p);
+    drop(node);
+    let node = Qcow2Node::open(&p, None, false).unwrap();
+    assert!(read_all(&node) == data);
+    node.make_empty().unwrap();
+    assert_check_clean(&p);
+    assert!(read_all(&node).iter().all(|&x| x == 0));
+}
+
+#[test]
+fn take_and_insert_clusters_keep_the_image_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = create(
+        dir.path(),
+        "t.qcow2",
+        1 << 20,
+        &["-o", "cluster_size=65536"],
+    ) else {
+        return;
+    };
+    let base: NodeRef = Arc::new(MemNode::from_vec(vec![3; 1 << 20]));
+    let node = Qcow2Node::open(&p, Some(base), false).unwrap();
+    node.insert_if_absent(2, &[9; 65536]).unwrap();
+    node.insert_if_absent(2, &[8; 65536]).unwrap();
+    assert!(node.insert_if_absent(3, &[8; 10]).is_err());
+    node.write_at(&[4; 10], 5, false).unwrap();
+    assert_eq!(node.allocated(), vec![0, 2]);
+    let c = node.take_cluster(2).unwrap().unwrap();
+    assert!(c.iter().all(|&x| x == 9));
+    assert!(node.take_cluster(2).unwrap().is_none());
+    let c0 = node.take_cluster(0).unwrap().unwrap();
+    assert_eq!(
+        &c0[..20],
+        &[3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 3, 3, 3, 3, 3]
+    );
+    assert_eq!(node.allocated_count(), 0);
+    // Freed clusters are free, not leaked; the empty L2 table is still referenced.
+    assert_check_clean(&p);
+}
+
+fn write_be64(p: &Path, off: u64, v: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(&v.to_be_bytes(), off).unwrap();
+}
+
+fn write_be32(p: &Path, off: u64, v: u32) {
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(&v.to_be_bytes(), off).unwrap();
+}
+
+#[test]
+fn corrupt_and_unsupported_images_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(good) = create(dir.path(), "good.qcow2", 64 << 20, &[]) else {
+        return;
+    };
+    let variant = |name: &str, f: &dyn Fn(&Path)| -> Qcow2Error {
+        let p = dir.path().join(name);
+        std::fs::copy(&good, &p).unwrap();
+        f(&p);
+        Qcow2Node::open(&p, None, false).unwrap_err()
+    };
+    let e = variant("magic", &|p| write_be32(p, 0, 0x1234_5678));
+    assert!(matches!(e, Qcow2Error::BadMagic(0x1234_5678)), "{e}");
+    let e = variant("l1huge", &|p| write_be32(p, 36, 0x4000_0000));
+    assert!(matches!(e, Qcow2Error::Corrupt(_)), "{e}");
+    assert!(e.to_string().contains("L1 table"), "{e}");
+    let e = variant("l1eof", &|p| write_be64(p, 40, 1 << 40));
+    assert!(e.to_string().contains("beyond the end of the file"), "{e}");
+    let e = variant("rteof", &|p| write_be64(p, 48, 1 << 40));
+    assert!(e.to_string().contains("refcount table"), "{e}");
+    let e = variant("rtalign", &|p| write_be64(p, 48, 0x10008));
+    assert!(matches!(e, Qcow2Error::Corrupt(_)), "{e}");
+    let e = variant("backing", &|p| write_be64(p, 8, 0x200));
+    assert!(e.to_string().contains("backing file"), "{e}");
+    let e = variant("crypt", &|p| write_be32(p, 32, 1));
+    assert!(e.to_string().contains("encryption"), "{e}");
+    let e = variant("snap", &|p| write_be32(p, 60, 1));
+    assert!(e.to_string().contains("snapshots"), "{e}");
+    let e = variant("dirty", &|p| write_be64(p, 72, 1));
+    assert!(
+        matches!(e, Qcow2Error::Unsupported(_)) && e.to_string().contains("dirty"),
+        "{e}"
+    );
+    let e = variant("extl2", &|p| write_be64(p, 72, 1 << 4));
+    assert!(e.to_string().contains("extended L2"), "{e}");
+    let e = variant("version", &|p| write_be32(p, 4, 4));
+    assert!(matches!(e, Qcow2Error::UnsupportedVersion(4)), "{e}");
+    let e = variant("refbits", &|p| write_be32(p, 96, 1));
+    assert!(matches!(e, Qcow2Error::Unsupported(_)), "{e}");
+    let e = variant("truncated", &|p| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(40)
+            .unwrap()
+    });
+    assert!(matches!(e, Qcow2Error::Truncated { .. }), "{e}");
+    // An L1 entry pointing past the end of the file, and one pointing at the header.
+    let e = variant("l1entry", &|p| write_be64(p, 0x30000, (1 << 40) | COPIED));
+    assert!(e.to_string().contains("L1 entry 0"), "{e}");
+    let e = variant("l1header", &|p| write_be64(p, 0x30000, COPIED));
+    assert!(matches!(e, Qcow2Error::Corrupt(_)), "{e}");
+    // Refcount of the header zero (an image qemu-img check would call corrupt).
+    let e = variant("refzero", &|p| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .write_all_at(&[0, 0], 0x20000)
+            .unwrap()
+    });
+    assert!(e.to_string().contains("refcount 0"), "{e}");
+    // Not qcow2 at all.
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+    assert!(matches!(
+        Qcow2Node::open(&raw, None, false),
+        Err(Qcow2Error::BadMagic(0))
+    ));
+    assert!(!is_qcow2(&raw) && is_qcow2(&good));
+}
+
+#[test]
+fn compressed_images_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("r.raw");
+    std::fs::write(&raw, pattern(1 << 20, 1)).unwrap();
+    let c = dir.path().join("c.qcow2");
+    let out = match Command::new("qemu-img")
+        .args(["convert", "-c", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&c)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED: qemu-img not runnable ({e})");
+            return;
+        }
+    };
+    assert!(out.status.success(), "{out:?}");
+    let e = Qcow2Node::open(&c, None, false).unwrap_err();
+    assert!(e.to_string().contains("compressed"), "{e}");
+}
+
+#[test]
+fn version_2_images_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = create(dir.path(), "v2.qcow2", 1 << 20, &["-o", "compat=0.10"]) else {
+        return;
+    };
+    let node = Qcow2Node::open(&p, None, false).unwrap();
+    let mut model = vec![0u8; 1 << 20];
+    random_io(&node, &mut model, &mut Rng(5), 60);
+    assert!(read_all(&node) == model);
+    assert_check_clean(&p);
+    node.make_empty().unwrap();
+    assert_check_clean(&p);
+}
+
+#[test]
+fn random_corruption_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(good) = create(dir.path(), "f.qcow2", 1 << 20, &["-o", "cluster_size=4096"]) else {
+        return;
+    };
+    {
+        let node = Qcow2Node::open(&good, None, false).unwrap();
+        random_io(&node, &mut vec![0u8; 1 << 20], &mut Rng(77), 40);
+    }
+    let bytes = std::fs::read(&good).unwrap();
+    let mut rng = Rng(0x1234_5678);
+    let p = dir.path().join("mut.qcow2");
+    let mut opened = 0;
+    for _ in 0..300 {
+        let mut b = bytes.clone();
+        for _ in 0..1 + rng.below(4) {
+            // Mostly metadata: header cluster and the first tables.
+            let pos = rng.below(b.len().min(6 * 4096) as u64) as usize;
+            b[pos] = rng.next() as u8;
+        }
+        std::fs::write(&p, &b).unwrap();
+        if let Ok(node) = Qcow2Node::open(&p, None, false) {
+            opened += 1;
+            let mut buf = vec![0u8; 8192];
+            let _ = node.read_at(
+                &mut buf,
+                rng.below(node.size().max(1))
+                    .min(node.size().saturating_sub(8192)),
+            );
+            let _ = node.write_at(&[1; 5000], 3000, false);
+            let _ = node.make_empty();
+        }
+    }
+    assert!(opened > 0, "some mutations are harmless");
+}
