@@ -478,6 +478,88 @@ pub fn wait_migration(
     }
 }
 
+/// A packet socket in namespace `ns` bound to interface `ifname` that receives only RARP
+/// frames (ethertype 0x8035), e.g. the announcements a VMM sends after a migration.
+pub fn rarp_socket(ns: &str, ifname: &str) -> Result<std::os::fd::OwnedFd> {
+    let ifname = ifname.to_string();
+    in_netns(ns, move || {
+        use std::os::fd::FromRawFd;
+        let cname = std::ffi::CString::new(ifname.clone())?;
+        // SAFETY: if_nametoindex reads a valid NUL-terminated string.
+        let idx = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if idx == 0 {
+            bail!("no interface {ifname}: {}", std::io::Error::last_os_error());
+        }
+        let proto = 0x8035u16.to_be();
+        // SAFETY: plain socket(2) call; the fd is owned by the OwnedFd below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, libc::c_int::from(proto)) };
+        if fd < 0 {
+            bail!("packet socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh socket we own.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = i32::try_from(idx)?;
+        // SAFETY: bind(2) with a pointer to a live sockaddr_ll of the size we pass.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "bind packet socket to {ifname}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(owned)
+    })
+}
+
+/// Waits until `timeout` for a RARP frame from `mac` on a [`rarp_socket`]; returns the frame.
+pub fn wait_rarp(sock: &std::os::fd::OwnedFd, mac: [u8; 6], timeout: Duration) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(1000);
+        // SAFETY: poll(2) on one live pollfd.
+        let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if rc <= 0 {
+            continue;
+        }
+        // SAFETY: recv(2) into a live buffer of the length we pass.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            continue;
+        };
+        if n >= 14 && buf[6..12] == mac && buf[12..14] == [0x80, 0x35] {
+            return Some(buf[..n].to_vec());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
