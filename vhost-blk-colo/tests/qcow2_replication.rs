@@ -1,0 +1,334 @@
+//! Two-process COLO block replication whose secondary uses qcow2 active and hidden disks made
+//! by the real `qemu-img create -f qcow2`, spelled exactly as the seed's replication drive.
+//! Checkpoint: the base equals the primary byte for byte and `qemu-img check` is clean on both
+//! overlays; failover: the base holds the secondary's view.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use colo_proto::qmp::QmpClient;
+use serde_json::{Value, json};
+use vhost_blk_colo::{
+    testing::{FrontendOptions, TestFrontend},
+    vhost_user::VIRTIO_BLK_S_OK,
+};
+
+const SIZE: usize = 8 << 20;
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[String]) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_vhost-blk-colo"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+fn qmp(path: &Path) -> QmpClient {
+    QmpClient::connect_unix_retry(
+        path,
+        Instant::now() + Duration::from_secs(20),
+        Duration::from_secs(20),
+    )
+    .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn content(seed: u32) -> Vec<u8> {
+    (0..SIZE as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 11) as u8)
+        .collect()
+}
+
+/// Deterministic writes of 512 B .. 64 KiB at sector granularity (many partial clusters).
+fn workload(seed: u64, n: usize) -> Vec<(u64, Vec<u8>)> {
+    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    let mut next = || {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        x >> 33
+    };
+    (0..n)
+        .map(|_| {
+            let len = ((next() % 128) + 1) as usize * 512;
+            let sector = next() % ((SIZE - len) as u64 / 512);
+            let b = next() as u8;
+            (
+                sector,
+                (0..len).map(|i| b.wrapping_add((i / 512) as u8)).collect(),
+            )
+        })
+        .collect()
+}
+
+fn fe(sock: &Path) -> TestFrontend {
+    TestFrontend::connect(
+        sock,
+        &FrontendOptions {
+            queue_size: 64,
+            slot_bytes: 64 << 10,
+            ..FrontendOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn read_all(f: &mut TestFrontend) -> Vec<u8> {
+    let mut v = Vec::with_capacity(SIZE);
+    for i in 0..(SIZE / 65536) {
+        let (st, d) = f.read(0, (i * 128) as u64, 65536).unwrap();
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        v.extend(d);
+    }
+    v
+}
+
+fn status(q: &mut QmpClient) -> Value {
+    q.execute("colo-blk-status", json!({})).unwrap()
+}
+
+fn qemu_img(args: &[&str]) -> Option<std::process::Output> {
+    match Command::new("qemu-img").args(args).output() {
+        Ok(o) => Some(o),
+        Err(e) => {
+            eprintln!("SKIPPED: qemu-img not runnable ({e}); install qemu-utils");
+            None
+        }
+    }
+}
+
+fn check_clean(p: &Path) {
+    let out = qemu_img(&["check", "--output=json", &p.display().to_string()]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("\"leaks\"") && !text.contains("\"corruptions\""),
+        "qemu-img check {}: {:?} {text} {}",
+        p.display(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn qcow2_active_and_hidden_from_qemu_img_checkpoint_and_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let p = |n: &str| -> PathBuf { dir.path().join(n) };
+    for (name, cs) in [("active_disk.img", "65536"), ("hidden_disk.img", "65536")] {
+        let Some(out) = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cs}"),
+            &d(name),
+            &SIZE.to_string(),
+        ]) else {
+            return;
+        };
+        assert!(out.status.success(), "{out:?}");
+    }
+    let img = content(1);
+    std::fs::write(p("pri.img"), &img).unwrap();
+    std::fs::write(p("sec.img"), &img).unwrap();
+
+    // The seed's secondary drives, key for key.
+    let secondary = spawn(&[
+        "--socket".into(),
+        d("sec.sock"),
+        "--qmp".into(),
+        format!("unix:{}", d("sec.qmp")),
+        "--drive".into(),
+        format!(
+            "if=none,id=colo-disk0,file.filename={},driver=raw,node-name=node0",
+            d("sec.img")
+        ),
+        "--drive".into(),
+        format!(
+            "if=virtio,id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,\
+             top-id=active-disk0,file.file.filename={},file.backing.driver=qcow2,\
+             file.backing.file.filename={},file.backing.backing=colo-disk0",
+            d("active_disk.img"),
+            d("hidden_disk.img")
+        ),
+    ]);
+    let mut sq = qmp(&p("sec.qmp"));
+    let port = free_port();
+    sq.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}}),
+    )
+    .unwrap();
+    sq.execute(
+        "nbd-server-add",
+        json!({"device": "colo-disk0", "writable": true}),
+    )
+    .unwrap();
+    sq.execute("colo-blk-start", json!({})).unwrap();
+
+    let primary = spawn(&[
+        "--socket".into(),
+        d("pri.sock"),
+        "--qmp".into(),
+        format!("unix:{}", d("pri.qmp")),
+        "--drive".into(),
+        format!(
+            "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw",
+            d("pri.img")
+        ),
+    ]);
+    let mut pq = qmp(&p("pri.qmp"));
+    let line = format!(
+        "drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export=colo-disk0,node-name=node0"
+    );
+    pq.execute("human-monitor-command", json!({"command-line": line}))
+        .unwrap();
+    pq.execute(
+        "x-blockdev-change",
+        json!({"parent": "colo-disk0", "node": "node0"}),
+    )
+    .unwrap();
+    pq.execute("colo-blk-start", json!({})).unwrap();
+
+    let mut pf = fe(&p("pri.sock"));
+    let mut sf = fe(&p("sec.sock"));
+    let st = status(&mut sq);
+    assert_eq!(st["replication"][0]["cluster-size"], 65536, "{st}");
+
+    // Two checkpoint intervals with writes on both sides.
+    for round in 0..2u64 {
+        for (sector, data) in workload(10 + round, 30) {
+            assert_eq!(sf.write(0, sector, &data).unwrap(), VIRTIO_BLK_S_OK);
+        }
+        for (sector, data) in workload(20 + round, 150) {
+            assert_eq!(pf.write(0, sector, &data).unwrap(), VIRTIO_BLK_S_OK);
+        }
+        assert_eq!(pf.flush(0).unwrap(), VIRTIO_BLK_S_OK);
+        let s = status(&mut sq);
+        assert!(
+            s["replication"][0]["active-clusters"].as_u64().unwrap() > 0
+                && s["replication"][0]["hidden-clusters"].as_u64().unwrap() > 0,
+            "{s}"
+        );
+        assert!(
+            std::fs::metadata(p("active_disk.img")).unwrap().len() > 1 << 20,
+            "the secondary's writes went into the qcow2 active disk"
+        );
+        // The overlays are valid qcow2 while they hold data, too.
+        check_clean(&p("active_disk.img"));
+        check_clean(&p("hidden_disk.img"));
+        sq.execute("colo-blk-checkpoint", json!({})).unwrap();
+        let pri = std::fs::read(p("pri.img")).unwrap();
+        let sec = std::fs::read(p("sec.img")).unwrap();
+        assert!(pri != img, "the workload changed the disk");
+        assert!(pri == sec, "round {round}: base differs from the primary");
+        assert!(
+            read_all(&mut sf) == pri,
+            "secondary guest sees the primary's disk"
+        );
+        let s = status(&mut sq);
+        assert_eq!(s["replication"][0]["active-clusters"], 0, "{s}");
+        assert_eq!(s["replication"][0]["hidden-clusters"], 0, "{s}");
+        for f in ["active_disk.img", "hidden_disk.img"] {
+            check_clean(&p(f));
+            assert!(
+                std::fs::metadata(p(f)).unwrap().len() <= 4 * 65536,
+                "{f} truncated by the checkpoint"
+            );
+        }
+    }
+
+    // Failover after more writes on both sides: the base holds the secondary's view.
+    for (sector, data) in workload(30, 100) {
+        assert_eq!(pf.write(0, sector, &data).unwrap(), VIRTIO_BLK_S_OK);
+    }
+    for (sector, data) in workload(31, 50) {
+        assert_eq!(sf.write(0, sector, &data).unwrap(), VIRTIO_BLK_S_OK);
+    }
+    let view = read_all(&mut sf);
+    drop(pf);
+    drop(primary);
+    sq.execute("colo-blk-failover", json!({})).unwrap();
+    sq.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60))
+        .unwrap();
+    let s = status(&mut sq);
+    assert_eq!(s["replication"][0]["stage"], "done", "{s}");
+    assert!(
+        std::fs::read(p("sec.img")).unwrap() == view,
+        "after failover the base holds the secondary's view"
+    );
+    check_clean(&p("active_disk.img"));
+    check_clean(&p("hidden_disk.img"));
+    assert_eq!(sf.write(0, 0, &[0x5e; 4096]).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        &std::fs::read(p("sec.img")).unwrap()[..4096],
+        &[0x5e; 4096][..]
+    );
+    drop(secondary);
+}
+
+#[test]
+fn qcow2_overlays_of_the_wrong_size_or_format_are_refused_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let Some(out) = qemu_img(&["create", "-q", "-f", "qcow2", &d("a.qcow2"), "10G"]) else {
+        return;
+    };
+    assert!(out.status.success());
+    std::fs::write(dir.path().join("base.img"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(dir.path().join("notq.img"), vec![0u8; 1 << 20]).unwrap();
+    let run = |drive: String| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_vhost-blk-colo"))
+            .args([
+                "--socket".into(),
+                d("x.sock"),
+                "--drive".into(),
+                format!(
+                    "if=none,id=colo-disk0,driver=raw,file.filename={}",
+                    d("base.img")
+                ),
+                "--drive".into(),
+                drive,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "must refuse");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(format!(
+        "id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,file.file.filename={a},file.backing.driver=qcow2,file.backing.file.filename={a},file.backing.backing=colo-disk0",
+        a = d("a.qcow2")
+    ));
+    assert!(e.contains("same length"), "{e}");
+    let e = run(format!(
+        "id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,file.file.filename={},file.backing.driver=qcow2,file.backing.file.filename={},file.backing.backing=colo-disk0",
+        d("notq.img"),
+        d("a.qcow2")
+    ));
+    assert!(e.contains("not a qcow2 image"), "{e}");
+}
