@@ -90,7 +90,12 @@ impl App {
             })?;
         }
         let p = path.clone();
-        let nd = netdev::open(netdev_spec, Arc::new(move |f| p.from_netdev(f)))?;
+        let pv = path.clone();
+        let nd = netdev::open_with(
+            netdev_spec,
+            Arc::new(move |f| p.from_netdev(f)),
+            Some(Arc::new(move |f| pv.from_netdev_vnet(f))),
+        )?;
         path.set_netdev(nd);
         Ok(Arc::new(Self {
             path,
@@ -167,6 +172,11 @@ impl App {
             "link_up": self.path.link_is_up(),
             "link_down_dropped": self.path.link_down_dropped.load(Relaxed),
             "announces_sent": self.path.announced.load(Relaxed),
+            "offload": {
+                "passthrough": self.path.offload_passthrough.load(Relaxed),
+                "software": self.path.offload_software.load(Relaxed),
+                "errors": self.path.offload_errors.load(Relaxed),
+            },
             "chardevs": self.chardevs.ids(),
         })
     }

@@ -4,10 +4,11 @@
 //!   `VIRTIO_F_VERSION_1`, `VIRTIO_RING_F_EVENT_IDX`, `VIRTIO_RING_F_INDIRECT_DESC`.
 //! - The 12-byte virtio-net header; `VIRTIO_NET_F_MRG_RXBUF`: a frame may span several receive
 //!   buffers (`num_buffers` set); without it each frame must fit one buffer chain.
-//! - No checksum or segmentation offloads are advertised (`CSUM`, `GUEST_CSUM`, `*_TSO*` are
-//!   off): the guest computes checksums and segments itself, so every frame in the filter chain
-//!   is a complete, checksummed Ethernet frame — what colo-compare and the rewriter need.
-//!   A header that asks for `NEEDS_CSUM` anyway is completed in software.
+//! - Checksum and TCP segmentation offloads both ways (`CSUM`, `HOST_TSO4/6`, `GUEST_CSUM`,
+//!   `GUEST_TSO4/6`): with an empty filter chain and a tap with vnet headers, offloaded frames
+//!   pass through with their header; otherwise they are made plain in software
+//!   ([`crate::offload`]), so every frame in the filter chain is a complete, checksummed
+//!   Ethernet frame — what colo-compare and the rewriter need.
 //! - `VIRTIO_NET_F_MAC` with the MAC from the command line and `VIRTIO_NET_F_STATUS` (link up)
 //!   in config space (`VHOST_USER_PROTOCOL_F_CONFIG`).
 //! - Dirty-page logging (`LOG_ALL`, `LOG_SHMFD`) through `BitmapMmapRegion` guest memory, so a
@@ -31,7 +32,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::path::NetPath;
-use crate::vnet::{VNET_HDR_LEN, complete_checksum};
+use crate::vnet::VNET_HDR_LEN;
 
 type Mem = GuestMemoryMmap<BitmapMmapRegion>;
 type GM = GuestMemoryAtomic<Mem>;
@@ -43,6 +44,12 @@ const NUM_QUEUES: usize = 2;
 /// Event id of the "frames for the guest are queued" eventfd (ids 0..=NUM_QUEUES are taken).
 const GUEST_RX_EVENT: u16 = NUM_QUEUES as u16 + 1;
 
+pub const VIRTIO_NET_F_CSUM: u64 = 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 8;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 12;
 pub const VIRTIO_NET_F_MAC: u64 = 5;
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 15;
 pub const VIRTIO_NET_F_STATUS: u64 = 16;
@@ -152,11 +159,11 @@ impl NetBackend {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 match read_chain(&mem, chain) {
-                    Some(buf) if buf.len() > VNET_HDR_LEN => {
-                        let (hdr, l2) = buf.split_at(VNET_HDR_LEN);
-                        let mut l2 = l2.to_vec();
-                        complete_checksum(hdr, &mut l2);
-                        frames.push(l2);
+                    Some(mut buf) if buf.len() > VNET_HDR_LEN => {
+                        let mut hdr = [0u8; VNET_HDR_LEN];
+                        hdr.copy_from_slice(&buf[..VNET_HDR_LEN]);
+                        buf.drain(..VNET_HDR_LEN);
+                        frames.push((hdr, buf));
                     }
                     Some(_) => {}
                     None => {
@@ -183,8 +190,8 @@ impl NetBackend {
         self.counters
             .tx_frames
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
-        for f in frames {
-            self.path.from_guest(f);
+        for (hdr, f) in frames {
+            self.path.from_guest_vnet(&hdr, f);
         }
     }
 
@@ -214,7 +221,7 @@ impl NetBackend {
                 let _ = vring.disable_notification();
             }
             while let Some(frame) = pending.front() {
-                let need = VNET_HDR_LEN + frame.len();
+                let need = VNET_HDR_LEN + frame.frame.len();
                 let mut q = vring.get_mut();
                 let queue = q.get_queue_mut();
                 let mut chains: Vec<(u16, DescriptorChain<GuestMemoryLoadGuard<Mem>>, usize)> =
@@ -257,9 +264,9 @@ impl NetBackend {
                 }
                 drop(q);
                 let n = chains.len();
-                let mut hdr = [0u8; VNET_HDR_LEN];
+                let mut hdr = frame.hdr;
                 hdr[10..12].copy_from_slice(&(n as u16).to_le_bytes());
-                let mut src: Vec<&[u8]> = vec![&hdr, frame];
+                let mut src: Vec<&[u8]> = vec![&hdr, &frame.frame];
                 let mut used = Vec::with_capacity(n);
                 for (head, chain, _) in chains {
                     let written = match write_chain(&mem, chain, &mut src) {
@@ -368,6 +375,12 @@ impl VhostUserBackend for NetBackend {
 
     fn features(&self) -> u64 {
         (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_NET_F_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_GUEST_TSO6)
+            | (1 << VIRTIO_NET_F_HOST_TSO4)
+            | (1 << VIRTIO_NET_F_HOST_TSO6)
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_MRG_RXBUF)
             | (1 << VIRTIO_NET_F_STATUS)
@@ -379,6 +392,7 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Relaxed);
+        self.path.guest_features.store(features, Ordering::Relaxed);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -507,6 +521,7 @@ pub fn serve(
         }
         path.guest_connected.store(false, Ordering::Relaxed);
         path.set_backend_channel(None);
+        path.guest_features.store(0, Ordering::Relaxed);
         path.guest.clear();
         match r {
             Ok(()) => {

@@ -27,6 +27,7 @@ pub mod backend;
 pub mod chardevs;
 pub mod filter;
 pub mod netdev;
+pub mod offload;
 pub mod path;
 pub mod shim;
 pub mod testing;

@@ -12,10 +12,19 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::filter::{Chain, Direction, FilterError, Outcome, QueueSel};
 use crate::netdev::Netdev;
+use crate::offload::{VnetHdr, to_plain};
+use crate::vnet::VNET_HDR_LEN;
+
+/// A frame for the guest with its virtio-net header (`num_buffers` is filled in when it is
+/// placed in the ring). Plain frames have an all-zero header.
+pub struct ToGuest {
+    pub hdr: [u8; VNET_HDR_LEN],
+    pub frame: Vec<u8>,
+}
 
 /// Frames waiting to be written into the guest's receive queue.
 pub struct GuestRx {
-    queue: Mutex<VecDeque<Vec<u8>>>,
+    queue: Mutex<VecDeque<ToGuest>>,
     room: std::sync::Condvar,
     /// Signalled when frames are queued; the vhost worker listens on it.
     pub kick: EventFd,
@@ -36,7 +45,13 @@ impl GuestRx {
         })
     }
 
+    /// Queues a plain frame.
     pub fn push(&self, frame: Vec<u8>) {
+        self.push_with_hdr([0; VNET_HDR_LEN], frame);
+    }
+
+    /// Queues a frame with the virtio-net header it goes to the guest with.
+    pub fn push_with_hdr(&self, hdr: [u8; VNET_HDR_LEN], frame: Vec<u8>) {
         let Ok(mut q) = self.queue.lock() else {
             return;
         };
@@ -44,7 +59,7 @@ impl GuestRx {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        q.push_back(frame);
+        q.push_back(ToGuest { hdr, frame });
         self.queued.fetch_add(1, Ordering::Relaxed);
         drop(q);
         let _ = self.kick.write(1);
@@ -52,7 +67,7 @@ impl GuestRx {
 
     /// The queue, for the receive-ring filler (which pops from the front and may put a frame
     /// back when the guest has no buffer for it).
-    pub fn lock(&self) -> Option<MutexGuard<'_, VecDeque<Vec<u8>>>> {
+    pub fn lock(&self) -> Option<MutexGuard<'_, VecDeque<ToGuest>>> {
         self.queue.lock().ok()
     }
 
@@ -95,6 +110,14 @@ pub struct NetPath {
     pub link_down_dropped: AtomicU64,
     /// RARP announces sent to the netdev (SEND_RARP, `announce-self`).
     pub announced: AtomicU64,
+    /// Virtio features the frontend acknowledged (which offloads the guest takes).
+    pub guest_features: AtomicU64,
+    /// Offloaded frames that could not be made plain (bad or unsupported headers): dropped.
+    pub offload_errors: AtomicU64,
+    /// Offloaded frames passed through with their header (empty chain, capable peer).
+    pub offload_passthrough: AtomicU64,
+    /// Offloaded frames made plain in software (checksum completed and/or segmented).
+    pub offload_software: AtomicU64,
     /// The guest MAC (config space; announces).
     pub mac: Mutex<[u8; 6]>,
     /// The frontend's backend-request channel, when it negotiated one (with the protocol
@@ -120,6 +143,10 @@ impl NetPath {
             link_up: std::sync::atomic::AtomicBool::new(true),
             link_down_dropped: AtomicU64::new(0),
             announced: AtomicU64::new(0),
+            guest_features: AtomicU64::new(0),
+            offload_errors: AtomicU64::new(0),
+            offload_passthrough: AtomicU64::new(0),
+            offload_software: AtomicU64::new(0),
             mac: Mutex::new([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
             backend_chan: Mutex::new(None),
         }
@@ -245,6 +272,101 @@ impl NetPath {
         let mut chain = self.chain();
         if let Outcome::Deliver(f) = chain.process(Direction::Rx, frame) {
             self.deliver(Direction::Rx, f);
+        }
+    }
+
+    /// A frame the guest sent with its virtio-net header. Offloaded frames go to a netdev with
+    /// vnet headers as they are when the chain is empty; otherwise they are made plain
+    /// (checksums completed, GSO frames segmented) and each piece goes through the chain.
+    pub fn from_guest_vnet(&self, hdr: &[u8], frame: Vec<u8>) {
+        let h = match VnetHdr::parse(hdr) {
+            Ok(h) => h,
+            Err(_) => {
+                self.offload_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        if h.is_plain() {
+            return self.from_guest(frame);
+        }
+        if !self.link_is_up() {
+            self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        {
+            let chain = self.chain();
+            if chain.is_empty()
+                && let Some(nd) = self.netdev()
+                && nd.vnet_hdr()
+            {
+                self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = nd.send_vnet(&h.to_bytes(), &frame) {
+                    self.to_netdev_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("netdev {}: send: {e}", self.netdev_id);
+                }
+                return;
+            }
+        }
+        match to_plain(hdr, frame) {
+            Ok(segs) => {
+                self.offload_software.fetch_add(1, Ordering::Relaxed);
+                for s in segs {
+                    self.from_guest(s);
+                }
+            }
+            Err(e) => {
+                self.offload_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("frame from the guest dropped: {e}");
+            }
+        }
+    }
+
+    /// A frame with a virtio-net header in front (`buf` = header + frame) from a netdev with
+    /// vnet headers. Passed to the guest as it is when the chain is empty and the guest
+    /// negotiated the offloads it uses; otherwise made plain and taken through the chain.
+    pub fn from_netdev_vnet(&self, mut buf: Vec<u8>) {
+        if buf.len() < VNET_HDR_LEN {
+            self.offload_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        hdr.copy_from_slice(&buf[..VNET_HDR_LEN]);
+        buf.drain(..VNET_HDR_LEN);
+        let Ok(h) = VnetHdr::parse(&hdr) else {
+            self.offload_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if h.is_plain() {
+            return self.from_netdev(buf);
+        }
+        if !self.link_is_up() {
+            self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let need = h.guest_features_needed();
+        let acked = self.guest_features.load(Ordering::Relaxed);
+        if acked & need == need {
+            if self.guest_connected.load(Ordering::Relaxed) {
+                self.guest.wait_room(std::time::Duration::from_secs(1));
+            }
+            let chain = self.chain();
+            if chain.is_empty() {
+                self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+                self.guest.push_with_hdr(h.to_bytes(), buf);
+                return;
+            }
+        }
+        match to_plain(&hdr, buf) {
+            Ok(segs) => {
+                self.offload_software.fetch_add(1, Ordering::Relaxed);
+                for s in segs {
+                    self.from_netdev(s);
+                }
+            }
+            Err(e) => {
+                self.offload_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("frame to the guest dropped: {e}");
+            }
         }
     }
 

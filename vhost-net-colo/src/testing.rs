@@ -407,6 +407,82 @@ impl NetFrontend {
         Ok(())
     }
 
+    /// Queues one frame with the given virtio-net header (offloads) and kicks.
+    pub fn send_vnet(
+        &mut self,
+        hdr: &[u8; VNET_HDR_LEN],
+        frame: &[u8],
+    ) -> Result<(), FrontendError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        if frame.len() + VNET_HDR_LEN > self.tx.buf_size {
+            return Err(FrontendError::Invalid(format!(
+                "frame of {} bytes",
+                frame.len()
+            )));
+        }
+        let id = loop {
+            self.reclaim_tx();
+            if let Some(id) = self.tx.free.pop() {
+                break id;
+            }
+            let _ = self.tx.kick.write(1);
+            if Instant::now() > deadline {
+                return Err(FrontendError::Invalid(
+                    "transmit queue never drained".into(),
+                ));
+            }
+            std::thread::yield_now();
+        };
+        let addr = self.tx.bufs + u64::from(id) * self.tx.buf_size as u64;
+        self.mem.write(addr, hdr);
+        self.mem.write(addr + VNET_HDR_LEN as u64, frame);
+        self.mem.write_desc(
+            self.tx.desc,
+            id,
+            addr,
+            (VNET_HDR_LEN + frame.len()) as u32,
+            0,
+        );
+        self.tx.publish(&self.mem, id);
+        let _ = self.tx.kick.write(1);
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the next received frame; returns its virtio-net header too.
+    pub fn recv_vnet(&mut self, timeout: Duration) -> Option<([u8; VNET_HDR_LEN], Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((id, len)) = self.rx.next_used(&self.mem) {
+                let addr = self.rx.bufs + u64::from(id) * self.rx.buf_size as u64;
+                let first = self.mem.read(addr, len as usize);
+                let mut hdr = [0u8; VNET_HDR_LEN];
+                let n = first.len().min(VNET_HDR_LEN);
+                hdr[..n].copy_from_slice(&first[..n]);
+                let nbufs = u16::from_le_bytes([hdr[10], hdr[11]]).max(1);
+                let mut data = first.get(VNET_HDR_LEN..).unwrap_or(&[]).to_vec();
+                let mut ids = vec![id];
+                for _ in 1..nbufs {
+                    let Some((id, len)) = self.rx.next_used(&self.mem) else {
+                        break;
+                    };
+                    let addr = self.rx.bufs + u64::from(id) * self.rx.buf_size as u64;
+                    data.extend_from_slice(&self.mem.read(addr, len as usize));
+                    ids.push(id);
+                }
+                for id in ids {
+                    self.rx.publish(&self.mem, id);
+                }
+                self.rx.set_used_event(&self.mem);
+                let _ = self.rx.kick.write(1);
+                return Some((hdr, data));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+    }
+
     /// The next received frame (header removed, merged buffers joined), if one is there.
     /// Also returns the `num_buffers` the device wrote.
     pub fn try_recv(&mut self) -> Option<(Vec<u8>, u16)> {

@@ -3,7 +3,9 @@
 //!
 //! - `tap,id=hn0,ifname=tap0[,script=PATH|no][,downscript=PATH|no]`: a Linux tap device
 //!   (`/dev/net/tun`, `IFF_TAP|IFF_NO_PI`); the scripts run with the interface name, like
-//!   QEMU's ifup/ifdown. No vnet header is used because the backend advertises no offloads.
+//!   QEMU's ifup/ifdown. `vnet_hdr=on` (the default, as QEMU's when the kernel has it) opens it
+//!   with `IFF_VNET_HDR` (12-byte header, `TUNSETOFFLOAD` CSUM/TSO4/TSO6): offloaded frames
+//!   pass between guest and tap as they are while the filter chain is empty.
 //! - `stream,id=s0,server=on|off,addr.type=unix,addr.path=P` or
 //!   `addr.type=inet,addr.host=H,addr.port=N[,reconnect=SECS]`: frames over a byte stream, each
 //!   behind a 4-byte big-endian length, as QEMU's `-netdev stream` and socket chardevs.
@@ -52,6 +54,26 @@ pub trait Netdev: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Sends one frame to the outside. A netdev without a peer drops it (`Ok`).
     fn send(&self, frame: &[u8]) -> std::io::Result<()>;
+    /// True when the netdev carries virtio-net headers (a tap with `vnet_hdr=on`): it takes
+    /// [`Netdev::send_vnet`] frames with offloads as they are, and hands received frames with
+    /// their header to the `deliver_vnet` sink.
+    fn vnet_hdr(&self) -> bool {
+        false
+    }
+    /// Sends one frame with its virtio-net header. Netdevs without vnet headers get the plain
+    /// frame(s) (checksum completed, GSO frames segmented in software).
+    fn send_vnet(
+        &self,
+        hdr: &[u8; crate::vnet::VNET_HDR_LEN],
+        frame: &[u8],
+    ) -> std::io::Result<()> {
+        let segs = crate::offload::to_plain(hdr, frame.to_vec())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        for s in segs {
+            self.send(&s)?;
+        }
+        Ok(())
+    }
     /// Releases the netdev before the process exits (the tap runs its `downscript=`).
     fn shutdown(&self) {}
     /// Counters for `query-netdevs`-like reports.
@@ -62,9 +84,19 @@ pub trait Netdev: Send + Sync {
 
 /// Parses `-netdev TYPE,id=...,...` and starts it; received frames go to `deliver`.
 pub fn open(spec: &str, deliver: Deliver) -> Result<Arc<dyn Netdev>, NetdevError> {
+    open_with(spec, deliver, None)
+}
+
+/// As [`open`]; a netdev with vnet headers hands its frames (header + frame) to
+/// `deliver_vnet` when given (else they are made plain and go to `deliver`).
+pub fn open_with(
+    spec: &str,
+    deliver: Deliver,
+    deliver_vnet: Option<Deliver>,
+) -> Result<Arc<dyn Netdev>, NetdevError> {
     let spec = ObjectSpec::parse_cli(spec)?;
     match spec.qom_type.as_str() {
-        "tap" => Ok(tap::Tap::open(spec, deliver)?),
+        "tap" => Ok(tap::Tap::open(spec, deliver, deliver_vnet)?),
         "stream" => Ok(stream::StreamNetdev::open(spec, deliver)?),
         "dgram" => Ok(dgram::DgramNetdev::open(spec, deliver)?),
         "user" => Ok(user::UserNetdev::open(spec, deliver)?),
