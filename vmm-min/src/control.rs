@@ -41,9 +41,16 @@ pub enum RunState {
     Paused,
     /// The VM stopped for good.
     Shutdown,
+    /// Waiting for an incoming migration (`--incoming`): vCPUs not started.
+    InMigrate,
+    /// The guest was migrated away: vCPUs and rings stay stopped until `quit`.
+    PostMigrate,
 }
 
-#[derive(Debug)]
+/// Work for one parked vCPU thread: it runs on that thread, with that thread's `VcpuFd`
+/// (capture or restore of the vCPU state, see [`Control::post_vcpu_jobs`]).
+pub type VcpuJob = Box<dyn FnOnce(&mut kvm_ioctls::VcpuFd) + Send>;
+
 struct Inner {
     exit: Option<ExitReason>,
     paused: bool,
@@ -52,6 +59,24 @@ struct Inner {
     /// vCPUs that have exited their loop.
     finished: usize,
     threads: Vec<libc::pthread_t>,
+    /// Per vCPU index: a job the parked thread runs.
+    jobs: Vec<Option<VcpuJob>>,
+    inmigrate: bool,
+    postmigrate: bool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("exit", &self.exit)
+            .field("paused", &self.paused)
+            .field("parked", &self.parked)
+            .field("finished", &self.finished)
+            .field("jobs", &self.jobs.iter().filter(|j| j.is_some()).count())
+            .field("inmigrate", &self.inmigrate)
+            .field("postmigrate", &self.postmigrate)
+            .finish()
+    }
 }
 
 /// Shared run control.
@@ -121,6 +146,9 @@ impl Control {
                 parked: 0,
                 finished: 0,
                 threads: Vec::new(),
+                jobs: (0..vcpus).map(|_| None).collect(),
+                inmigrate: false,
+                postmigrate: false,
             }),
             cond: Condvar::new(),
             vcpus,
@@ -153,6 +181,8 @@ impl Control {
             tracing::info!(?reason, "VM stopping");
             g.exit = Some(reason);
         }
+        // Jobs that will never run: dropping them tells their posters (closed channels).
+        g.jobs.iter_mut().for_each(|j| *j = None);
         self.kick_all(&g);
         self.cond.notify_all();
     }
@@ -167,6 +197,10 @@ impl Control {
         let g = self.lock();
         if g.exit.is_some() {
             RunState::Shutdown
+        } else if g.inmigrate {
+            RunState::InMigrate
+        } else if g.paused && g.postmigrate {
+            RunState::PostMigrate
         } else if g.paused {
             RunState::Paused
         } else {
@@ -198,11 +232,59 @@ impl Control {
     pub fn resume(&self) {
         let mut g = self.lock();
         g.paused = false;
+        g.postmigrate = false;
+        g.inmigrate = false;
         self.cond.notify_all();
+    }
+
+    /// Marks the vCPUs paused before they start ([`crate::vm::Vm::start`] then parks each
+    /// thread at once): used to restore state into the vCPU threads before the guest runs.
+    pub fn start_paused(&self) {
+        self.lock().paused = true;
+    }
+
+    /// Incoming migration in progress (`query-status` says `inmigrate`).
+    pub fn set_inmigrate(&self, on: bool) {
+        self.lock().inmigrate = on;
+    }
+
+    /// The guest was migrated away (`query-status` says `postmigrate` while paused).
+    pub fn set_postmigrate(&self, on: bool) {
+        self.lock().postmigrate = on;
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus
+    }
+
+    /// Hands `jobs[i]` to vCPU thread `i`, which runs it while parked. Only while paused
+    /// (after [`Control::pause`] returned true, or [`Control::start_paused`]); returns false
+    /// otherwise (nothing posted). Results travel back through whatever the jobs capture (a
+    /// channel); a job that cannot run any more (the VM stopped) is dropped.
+    pub fn post_vcpu_jobs(&self, jobs: Vec<VcpuJob>) -> bool {
+        let mut g = self.lock();
+        if !g.paused || g.exit.is_some() || jobs.len() > self.vcpus {
+            return false;
+        }
+        for (slot, j) in g.jobs.iter_mut().zip(jobs) {
+            *slot = Some(j);
+        }
+        self.cond.notify_all();
+        true
     }
 
     /// Called by a vCPU thread between runs: parks while paused, says whether to go on.
     pub fn next(&self) -> Next {
+        self.next_inner(usize::MAX, &mut |_| {})
+    }
+
+    /// [`Control::next`] for vCPU `id`, running the jobs posted for it while parked.
+    pub fn next_vcpu(&self, id: usize, vcpu: &mut kvm_ioctls::VcpuFd) -> Next {
+        self.next_inner(id, &mut |job| job(vcpu))
+    }
+
+    fn next_inner(&self, id: usize, run: &mut dyn FnMut(VcpuJob)) -> Next {
         let mut g = self.lock();
         if g.exit.is_some() {
             return Next::Stop;
@@ -211,6 +293,12 @@ impl Control {
             g.parked += 1;
             self.cond.notify_all();
             while g.paused && g.exit.is_none() {
+                if let Some(job) = g.jobs.get_mut(id).and_then(Option::take) {
+                    drop(g);
+                    run(job);
+                    g = self.lock();
+                    continue;
+                }
                 g = self.cond.wait(g).unwrap_or_else(PoisonError::into_inner);
             }
             g.parked -= 1;

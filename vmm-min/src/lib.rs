@@ -16,6 +16,7 @@ pub mod devices;
 pub mod dirty_log;
 pub mod machine;
 pub mod memory;
+pub mod migrate;
 pub mod qmp;
 pub mod state;
 pub mod virtio;

@@ -19,6 +19,7 @@ use crate::devices::legacy::{AcpiPm, I8042};
 use crate::devices::serial::{self, SerialDevice, SerialError, SerialSpec};
 use crate::dirty_log::SharedLog;
 use crate::qmp::QmpSpec;
+use crate::state::{DeviceSet, LiveVm};
 use crate::virtio::VirtioDevice;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::vhost_user::{RamInfo, VhostUserDevice, VhostUserSpec};
@@ -42,6 +43,18 @@ pub enum MachineError {
     Device(String),
 }
 
+/// How the guest starts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// Boot the kernel of [`MachineConfig::boot`].
+    #[default]
+    Boot,
+    /// `--restore FILE`: load a snapshot file and resume the guest from it.
+    Restore(std::path::PathBuf),
+    /// `--incoming tcp:HOST:PORT`: receive a migration and resume the guest from it.
+    Incoming(String),
+}
+
 /// Everything needed to run a machine.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
@@ -62,6 +75,8 @@ pub struct MachineConfig {
     pub connect_wait: std::time::Duration,
     /// QMP endpoint.
     pub qmp: Option<QmpSpec>,
+    /// Boot, restore or incoming migration (the kernel is only loaded for [`StartFrom::Boot`]).
+    pub start: StartFrom,
 }
 
 /// The built VM and the vhost-user dirty log its backends write (if any).
@@ -70,6 +85,8 @@ pub struct Built {
     pub vm: Vm,
     /// The shared vhost-user dirty log, when backends log.
     pub log: Option<Arc<SharedLog>>,
+    /// The devices with state (console, virtio-MMIO transports), for snapshots/migration.
+    pub devices: DeviceSet,
 }
 
 /// Builds the VM with its platform devices and loaded kernel, ready to start.
@@ -112,7 +129,11 @@ pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
             Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
         )
         .map_err(dev_err)?;
-    serial::start_input(input, out, com1);
+    serial::start_input(input, out, com1.clone());
+    let mut devset = DeviceSet {
+        serial: Some((format!("serial@{COM1_PORT:#x}"), com1)),
+        virtio: Vec::new(),
+    };
 
     let mut infos = Vec::new();
     let ram_info = RamInfo::new(vm.ram());
@@ -170,28 +191,35 @@ pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
         vm.fd()
             .register_irqfd(&call, irq)
             .map_err(|e| MachineError::Device(format!("irqfd for IRQ {irq}: {e}")))?;
-        let t = MmioTransport::new(Box::new(dev), kicks, call);
+        let kind = match spec.kind {
+            crate::virtio::vhost_user::Kind::Net => "virtio-net",
+            crate::virtio::vhost_user::Kind::Block => "virtio-blk",
+        };
+        let t = Arc::new(Mutex::new(MmioTransport::new(Box::new(dev), kicks, call)));
         vm.mmio
-            .insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(t)))
+            .insert(base, VIRTIO_MMIO_SIZE, t.clone())
             .map_err(dev_err)?;
+        devset.virtio.push((format!("{kind}@{base:#x}"), t));
         infos.push(MmioDeviceInfo {
             base,
             len: 0x200,
             irq,
         });
     }
-    let rsdp = acpi::write_tables(vm.ram().mem(), cfg.cpus as u8, &infos)
-        .map_err(|e| MachineError::Device(e.to_string()))?;
-    let mut boot = cfg.boot.clone();
-    if cfg.virtio_cmdline {
-        for d in &infos {
-            boot.cmdline
-                .push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", d.base, d.irq));
+    // A restored or migrated guest gets RAM (tables, kernel) and registers from the source.
+    if cfg.start == StartFrom::Boot {
+        let rsdp = acpi::write_tables(vm.ram().mem(), cfg.cpus as u8, &infos)
+            .map_err(|e| MachineError::Device(e.to_string()))?;
+        let mut boot = cfg.boot.clone();
+        if cfg.virtio_cmdline {
+            for d in &infos {
+                boot.cmdline
+                    .push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", d.base, d.irq));
+            }
         }
+        let start = boot::load(vm.ram(), &boot, Some(rsdp))?;
+        vm.set_boot_cpu(start)?;
     }
-
-    let start = boot::load(vm.ram(), &boot, Some(rsdp))?;
-    vm.set_boot_cpu(start)?;
     let log = if *logged
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -200,7 +228,11 @@ pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
     } else {
         None
     };
-    Ok(Built { vm, log })
+    Ok(Built {
+        vm,
+        log,
+        devices: devset,
+    })
 }
 
 static TERM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -234,10 +266,11 @@ fn quit_on_signals(control: std::sync::Arc<crate::control::Control>) {
 
 /// Builds and runs the machine to its end.
 pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
-    let Built { vm, log } = build_with_log(cfg)?;
+    let Built { vm, log, devices } = build_with_log(cfg)?;
     quit_on_signals(vm.control().clone());
     let dirty = Arc::new(DirtyTracker::new(&vm).with_logs(log.into_iter().collect()));
-    let registry = crate::qmp::registry(vm.control().clone(), dirty);
+    let live = Arc::new(LiveVm::new(&vm, devices, dirty));
+    let (registry, _migration) = crate::qmp::registry(live.clone());
     let events = registry.events();
     let _server = match &cfg.qmp {
         Some(QmpSpec::Unix(p)) => Some(
@@ -251,7 +284,40 @@ pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
         None => None,
     };
     let ram_file = vm.ram().file().clone();
-    let running = vm.start()?;
+    let running = match &cfg.start {
+        StartFrom::Boot => vm.start()?,
+        from => {
+            // The vCPU threads start parked, get the saved state, then run.
+            let control = vm.control().clone();
+            control.start_paused();
+            if matches!(from, StartFrom::Incoming(_)) {
+                control.set_inmigrate(true);
+            }
+            let running = vm.start()?;
+            let loaded = match from {
+                StartFrom::Restore(path) => {
+                    crate::state::format::load_file(path, &live.shape(), live.ram())
+                        .map_err(|e| e.to_string())
+                        .and_then(|snap| live.restore(&snap).map_err(|e| e.to_string()))
+                        .map_err(|e| format!("--restore {}: {e}", path.display()))
+                }
+                StartFrom::Incoming(uri) => crate::migrate::incoming(uri, &live)
+                    .map_err(|e| format!("incoming migration on {uri}: {e}")),
+                StartFrom::Boot => Ok(()),
+            };
+            if let Err(e) = loaded {
+                control.request_exit(ExitReason::Error(e.clone()));
+                let _ = running.wait();
+                return Err(MachineError::Device(e));
+            }
+            if let Err(e) = live.resume() {
+                tracing::error!("resuming the restored guest: {e}");
+            }
+            live.announce();
+            events.emit("RESUME", serde_json::json!({}));
+            running
+        }
+    };
     let reason = running.wait();
     // Debug aid: VMM_MIN_DUMP_RAM=PATH writes guest RAM (the memfd) to PATH at exit.
     if let Some(p) = std::env::var_os("VMM_MIN_DUMP_RAM") {

@@ -17,9 +17,15 @@ use vmm_min::virtio::vhost_user::{Kind, VhostUserSpec};
     about = "A minimal KVM VMM whose net and disks are vhost-user backends"
 )]
 struct Args {
-    /// bzImage to boot.
+    /// bzImage to boot (not needed with --restore or --incoming).
     #[arg(long)]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
+    /// Resume the guest from a snapshot file (QMP snapshot-save-file) instead of booting.
+    #[arg(long, conflicts_with = "incoming")]
+    restore: Option<PathBuf>,
+    /// Receive a live migration on tcp:HOST:PORT and resume the guest from it.
+    #[arg(long)]
+    incoming: Option<String>,
     /// initramfs.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -82,6 +88,27 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let start = match (&args.restore, &args.incoming) {
+        (Some(p), _) => machine::StartFrom::Restore(p.clone()),
+        (None, Some(uri)) => {
+            if let Err(e) = vmm_min::migrate::parse_tcp_uri(uri) {
+                eprintln!("vmm-min: --incoming {e}");
+                return ExitCode::from(2);
+            }
+            machine::StartFrom::Incoming(uri.clone())
+        }
+        (None, None) => machine::StartFrom::Boot,
+    };
+    let kernel = match (&args.kernel, &start) {
+        (Some(k), _) => k.clone(),
+        (None, machine::StartFrom::Boot) => {
+            eprintln!(
+                "vmm-min: --kernel is required (unless --restore FILE or --incoming tcp:HOST:PORT)"
+            );
+            return ExitCode::from(2);
+        }
+        (None, _) => PathBuf::new(),
+    };
     let mut devices = Vec::new();
     for (kind, list) in [(Kind::Net, &args.net), (Kind::Block, &args.disk)] {
         for s in list {
@@ -98,7 +125,7 @@ fn main() -> ExitCode {
         memory: args.memory,
         cpus: args.cpus,
         boot: BootSpec {
-            kernel: args.kernel,
+            kernel,
             initrd: args.initrd,
             cmdline: args.cmdline,
         },
@@ -107,6 +134,7 @@ fn main() -> ExitCode {
         virtio_cmdline: args.virtio_mmio_cmdline,
         connect_wait: std::time::Duration::from_secs(args.connect_timeout),
         qmp: args.qmp,
+        start,
     };
     match machine::run(&cfg) {
         Ok(reason) => {

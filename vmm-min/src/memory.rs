@@ -50,7 +50,9 @@ pub struct RamRange {
     pub file_offset: u64,
 }
 
-/// Guest RAM: the memfd, the ranges and the mapped `GuestMemoryMmap`.
+/// Guest RAM: the memfd, the ranges and the mapped `GuestMemoryMmap`. Clones share the same
+/// mapping (for the migration thread and the state hooks).
+#[derive(Clone)]
 pub struct GuestRam {
     file: Arc<File>,
     ranges: Vec<RamRange>,

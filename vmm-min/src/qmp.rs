@@ -1,6 +1,6 @@
 //! vmm-min's QMP commands (`colo_proto::qmp` server): `query-status`, `stop`, `cont`,
 //! `system_powerdown`, `system_reset`, `quit`, and `query-dirty-pages` (ours); events `STOP`,
-//! `RESUME`, `SHUTDOWN`, `RESET`.
+//! `RESUME`, `SHUTDOWN`, `RESET`. Migration and snapshot commands: [`crate::migrate`].
 //!
 //! vmm-min does not reboot a guest in place: a reset (the guest's or `system_reset`) stops the
 //! VM with exit status 3 after the `RESET` and `SHUTDOWN` events, like QEMU with `-no-reboot`.
@@ -12,6 +12,8 @@ use colo_proto::qmp::{ErrorClass, EventSink, QmpError, Registry, args};
 use serde_json::{Value, json};
 
 use crate::control::{Control, ExitReason, RunState};
+use crate::migrate::Migration;
+use crate::state::LiveVm;
 use crate::vm::DirtyTracker;
 
 /// `--qmp` values.
@@ -42,6 +44,8 @@ fn status_name(s: RunState) -> &'static str {
         RunState::Running => "running",
         RunState::Paused => "paused",
         RunState::Shutdown => "shutdown",
+        RunState::InMigrate => "inmigrate",
+        RunState::PostMigrate => "postmigrate",
     }
 }
 
@@ -49,10 +53,15 @@ fn generic(msg: impl Into<String>) -> QmpError {
     QmpError::new(ErrorClass::GenericError, msg)
 }
 
-/// Builds the registry over the VM's control and dirty tracker.
-pub fn registry(control: Arc<Control>, dirty: Arc<DirtyTracker>) -> Registry {
+/// Builds the registry over the VM's state hooks (control, dirty tracker, capture/restore),
+/// with the migration and snapshot commands of [`crate::migrate`].
+pub fn registry(live: Arc<LiveVm>) -> (Registry, Arc<Migration>) {
     let mut r = Registry::new().with_package("vmm-min");
     let events = r.events();
+    let control: Arc<Control> = live.control().clone();
+    let dirty: Arc<DirtyTracker> = live.dirty().clone();
+    let mig = Migration::new(live.clone(), events.clone());
+    crate::migrate::register(&mut r, &mig);
     {
         let c = control.clone();
         r.add("query-status", move |a| {
@@ -73,23 +82,37 @@ pub fn registry(control: Arc<Control>, dirty: Arc<DirtyTracker>) -> Registry {
                     ev.emit("STOP", json!({}));
                     Ok(json!({}))
                 }
-                RunState::Paused => Ok(json!({})),
+                RunState::Paused | RunState::PostMigrate => Ok(json!({})),
                 RunState::Shutdown => Err(generic("the VM has shut down")),
+                RunState::InMigrate => Err(generic("stop: an incoming migration is in progress")),
             }
         });
     }
     {
-        let (c, ev) = (control.clone(), events.clone());
+        let (c, ev, l, m) = (control.clone(), events.clone(), live.clone(), mig.clone());
         r.add("cont", move |a| {
             args::reject_unknown(a, &[])?;
+            if m.switching_over() {
+                return Err(generic(
+                    "cont: a migration holds the guest stopped for its last copy",
+                ));
+            }
             match c.run_state() {
                 RunState::Paused => {
-                    c.resume();
+                    // Restarts the rings too when a snapshot (resume=false) stopped them.
+                    let r = l.resume();
                     ev.emit("RESUME", json!({}));
+                    r.map_err(|e| generic(format!("cont: {e}")))?;
                     Ok(json!({}))
                 }
                 RunState::Running => Ok(json!({})),
                 RunState::Shutdown => Err(generic("the VM has shut down; it cannot continue")),
+                RunState::InMigrate => Err(generic(
+                    "cont: an incoming migration is in progress; the guest starts when it completes",
+                )),
+                RunState::PostMigrate => Err(generic(
+                    "cont: the guest was migrated away and runs on the destination; quit this VMM",
+                )),
             }
         });
     }
@@ -122,9 +145,14 @@ pub fn registry(control: Arc<Control>, dirty: Arc<DirtyTracker>) -> Registry {
         });
     }
     {
-        let d = dirty.clone();
+        let (d, m) = (dirty.clone(), mig.clone());
         r.add("query-dirty-pages", move |a| {
             args::reject_unknown(a, &["bitmap"])?;
+            if m.active() {
+                return Err(generic(
+                    "query-dirty-pages: a migration is reading the dirty log",
+                ));
+            }
             let want_bitmap = args::optional_bool(a, "bitmap")?.unwrap_or(false);
             let slots = d
                 .collect()
@@ -144,7 +172,7 @@ pub fn registry(control: Arc<Control>, dirty: Arc<DirtyTracker>) -> Registry {
             Ok(v)
         });
     }
-    r
+    (r, mig)
 }
 
 /// Emits the events for how the VM ended (SHUTDOWN, with RESET before it for a guest reset).

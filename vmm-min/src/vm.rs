@@ -263,7 +263,7 @@ impl RunningVm {
 fn vcpu_loop(mut vcpu: VcpuFd, id: usize, pio: &Bus, mmio: &Bus, ctl: &Control) {
     control::register_kvm_run(vcpu.get_kvm_run());
     ctl.register_thread();
-    while ctl.next() == Next::Run {
+    while ctl.next_vcpu(id, &mut vcpu) == Next::Run {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 pio.read(u64::from(port), data);

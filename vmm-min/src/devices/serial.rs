@@ -186,6 +186,20 @@ impl SerialDevice {
     pub fn snapshot(&self) -> SerialSnapshot {
         SerialSnapshot::from(&self.serial.state())
     }
+
+    /// Restores registers and pending input from a snapshot (same interrupt and output).
+    pub fn restore(&mut self, snap: &SerialSnapshot) -> Result<(), String> {
+        let irq = self
+            .serial
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("serial restore: irq eventfd: {e}"))?;
+        let out = self.serial.writer().clone();
+        self.serial = Serial::from_state(&SerialState::from(snap), IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("serial restore: {e:?}"))?;
+        Ok(())
+    }
 }
 
 impl BusDevice for SerialDevice {

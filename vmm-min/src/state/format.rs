@@ -12,8 +12,8 @@
 //! checksum   u64 LE   FNV-1a 64 of every byte before it
 //! ```
 //!
-//! Zero pages are not written by [`write_snapshot`] (restore targets fresh, zeroed RAM);
-//! the ZERO kind exists for streams that update RAM that is already populated.
+//! [`write_snapshot`] writes every page, zero pages as 8-byte ZERO records, so a file restores
+//! into RAM that is already populated (a running VM, or ACPI tables written at build time).
 //! A reader refuses, with a [`FormatError`], a stream with another magic or version, a VM of a
 //! different shape, pages outside RAM, a truncated stream or a bad checksum. A restore is only
 //! usable when [`read_snapshot`] returned `Ok`: callers must not start the VM otherwise.
@@ -303,7 +303,8 @@ pub(super) fn mem_err(
     }
 }
 
-/// Writes `snap` and every non-zero page of `ram` to `w`; returns the bytes written.
+/// Writes `snap` and every page of `ram` (zero pages as ZERO records) to `w`; returns the bytes
+/// written.
 pub fn write_snapshot<W: Write>(
     w: W,
     snap: &VmSnapshot,
@@ -330,6 +331,8 @@ pub fn write_snapshot<W: Write>(
             if page.iter().any(|&b| b != 0) {
                 w.put(&(gpa | KIND_PAGE).to_le_bytes())?;
                 w.put(&page)?;
+            } else {
+                w.put(&(gpa | KIND_ZERO).to_le_bytes())?;
             }
             gpa += PAGE_SIZE;
         }

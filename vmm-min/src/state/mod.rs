@@ -6,6 +6,7 @@
 //! same shape whose vCPUs have not run yet (or are stopped).
 
 pub mod format;
+pub mod live;
 pub mod migration;
 pub mod vcpu;
 pub mod vm;
@@ -14,6 +15,7 @@ pub mod vm;
 mod tests;
 
 pub use format::{DeviceState, FormatError, VmShape, VmSnapshot};
+pub use live::{DeviceSet, LiveError, LiveVm};
 pub use vcpu::{VcpuState, VcpuStateError};
 pub use vm::{VmState, VmStateError};
 

@@ -150,6 +150,73 @@ impl MmioTransport {
         &self.state
     }
 
+    /// Stops the rings of an activated device (see [`VirtioDevice::pause_rings`]); returns
+    /// each queue's next available index (empty when the device is not activated).
+    pub fn pause_device(&mut self) -> Result<Vec<u16>, String> {
+        if !self.state.activated {
+            return Ok(Vec::new());
+        }
+        self.device.pause_rings()
+    }
+
+    /// Starts the rings of an activated device again from `bases` and kicks every queue (the
+    /// driver may have posted buffers while they were stopped).
+    pub fn resume_device(&mut self, bases: &[u16]) -> Result<(), String> {
+        if !self.state.activated {
+            return Ok(());
+        }
+        let queues = self.state.queues.clone();
+        self.device.resume_rings(
+            self.state.driver_features,
+            &queues,
+            &self.kicks,
+            &self.call,
+            bases,
+        )?;
+        for k in &self.kicks {
+            let _ = k.write(1);
+        }
+        Ok(())
+    }
+
+    /// Restores saved transport state; an activated device's rings are started from `bases`
+    /// with the saved features and queue layout (no reset the guest could see). The device's
+    /// rings must be stopped (never activated, or [`MmioTransport::pause_device`]).
+    pub fn restore(&mut self, state: &MmioState, bases: &[u16]) -> Result<(), String> {
+        let sizes = |s: &MmioState| s.queues.iter().map(|q| q.max_size).collect::<Vec<_>>();
+        if sizes(state) != sizes(&self.state) {
+            return Err(format!(
+                "saved virtio-mmio state has queues of max sizes {:?}, this device {:?}",
+                sizes(state),
+                sizes(&self.state)
+            ));
+        }
+        if state.driver_features & !self.device_features != 0 {
+            return Err(format!(
+                "saved driver features {:#x} are not all offered by this backend ({:#x})",
+                state.driver_features, self.device_features
+            ));
+        }
+        if self.state.activated && !state.activated {
+            self.device.reset();
+        }
+        self.state = state.clone();
+        if state.activated
+            && let Err(e) = self.resume_device(bases)
+        {
+            self.state.activated = false;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The guest now runs here after a migration or restore (see [`VirtioDevice::announce`]).
+    pub fn announce(&mut self) {
+        if self.state.activated {
+            self.device.announce();
+        }
+    }
+
     /// Number of queues.
     pub fn queue_count(&self) -> usize {
         self.state.queues.len()

@@ -72,4 +72,27 @@ pub trait VirtioDevice: Send {
     fn signals_call_directly(&self) -> bool {
         true
     }
+    /// Stops the rings of an activated device (vhost-user: `GET_VRING_BASE`, the backend stops
+    /// processing and finishes what it took) and returns each queue's next available index
+    /// (0 for a queue that is not ready). Default: nothing to stop.
+    fn pause_rings(&mut self) -> Result<Vec<u16>, String> {
+        Ok(Vec::new())
+    }
+    /// Starts the rings again with `bases` as next available indexes (vhost-user:
+    /// `SET_VRING_BASE`, call, kick, enable): after [`VirtioDevice::pause_rings`], or to bring
+    /// up a restored device without a guest-visible reset. Default: [`VirtioDevice::activate`].
+    fn resume_rings(
+        &mut self,
+        features: u64,
+        queues: &[QueueState],
+        kicks: &[vmm_sys_util::eventfd::EventFd],
+        call: &vmm_sys_util::eventfd::EventFd,
+        bases: &[u16],
+    ) -> Result<(), String> {
+        let _ = bases;
+        self.activate(features, queues, kicks, call)
+    }
+    /// The guest now runs here after a migration or restore: tell the network (vhost-user
+    /// net: `SEND_RARP`). Default: nothing.
+    fn announce(&mut self) {}
 }

@@ -395,7 +395,11 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
 }
+
+/// VHOST_USER_SEND_RARP.
+pub const VHOST_USER_SEND_RARP: u32 = 19;
 
 /// Transport features never offered to the guest (no IOMMU, split rings only, no in-order,
 /// no notification data, no ring reset).
@@ -848,6 +852,82 @@ impl VirtioDevice for VhostUserDevice {
             .map_err(|e| e.to_string())?;
         self.start_monitor(queues, kicks, call);
         Ok(())
+    }
+
+    fn pause_rings(&mut self) -> Result<Vec<u16>, String> {
+        self.monitor = None;
+        self.adopt();
+        let _w = Watchdog::arm(&self.sock);
+        let mut bases = Vec::new();
+        for i in 0..self.queue_count {
+            if self.state.queues.get(i).is_some_and(|q| q.ready) {
+                let b = self
+                    .frontend
+                    .get_vring_base(i)
+                    .map_err(|e| self.req("GET_VRING_BASE")(e).to_string())?;
+                bases.push(b as u16);
+            } else {
+                bases.push(0);
+            }
+        }
+        tracing::debug!(socket = %self.spec.socket.display(), ?bases, "rings stopped");
+        Ok(bases)
+    }
+
+    fn resume_rings(
+        &mut self,
+        features: u64,
+        queues: &[QueueState],
+        kicks: &[EventFd],
+        call: &EventFd,
+        bases: &[u16],
+    ) -> Result<(), String> {
+        self.monitor = None;
+        self.adopt();
+        self.state.acked_features = features;
+        {
+            let _w = Watchdog::arm(&self.sock);
+            self.start_rings(queues, kicks, call, Some(bases))
+                .map_err(|e| e.to_string())?;
+        }
+        self.start_monitor(queues, kicks, call);
+        Ok(())
+    }
+
+    fn announce(&mut self) {
+        if self.spec.kind != Kind::Net {
+            return;
+        }
+        let proto = VhostUserProtocolFeatures::from_bits_truncate(self.state.protocol_features);
+        if !proto.contains(VhostUserProtocolFeatures::RARP) {
+            tracing::warn!(
+                socket = %self.spec.socket.display(),
+                "net backend does not offer the RARP protocol feature: no announcement after \
+                 migration (the switch learns the guest's port when the guest next sends)"
+            );
+            return;
+        }
+        self.adopt();
+        let mut mac = [0u8; 8];
+        match self.spec.mac {
+            Some(m) => mac[..6].copy_from_slice(&m),
+            None => mac[..6].copy_from_slice(self.state.config.get(..6).unwrap_or(&[0; 6])),
+        }
+        // Header: request, flags (version 1, no NEED_REPLY: no answer comes), payload size;
+        // payload: u64 holding the MAC in its first 6 bytes (as QEMU sends it).
+        let mut msg = Vec::with_capacity(20);
+        msg.extend_from_slice(&VHOST_USER_SEND_RARP.to_le_bytes());
+        msg.extend_from_slice(&1u32.to_le_bytes());
+        msg.extend_from_slice(&8u32.to_le_bytes());
+        msg.extend_from_slice(&mac);
+        match std::io::Write::write_all(&mut &self.sock, &msg) {
+            Ok(()) => {
+                tracing::info!(socket = %self.spec.socket.display(), "SEND_RARP sent");
+            }
+            Err(e) => {
+                tracing::warn!(socket = %self.spec.socket.display(), "SEND_RARP: {e}");
+            }
+        }
     }
 
     fn reset(&mut self) {
