@@ -1,6 +1,7 @@
 //! vhost-blk-colo: the disk side of COLO as a vhost-user-blk backend process.
 //!
-//! - [`block`]: a small block graph (`file`, `mem`, `overlay`, `nbd`, `quorum`, `replication`).
+//! - [`block`]: a small block graph (`file`, `mem`, `overlay`, `qcow2`, `nbd`, `quorum`,
+//!   `replication`).
 //! - [`nbd`]: our own NBD server and pipelining client on tokio.
 //! - [`vhost_user`]: the vhost-user-blk device (dirty logging, EVENT_IDX, multiqueue) and the
 //!   serve-again loop.
@@ -8,7 +9,8 @@
 //!   `colo-blk-*` commands of the checkpoint engine); [`drive`]: QEMU-style option lists.
 //! - [`testing`]: a vhost-user-blk test frontend on memfd shared memory (tests, benchmarks).
 //!
-//! What it does not do: qcow2 images, inflight-fd tracking, structured NBD replies, TLS.
+//! What it does not do: qcow2 beyond plain overlays (no header backing files, compression,
+//! snapshots, encryption), inflight-fd tracking, structured NBD replies, TLS.
 
 pub mod block;
 pub mod control;

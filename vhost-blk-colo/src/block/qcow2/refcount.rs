@@ -85,6 +85,7 @@ impl Refcounts {
             end: file_len.div_ceil(cs),
         };
         let mut buf = vec![0u8; cs as usize];
+        let mut seen = std::collections::HashSet::new();
         for (b, &e) in r.table.iter().enumerate() {
             if e == 0 {
                 continue;
@@ -93,6 +94,12 @@ impl Refcounts {
             if e & !REFT_OFFSET_MASK != 0 || off == 0 || off >= file_len {
                 return Err(Qcow2Error::Corrupt(format!(
                     "refcount table entry {b} ({e:#x}) is not a cluster inside the file"
+                )));
+            }
+            // Distinct blocks inside the file bound the memory to a multiple of its length.
+            if !seen.insert(off) {
+                return Err(Qcow2Error::Corrupt(format!(
+                    "refcount block at {off:#x} is named twice in the refcount table"
                 )));
             }
             pread(file, &mut buf, off, "a refcount block")?;
