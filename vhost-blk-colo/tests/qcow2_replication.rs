@@ -332,3 +332,50 @@ fn qcow2_overlays_of_the_wrong_size_or_format_are_refused_with_clear_errors() {
     ));
     assert!(e.contains("not a qcow2 image"), "{e}");
 }
+
+#[test]
+fn a_lone_qcow2_drive_reads_its_backing_node_and_writes_into_the_image() {
+    use vhost_blk_colo::{block::null_events, control::BlkControl};
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let Some(out) = qemu_img(&["create", "-q", "-f", "qcow2", &d("o.qcow2"), "1M"]) else {
+        return;
+    };
+    assert!(out.status.success());
+    std::fs::write(dir.path().join("base.img"), vec![0x42u8; 1 << 20]).unwrap();
+    let c = BlkControl::new(null_events(), Duration::from_secs(5)).unwrap();
+    c.add_drive_str(&format!(
+        "if=none,id=base0,driver=raw,file.filename={}",
+        d("base.img")
+    ))
+    .unwrap();
+    c.add_drive_str(&format!(
+        "id=disk0,driver=qcow2,file.filename={},backing=base0",
+        d("o.qcow2")
+    ))
+    .unwrap();
+    let n = c.node("disk0").unwrap();
+    assert_eq!(n.driver(), "qcow2");
+    n.write_at(&[7; 3000], 1000, false).unwrap();
+    n.flush().unwrap();
+    let mut b = vec![0u8; 5000];
+    n.read_at(&mut b, 0).unwrap();
+    assert!(b[..1000].iter().all(|&x| x == 0x42) && b[1000..4000].iter().all(|&x| x == 7));
+    assert!(b[4000..].iter().all(|&x| x == 0x42));
+    assert!(
+        std::fs::read(dir.path().join("base.img"))
+            .unwrap()
+            .iter()
+            .all(|&x| x == 0x42),
+        "the backing file is untouched"
+    );
+    check_clean(&dir.path().join("o.qcow2"));
+    let e = c
+        .add_drive_str(&format!(
+            "id=disk1,driver=qcow2,file.filename={}",
+            d("base.img")
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a qcow2 image"), "{e}");
+}
