@@ -605,3 +605,106 @@ fn state_migration_stream_cut_or_for_another_vm_is_refused() {
     bad[mid] ^= 0x04;
     assert!(recv(&bad, &shape).is_err());
 }
+
+/// The counter in guest RAM as the running guest sees it.
+fn live_counter(live: &LiveVm) -> u64 {
+    live.ram().mem().read_obj(GuestAddress(COUNTER)).unwrap()
+}
+
+fn wait_counter(live: &LiveVm, above: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let c = live_counter(live);
+        if c > above {
+            return c;
+        }
+        assert!(std::time::Instant::now() < deadline, "guest stuck at {c}");
+        std::thread::yield_now();
+    }
+}
+
+fn ram_copy(live: &LiveVm) -> Vec<u8> {
+    let mut m = vec![0u8; MEM as usize];
+    live.ram()
+        .mem()
+        .read_slice(&mut m, GuestAddress(0))
+        .unwrap();
+    m
+}
+
+#[test]
+fn live_vm_running_guest_is_captured_and_restored_in_its_vcpu_threads() {
+    use crate::devices::bus::BusDevice;
+    use crate::devices::serial::{SerialDevice, SerialSpec};
+    use std::sync::{Arc, Mutex};
+
+    let vm = new_vm(2, true);
+    load_counter_guest(&vm);
+    let (out, _input) = crate::devices::serial::open(&SerialSpec::Null).unwrap();
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        out,
+    )));
+    {
+        let mut s = serial.lock().unwrap();
+        s.write(3, &[0x03]); // LCR 8N1
+        s.write(1, &[0x01]); // IER
+        s.write(7, &[0x5a]); // SCR
+        s.enqueue(b"abc");
+    }
+    let devices = DeviceSet {
+        serial: Some((serial_id(), serial.clone())),
+        virtio: Vec::new(),
+    };
+    let dirty = std::sync::Arc::new(crate::vm::DirtyTracker::new(&vm));
+    let live = LiveVm::new(&vm, devices, dirty);
+    let running = vm.start().unwrap();
+
+    // Captured while running: the vCPU threads capture themselves, the guest stays paused.
+    wait_counter(&live, 50);
+    let snap1 = live.pause_and_capture().unwrap();
+    assert_eq!(live.control().run_state(), crate::control::RunState::Paused);
+    let c1 = live_counter(&live);
+    let rcx = snap1.vcpus[0].regs.rcx;
+    assert!(rcx == c1 || rcx == c1 + 1, "rcx {rcx}, counter {c1}");
+    assert_eq!(snap1.vcpus.len(), 2);
+    assert_eq!(snap1.vcpus[0].msr(0x174), Some(0x10));
+    assert_eq!(snap1.devices.len(), 1);
+    let ram1 = ram_copy(&live);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(live_counter(&live), c1, "paused guest does not run");
+
+    // Let it run on, change the console, then stop it and put the first state back.
+    live.resume().unwrap();
+    let later = wait_counter(&live, c1 + 5000);
+    serial.lock().unwrap().write(7, &[0xa5]);
+    live.pause_and_capture().unwrap();
+    live.ram()
+        .mem()
+        .write_slice(&ram1, GuestAddress(0))
+        .unwrap();
+    live.restore(&snap1).unwrap();
+
+    // Bit for bit: registers and all KVM state, RAM, the console.
+    let snap2 = live.pause_and_capture().unwrap();
+    let (n1, n2) = (normalized(&snap1), normalized(&snap2));
+    assert!(n1 == n2, "state differs: {}", first_difference(&n1, &n2));
+    assert!(ram_copy(&live) == ram1, "RAM differs after restore");
+    assert_eq!(snap2.devices, snap1.devices, "console state restored");
+    let mut scr = [0u8];
+    serial.lock().unwrap().read(7, &mut scr);
+    assert_eq!(scr[0], 0x5a);
+
+    // The guest goes on from the restored counter, not from where it was stopped.
+    live.resume().unwrap();
+    let first = wait_counter(&live, c1);
+    assert!(
+        first < later,
+        "restored guest resumed at {first}, before the restore it was at {later}"
+    );
+    wait_counter(&live, first + 100);
+    running
+        .control()
+        .request_exit(crate::control::ExitReason::Quit);
+    assert_eq!(running.wait(), crate::control::ExitReason::Quit);
+}
