@@ -49,7 +49,7 @@ impl NbdNode {
         };
         let client = rt
             .block_on(async {
-                tokio::time::timeout(timeout, NbdClient::connect(&addr, export)).await
+                tokio::time::timeout(timeout, NbdClient::connect_direct(&addr, export)).await
             })
             .map_err(|_| BlockError::Timeout(format!("connecting to nbd://{addr}/{export}")))?
             .map_err(remote)?;

@@ -16,7 +16,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use super::proto::*;
+use super::{proto::*, sock::SockWriter};
 
 /// Errors of the NBD client.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -87,7 +87,10 @@ struct State {
 }
 
 struct Inner {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Frames to the writer task (generic streams).
+    tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// Or written straight from the submitting thread (TCP, [`NbdClient::connect_direct`]).
+    direct: Option<SockWriter>,
     state: Mutex<State>,
     next_cookie: AtomicU64,
 }
@@ -224,6 +227,20 @@ impl NbdClient {
         Self::handshake(sock, export).await
     }
 
+    /// Like [`NbdClient::connect`], but requests are written to the socket by the thread that
+    /// submits them (no hand-off to a writer task: one thread wake-up less per request). For
+    /// clients used from plain threads (the `nbd` block node); an async caller may block its
+    /// runtime thread while the socket buffer is full.
+    pub async fn connect_direct(addr: &str, export: &str) -> Result<NbdClient, NbdClientError> {
+        let sock = TcpStream::connect(addr)
+            .await
+            .map_err(|e| NbdClientError::Io(format!("connecting to {addr}: {e}")))?;
+        let _ = sock.set_nodelay(true);
+        let direct = SockWriter::new(std::os::fd::AsFd::as_fd(&sock))
+            .map_err(|e| NbdClientError::Io(format!("duplicating the socket: {e}")))?;
+        Self::handshake_inner(sock, export, Some(direct)).await
+    }
+
     /// Lists the exports of the server at `addr`.
     pub async fn list(addr: &str) -> Result<Vec<String>, NbdClientError> {
         let sock = TcpStream::connect(addr)
@@ -261,6 +278,17 @@ impl NbdClient {
 
     /// Negotiates on an established stream.
     pub async fn handshake<S>(stream: S, export: &str) -> Result<NbdClient, NbdClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::handshake_inner(stream, export, None).await
+    }
+
+    async fn handshake_inner<S>(
+        stream: S,
+        export: &str,
+        direct: Option<SockWriter>,
+    ) -> Result<NbdClient, NbdClientError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -317,13 +345,19 @@ impl NbdClient {
                 "server sent no NBD_INFO_EXPORT".into(),
             ));
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let tx = if direct.is_none() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(writer_task(BufWriter::new(wr), rx));
+            Some(tx)
+        } else {
+            None
+        };
         let inner = Arc::new(Inner {
             tx,
+            direct,
             state: Mutex::new(State::default()),
             next_cookie: AtomicU64::new(1),
         });
-        tokio::spawn(writer_task(BufWriter::new(wr), rx));
         tokio::spawn(reader_task(rd, inner.clone()));
         Ok(NbdClient {
             inner,
@@ -377,11 +411,6 @@ impl NbdClient {
             len,
         }
         .encode();
-        let mut frame = Vec::with_capacity(REQUEST_LEN + data.map_or(0, <[u8]>::len));
-        frame.extend_from_slice(&hdr);
-        if let Some(d) = data {
-            frame.extend_from_slice(d);
-        }
         let mut st = self
             .inner
             .state
@@ -400,9 +429,31 @@ impl NbdClient {
                 reply,
             },
         );
-        if self.inner.tx.send(frame).is_err() {
-            st.pending.remove(&cookie);
-            return Err(NbdClientError::Disconnected("writer stopped".into()));
+        if let Some(tx) = &self.inner.tx {
+            let mut frame = Vec::with_capacity(REQUEST_LEN + data.map_or(0, <[u8]>::len));
+            frame.extend_from_slice(&hdr);
+            if let Some(d) = data {
+                frame.extend_from_slice(d);
+            }
+            if tx.send(frame).is_err() {
+                st.pending.remove(&cookie);
+                return Err(NbdClientError::Disconnected("writer stopped".into()));
+            }
+            return Ok(());
+        }
+        // Direct: the waiter is registered first (the reply may come back at once); the state
+        // lock is not held while writing, so the reader can match replies meanwhile.
+        drop(st);
+        let Some(w) = &self.inner.direct else {
+            return Err(NbdClientError::Disconnected("no writer".into()));
+        };
+        if let Err(e) = w.write_frame(&[&hdr, data.unwrap_or(&[])]) {
+            if let Ok(mut st) = self.inner.state.lock() {
+                st.pending.remove(&cookie);
+            }
+            return Err(NbdClientError::Disconnected(format!(
+                "sending a request: {e}"
+            )));
         }
         Ok(())
     }
@@ -494,7 +545,12 @@ impl NbdClient {
             len: 0,
         }
         .encode();
-        let _ = self.inner.tx.send(hdr.to_vec());
+        if let Some(tx) = &self.inner.tx {
+            let _ = tx.send(hdr.to_vec());
+        } else if let Some(w) = &self.inner.direct {
+            let _ = w.write_frame(&[&hdr]);
+            w.shutdown_write();
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 pub mod client;
 pub mod proto;
 pub mod server;
+pub mod sock;
 
 pub use client::{NbdClient, NbdClientError};
 pub use server::{Export, ExportTable, NbdServer, NbdServerError};

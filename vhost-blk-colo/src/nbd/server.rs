@@ -3,6 +3,12 @@
 //! One tokio task per connection reads requests; each request runs on the blocking pool
 //! (block nodes are synchronous) and its reply goes to a writer task that batches replies
 //! into a buffered socket. At most [`MAX_IN_FLIGHT`] requests run per connection.
+//!
+//! TCP connections take a shorter path (fewer thread wake-ups per request, which is most of an
+//! NBD round trip on loopback): writes, write-zeroes and trims run on the connection's own task
+//! (`block_in_place` on a multi-thread runtime; the secondary's copy-before-write node
+//! serialises primary writes anyway), and replies are written to the socket by the thread that
+//! has them ([`SockWriter`]) instead of going through a writer task.
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +24,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::proto::*;
+use super::{proto::*, sock::SockWriter};
 use crate::block::{NodeRef, WriteOp};
 
 /// Requests handled at once on one connection.
@@ -150,7 +156,7 @@ async fn accept_loop(listener: TcpListener, exports: ExportTable, mut stop: watc
                     tokio::spawn(async move {
                         tokio::select! {
                             _ = stop.changed() => {}
-                            r = serve_connection(sock, exports) => {
+                            r = serve_tcp(sock, exports) => {
                                 if let Err(e) = r {
                                     tracing::warn!(%peer, "{e}");
                                 }
@@ -184,6 +190,46 @@ where
         return Ok(());
     };
     transmission(rd, wr, export).await
+}
+
+/// Serves one TCP client, with replies written straight to the socket.
+async fn serve_tcp(
+    stream: tokio::net::TcpStream,
+    exports: ExportTable,
+) -> Result<(), NbdServerError> {
+    let direct = SockWriter::new(std::os::fd::AsFd::as_fd(&stream))
+        .map_err(io_err("duplicating the socket"))?;
+    let (mut rd, wr) = tokio::io::split(stream);
+    let mut wr = BufWriter::new(wr);
+    let Some(export) = negotiate(&mut rd, &mut wr, &exports).await? else {
+        return Ok(());
+    };
+    wr.flush().await.map_err(io_err("answering an option"))?;
+    transmission_inner(rd, Replies::Direct(Arc::new(direct), wr), export).await
+}
+
+/// Where replies go.
+enum Replies<W> {
+    /// To a writer task.
+    Task(mpsc::Sender<Reply>),
+    /// Straight to the socket (the buffered half is kept only to close the stream at the end).
+    Direct(Arc<SockWriter>, BufWriter<W>),
+}
+
+impl<W> Replies<W> {
+    /// Sends a reply from async code. False when the connection is gone.
+    async fn send(&self, r: Reply) -> bool {
+        match self {
+            Replies::Task(tx) => tx.send(r).await.is_ok(),
+            Replies::Direct(w, _) => write_reply(w, &r),
+        }
+    }
+}
+
+fn write_reply(w: &SockWriter, r: &Reply) -> bool {
+    let hdr = simple_reply(r.error, r.cookie);
+    w.write_frame(&[&hdr, r.data.as_deref().unwrap_or(&[])])
+        .is_ok()
 }
 
 async fn negotiate<R, W>(
@@ -337,17 +383,30 @@ where
     }
 }
 
-async fn transmission<R, W>(
-    mut rd: R,
-    wr: BufWriter<W>,
-    export: Export,
-) -> Result<(), NbdServerError>
+async fn transmission<R, W>(rd: R, wr: BufWriter<W>, export: Export) -> Result<(), NbdServerError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT as usize * 2);
     let writer = tokio::spawn(reply_writer(wr, rx));
+    let r = transmission_inner(rd, Replies::<W>::Task(tx), export).await;
+    let _ = writer.await;
+    r
+}
+
+async fn transmission_inner<R, W>(
+    mut rd: R,
+    replies: Replies<W>,
+    export: Export,
+) -> Result<(), NbdServerError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let inline_ok = matches!(replies, Replies::Direct(..))
+        && Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     let sem = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
     let size = export.node.size();
     let writable = export.writable && !export.node.read_only();
@@ -389,15 +448,23 @@ where
         }
         if let Some(error) = precheck(&req, size, writable) {
             tracing::debug!(?req, error, "NBD request refused");
-            if tx
-                .send(Reply {
-                    cookie: req.cookie,
-                    error,
-                    data: None,
-                })
-                .await
-                .is_err()
-            {
+            let r = Reply {
+                cookie: req.cookie,
+                error,
+                data: None,
+            };
+            if !replies.send(r).await {
+                break Ok(());
+            }
+            continue;
+        }
+        if inline_ok
+            && matches!(req.cmd, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM)
+            && let Replies::Direct(w, _) = &replies
+        {
+            let node = export.node.clone();
+            let reply = tokio::task::block_in_place(|| execute(&*node, req, payload));
+            if !write_reply(w, &reply) {
                 break Ok(());
             }
             continue;
@@ -406,17 +473,31 @@ where
             break Ok(());
         };
         let node = export.node.clone();
-        let tx = tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let reply = execute(&*node, req, payload);
-            let _ = tx.blocking_send(reply);
-            drop(permit);
-        });
+        match &replies {
+            Replies::Task(tx) => {
+                let tx = tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let reply = execute(&*node, req, payload);
+                    let _ = tx.blocking_send(reply);
+                    drop(permit);
+                });
+            }
+            Replies::Direct(w, _) => {
+                let w = w.clone();
+                tokio::task::spawn_blocking(move || {
+                    let reply = execute(&*node, req, payload);
+                    let _ = write_reply(&w, &reply);
+                    drop(permit);
+                });
+            }
+        }
     };
     // Finish what is in flight before closing (the client may be waiting for those replies).
     let _ = sem.acquire_many(MAX_IN_FLIGHT).await;
-    drop(tx);
-    let _ = writer.await;
+    if let Replies::Direct(w, mut wr) = replies {
+        w.shutdown_write();
+        let _ = wr.shutdown().await;
+    }
     result
 }
 
