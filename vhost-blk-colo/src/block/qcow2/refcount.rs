@@ -180,9 +180,12 @@ impl Refcounts {
     }
 
     fn block_bytes(&self, vals: &[u64]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.cs() as usize);
-        for &v in vals {
-            out.extend_from_slice(&self.encode(v));
+        let w = self.entry_bytes();
+        let mut out = vec![0u8; vals.len() * w];
+        for (chunk, &v) in out.chunks_exact_mut(w).zip(vals) {
+            if v != 0 {
+                chunk.copy_from_slice(&v.to_be_bytes()[8 - w..]);
+            }
         }
         out
     }
