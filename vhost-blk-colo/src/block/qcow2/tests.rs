@@ -459,3 +459,31 @@ fn random_corruption_never_panics() {
     }
     assert!(opened > 0, "some mutations are harmless");
 }
+
+#[test]
+fn refcount_widths_and_lazy_refcount_images_work() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, opts) in [
+        "cluster_size=1024,refcount_bits=8",
+        "cluster_size=4096,refcount_bits=32",
+        "cluster_size=512,refcount_bits=64",
+        "lazy_refcounts=on",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let Some(p) = create(dir.path(), &format!("w{i}.qcow2"), 2 << 20, &["-o", opts]) else {
+            return;
+        };
+        let base: NodeRef = Arc::new(MemNode::from_vec(pattern(2 << 20, 5)));
+        let node = Qcow2Node::open(&p, Some(base), false).unwrap();
+        let mut model = pattern(2 << 20, 5);
+        random_io(&node, &mut model, &mut Rng(11 + i as u64), 80);
+        assert!(read_all(&node) == model, "{opts}");
+        node.flush().unwrap();
+        assert_check_clean(&p);
+        node.make_empty().unwrap();
+        assert!(read_all(&node) == pattern(2 << 20, 5), "{opts}");
+        assert_check_clean(&p);
+    }
+}
