@@ -205,6 +205,7 @@ pub struct TestFrontend {
     slot_bytes: usize,
     features: u64,
     log: Option<SharedMem>,
+    protocol: VhostUserProtocolFeatures,
 }
 
 impl std::fmt::Debug for TestFrontend {
@@ -278,6 +279,7 @@ impl TestFrontend {
             ));
         }
         fe.set_features(want).map_err(vh("SET_FEATURES"))?;
+        let mut protocol = VhostUserProtocolFeatures::empty();
         if avail & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let pf = fe
                 .get_protocol_features()
@@ -288,6 +290,7 @@ impl TestFrontend {
                 | VhostUserProtocolFeatures::LOG_SHMFD;
             fe.set_protocol_features(pf & keep)
                 .map_err(vh("SET_PROTOCOL_FEATURES"))?;
+            protocol = pf & keep;
         }
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
@@ -353,7 +356,104 @@ impl TestFrontend {
             slot_bytes: opts.slot_bytes,
             features: want,
             log: None,
+            protocol,
         })
+    }
+
+    /// Closes the vhost-user connection as a crashing frontend would (the backend sees EOF);
+    /// memory and rings stay as they are, for [`TestFrontend::reconnect`].
+    pub fn disconnect(&mut self) {
+        // SAFETY: shutdown on the connection's socket fd, which `self.fe` keeps open.
+        unsafe { libc::shutdown(self.fe.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    /// Connects again (to a restarted backend, or after [`TestFrontend::disconnect`]) with the
+    /// same memory, and restarts every ring from the used index found in memory, as vmm-min
+    /// does: requests the backend took but never made used are taken again. Then kicks every
+    /// queue. Dirty logging is not restored.
+    pub fn reconnect(&mut self, socket: &Path, timeout: Duration) -> Result<(), FrontendError> {
+        self.disconnect();
+        let deadline = Instant::now() + timeout;
+        let mut fe = loop {
+            match Frontend::connect(socket, self.queues.len() as u64) {
+                Ok(f) => break f,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(FrontendError::Vhost {
+                        what: "connect",
+                        source: e,
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        fe.set_owner().map_err(vh("SET_OWNER"))?;
+        // The reply comes once the backend has accepted this connection (after it finished
+        // what the previous one left in flight), so the used indexes below are final.
+        let avail = fe.get_features().map_err(vh("GET_FEATURES"))?;
+        self.features &= !VhostUserVirtioFeatures::LOG_ALL.bits();
+        self.log = None;
+        fe.set_features(self.features & avail)
+            .map_err(vh("SET_FEATURES"))?;
+        if !self.protocol.is_empty() {
+            let _ = fe
+                .get_protocol_features()
+                .map_err(vh("GET_PROTOCOL_FEATURES"))?;
+            fe.set_protocol_features(self.protocol)
+                .map_err(vh("SET_PROTOCOL_FEATURES"))?;
+        }
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: self.mem.size as u64,
+            userspace_addr: self.mem.ptr as u64,
+            mmap_offset: 0,
+            mmap_handle: self.mem.fd.as_raw_fd(),
+        };
+        fe.set_mem_table(&[region]).map_err(vh("SET_MEM_TABLE"))?;
+        let va = self.mem.ptr as u64;
+        for (q, queue) in self.queues.iter().enumerate() {
+            fe.set_vring_num(q, queue.size)
+                .map_err(vh("SET_VRING_NUM"))?;
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: queue.size,
+                    queue_size: queue.size,
+                    flags: 0,
+                    desc_table_addr: va + queue.desc,
+                    used_ring_addr: va + queue.used,
+                    avail_ring_addr: va + queue.avail,
+                    log_addr: None,
+                },
+            )
+            .map_err(vh("SET_VRING_ADDR"))?;
+            let base = self.mem.read_u16(queue.used + 2);
+            fe.set_vring_base(q, base).map_err(vh("SET_VRING_BASE"))?;
+            fe.set_vring_call(q, &queue.call)
+                .map_err(vh("SET_VRING_CALL"))?;
+            fe.set_vring_kick(q, &queue.kick)
+                .map_err(vh("SET_VRING_KICK"))?;
+            fe.set_vring_enable(q, true)
+                .map_err(vh("SET_VRING_ENABLE"))?;
+        }
+        self.fe = fe;
+        for queue in &self.queues {
+            queue.kick.write(1).map_err(|e| FrontendError::Os {
+                what: "kick",
+                source: e,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The used index of queue `q` as the backend last wrote it.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        fence(Ordering::SeqCst);
+        self.mem.read_u16(self.queues[q].used + 2)
+    }
+
+    /// The avail index of queue `q` (requests made available so far).
+    pub fn avail_idx(&self, q: usize) -> u16 {
+        self.queues[q].avail_idx
     }
 
     /// The negotiated virtio features.

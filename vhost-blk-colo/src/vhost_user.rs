@@ -809,7 +809,7 @@ impl Exec {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 let total: usize = req.out.iter().map(|s| s.1).sum();
-                if total == 0 || total % 16 != 0 || total > MAX_DISCARD_SEG as usize * 16 {
+                if total == 0 || !total.is_multiple_of(16) || total > MAX_DISCARD_SEG as usize * 16 {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 let mut segs = vec![0u8; total];
