@@ -1,0 +1,235 @@
+#!/bin/bash
+# Guest TCP throughput and request latency through vhost-net-colo against QEMU 7.2's own
+# userspace virtio-net, the same guest (scripts/build-guest.sh) in the same tier, each without
+# and with the primary's COLO chain. Prints one markdown table naming the tier.
+#
+#   bench/net/guest.sh [--configs "ours-user ours-tap qemu-tap qemu-tap-novnet"]
+#                      [--bulk-mib N] [--rtt N] [--http N] [--no-build]
+#
+# Tier TCG (this host): QEMU 7.2 -accel tcg -M microvm (1 vCPU, 256 MiB, memfd memory) boots the
+# guest in every configuration:
+#   ours-user   QEMU as vhost-user frontend, vhost-net-colo --netdev user,hostfwd (client on
+#               127.0.0.1)
+#   ours-tap    QEMU as vhost-user frontend, vhost-net-colo --netdev tap in a namespace with a
+#               bridge this script creates (client inside the namespace)
+#   qemu-tap    QEMU's own virtio-net-device on -netdev tap,vhost=off (vnet_hdr on: offloads),
+#               same namespace set-up; its filters get vnet_hdr_support=on (the COLO set-up
+#               that keeps offloads)
+#   qemu-tap-novnet  the same with vnet_hdr=off on the tap and the filters as the seed has them
+#               (the seed recipe's other working set-up)
+# In each configuration the guest is measured, then the primary's chain of the seed is added at
+# run time over QMP (filter-mirror m0 queue=tx outdev=mirror0; filter-redirector redire0
+# queue=rx indev=compare_out; filter-redirector redire1 queue=rx outdev=compare0), and measured
+# again. The outdevs are consumed as in COLO without a secondary: mirror0 by a sink, compare0 is
+# relayed byte for byte to compare_out (a comparer that releases everything at once; socat).
+#
+# What is measured (bench/net/guestbench.py): bulk echo (port 7, busybox `nc -e cat`: the bytes
+# go to the guest and back at once; MiB/s each way), echo round trips of 64-byte lines on one
+# connection (p50/p99), HTTP GET / with a new connection each (busybox httpd, p50/p99).
+# Every process runs under nice and is killed by PID at the end; the namespace is deleted.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+here="$root/bench/net"
+configs="ours-user ours-tap qemu-tap"
+bulk_mib=8 rtt_n=200 http_n=30 build=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --configs) configs=$2; shift 2 ;;
+        --bulk-mib) bulk_mib=$2; shift 2 ;;
+        --rtt) rtt_n=$2; shift 2 ;;
+        --http) http_n=$2; shift 2 ;;
+        --no-build) build=0; shift ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        *) echo "guest.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+[ "$(id -u)" = 0 ] || { echo "guest.sh: needs root (namespaces, taps)" >&2; exit 1; }
+for t in qemu-system-x86_64 socat python3 ip; do
+    command -v "$t" >/dev/null || { echo "guest.sh: $t not installed" >&2; exit 1; }
+done
+NICE="nice -n 10"
+BOOT_DEADLINE=${BOOT_DEADLINE:-300}
+
+cd "$root"
+"$root/scripts/build-guest.sh" >/dev/null
+gdir=$("$root/scripts/build-guest.sh" --print-dir)
+if [ "$build" = 1 ]; then
+    $NICE cargo build --release -q -p vhost-net-colo --bin vhost-net-colo
+fi
+backend_bin="$root/target/release/vhost-net-colo"
+tsc_khz=$(awk '/^cpu MHz/ {printf "%d", $4*1000; exit}' /proc/cpuinfo)
+
+work=$(mktemp -d /tmp/colo-netbench.XXXXXX)
+ns=""
+pids=()
+stop_all() {
+    local p
+    for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+    sleep 0.5
+    for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
+    for p in "${pids[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+    pids=()
+}
+cleanup() {
+    stop_all
+    [ -n "$ns" ] && ip netns del "$ns" 2>/dev/null || true
+    if [ "${KEEP:-0}" = 1 ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+start() { # NAME CMD...: runs CMD in the background, logs in $work/NAME.log
+    local name=$1; shift
+    $NICE "$@" >"$work/$name.log" 2>&1 &
+    pids+=($!)
+}
+wait_path() { # PATH SECONDS
+    local end=$((SECONDS + $2))
+    until [ -e "$1" ]; do
+        [ $SECONDS -lt $end ] || { echo "guest.sh: $1 did not appear" >&2; exit 1; }
+        sleep 0.1
+    done
+}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+in_ns() { ip netns exec "$ns" "$@"; }
+make_ns() {
+    ns="colobench$$"
+    ip netns add "$ns"
+    in_ns ip link set lo up
+    in_ns ip link add cbbr0 type bridge
+    in_ns ip addr add 10.0.5.1/24 dev cbbr0
+    in_ns ip link set cbbr0 up
+    printf '#!/bin/sh\nip link set "$1" up\nip link set "$1" master cbbr0\n' >"$work/ifup.sh"
+    chmod +x "$work/ifup.sh"
+}
+del_ns() { [ -n "$ns" ] && ip netns del "$ns"; ns=""; }
+
+# QEMU TCG microvm with the guest; $1 name, $2 extra kernel args, rest: netdev/device args.
+qemu_guest() {
+    local name=$1 extra=$2; shift 2
+    local pre=()
+    [ "${QEMU_IN_NS:-0}" = 1 ] && pre=(ip netns exec "$ns")
+    start "$name" "${pre[@]}" qemu-system-x86_64 -M microvm,memory-backend=mem -accel tcg -m 256M \
+        -nodefaults -no-user-config -display none \
+        -object memory-backend-memfd,id=mem,size=256M,share=on \
+        -global virtio-mmio.force-legacy=false \
+        -kernel "$gdir/vmlinuz" -initrd "$gdir/initramfs.cpio.gz" \
+        -append "console=ttyS0 quiet tsc_early_khz=$tsc_khz colo.services=http,echo $extra" \
+        -serial "file:$work/$name.serial" \
+        -qmp "unix:$work/$name.qmp,server=on,wait=off" "$@"
+}
+wait_ready() { # NAME
+    local end=$((SECONDS + BOOT_DEADLINE)) t0=$SECONDS
+    until grep -q COLO-GUEST-READY "$work/$1.serial" 2>/dev/null; do
+        [ $SECONDS -lt $end ] || { echo "guest.sh: $1 not ready in $BOOT_DEADLINE s" >&2; tail -5 "$work/$1.log" >&2; exit 1; }
+        sleep 0.5
+    done
+    echo "  $1 ready after $((SECONDS - t0)) s" >&2
+}
+chardevs() { # the seed's primary chardevs, as unix sockets in $work
+    local c
+    for c in mirror0 compare0 compare_out; do
+        printf -- '%s\nsocket,id=%s,path=%s/%s.sock,server=on,wait=off\n' "$1" "$c" "$work" "$c"
+    done
+}
+consumers() { # the mirror sink and the compare0 -> compare_out relay
+    wait_path "$work/mirror0.sock" 30
+    start sink socat -u -b 262144 "UNIX-CONNECT:$work/mirror0.sock" OPEN:/dev/null,wronly
+    start relay socat -u -b 262144 "UNIX-CONNECT:$work/compare0.sock" "UNIX-CONNECT:$work/compare_out.sock"
+    sleep 0.5
+}
+add_chain() { # QMP_SOCKET EXTRA_JSON_FIELDS
+    local x=${2:-}
+    python3 "$here/guestbench.py" qmp "$1" \
+        "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-mirror\",\"id\":\"m0\",\"netdev\":\"hn0\",\"queue\":\"tx\",\"outdev\":\"mirror0\"$x}}" \
+        "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-redirector\",\"id\":\"redire0\",\"netdev\":\"hn0\",\"queue\":\"rx\",\"indev\":\"compare_out\"$x}}" \
+        "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-redirector\",\"id\":\"redire1\",\"netdev\":\"hn0\",\"queue\":\"rx\",\"outdev\":\"compare0\"$x}}"
+}
+results="$work/results"
+: >"$results"
+measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
+    local label=$1 chain=$2 host=$3 echo=$4 http=$5 pre=()
+    [ "${6:-}" = ns ] && pre=(ip netns exec "$ns")
+    "${pre[@]}" timeout 60 python3 "$here/guestbench.py" wait "$host" "$echo" 50
+    local j
+    j=$("${pre[@]}" timeout 600 python3 "$here/guestbench.py" measure "$host" "$echo" "$http" \
+        --bulk-mib "$bulk_mib" --rtt "$rtt_n" --http "$http_n")
+    echo "  $label chain=$chain: $j" >&2
+    printf '%s\t%s\t%s\n' "$label" "$chain" "$j" >>"$results"
+}
+
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
+t_start=$SECONDS
+for cfg in $configs; do
+    echo "== $cfg" >&2
+    case "$cfg" in
+        ours-user)
+            e=$(free_port); h=$(free_port)
+            mapfile -t cd < <(chardevs --chardev)
+            start backend "$backend_bin" --socket "$work/vu.sock" --qmp "unix:$work/be.qmp" \
+                --netdev "user,id=hn0,hostfwd=tcp:127.0.0.1:$e-:7,hostfwd=tcp:127.0.0.1:$h-:80" \
+                "${cd[@]}"
+            wait_path "$work/vu.sock" 30; wait_path "$work/be.qmp" 30
+            consumers
+            qemu_guest g-ours-user "" -chardev "socket,id=c1,path=$work/vu.sock" \
+                -netdev vhost-user,id=n1,chardev=c1 -device virtio-net-device,netdev=n1,mac=52:54:00:12:34:56
+            wait_ready g-ours-user
+            measure "vhost-net-colo, user (hostfwd)" no 127.0.0.1 "$e" "$h"
+            add_chain "$work/be.qmp"
+            measure "vhost-net-colo, user (hostfwd)" yes 127.0.0.1 "$e" "$h"
+            ;;
+        ours-tap)
+            make_ns
+            mapfile -t cd < <(chardevs --chardev)
+            start backend ip netns exec "$ns" "$backend_bin" --socket "$work/vu.sock" \
+                --qmp "unix:$work/be.qmp" \
+                --netdev "tap,id=hn0,ifname=cbt$$,script=$work/ifup.sh" "${cd[@]}"
+            wait_path "$work/vu.sock" 30; wait_path "$work/be.qmp" 30
+            consumers
+            qemu_guest g-ours-tap "colo.ip=10.0.5.15/24 colo.gw=10.0.5.1" \
+                -chardev "socket,id=c1,path=$work/vu.sock" \
+                -netdev vhost-user,id=n1,chardev=c1 -device virtio-net-device,netdev=n1,mac=52:54:00:12:34:56
+            wait_ready g-ours-tap
+            measure "vhost-net-colo, tap on a bridge" no 10.0.5.15 7 80 ns
+            add_chain "$work/be.qmp"
+            measure "vhost-net-colo, tap on a bridge" yes 10.0.5.15 7 80 ns
+            ;;
+        qemu-tap|qemu-tap-novnet)
+            make_ns
+            vnet=on x=',"vnet_hdr_support":true' label="QEMU virtio-net, tap vhost=off"
+            if [ "$cfg" = qemu-tap-novnet ]; then
+                vnet=off x="" label="QEMU virtio-net, tap vhost=off vnet_hdr=off"
+            fi
+            mapfile -t cd < <(chardevs -chardev)
+            QEMU_IN_NS=1 qemu_guest "g-$cfg" "colo.ip=10.0.5.15/24 colo.gw=10.0.5.1" \
+                -netdev "tap,id=hn0,ifname=cbq$$,script=$work/ifup.sh,downscript=no,vhost=off,vnet_hdr=$vnet" \
+                -device virtio-net-device,netdev=hn0,mac=52:54:00:12:34:56 "${cd[@]}"
+            consumers
+            wait_ready "g-$cfg"
+            measure "$label" no 10.0.5.15 7 80 ns
+            add_chain "$work/g-$cfg.qmp" "$x"
+            measure "$label" yes 10.0.5.15 7 80 ns
+            ;;
+        *) echo "guest.sh: unknown config $cfg" >&2; exit 2 ;;
+    esac
+    stop_all
+    del_ns
+    rm -f "$work"/*.sock "$work"/*.qmp
+done
+load1=$(cut -d' ' -f1-3 /proc/loadavg)
+
+python3 - "$results" "$load0" "$load1" "$((SECONDS - t_start))" "$bulk_mib" "$rtt_n" "$http_n" <<'EOF'
+import json, sys
+path, l0, l1, secs, mib, nr, nh = sys.argv[1:]
+rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
+print(f"Tier: TCG (QEMU 7.2 -accel tcg, -M microvm, 1 vCPU, 256 MiB; same guest and kernel "
+      f"everywhere). Load average {l0} before, {l1} after; {secs} s in all.")
+print(f"Bulk echo {mib} MiB (each way at once); echo round trips: {nr} x 64 B; HTTP GET /: {nh}.")
+print()
+print("| frontend / netdev | COLO chain | bulk echo (MiB/s) | echo RTT p50 / p99 (µs) | HTTP GET p50 / p99 (ms) |")
+print("|---|---|---|---|---|")
+for label, chain, j in rows:
+    r = json.loads(j)
+    print(f"| {label} | {chain} | {r['bulk_mibs']} | {r['rtt_p50_us']} / {r['rtt_p99_us']} | "
+          f"{r['http_p50_ms']} / {r['http_p99_ms']} |")
+EOF

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Client side of bench/net/guest.sh (stdlib only; runs on the host or inside a namespace).
+
+  guestbench.py wait  HOST ECHO_PORT DEADLINE_S      wait until the guest's echo answers
+  guestbench.py measure HOST ECHO_PORT HTTP_PORT --bulk-mib N --rtt N --http N
+      prints one JSON line: bulk echo throughput (MiB/s, each direction at once), echo round
+      trips (64-byte lines on one connection, TCP_NODELAY) and HTTP GET / (a new connection
+      each, HTTP/1.0) p50/p99
+  guestbench.py qmp SOCKET CMD_JSON...               runs QMP commands (one JSON object each:
+      {"execute": ..., "arguments": ...}); fails on the first error
+"""
+
+import json
+import socket
+import sys
+import threading
+import time
+
+IO_TIMEOUT = 60.0
+
+
+def die(msg):
+    print(f"guestbench: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def wait_echo(host, port, deadline_s):
+    end = time.monotonic() + deadline_s
+    last = None
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.settimeout(5)
+                s.sendall(b"x")
+                if s.recv(1) == b"x":
+                    return
+        except OSError as e:
+            last = e
+        time.sleep(0.5)
+    die(f"echo at {host}:{port} did not answer within {deadline_s} s ({last})")
+
+
+def pct(vals, p):
+    v = sorted(vals)
+    return v[min(len(v) - 1, int(round(p / 100.0 * (len(v) - 1))))]
+
+
+def bulk(host, port, mib):
+    total = mib << 20
+    chunk = bytes(range(256)) * 256  # 64 KiB
+    s = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+    s.settimeout(IO_TIMEOUT)
+    got = [0]
+    err = []
+
+    def reader():
+        try:
+            while got[0] < total:
+                b = s.recv(1 << 20)
+                if not b:
+                    break
+                got[0] += len(b)
+        except OSError as e:
+            err.append(e)
+
+    t0 = time.perf_counter()
+    t = threading.Thread(target=reader)
+    t.start()
+    sent = 0
+    try:
+        while sent < total:
+            n = min(len(chunk), total - sent)
+            s.sendall(chunk[:n])
+            sent += n
+    except OSError as e:
+        err.append(e)
+    t.join(IO_TIMEOUT * 4)
+    dt = time.perf_counter() - t0
+    s.close()
+    if err or got[0] != total:
+        die(f"bulk echo: {got[0]} of {total} bytes back ({err})")
+    return mib / dt
+
+
+def rtt(host, port, n):
+    s = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+    s.settimeout(IO_TIMEOUT)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    line = b"x" * 63 + b"\n"
+    out = []
+    for i in range(n + 5):
+        t0 = time.perf_counter()
+        s.sendall(line)
+        got = b""
+        while len(got) < len(line):
+            b = s.recv(len(line) - len(got))
+            if not b:
+                die("echo closed during round trips")
+            got += b
+        if got != line:
+            die("echo returned other bytes")
+        if i >= 5:  # warm-up
+            out.append((time.perf_counter() - t0) * 1e6)
+    s.close()
+    return out
+
+
+def http(host, port, n):
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with socket.create_connection((host, port), timeout=IO_TIMEOUT) as s:
+            s.settimeout(IO_TIMEOUT)
+            s.sendall(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
+            body = b""
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                body += b
+        if b"colo guest" not in body:
+            die(f"HTTP answer without the page: {body[:200]!r}")
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def measure(argv):
+    host, echo, httpp = argv[0], int(argv[1]), int(argv[2])
+    opts = dict(zip(argv[3::2], argv[4::2]))
+    mib = int(opts.get("--bulk-mib", "8"))
+    nr = int(opts.get("--rtt", "200"))
+    nh = int(opts.get("--http", "30"))
+    r = rtt(host, echo, nr)
+    h = http(host, httpp, nh)
+    b = bulk(host, echo, mib)
+    print(json.dumps({
+        "bulk_mibs": round(b, 2),
+        "rtt_p50_us": round(pct(r, 50)), "rtt_p99_us": round(pct(r, 99)),
+        "http_p50_ms": round(pct(h, 50), 2), "http_p99_ms": round(pct(h, 99), 2),
+    }))
+
+
+def qmp(argv):
+    path = argv[0]
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(path)
+    f = s.makefile("rwb")
+
+    def reply():
+        while True:
+            line = f.readline()
+            if not line:
+                die("QMP closed")
+            m = json.loads(line)
+            if "event" not in m:
+                return m
+
+    reply()  # greeting
+    for cmd in [{"execute": "qmp_capabilities"}] + [json.loads(a) for a in argv[1:]]:
+        f.write(json.dumps(cmd).encode() + b"\n")
+        f.flush()
+        m = reply()
+        if "error" in m:
+            die(f"QMP {cmd}: {m['error']}")
+    s.close()
+
+
+def main():
+    if len(sys.argv) < 2:
+        die(__doc__)
+    cmd, argv = sys.argv[1], sys.argv[2:]
+    if cmd == "wait":
+        wait_echo(argv[0], int(argv[1]), float(argv[2]))
+    elif cmd == "measure":
+        measure(argv)
+    elif cmd == "qmp":
+        qmp(argv)
+    else:
+        die(__doc__)
+
+
+if __name__ == "__main__":
+    main()
