@@ -161,6 +161,45 @@ impl GuestRam {
         })
     }
 
+    /// Makes `[gpa, gpa+len)` (inside one RAM range, page aligned) read as zeros, releasing its
+    /// pages: a hole punched in the memfd (every mapping, the guest's and backends', sees
+    /// zeros); plain zero writes when the file system cannot punch holes.
+    pub fn zero_range(&self, gpa: u64, len: u64) -> std::io::Result<()> {
+        let r = self
+            .ranges
+            .iter()
+            .find(|r| gpa >= r.guest_addr && gpa.saturating_add(len) <= r.guest_addr + r.len)
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{gpa:#x}+{len:#x} is not inside one RAM range"))
+            })?;
+        let off = r.file_offset + (gpa - r.guest_addr);
+        // SAFETY: fallocate on our own memfd with a range inside the file; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let zeros = vec![0u8; 1 << 20];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            vm_memory::Bytes::write_slice(
+                &self.mem,
+                &zeros[..n as usize],
+                GuestAddress(gpa + done),
+            )
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Last guest address of RAM + 1.
     pub fn last_addr(&self) -> u64 {
         self.mem.last_addr().raw_value() + 1

@@ -294,6 +294,49 @@ impl<R: Read> Reader<R> {
     }
 }
 
+/// Coalesces consecutive ZERO records into one [`GuestRam::zero_range`] call.
+pub(super) struct ZeroRun<'a> {
+    ram: &'a GuestRam,
+    start: u64,
+    len: u64,
+}
+
+impl<'a> ZeroRun<'a> {
+    pub(super) fn new(ram: &'a GuestRam) -> Self {
+        Self {
+            ram,
+            start: 0,
+            len: 0,
+        }
+    }
+
+    /// Adds the zero page at `gpa`.
+    pub(super) fn add(&mut self, gpa: u64) -> Result<(), FormatError> {
+        if self.len > 0 && self.start + self.len == gpa {
+            self.len += PAGE_SIZE;
+            return Ok(());
+        }
+        self.flush()?;
+        self.start = gpa;
+        self.len = PAGE_SIZE;
+        Ok(())
+    }
+
+    /// Zeroes the pending run (before any page content is written, and at the end).
+    pub(super) fn flush(&mut self) -> Result<(), FormatError> {
+        if self.len > 0 {
+            self.ram
+                .zero_range(self.start, self.len)
+                .map_err(|source| FormatError::Io {
+                    what: "zeroing guest RAM",
+                    source,
+                })?;
+            self.len = 0;
+        }
+        Ok(())
+    }
+}
+
 pub(super) fn mem_err(
     what: &'static str,
 ) -> impl FnOnce(vm_memory::GuestMemoryError) -> FormatError {
@@ -384,6 +427,7 @@ pub fn read_snapshot<R: Read>(
     }
     snap.check_consistent()?;
     let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut zeros = ZeroRun::new(ram);
     loop {
         let header = r.u64("a memory record")?;
         if header == END {
@@ -398,8 +442,14 @@ pub fn read_snapshot<R: Read>(
             });
         }
         match kind {
-            KIND_PAGE => r.get(&mut page, "a memory page")?,
-            KIND_ZERO => page.fill(0),
+            KIND_PAGE => {
+                r.get(&mut page, "a memory page")?;
+                zeros.flush()?;
+                ram.mem()
+                    .write_slice(&page, GuestAddress(gpa))
+                    .map_err(mem_err("writing guest RAM"))?;
+            }
+            KIND_ZERO => zeros.add(gpa)?,
             _ => {
                 return Err(FormatError::BadPage {
                     header,
@@ -407,10 +457,8 @@ pub fn read_snapshot<R: Read>(
                 });
             }
         }
-        ram.mem()
-            .write_slice(&page, GuestAddress(gpa))
-            .map_err(mem_err("writing guest RAM"))?;
     }
+    zeros.flush()?;
     let computed = r.sum.0;
     let found = r.u64("the checksum")?;
     if found != computed {

@@ -23,7 +23,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::format::{
     END, FORMAT_VERSION, Fnv, FormatError, KIND_PAGE, KIND_ZERO, MAX_STATE_LEN, PAGE_SIZE, Reader,
-    VmShape, VmSnapshot, Writer, mem_err,
+    VmShape, VmSnapshot, Writer, ZeroRun, mem_err,
 };
 use crate::memory::GuestRam;
 
@@ -188,6 +188,7 @@ pub fn receive<R: Read>(
     }
     let mut state: Option<VmSnapshot> = None;
     let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut zeros = ZeroRun::new(ram);
     loop {
         let mut tag = [0u8; 1];
         r.get(&mut tag, "a section tag")?;
@@ -216,9 +217,13 @@ pub fn receive<R: Read>(
                         KIND_PAGE => {
                             r.get(&mut page, "a memory page")?;
                             stats.pages += 1;
+                            zeros.flush()?;
+                            ram.mem()
+                                .write_slice(&page, GuestAddress(gpa))
+                                .map_err(mem_err("writing guest RAM"))?;
                         }
                         KIND_ZERO => {
-                            page.fill(0);
+                            zeros.add(gpa)?;
                             stats.zero_pages += 1;
                         }
                         _ => {
@@ -228,10 +233,8 @@ pub fn receive<R: Read>(
                             });
                         }
                     }
-                    ram.mem()
-                        .write_slice(&page, GuestAddress(gpa))
-                        .map_err(mem_err("writing guest RAM"))?;
                 }
+                zeros.flush()?;
             }
             TAG_STATE => {
                 let snap: VmSnapshot = serde_json::from_slice(&read_blob(&mut r, "the state")?)?;
