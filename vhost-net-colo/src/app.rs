@@ -79,9 +79,11 @@ pub struct App {
 impl App {
     /// Opens the netdev (`-netdev` spelling) and the chardevs; filters come with [`App::add_object`].
     pub fn new(netdev_spec: &str, chardevs: &[String]) -> Result<Arc<Self>, AppError> {
-        let ndspec = ObjectSpec::parse_cli(netdev_spec).map_err(netdev::NetdevError::from)?;
+        let mut ndspec = ObjectSpec::parse_cli(netdev_spec).map_err(netdev::NetdevError::from)?;
+        let pairs = netdev::take_queues(&mut ndspec)?;
         let guest = Arc::new(GuestRx::new(GUEST_QUEUE_CAP)?);
         let path = Arc::new(NetPath::new(&ndspec.id, guest));
+        path.set_pairs(pairs);
         let cd = Arc::new(Chardevs::default());
         for c in chardevs {
             cd.add(c).map_err(|source| AppError::Chardev {
@@ -157,6 +159,7 @@ impl App {
         use std::sync::atomic::Ordering::Relaxed;
         let nd = self.path.netdev();
         json!({
+            "queue_pairs": self.path.pairs(),
             "netdev": {
                 "id": self.path.netdev_id,
                 "type": nd.as_ref().map(|n| n.kind()),

@@ -38,11 +38,9 @@ type Mem = GuestMemoryMmap<BitmapMmapRegion>;
 type GM = GuestMemoryAtomic<Mem>;
 
 pub const QUEUE_SIZE: usize = 1024;
-const RX: usize = 0;
-const TX: usize = 1;
-const NUM_QUEUES: usize = 2;
-/// Event id of the "frames for the guest are queued" eventfd (ids 0..=NUM_QUEUES are taken).
-const GUEST_RX_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Most queue pairs (`queues=N`).
+pub const MAX_QUEUE_PAIRS: usize = 16;
+pub const VIRTIO_NET_F_MQ: u64 = 22;
 
 pub const VIRTIO_NET_F_CSUM: u64 = 0;
 pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1;
@@ -99,6 +97,14 @@ pub struct NetBackend {
     acked: AtomicU64,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
     counters: Arc<DevCounters>,
+    /// Queue pairs: receive queue 2i, transmit queue 2i+1.
+    pairs: usize,
+}
+
+/// Event id of the "frames for the guest are queued" eventfd (ids 0..=queues are taken by the
+/// queues and the exit event).
+fn guest_rx_event(pairs: usize) -> u16 {
+    (2 * pairs + 1) as u16
 }
 
 impl NetBackend {
@@ -107,7 +113,9 @@ impl NetBackend {
         mac: [u8; 6],
         counters: Arc<DevCounters>,
     ) -> std::io::Result<Self> {
+        let pairs = path.pairs().clamp(1, MAX_QUEUE_PAIRS);
         Ok(Self {
+            pairs,
             path,
             mac,
             mem: Mutex::new(None),
@@ -136,13 +144,13 @@ impl NetBackend {
             0
         };
         c.extend_from_slice(&status.to_le_bytes());
-        c.extend_from_slice(&1u16.to_le_bytes());
+        c.extend_from_slice(&(self.pairs as u16).to_le_bytes());
         c.extend_from_slice(&1500u16.to_le_bytes());
         c
     }
 
     /// Guest → outside: pops every transmit chain, then runs the frames through the path.
-    fn process_tx(&self, vring: &VringRwLock<GM>) {
+    fn process_tx(&self, vring: &VringRwLock<GM>, pair: usize) {
         let Some(mem) = self.memory() else {
             return;
         };
@@ -191,7 +199,7 @@ impl NetBackend {
             .tx_frames
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
         for (hdr, f) in frames {
-            self.path.from_guest_vnet(&hdr, f);
+            self.path.from_guest_vnet_on(pair, &hdr, f);
         }
     }
 
@@ -203,104 +211,160 @@ impl NetBackend {
         }
     }
 
-    /// Outside → guest: fills receive buffers with queued frames.
-    fn process_rx(&self, vring: &VringRwLock<GM>) {
+    /// Outside → guest: fills receive buffers with queued frames. With several queue pairs,
+    /// each frame goes to the receive queue its flow hashes to among the enabled ones (so a
+    /// flow stays on one queue); frames leave the pending queue in order, so a full queue
+    /// holds back the others until the guest posts buffers.
+    fn process_rx(&self, vrings: &[VringRwLock<GM>]) {
         let Some(mem) = self.memory() else {
             return;
         };
-        if !vring.get_ref().get_queue().ready() {
+        let rxq: Vec<&VringRwLock<GM>> = (0..self.pairs)
+            .filter_map(|i| vrings.get(2 * i))
+            .filter(|v| {
+                let g = v.get_ref();
+                g.is_enabled() && g.get_queue().ready()
+            })
+            .collect();
+        if rxq.is_empty() {
             return;
         }
         let Some(mut pending) = self.path.guest.lock() else {
             return;
         };
         let mrg = self.mrg_rxbuf();
-        let mut used_any = false;
-        'outer: loop {
-            if self.event_idx.load(Ordering::Relaxed) {
-                let _ = vring.disable_notification();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut used = vec![false; rxq.len()];
+        if event_idx {
+            for v in &rxq {
+                let _ = v.disable_notification();
             }
-            while let Some(frame) = pending.front() {
-                let need = VNET_HDR_LEN + frame.frame.len();
-                let mut q = vring.get_mut();
-                let queue = q.get_queue_mut();
-                let mut chains: Vec<(u16, DescriptorChain<GuestMemoryLoadGuard<Mem>>, usize)> =
-                    Vec::new();
-                let mut have = 0usize;
-                while have < need {
-                    let Some(c) = queue.pop_descriptor_chain(mem.clone()) else {
-                        break;
-                    };
-                    let room: usize = c.clone().writable().map(|d| d.len() as usize).sum();
-                    have += room;
-                    chains.push((c.head_index(), c, room));
-                    if !mrg {
-                        break;
-                    }
+        }
+        while let Some(frame) = pending.front() {
+            let qi = if rxq.len() > 1 {
+                flow_hash(&frame.frame) as usize % rxq.len()
+            } else {
+                0
+            };
+            let vring = rxq[qi];
+            let need = VNET_HDR_LEN + frame.frame.len();
+            let mut q = vring.get_mut();
+            let queue = q.get_queue_mut();
+            let mut chains: Vec<(u16, DescriptorChain<GuestMemoryLoadGuard<Mem>>, usize)> =
+                Vec::new();
+            let mut have = 0usize;
+            while have < need {
+                let Some(c) = queue.pop_descriptor_chain(mem.clone()) else {
+                    break;
+                };
+                let room: usize = c.clone().writable().map(|d| d.len() as usize).sum();
+                have += room;
+                chains.push((c.head_index(), c, room));
+                if !mrg {
+                    break;
                 }
-                if have < need {
-                    if !mrg && !chains.is_empty() {
-                        // The frame does not fit a single buffer: drop it, as a NIC would, and
-                        // leave the buffer to the next frame.
-                        queue.go_to_previous_position();
-                        drop(q);
-                        pending.pop_front();
-                        self.counters
-                            .rx_dropped_too_big
-                            .fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    // Not enough buffers yet: give them back and wait for the guest.
-                    for _ in 0..chains.len() {
-                        queue.go_to_previous_position();
-                    }
+            }
+            if have < need {
+                if !mrg && !chains.is_empty() {
+                    // The frame does not fit a single buffer: drop it, as a NIC would, and
+                    // leave the buffer to the next frame.
+                    queue.go_to_previous_position();
                     drop(q);
-                    if self.event_idx.load(Ordering::Relaxed)
-                        && vring.enable_notification().unwrap_or(false)
-                    {
-                        continue 'outer;
-                    }
-                    break 'outer;
+                    pending.pop_front();
+                    self.counters
+                        .rx_dropped_too_big
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                // Not enough buffers yet: give them back and wait for the guest.
+                for _ in 0..chains.len() {
+                    queue.go_to_previous_position();
                 }
                 drop(q);
-                let n = chains.len();
-                let mut hdr = frame.hdr;
-                hdr[10..12].copy_from_slice(&(n as u16).to_le_bytes());
-                let mut src: Vec<&[u8]> = vec![&hdr, &frame.frame];
-                let mut used = Vec::with_capacity(n);
-                for (head, chain, _) in chains {
-                    let written = match write_chain(&mem, chain, &mut src) {
-                        Some(w) => w,
-                        None => {
-                            self.counters
-                                .bad_descriptors
-                                .fetch_add(1, Ordering::Relaxed);
-                            0
-                        }
-                    };
-                    used.push((head, written as u32));
+                if event_idx && vring.enable_notification().unwrap_or(false) {
+                    // Buffers arrived meanwhile: try again.
+                    let _ = vring.disable_notification();
+                    continue;
                 }
-                if add_used_batch(vring, &mem, &used).is_err() {
-                    self.counters
-                        .bad_descriptors
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                used_any = true;
-                pending.pop_front();
-                self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                break;
             }
-            // Every frame placed: nothing to wait for (unplaced buffers stay available).
-            if self.event_idx.load(Ordering::Relaxed) {
-                let _ = vring.enable_notification();
+            drop(q);
+            let n = chains.len();
+            let mut hdr = frame.hdr;
+            hdr[10..12].copy_from_slice(&(n as u16).to_le_bytes());
+            let mut src: Vec<&[u8]> = vec![&hdr, &frame.frame];
+            let mut used_bufs = Vec::with_capacity(n);
+            for (head, chain, _) in chains {
+                let written = match write_chain(&mem, chain, &mut src) {
+                    Some(w) => w,
+                    None => {
+                        self.counters
+                            .bad_descriptors
+                            .fetch_add(1, Ordering::Relaxed);
+                        0
+                    }
+                };
+                used_bufs.push((head, written as u32));
             }
-            break;
+            if add_used_batch(vring, &mem, &used_bufs).is_err() {
+                self.counters
+                    .bad_descriptors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            used[qi] = true;
+            pending.pop_front();
+            self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        if event_idx {
+            for v in &rxq {
+                let _ = v.enable_notification();
+            }
         }
         drop(pending);
         self.path.guest.notify_room();
-        if used_any {
-            self.signal(vring);
+        for (v, u) in rxq.iter().zip(used) {
+            if u {
+                self.signal(v);
+            }
         }
     }
+}
+
+/// A hash of a frame's flow (IP addresses, and ports for TCP/UDP), so the frames of one flow
+/// pick the same queue; 0 for frames that are not IP.
+pub fn flow_hash(f: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut mix = |b: &[u8]| {
+        for &x in b {
+            h = (h ^ u32::from(x)).wrapping_mul(0x0100_0193);
+        }
+    };
+    let (l4, proto) = match f.get(12..14) {
+        Some([0x08, 0x00]) => {
+            let Some(ihl) = f.get(14).map(|b| usize::from(b & 0x0f) * 4) else {
+                return 0;
+            };
+            let (Some(addrs), Some(&proto)) = (f.get(26..34), f.get(23)) else {
+                return 0;
+            };
+            mix(addrs);
+            (14 + ihl, proto)
+        }
+        Some([0x86, 0xdd]) => {
+            let (Some(addrs), Some(&proto)) = (f.get(22..54), f.get(20)) else {
+                return 0;
+            };
+            mix(addrs);
+            (54, proto)
+        }
+        _ => return 0,
+    };
+    if (proto == 6 || proto == 17)
+        && let Some(ports) = f.get(l4..l4 + 4)
+    {
+        mix(ports);
+    }
+    h
 }
 
 /// Puts all buffers of one frame in the used ring and only then moves the used index, so the
@@ -366,7 +430,7 @@ impl VhostUserBackend for NetBackend {
     type Vring = VringRwLock<GM>;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        2 * self.pairs
     }
 
     fn max_queue_size(&self) -> usize {
@@ -388,6 +452,11 @@ impl VhostUserBackend for NetBackend {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | VhostUserVirtioFeatures::LOG_ALL.bits()
+            | if self.pairs > 1 {
+                1 << VIRTIO_NET_F_MQ
+            } else {
+                0
+            }
     }
 
     fn acked_features(&self, features: u64) {
@@ -441,14 +510,14 @@ impl VhostUserBackend for NetBackend {
         if evset != EventSet::IN {
             return Ok(());
         }
-        match device_event as usize {
-            RX => self.process_rx(&vrings[RX]),
-            TX => self.process_tx(&vrings[TX]),
-            e if e == GUEST_RX_EVENT as usize => {
-                let _ = self.path.guest.kick.read();
-                self.process_rx(&vrings[RX]);
-            }
-            _ => {}
+        let e = device_event as usize;
+        if e == guest_rx_event(self.pairs) as usize {
+            let _ = self.path.guest.kick.read();
+            self.process_rx(vrings);
+        } else if e < 2 * self.pairs && e.is_multiple_of(2) {
+            self.process_rx(vrings);
+        } else if e < 2 * self.pairs {
+            self.process_tx(&vrings[e], e / 2);
         }
         Ok(())
     }
@@ -504,7 +573,7 @@ pub fn serve(
             h.register_listener(
                 path.guest.kick.as_raw_fd(),
                 EventSet::IN,
-                u64::from(GUEST_RX_EVENT),
+                u64::from(guest_rx_event(backend.pairs)),
             )?;
         }
         counters.connections.fetch_add(1, Ordering::Relaxed);

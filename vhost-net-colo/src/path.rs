@@ -110,6 +110,8 @@ pub struct NetPath {
     pub link_down_dropped: AtomicU64,
     /// RARP announces sent to the netdev (SEND_RARP, `announce-self`).
     pub announced: AtomicU64,
+    /// Queue pairs of the device (`queues=N`).
+    pairs: std::sync::atomic::AtomicUsize,
     /// Virtio features the frontend acknowledged (which offloads the guest takes).
     pub guest_features: AtomicU64,
     /// Offloaded frames that could not be made plain (bad or unsupported headers): dropped.
@@ -143,6 +145,7 @@ impl NetPath {
             link_up: std::sync::atomic::AtomicBool::new(true),
             link_down_dropped: AtomicU64::new(0),
             announced: AtomicU64::new(0),
+            pairs: std::sync::atomic::AtomicUsize::new(1),
             guest_features: AtomicU64::new(0),
             offload_errors: AtomicU64::new(0),
             offload_passthrough: AtomicU64::new(0),
@@ -150,6 +153,14 @@ impl NetPath {
             mac: Mutex::new([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
             backend_chan: Mutex::new(None),
         }
+    }
+
+    pub fn pairs(&self) -> usize {
+        self.pairs.load(Ordering::Relaxed)
+    }
+
+    pub fn set_pairs(&self, n: usize) {
+        self.pairs.store(n.max(1), Ordering::Relaxed);
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -236,6 +247,11 @@ impl NetPath {
     }
 
     fn deliver(&self, dir: Direction, frame: Vec<u8>) {
+        self.deliver_on(0, dir, frame)
+    }
+
+    /// As `deliver`; frames to the netdev leave on its queue `q` (a multi-queue tap).
+    fn deliver_on(&self, q: usize, dir: Direction, frame: Vec<u8>) {
         // Also covers frames injected from an indev while the link is down.
         if !self.link_is_up() {
             self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
@@ -254,7 +270,7 @@ impl NetPath {
             Direction::Rx => {
                 let nd = self.netdev.lock().ok().and_then(|g| g.clone());
                 if let Some(nd) = nd
-                    && let Err(e) = nd.send(&frame)
+                    && let Err(e) = nd.send_on(q, &frame)
                 {
                     self.to_netdev_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("netdev {}: send: {e}", self.netdev_id);
@@ -265,13 +281,18 @@ impl NetPath {
 
     /// A frame the guest sent (guest egress, `rx`).
     pub fn from_guest(&self, frame: Vec<u8>) {
+        self.from_guest_on(0, frame)
+    }
+
+    /// A frame the guest sent on queue pair `q`.
+    pub fn from_guest_on(&self, q: usize, frame: Vec<u8>) {
         if !self.link_is_up() {
             self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let mut chain = self.chain();
         if let Outcome::Deliver(f) = chain.process(Direction::Rx, frame) {
-            self.deliver(Direction::Rx, f);
+            self.deliver_on(q, Direction::Rx, f);
         }
     }
 
@@ -279,6 +300,11 @@ impl NetPath {
     /// vnet headers as they are when the chain is empty; otherwise they are made plain
     /// (checksums completed, GSO frames segmented) and each piece goes through the chain.
     pub fn from_guest_vnet(&self, hdr: &[u8], frame: Vec<u8>) {
+        self.from_guest_vnet_on(0, hdr, frame)
+    }
+
+    /// As [`NetPath::from_guest_vnet`], from queue pair `q`.
+    pub fn from_guest_vnet_on(&self, q: usize, hdr: &[u8], frame: Vec<u8>) {
         let h = match VnetHdr::parse(hdr) {
             Ok(h) => h,
             Err(_) => {
@@ -287,7 +313,7 @@ impl NetPath {
             }
         };
         if h.is_plain() {
-            return self.from_guest(frame);
+            return self.from_guest_on(q, frame);
         }
         if !self.link_is_up() {
             self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
@@ -300,7 +326,7 @@ impl NetPath {
                 && nd.vnet_hdr()
             {
                 self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = nd.send_vnet(&h.to_bytes(), &frame) {
+                if let Err(e) = nd.send_vnet_on(q, &h.to_bytes(), &frame) {
                     self.to_netdev_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("netdev {}: send: {e}", self.netdev_id);
                 }
@@ -311,7 +337,7 @@ impl NetPath {
             Ok(segs) => {
                 self.offload_software.fetch_add(1, Ordering::Relaxed);
                 for s in segs {
-                    self.from_guest(s);
+                    self.from_guest_on(q, s);
                 }
             }
             Err(e) => {

@@ -199,6 +199,8 @@ pub struct Options {
     pub event_idx: bool,
     pub mrg_rxbuf: bool,
     pub connect_timeout: Duration,
+    /// Queue pairs to set up (the device must offer `VIRTIO_NET_F_MQ` for more than 1).
+    pub queue_pairs: u16,
 }
 
 impl Default for Options {
@@ -209,6 +211,7 @@ impl Default for Options {
             event_idx: true,
             mrg_rxbuf: true,
             connect_timeout: Duration::from_secs(10),
+            queue_pairs: 1,
         }
     }
 }
@@ -220,6 +223,8 @@ pub struct NetFrontend {
     rx: Ring,
     tx: Ring,
     features: u64,
+    /// Queue pairs 1.. (receive, transmit); pair 0 is `rx`/`tx`.
+    more: Vec<(Ring, Ring)>,
 }
 
 impl NetFrontend {
@@ -227,7 +232,7 @@ impl NetFrontend {
     pub fn connect(socket: &Path, o: &Options) -> Result<Self, FrontendError> {
         let deadline = Instant::now() + o.connect_timeout;
         let mut fe = loop {
-            match Frontend::connect(socket, 2) {
+            match Frontend::connect(socket, 2 * u64::from(o.queue_pairs.max(1))) {
                 Ok(f) => break f,
                 Err(e) if Instant::now() >= deadline => return Err(vh("connect")(e)),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -238,7 +243,8 @@ impl NetFrontend {
         let tx_buf = 65536 + VNET_HDR_LEN;
         let per_rx = ring_bytes.next_multiple_of(4096) + qs * o.rx_buf_size as u64;
         let per_tx = ring_bytes.next_multiple_of(4096) + qs * tx_buf as u64;
-        let size = (per_rx + per_tx).next_multiple_of(1 << 20) as usize;
+        let pairs = u64::from(o.queue_pairs.max(1));
+        let size = ((per_rx + per_tx) * pairs).next_multiple_of(1 << 20) as usize;
         let mem = Mem::new(size)?;
 
         fe.set_owner().map_err(vh("SET_OWNER"))?;
@@ -273,7 +279,16 @@ impl NetFrontend {
         }])
         .map_err(vh("SET_MEM_TABLE"))?;
         let mut rings = Vec::new();
-        for (q, base, buf_size) in [(0usize, 0u64, o.rx_buf_size), (1, per_rx, tx_buf)] {
+        let layout: Vec<(usize, u64, usize)> = (0..pairs)
+            .flat_map(|p| {
+                let base = p * (per_rx + per_tx);
+                [
+                    (2 * p as usize, base, o.rx_buf_size),
+                    (2 * p as usize + 1, base + per_rx, tx_buf),
+                ]
+            })
+            .collect();
+        for (q, base, buf_size) in layout {
             let desc = base;
             let avail_ring = desc + 16 * qs;
             let used = (avail_ring + 6 + 2 * qs).next_multiple_of(4);
@@ -318,36 +333,118 @@ impl NetFrontend {
                 free: (0..o.queue_size).rev().collect(),
             });
         }
-        let tx = rings
-            .pop()
-            .ok_or_else(|| FrontendError::Invalid("no tx ring".into()))?;
-        let mut rx = rings
-            .pop()
-            .ok_or_else(|| FrontendError::Invalid("no rx ring".into()))?;
-        for i in 0..o.queue_size {
-            let addr = rx.bufs + u64::from(i) * rx.buf_size as u64;
-            mem.write_desc(rx.desc, i, addr, rx.buf_size as u32, DESC_F_WRITE);
-            rx.publish(&mem, i);
+        let mut pairs_v = Vec::new();
+        let mut it = rings.into_iter();
+        while let (Some(mut rx), Some(tx)) = (it.next(), it.next()) {
+            for i in 0..o.queue_size {
+                let addr = rx.bufs + u64::from(i) * rx.buf_size as u64;
+                mem.write_desc(rx.desc, i, addr, rx.buf_size as u32, DESC_F_WRITE);
+                rx.publish(&mem, i);
+            }
+            rx.free.clear();
+            rx.set_used_event(&mem);
+            tx.set_used_event(&mem);
+            pairs_v.push((rx, tx));
         }
-        rx.free.clear();
-        rx.set_used_event(&mem);
-        tx.set_used_event(&mem);
-        for q in 0..2 {
+        for q in 0..2 * pairs as usize {
             fe.set_vring_enable(q, true)
                 .map_err(vh("SET_VRING_ENABLE"))?;
         }
-        let _ = rx.kick.write(1);
+        for (rx, _) in &pairs_v {
+            let _ = rx.kick.write(1);
+        }
+        let mut pv = pairs_v.into_iter();
+        let (rx, tx) = pv
+            .next()
+            .ok_or_else(|| FrontendError::Invalid("no queue pair".into()))?;
+        let more: Vec<(Ring, Ring)> = pv.collect();
         Ok(Self {
             fe,
             mem,
             rx,
             tx,
             features: want,
+            more,
         })
     }
 
     pub fn features(&self) -> u64 {
         self.features
+    }
+
+    /// Queue pairs set up.
+    pub fn queue_pairs(&self) -> usize {
+        1 + self.more.len()
+    }
+
+    /// Queues one frame on the transmit queue of pair `pair` and kicks.
+    pub fn send_on(&mut self, pair: usize, frame: &[u8]) -> Result<(), FrontendError> {
+        if pair == 0 {
+            return self.send(frame);
+        }
+        let mem = &self.mem;
+        let (_, tx) = self
+            .more
+            .get_mut(pair - 1)
+            .ok_or_else(|| FrontendError::Invalid(format!("no queue pair {pair}")))?;
+        if frame.len() + VNET_HDR_LEN > tx.buf_size {
+            return Err(FrontendError::Invalid(format!(
+                "frame of {} bytes",
+                frame.len()
+            )));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let id = loop {
+            while let Some((id, _)) = tx.next_used(mem) {
+                tx.free.push(id);
+            }
+            tx.set_used_event(mem);
+            if let Some(id) = tx.free.pop() {
+                break id;
+            }
+            let _ = tx.kick.write(1);
+            if Instant::now() > deadline {
+                return Err(FrontendError::Invalid(
+                    "transmit queue never drained".into(),
+                ));
+            }
+            std::thread::yield_now();
+        };
+        let addr = tx.bufs + u64::from(id) * tx.buf_size as u64;
+        mem.write(addr, &[0u8; VNET_HDR_LEN]);
+        mem.write(addr + VNET_HDR_LEN as u64, frame);
+        mem.write_desc(tx.desc, id, addr, (VNET_HDR_LEN + frame.len()) as u32, 0);
+        tx.publish(mem, id);
+        let _ = tx.kick.write(1);
+        Ok(())
+    }
+
+    /// The next frame received on pair `pair`'s receive queue, if one is there (single-buffer
+    /// frames; header removed).
+    pub fn try_recv_on(&mut self, pair: usize) -> Option<Vec<u8>> {
+        if pair == 0 {
+            return self.try_recv().map(|(f, _)| f);
+        }
+        let mem = &self.mem;
+        let (rx, _) = self.more.get_mut(pair - 1)?;
+        let (id, len) = rx.next_used(mem)?;
+        let addr = rx.bufs + u64::from(id) * rx.buf_size as u64;
+        let data = mem.read(addr, len as usize);
+        rx.publish(mem, id);
+        rx.set_used_event(mem);
+        let _ = rx.kick.write(1);
+        Some(data.get(VNET_HDR_LEN..).unwrap_or(&[]).to_vec())
+    }
+
+    /// Disables (or enables again) the queues of pair `pair` (`SET_VRING_ENABLE`), as a
+    /// driver that uses fewer pairs makes its frontend do.
+    pub fn set_pair_enabled(&mut self, pair: usize, on: bool) -> Result<(), FrontendError> {
+        for q in [2 * pair, 2 * pair + 1] {
+            self.fe
+                .set_vring_enable(q, on)
+                .map_err(vh("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
     }
 
     /// The device config space (`mac`, `status`, ...).

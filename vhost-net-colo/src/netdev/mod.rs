@@ -6,6 +6,8 @@
 //!   QEMU's ifup/ifdown. `vnet_hdr=on` (the default, as QEMU's when the kernel has it) opens it
 //!   with `IFF_VNET_HDR` (12-byte header, `TUNSETOFFLOAD` CSUM/TSO4/TSO6): offloaded frames
 //!   pass between guest and tap as they are while the filter chain is empty.
+//! - every kind takes `queues=N` (1..=16): the device's queue pairs (`VIRTIO_NET_F_MQ`); a tap
+//!   opens one `IFF_MULTI_QUEUE` queue per pair, the others are fed by all pairs.
 //! - `stream,id=s0,server=on|off,addr.type=unix,addr.path=P` or
 //!   `addr.type=inet,addr.host=H,addr.port=N[,reconnect=SECS]`: frames over a byte stream, each
 //!   behind a 4-byte big-endian length, as QEMU's `-netdev stream` and socket chardevs.
@@ -74,6 +76,19 @@ pub trait Netdev: Send + Sync {
         }
         Ok(())
     }
+    /// Sends on queue `q` (a multi-queue tap has one per queue pair; others have one).
+    fn send_on(&self, _q: usize, frame: &[u8]) -> std::io::Result<()> {
+        self.send(frame)
+    }
+    /// [`Netdev::send_vnet`] on queue `q`.
+    fn send_vnet_on(
+        &self,
+        _q: usize,
+        hdr: &[u8; crate::vnet::VNET_HDR_LEN],
+        frame: &[u8],
+    ) -> std::io::Result<()> {
+        self.send_vnet(hdr, frame)
+    }
     /// Releases the netdev before the process exits (the tap runs its `downscript=`).
     fn shutdown(&self) {}
     /// Counters for `query-netdevs`-like reports.
@@ -94,7 +109,11 @@ pub fn open_with(
     deliver: Deliver,
     deliver_vnet: Option<Deliver>,
 ) -> Result<Arc<dyn Netdev>, NetdevError> {
-    let spec = ObjectSpec::parse_cli(spec)?;
+    let mut spec = ObjectSpec::parse_cli(spec)?;
+    if spec.qom_type != "tap" {
+        // One netdev fed by all queue pairs.
+        take_queues(&mut spec)?;
+    }
     match spec.qom_type.as_str() {
         "tap" => Ok(tap::Tap::open(spec, deliver, deliver_vnet)?),
         "stream" => Ok(stream::StreamNetdev::open(spec, deliver)?),
@@ -103,6 +122,24 @@ pub fn open_with(
         other => Err(NetdevError::Config {
             id: spec.id.clone(),
             msg: format!("unknown netdev type {other:?} (tap, stream, dgram, user)"),
+        }),
+    }
+}
+
+/// `queues=N` of a netdev spec (1 when absent): the device's queue pairs. A tap opens one queue
+/// per pair (`IFF_MULTI_QUEUE`); the other netdevs are fed by all pairs.
+pub fn take_queues(spec: &mut ObjectSpec) -> Result<usize, NetdevError> {
+    let Some(v) = spec.take("queues") else {
+        return Ok(1);
+    };
+    match v.parse::<usize>() {
+        Ok(n) if (1..=crate::backend::MAX_QUEUE_PAIRS).contains(&n) => Ok(n),
+        _ => Err(NetdevError::Config {
+            id: spec.id.clone(),
+            msg: format!(
+                "queues={v}: expected 1 to {}",
+                crate::backend::MAX_QUEUE_PAIRS
+            ),
         }),
     }
 }

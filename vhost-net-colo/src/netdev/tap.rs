@@ -15,6 +15,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUN_F_CSUM: libc::c_uint = 0x01;
@@ -31,7 +32,8 @@ struct IfReq {
 pub struct Tap {
     id: String,
     ifname: String,
-    file: Arc<File>,
+    /// One descriptor per queue (`queues=N`, `IFF_MULTI_QUEUE`), else one.
+    files: Vec<Arc<File>>,
     vnet_hdr: bool,
     downscript: Option<String>,
     down_done: AtomicBool,
@@ -79,6 +81,7 @@ impl Tap {
             });
         }
         let vnet_hdr = spec.take_bool("vnet_hdr", true)?;
+        let queues = super::take_queues(&mut spec)?;
         spec.finish()?;
         if ifname.len() >= libc::IFNAMSIZ {
             return Err(NetdevError::Config {
@@ -94,52 +97,13 @@ impl Tap {
             what: what.into(),
             source: e,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .map_err(|e| io_err("open /dev/net/tun", e))?;
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 },
-            _pad: [0; 22],
-        };
-        req.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is (name, flags, padding to
-        // the kernel's 40-byte size); the fd is a tun device we own.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
-        if r < 0 {
-            return Err(io_err("TUNSETIFF", std::io::Error::last_os_error()));
-        }
-        let end = req
-            .name
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(req.name.len());
-        let ifname = String::from_utf8_lossy(&req.name[..end]).into_owned();
-        if vnet_hdr {
-            let sz: libc::c_int = VNET_HDR_LEN as libc::c_int;
-            // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer; TUNSETOFFLOAD takes the
-            // flags by value. The fd is our tun device.
-            let r = unsafe {
-                libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &sz as *const libc::c_int)
-            };
-            if r < 0 {
-                return Err(io_err("TUNSETVNETHDRSZ", std::io::Error::last_os_error()));
-            }
-            // We can take every frame: whatever the guest or the chain cannot take is made
-            // plain in software (see crate::offload).
-            // SAFETY: as above.
-            let r = unsafe {
-                libc::ioctl(
-                    file.as_raw_fd(),
-                    TUNSETOFFLOAD,
-                    (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) as libc::c_ulong,
-                )
-            };
-            if r < 0 {
-                return Err(io_err("TUNSETOFFLOAD", std::io::Error::last_os_error()));
-            }
+        let mut files = Vec::with_capacity(queues);
+        let mut ifname = ifname;
+        for q in 0..queues {
+            let file = open_queue(&ifname, vnet_hdr, queues > 1)
+                .map_err(|(what, e)| io_err(&format!("queue {q}: {what}"), e))?;
+            ifname = file.1;
+            files.push(Arc::new(file.0));
         }
         if let Some(s) = &script {
             run_script(&id, s, &ifname)?;
@@ -147,41 +111,105 @@ impl Tap {
         let tap = Arc::new(Tap {
             id: id.clone(),
             ifname,
-            file: Arc::new(file),
+            files,
             vnet_hdr,
             downscript,
             down_done: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
             counters: Arc::default(),
         });
-        let (file, stop, counters) = (tap.file.clone(), tap.stop.clone(), tap.counters.clone());
-        std::thread::Builder::new()
-            .name(format!("tap-{id}"))
-            .spawn(move || {
-                let sink: Deliver = match (vnet_hdr, deliver_vnet) {
-                    (false, _) => deliver,
-                    (true, Some(v)) => v,
-                    (true, None) => Arc::new(move |buf: Vec<u8>| {
-                        if buf.len() < VNET_HDR_LEN {
-                            return;
-                        }
-                        let (h, f) = buf.split_at(VNET_HDR_LEN);
-                        if let Ok(segs) = crate::offload::to_plain(h, f.to_vec()) {
-                            for s in segs {
-                                deliver(s);
-                            }
-                        }
-                    }),
-                };
-                reader(&file, &stop, &counters, &sink)
-            })
-            .map_err(|e| io_err("spawn reader", e))?;
+        let sink: Deliver = match (vnet_hdr, deliver_vnet) {
+            (false, _) => deliver,
+            (true, Some(v)) => v,
+            (true, None) => Arc::new(move |buf: Vec<u8>| {
+                if buf.len() < VNET_HDR_LEN {
+                    return;
+                }
+                let (h, f) = buf.split_at(VNET_HDR_LEN);
+                if let Ok(segs) = crate::offload::to_plain(h, f.to_vec()) {
+                    for s in segs {
+                        deliver(s);
+                    }
+                }
+            }),
+        };
+        for (q, file) in tap.files.iter().enumerate() {
+            let (file, stop, counters, sink) = (
+                file.clone(),
+                tap.stop.clone(),
+                tap.counters.clone(),
+                sink.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("tap-{id}-{q}"))
+                .spawn(move || reader(&file, &stop, &counters, &sink))
+                .map_err(|e| io_err("spawn reader", e))?;
+        }
         Ok(tap)
     }
 
     pub fn ifname(&self) -> &str {
         &self.ifname
     }
+}
+
+/// Opens one queue of tap `ifname` (created when it does not exist; the kernel names it when
+/// `ifname` is empty) and returns it with the interface's name.
+fn open_queue(
+    ifname: &str,
+    vnet_hdr: bool,
+    multi_queue: bool,
+) -> Result<(File, String), (&'static str, std::io::Error)> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| ("open /dev/net/tun", e))?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP
+            | IFF_NO_PI
+            | if vnet_hdr { IFF_VNET_HDR } else { 0 }
+            | if multi_queue { IFF_MULTI_QUEUE } else { 0 },
+        _pad: [0; 22],
+    };
+    let n = ifname.len().min(libc::IFNAMSIZ - 1);
+    req.name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is (name, flags, padding to
+    // the kernel's 40-byte size); the fd is a tun device we own.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+    if r < 0 {
+        return Err(("TUNSETIFF", std::io::Error::last_os_error()));
+    }
+    let end = req
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(req.name.len());
+    let name = String::from_utf8_lossy(&req.name[..end]).into_owned();
+    if vnet_hdr {
+        let sz: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer. The fd is our tun device.
+        let r =
+            unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &sz as *const libc::c_int) };
+        if r < 0 {
+            return Err(("TUNSETVNETHDRSZ", std::io::Error::last_os_error()));
+        }
+        // We can take every frame: whatever the guest or the chain cannot take is made
+        // plain in software (see crate::offload).
+        // SAFETY: TUNSETOFFLOAD takes the flags by value; the fd is our tun device.
+        let r = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                TUNSETOFFLOAD,
+                (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) as libc::c_ulong,
+            )
+        };
+        if r < 0 {
+            return Err(("TUNSETOFFLOAD", std::io::Error::last_os_error()));
+        }
+    }
+    Ok((file, name))
 }
 
 fn reader(file: &File, stop: &AtomicBool, counters: &NetCounters, deliver: &Deliver) {
@@ -230,26 +258,39 @@ impl Netdev for Tap {
     }
 
     fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> std::io::Result<()> {
+        self.send_vnet_on(0, hdr, frame)
+    }
+
+    fn send_on(&self, q: usize, frame: &[u8]) -> std::io::Result<()> {
+        if self.vnet_hdr {
+            return self.write_parts(q, &[0; VNET_HDR_LEN], frame);
+        }
+        self.write_parts(q, &[], frame)
+    }
+
+    fn send_vnet_on(
+        &self,
+        q: usize,
+        hdr: &[u8; VNET_HDR_LEN],
+        frame: &[u8],
+    ) -> std::io::Result<()> {
         if !self.vnet_hdr {
             let segs = crate::offload::to_plain(hdr, frame.to_vec())
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
             for s in segs {
-                self.send(&s)?;
+                self.send_on(q, &s)?;
             }
             return Ok(());
         }
-        self.write_parts(hdr, frame)
+        self.write_parts(q, hdr, frame)
     }
 
     fn send(&self, frame: &[u8]) -> std::io::Result<()> {
-        if self.vnet_hdr {
-            return self.write_parts(&[0; VNET_HDR_LEN], frame);
-        }
-        self.write_parts(&[], frame)
+        self.send_on(0, frame)
     }
 
     fn describe(&self) -> serde_json::Value {
-        serde_json::json!({"ifname": self.ifname, "vnet_hdr": self.vnet_hdr, "counters": self.counters.json()})
+        serde_json::json!({"ifname": self.ifname, "vnet_hdr": self.vnet_hdr, "queues": self.files.len(), "counters": self.counters.json()})
     }
 
     fn shutdown(&self) {
@@ -267,8 +308,11 @@ impl Netdev for Tap {
 
 impl Tap {
     /// One frame, written with a single `writev` (the tap takes one frame per write).
-    fn write_parts(&self, hdr: &[u8], frame: &[u8]) -> std::io::Result<()> {
-        let mut w = &*self.file;
+    fn write_parts(&self, q: usize, hdr: &[u8], frame: &[u8]) -> std::io::Result<()> {
+        let Some(f) = self.files.get(q % self.files.len().max(1)) else {
+            return Ok(());
+        };
+        let mut w = &**f;
         let r = w.write_vectored(&[std::io::IoSlice::new(hdr), std::io::IoSlice::new(frame)]);
         match r {
             Ok(_) => {
