@@ -297,7 +297,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
         colo_tests::skipped("vmm-min has no migrate yet (no --incoming/--restore in --help)");
         return;
     }
-    if lab::needs_real_kvm_within(TEST, Duration::from_secs(600)) {
+    if lab::needs_real_kvm_within(TEST, Duration::from_secs(1200)) {
         return;
     }
     if !colo_tests::require_root() {
@@ -464,6 +464,8 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     cl.join().unwrap();
     let snap = dir.join("vm.snap");
     let t_snap = Instant::now();
+    // A debug-build vmm-min checksums and writes ~100 MiB of non-zero pages at L1 (TCG) speed.
+    dq.set_timeout(Duration::from_secs(400));
     dq.execute(
         "snapshot-save-file",
         json!({"path": snap.display().to_string(), "resume": false}),
@@ -485,8 +487,8 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
         .args(vmm_args(&b, &r_serial, &r_qmp));
     let t_restore = Instant::now();
     let mut restored = ChildGuard::spawn("restored-vmm-min", &mut cmd, &logs).unwrap();
-    let mut rq = colo_tests::qmp_connect(&r_qmp, secs(60)).unwrap();
-    colo_tests::wait_until(secs(60), "the restored VM running", || {
+    let mut rq = colo_tests::qmp_connect(&r_qmp, secs(400)).unwrap();
+    colo_tests::wait_until(secs(400), "the restored VM running", || {
         rq.execute("query-status", json!({}))
             .is_ok_and(|s| s["status"] == "running")
     })
