@@ -9,7 +9,7 @@
 //! sections, each a tag byte:
 //!   1 PAGES  u32 LE count, then count memory records as in snapshot files (PAGE or ZERO)
 //!   2 STATE  u64 LE length + JSON VmSnapshot (exactly once, after the last PAGES)
-//!   3 END    u64 LE FNV-1a 64 of every byte before it
+//!   3 END    u64 LE checksum of every byte before it (as in snapshot files)
 //! ```
 //!
 //! The destination applies pages to its (not yet running) RAM as they arrive and returns the
@@ -23,7 +23,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::format::{
     END, FORMAT_VERSION, Fnv, FormatError, KIND_PAGE, KIND_ZERO, MAX_STATE_LEN, PAGE_SIZE, Reader,
-    VmShape, VmSnapshot, Writer, ZeroRun, mem_err,
+    VmShape, VmSnapshot, Writer, ZeroRun, is_zero_page, mem_err,
 };
 use crate::memory::GuestRam;
 
@@ -108,7 +108,7 @@ impl<W: Write> StreamWriter<W> {
                 ram.mem()
                     .read_slice(&mut page, GuestAddress(gpa))
                     .map_err(mem_err("reading guest RAM"))?;
-                if page.iter().all(|&b| b == 0) {
+                if is_zero_page(&page) {
                     self.w.put(&(gpa | KIND_ZERO).to_le_bytes())?;
                     self.stats.zero_pages += 1;
                 } else {
@@ -145,7 +145,7 @@ impl<W: Write> StreamWriter<W> {
         self.w.put(&(json.len() as u64).to_le_bytes())?;
         self.w.put(&json)?;
         self.w.put(&[TAG_END])?;
-        let sum = self.w.sum.0;
+        let sum = self.w.sum.value();
         self.w.put(&sum.to_le_bytes())?;
         self.w.w.flush().map_err(|source| FormatError::Io {
             what: "flushing the end of the stream",
@@ -248,7 +248,7 @@ pub fn receive<R: Read>(
                 state = Some(snap);
             }
             TAG_END => {
-                let computed = r.sum.0;
+                let computed = r.sum.value();
                 let found = r.u64("the checksum")?;
                 if found != computed {
                     return Err(FormatError::Checksum { found, computed });

@@ -593,7 +593,7 @@ fn state_migration_stream_cut_or_for_another_vm_is_refused() {
         let mut f = format::Fnv::new();
         f.update(&s);
         f.update(&[3]);
-        f.0
+        f.value()
     };
     s.push(3);
     s.extend_from_slice(&sum.to_le_bytes());
@@ -707,4 +707,30 @@ fn live_vm_running_guest_is_captured_and_restored_in_its_vcpu_threads() {
         .control()
         .request_exit(crate::control::ExitReason::Quit);
     assert_eq!(running.wait(), crate::control::ExitReason::Quit);
+}
+
+#[test]
+fn state_checksum_does_not_depend_on_how_the_data_is_split() {
+    let data: Vec<u8> = (0..1000u32).map(|i| (i * 31 + 7) as u8).collect();
+    let mut whole = format::Fnv::new();
+    whole.update(&data);
+    for split in [1usize, 3, 7, 8, 9, 13, 64, 999] {
+        let mut f = format::Fnv::new();
+        for c in data.chunks(split) {
+            f.update(c);
+        }
+        assert_eq!(f.value(), whole.value(), "split {split}");
+    }
+    let mut bad = data.clone();
+    bad[500] ^= 0x80;
+    let mut f = format::Fnv::new();
+    f.update(&bad);
+    assert_ne!(f.value(), whole.value());
+    let mut short = format::Fnv::new();
+    short.update(&data[..999]);
+    assert_ne!(short.value(), whole.value());
+    assert!(format::is_zero_page(&[0u8; 4096]));
+    let mut p = [0u8; 4096];
+    p[4095] = 1;
+    assert!(!format::is_zero_page(&p));
 }
