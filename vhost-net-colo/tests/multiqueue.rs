@@ -185,6 +185,8 @@ fn four_queue_pairs_carry_frames_both_ways_and_keep_each_flow_on_one_queue() {
     for p in 1..4 {
         fe.set_pair_enabled(p, false).unwrap();
     }
+    // A request with a reply, handled after the enables (one socket, in order): a barrier.
+    fe.config(10).unwrap();
     for f in &inbound[..16] {
         write_frame(&mut w, &Frame::ethernet(f.clone()), false).unwrap();
     }

@@ -17,6 +17,7 @@
 //!   a userspace network on smoltcp (see [`user`]).
 
 pub mod dgram;
+pub mod dhcp;
 pub mod stream;
 pub mod tap;
 pub mod user;

@@ -5,8 +5,11 @@
 //! (default 10.0.2.2, MAC 52:55:0a:00:02:02) in `net=` (default 10.0.2.0/24), and forwards host
 //! TCP ports to the guest: `hostfwd=tcp:127.0.0.1:8080-:80` accepts on 127.0.0.1:8080 and, per
 //! connection, opens a TCP connection from `host=` to `guest=` (default 10.0.2.15) port 80 and
-//! relays bytes both ways (half-closes included). The guest is configured statically; there is
-//! no DHCP server, DNS or outbound NAT (connections the guest opens are not forwarded).
+//! relays bytes both ways (half-closes included). The guest is configured statically or by DHCP:
+//! a DHCP server ([`super::dhcp`]) offers `guest=` (alias `dhcpstart=`), the netmask of `net=`,
+//! `host=` as router and `dns=` (default the network's .3, 10.0.2.3) as QEMU does. There is no
+//! DNS resolver at that address and no outbound NAT (connections the guest opens are not
+//! forwarded).
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -22,6 +25,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Cidr};
 
+use super::dhcp::{Dhcp, DhcpServer};
 use super::{Deliver, NetCounters, Netdev, NetdevError};
 use crate::filter::ObjectSpec;
 
@@ -110,6 +114,16 @@ impl UserNetdev {
             .unwrap_or_else(|| "10.0.2.15".into())
             .parse()
             .map_err(|_| cfg("guest= must be an IPv4 address".into()))?;
+        // QEMU's default DNS address is the network's .3.
+        let dns: Ipv4Addr = match spec.take("dns") {
+            Some(d) => d
+                .parse()
+                .map_err(|_| cfg("dns= must be an IPv4 address".into()))?,
+            None => {
+                let mask = u32::from(net.netmask());
+                Ipv4Addr::from((u32::from(net.address()) & mask) | 3)
+            }
+        };
         // ObjectSpec keeps one value per key: several rules are given as hostfwd=, hostfwd1=, ...
         let mut rules = Vec::new();
         let keys: Vec<String> = spec
@@ -151,7 +165,15 @@ impl UserNetdev {
             counters: Arc::default(),
             forwards,
         });
+        let dhcp = DhcpServer {
+            host_mac: HOST_MAC,
+            host,
+            guest,
+            netmask: net.netmask(),
+            dns,
+        };
         let stack = Stack {
+            dhcp,
             net: Ipv4Cidr::new(host, net.prefix_len()),
             guest,
             listeners,
@@ -279,6 +301,7 @@ struct Fwd {
 }
 
 struct Stack {
+    dhcp: DhcpServer,
     net: Ipv4Cidr,
     guest: Ipv4Addr,
     listeners: Vec<(TcpListener, HostFwd)>,
@@ -289,6 +312,18 @@ struct Stack {
 }
 
 impl Stack {
+    /// A frame from the guest: DHCP is answered here, the rest goes to smoltcp.
+    fn take_frame(&self, dev: &mut Wire, f: Vec<u8>) {
+        match self.dhcp.handle(&f) {
+            Dhcp::NotDhcp => dev.rx.push_back(f),
+            Dhcp::Handled(Some(reply)) => {
+                self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                (self.deliver)(reply);
+            }
+            Dhcp::Handled(None) => {}
+        }
+    }
+
     fn run(self) {
         let start = std::time::Instant::now();
         let now = || Instant::from_micros(start.elapsed().as_micros() as i64);
@@ -321,12 +356,12 @@ impl Stack {
                     Duration::from_millis(1)
                 });
             match self.rx.recv_timeout(wait) {
-                Ok(f) => dev.rx.push_back(f),
+                Ok(f) => self.take_frame(&mut dev, f),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             while let Ok(f) = self.rx.try_recv() {
-                dev.rx.push_back(f);
+                self.take_frame(&mut dev, f);
             }
             iface.poll(now(), &mut dev, &mut sockets);
 
