@@ -301,8 +301,37 @@ pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
                         .and_then(|snap| live.restore(&snap).map_err(|e| e.to_string()))
                         .map_err(|e| format!("--restore {}: {e}", path.display()))
                 }
-                StartFrom::Incoming(uri) => crate::migrate::incoming(uri, &live)
-                    .map_err(|e| format!("incoming migration on {uri}: {e}")),
+                StartFrom::Incoming(uri) => {
+                    // In a thread, so that QMP `quit` or SIGTERM end the wait.
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let (l, u) = (live.clone(), uri.clone());
+                    std::thread::Builder::new()
+                        .name("incoming".into())
+                        .spawn(move || {
+                            let _ = tx.send(crate::migrate::incoming(&u, &l));
+                        })
+                        .map_err(|e| MachineError::Device(format!("incoming thread: {e}")))?;
+                    loop {
+                        match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                            Ok(r) => {
+                                break r.map_err(|e| format!("incoming migration on {uri}: {e}"));
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                if control.exit_reason().is_some() {
+                                    let reason = running.wait();
+                                    crate::qmp::emit_end(&events, &reason);
+                                    std::thread::sleep(std::time::Duration::from_millis(100));
+                                    return Ok(reason);
+                                }
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                                break Err(format!(
+                                    "incoming migration on {uri}: the receiving thread died"
+                                ));
+                            }
+                        }
+                    }
+                }
                 StartFrom::Boot => Ok(()),
             };
             if let Err(e) = loaded {

@@ -375,6 +375,19 @@ fn incoming_refuses_garbage_truncated_streams_and_other_shapes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    // `quit` while waiting ends it cleanly.
+    let port = free_port();
+    let mut w = Vmm::spawn(
+        dir.path(),
+        "w",
+        &["--incoming", &format!("tcp:127.0.0.1:{port}")],
+    );
+    w.wait_stderr("waiting for migration", Duration::from_secs(20));
+    let mut wq = w.qmp();
+    assert_eq!(status(&mut wq)["status"], "inmigrate");
+    assert!(wq.execute("cont", Value::Null).is_err());
+    wq.execute("quit", Value::Null).unwrap();
+    assert_eq!(w.wait(Duration::from_secs(10)), 0, "{}", w.stderr());
     // Garbage.
     let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
