@@ -145,6 +145,20 @@ fn main() {
     // Touch the whole file once so both backends read allocated, cached data.
     std::fs::write(&file, vec![0x11u8; (size_mib << 20) as usize]).unwrap();
     let size = size_mib << 20;
+    // Before each backend: write back what the previous one dirtied, so no backend pays for
+    // another's page-cache writeback.
+    let settle = || {
+        std::fs::File::open(&file).unwrap().sync_all().unwrap();
+    };
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!("load average at start: {}", loadavg());
 
     let workloads = [
         Workload {
@@ -201,6 +215,7 @@ fn main() {
     let mut table: Vec<(String, &'static str, Result_)> = Vec::new();
 
     // 1. ours, raw file.
+    settle();
     {
         let sock = dir.path().join("ours.sock");
         let _p = Proc(
@@ -219,6 +234,7 @@ fn main() {
         }
     }
     // 2. qemu-storage-daemon, same file.
+    settle();
     if !skip_qsd {
         let sock = dir.path().join("qsd.sock");
         let p = Command::new("qemu-storage-daemon")
@@ -247,6 +263,7 @@ fn main() {
     }
     // 3. replication cost: quorum local-only vs quorum + replication(NBD to a secondary).
     let repl_workloads: Vec<Workload> = workloads.iter().copied().filter(|w| w.write).collect();
+    settle();
     if !skip_repl {
         let sock = dir.path().join("local.sock");
         let _p = Proc(
@@ -271,6 +288,7 @@ fn main() {
             ));
         }
     }
+    settle();
     if !skip_repl {
         let sec_img = dir.path().join("sec.img");
         std::fs::copy(&file, &sec_img).unwrap();
@@ -355,6 +373,7 @@ fn main() {
         );
     }
 
+    eprintln!("load average at end: {}", loadavg());
     println!("| backend | workload | IOPS | MB/s | p50 µs | p99 µs |");
     println!("|---|---|---:|---:|---:|---:|");
     for (b, w, r) in &table {

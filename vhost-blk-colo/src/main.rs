@@ -46,6 +46,9 @@ struct Args {
     /// Largest queue size (virtio-mmio guests ask for up to 1024).
     #[arg(long, default_value_t = 1024)]
     queue_size: usize,
+    /// I/O worker threads shared by all queues (requests of a queue run in parallel on them).
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
     /// Device id returned to the guest (GET_ID).
     #[arg(long, default_value = "vhost-blk-colo")]
     serial: String,
@@ -67,6 +70,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.num_queues == 0 || args.num_queues > 64 {
         bail!("--num-queues must be between 1 and 64");
+    }
+    if args.workers == 0 || args.workers > 256 {
+        bail!("--workers must be between 1 and 256");
     }
     if !args.queue_size.is_power_of_two() || args.queue_size > 32768 {
         bail!("--queue-size must be a power of two <= 32768");
@@ -115,6 +121,7 @@ fn main() -> anyhow::Result<()> {
                 queue_size: args.queue_size,
                 read_only: args.read_only,
                 serial: args.serial.clone(),
+                workers: args.workers,
                 ..BlkConfig::default()
             };
             let dev = Arc::new(VhostUserBlk::new(node, cfg));

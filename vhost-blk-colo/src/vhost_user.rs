@@ -183,8 +183,10 @@ pub struct BlkStats {
 // takes descriptor chains off the avail ring, parses them (cheap: addresses and lengths) and
 // hands them to a small worker pool shared by the device, which runs the block I/O
 // (`preadv`/`pwritev` straight between the file and guest memory, or the node's own
-// `read_at`/`submit`). A lone request on an idle queue runs on the queue thread itself, which
-// saves the hand-off latency at queue depth 1.
+// `read_at`/`submit`). A lone read or write on an idle queue of a local disk (no child that
+// submits asynchronously, see `BlockNode::submits_async`) runs on the queue thread itself, which
+// saves the hand-off latency at queue depth 1; a request arriving meanwhile starts when it
+// returns.
 //
 // Why a thread pool and not io_uring: the disk is a block graph (quorum over a file and an NBD
 // replication child, overlays, qcow2) whose nodes are synchronous `BlockNode`s; a pool runs
@@ -533,8 +535,14 @@ impl VhostUserBlk {
         if batch.is_empty() {
             return Ok(false);
         }
-        if idle && batch.len() == 1 {
-            // Queue depth 1: no hand-off.
+        if idle
+            && batch.len() == 1
+            && matches!(batch[0].1.rtype, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT)
+            && !self.exec.node.submits_async()
+        {
+            // Queue depth 1 on a local disk: no hand-off. (A disk with a remote part, whose
+            // requests may take up to the NBD timeout, always goes to the pool, so the queue
+            // keeps taking requests meanwhile.)
             if let Some((seq, req)) = batch.pop() {
                 let len = self.exec.run(&mem, &req, queue);
                 ctx.complete(seq, len);
@@ -809,7 +817,8 @@ impl Exec {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 let total: usize = req.out.iter().map(|s| s.1).sum();
-                if total == 0 || !total.is_multiple_of(16) || total > MAX_DISCARD_SEG as usize * 16 {
+                if total == 0 || !total.is_multiple_of(16) || total > MAX_DISCARD_SEG as usize * 16
+                {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 let mut segs = vec![0u8; total];

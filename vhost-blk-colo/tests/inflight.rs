@@ -43,6 +43,11 @@ impl BlockNode for GateNode {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         self.inner.read_at(buf, offset)
     }
+    /// Its writes may wait for long, like a remote node's: the backend must never run them on
+    /// the queue's own thread.
+    fn submits_async(&self) -> bool {
+        true
+    }
     fn submit(&self, op: WriteOp<'_>) -> Pending {
         if let WriteOp::Write { offset: 0, .. } = op {
             let end = Instant::now() + Duration::from_secs(60);

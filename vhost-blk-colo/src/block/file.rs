@@ -222,8 +222,14 @@ impl BlockNode for FileNode {
         if self.read_only {
             return Err(BlockError::ReadOnly(self.path.display().to_string()));
         }
-        if bufs.len() == 1 || !self.vec_aligned(offset, bufs.iter().map(|b| (b.as_ptr(), b.len())))
-        {
+        if let [one] = bufs {
+            return self.apply(WriteOp::Write {
+                buf: one,
+                offset,
+                fua,
+            });
+        }
+        if !self.vec_aligned(offset, bufs.iter().map(|b| (b.as_ptr(), b.len()))) {
             let mut tmp = Vec::with_capacity(total);
             for b in bufs {
                 tmp.extend_from_slice(b);

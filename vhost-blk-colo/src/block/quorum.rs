@@ -224,6 +224,13 @@ impl BlockNode for QuorumNode {
         "quorum"
     }
 
+    fn submits_async(&self) -> bool {
+        self.children
+            .read()
+            .map(|c| c.list.iter().any(|x| x.node.submits_async()))
+            .unwrap_or(true)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         check_range("read", offset, buf.len() as u64, self.size)?;
         let children = self.children();
