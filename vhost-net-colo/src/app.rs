@@ -108,7 +108,20 @@ impl App {
     }
 
     /// `-object` / `object-add` of a filter.
-    pub fn add_object(&self, spec: ObjectSpec) -> Result<(), String> {
+    pub fn add_object(&self, mut spec: ObjectSpec) -> Result<(), String> {
+        // As in QEMU, a filter with vnet_hdr_support sends the netdev's header length: 12 for
+        // a tap with vnet headers (the frames in the chain are plain, so the header is zeros).
+        let vnet_on = spec
+            .props
+            .get("vnet_hdr_support")
+            .is_some_and(|v| parse_bool("vnet_hdr_support", v).unwrap_or(false));
+        if vnet_on
+            && !spec.props.contains_key("vnet_hdr_len")
+            && self.path.netdev().is_some_and(|n| n.vnet_hdr())
+        {
+            spec.props
+                .insert("vnet_hdr_len".into(), crate::vnet::VNET_HDR_LEN.to_string());
+        }
         let built = filter::build(spec, &*self.chardevs).map_err(|e| e.to_string())?;
         if built.netdev != self.path.netdev_id {
             return Err(format!(

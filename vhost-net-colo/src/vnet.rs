@@ -1,10 +1,12 @@
 //! The virtio-net header at the socket edges of filters with `vnet_hdr_support=on`.
 //!
-//! Inside the chain frames are bare Ethernet. A filter with `vnet_hdr_support=on` sends the
-//! `vnet_hdr_len` field as QEMU does: the length of the netdev's virtio-net header, which is 0
-//! for all our netdevs (none of them carries one), so the payload is the bare frame. For a QEMU
-//! peer whose netdev does use a header (a tap with `vnet_hdr`, 12 bytes for virtio 1.0), the
-//! option `vnet_hdr_len=12` (our extension) puts a zeroed header (no offload requested) in front.
+//! Inside the chain frames are bare, complete Ethernet frames (offloaded frames are made plain
+//! before they enter it, see [`crate::offload`]). A filter with `vnet_hdr_support=on` sends the
+//! `vnet_hdr_len` field as QEMU does: the length of the netdev's virtio-net header — 12 for a
+//! tap with vnet headers (`vnet_hdr=on`, the default), 0 for stream, dgram, user and
+//! `vnet_hdr=off` taps — with a zeroed header (no offload requested) in front of the frame.
+//! The option `vnet_hdr_len=0|10|12|20` (our extension) overrides it, e.g. to match a QEMU
+//! peer whose netdev differs from ours.
 //! Received records have their header removed, completing a partial checksum in software when
 //! the header asks for it (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
 

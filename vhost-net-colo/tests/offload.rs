@@ -310,11 +310,58 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
             assert_eq!(h.csum_offset, 6);
         }
     }
+    // A filter with vnet_hdr_support on this netdev sends QEMU's framing with the tap's header
+    // length (12), the header zeroed, the frame plain.
+    let mpath = dir.path().join("mirror.sock");
+    qmp.execute(
+        "chardev-add",
+        json!({"id": "mc0", "spec": format!("socket,path={},server=on,wait=off", mpath.display())}),
+    )
+    .unwrap();
+    qmp.execute(
+        "object-add",
+        json!({"qom-type": "filter-mirror", "id": "m0", "netdev": "t0", "queue": "tx",
+               "outdev": "mc0", "vnet_hdr_support": "on"}),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ms = loop {
+        match UnixStream::connect(&mpath) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "mirror socket: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    ms.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    ns.run(|| {
+        let s = std::net::UdpSocket::bind("10.0.2.2:0").unwrap();
+        s.send_to(&[0x43; 200], "10.0.2.15:9999").unwrap();
+    });
+    let mut mr = FrameReader::new(ms, true);
+    let rec = loop {
+        let rec = mr.read_frame().unwrap().unwrap();
+        if rec.l2().get(23) == Some(&17) {
+            break rec;
+        }
+    };
+    assert_eq!(
+        rec.vnet_hdr_len, 12,
+        "QEMU framing with the tap's header length"
+    );
+    assert_eq!(&rec.payload[..12], &[0u8; 12]);
+    let ip = Ipv4Packet::new_checked(&rec.l2()[14..]).unwrap();
+    let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+    assert!(udp.verify_checksum(
+        &IpAddress::Ipv4(ip.src_addr()),
+        &IpAddress::Ipv4(ip.dst_addr())
+    ));
     let net = qmp.execute("query-net", json!({})).unwrap();
     assert!(
         net["offload"]["passthrough"].as_u64().unwrap() >= 2,
         "{net}"
     );
     assert_eq!(net["offload"]["errors"], 0, "{net}");
-    let _ = UnixStream::pair();
 }
