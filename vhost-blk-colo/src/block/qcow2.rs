@@ -30,6 +30,7 @@
 //! make-empty. Written from the published format description; no QEMU code.
 
 pub mod header;
+mod io;
 mod refcount;
 #[cfg(test)]
 mod tests;
@@ -45,6 +46,7 @@ use std::{
 
 pub use header::Qcow2Error;
 use header::{COMPRESSED, COPIED, L1_RESERVED, L2_RESERVED, OFFSET_MASK, ZERO};
+use io::ImageFile;
 use refcount::{Refcounts, pread, pwrite};
 
 use super::{BlockError, BlockNode, BlockResult, NodeRef, Pending, WriteOp, check_op, check_range};
@@ -92,7 +94,7 @@ struct Meta {
 
 /// A qcow2 image used as an overlay over a lower node.
 pub struct Qcow2Node {
-    file: File,
+    file: ImageFile,
     path: PathBuf,
     lower: Option<NodeRef>,
     size: u64,
@@ -150,10 +152,8 @@ impl Qcow2Node {
         lower: Option<NodeRef>,
         read_only: bool,
     ) -> Result<Self, Qcow2Error> {
-        let file_len = file
-            .metadata()
-            .map_err(|e| Qcow2Error::io(format!("size of {}", path.display()), e))?
-            .len();
+        let file = ImageFile::new(file, path);
+        let file_len = file.len()?;
         let mut head = vec![0u8; file_len.min(1 << 21) as usize];
         pread(&file, &mut head, 0, "the header")?;
         let h = header::parse(&head, file_len)?;
@@ -269,6 +269,14 @@ impl Qcow2Node {
         1 << self.cluster_bits
     }
 
+    /// Tests: every file write after the next `n` fails, as if the process died there.
+    #[cfg(test)]
+    pub(crate) fn crash_after(&self, n: i64) {
+        self.file
+            .budget
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// The image's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -324,10 +332,6 @@ impl Qcow2Node {
                 .map(|t| t[(idx & ((1 << shift) - 1)) as usize])
                 .unwrap_or(0);
         map_of(e)
-    }
-
-    fn ctx(&self, what: &str, offset: u64) -> String {
-        format!("qcow2 {}: {what} at {offset:#x}", self.path.display())
     }
 
     /// Reads from the lower node, zeroes past its end or without one.
@@ -424,10 +428,7 @@ impl Qcow2Node {
                         &buf_z
                     }
                 };
-                return self
-                    .file
-                    .write_all_at(d, h + within as u64)
-                    .map_err(|e| BlockError::io(self.ctx("data write", h), e));
+                return Ok(pwrite(&self.file, d, h + within as u64, "data")?);
             }
             Map::Zero(h) => (h, None),
             Map::Unallocated => (None, Some(())),
@@ -474,9 +475,7 @@ impl Qcow2Node {
                         (None, Some(z)) => &z[..n],
                         (None, None) => continue,
                     };
-                    self.file
-                        .write_all_at(d, h + within as u64)
-                        .map_err(|e| BlockError::io(self.ctx("data write", h), e))?;
+                    pwrite(&self.file, d, h + within as u64, "data")?;
                 }
                 return Ok(());
             }
@@ -489,9 +488,7 @@ impl Qcow2Node {
     }
 
     fn sync(&self) -> BlockResult<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| BlockError::io(format!("fdatasync of {}", self.path.display()), e))
+        Ok(self.file.sync()?)
     }
 
     /// Empties the image: the L1 table is cleared, every cluster it held is freed, refcount
@@ -540,16 +537,10 @@ impl Qcow2Node {
         }
         m.refs.release_empty_blocks(&self.file, &blocks)?;
         let end = m.refs.used_end();
-        let flen = self
-            .file
-            .metadata()
-            .map_err(|e| BlockError::io(self.ctx("size", 0), e))?
-            .len();
+        let flen = self.file.len()?;
         let new_len = end << cb;
         if new_len < flen {
-            self.file
-                .set_len(new_len)
-                .map_err(|e| BlockError::io(self.ctx("truncate", new_len), e))?;
+            self.file.set_len(new_len)?;
         }
         let rt_end = (m.refs.table_offset >> cb) + m.refs.table_clusters;
         let file_end = flen.min(new_len).div_ceil(1 << cb);

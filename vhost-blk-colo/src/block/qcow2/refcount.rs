@@ -9,38 +9,29 @@
 //! A full refcount table is replaced by a larger copy at the end of the file (header updated
 //! with one 12-byte write, old table freed afterwards).
 
-use std::{collections::HashMap, fs::File, os::unix::fs::FileExt};
+use std::collections::HashMap;
 
 use super::header::{MAX_REFTABLE_BYTES, Qcow2Error, REFT_OFFSET_MASK, RT_OFFSET_FIELD};
+use super::io::ImageFile;
 
 /// Writes `buf` at `offset`, with context on failure.
-pub(super) fn pwrite(file: &File, buf: &[u8], offset: u64, what: &str) -> Result<(), Qcow2Error> {
-    file.write_all_at(buf, offset)
-        .map_err(|e| Qcow2Error::io(format!("writing {what} at {offset:#x}"), e))
+pub(super) fn pwrite(
+    file: &ImageFile,
+    buf: &[u8],
+    offset: u64,
+    what: &str,
+) -> Result<(), Qcow2Error> {
+    file.pwrite(buf, offset, what)
 }
 
 /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zero.
 pub(super) fn pread(
-    file: &File,
+    file: &ImageFile,
     buf: &mut [u8],
     offset: u64,
     what: &str,
 ) -> Result<(), Qcow2Error> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Qcow2Error::io(format!("reading {what} at {offset:#x}"), e));
-            }
-        }
-    }
-    Ok(())
+    file.pread(buf, offset, what)
 }
 
 /// The refcount structures of one image.
@@ -61,7 +52,7 @@ pub(super) struct Refcounts {
 impl Refcounts {
     /// Loads the table and every block it names; validates the offsets.
     pub fn load(
-        file: &File,
+        file: &ImageFile,
         file_len: u64,
         cluster_bits: u32,
         order: u32,
@@ -155,7 +146,7 @@ impl Refcounts {
     }
 
     /// Sets the refcount of `c` in memory and in the file. The block must exist.
-    pub fn set(&mut self, file: &File, c: u64, v: u64) -> Result<(), Qcow2Error> {
+    pub fn set(&mut self, file: &ImageFile, c: u64, v: u64) -> Result<(), Qcow2Error> {
         let epb = self.per_block();
         let b = c / epb;
         let blk_off = self.table.get(b as usize).copied().unwrap_or(0) & REFT_OFFSET_MASK;
@@ -191,7 +182,7 @@ impl Refcounts {
     }
 
     /// Writes block `b` whole.
-    pub fn write_block(&self, file: &File, b: u64) -> Result<(), Qcow2Error> {
+    pub fn write_block(&self, file: &ImageFile, b: u64) -> Result<(), Qcow2Error> {
         let off = self.table.get(b as usize).copied().unwrap_or(0) & REFT_OFFSET_MASK;
         let Some(vals) = self.blocks.get(&b).filter(|_| off != 0) else {
             return Ok(());
@@ -199,7 +190,7 @@ impl Refcounts {
         pwrite(file, &self.block_bytes(vals), off, "a refcount block")
     }
 
-    fn write_table_entry(&self, file: &File, b: u64) -> Result<(), Qcow2Error> {
+    fn write_table_entry(&self, file: &ImageFile, b: u64) -> Result<(), Qcow2Error> {
         let e = self.table[b as usize];
         pwrite(
             file,
@@ -215,7 +206,7 @@ impl Refcounts {
 
     /// Allocates `n` contiguous host clusters (refcount 1, written) and returns the first
     /// cluster index.
-    pub fn alloc(&mut self, file: &File, n: u64) -> Result<u64, Qcow2Error> {
+    pub fn alloc(&mut self, file: &ImageFile, n: u64) -> Result<u64, Qcow2Error> {
         let epb = self.per_block();
         loop {
             let s = self.end;
@@ -241,7 +232,7 @@ impl Refcounts {
     }
 
     /// Creates refcount block `b` at the allocation cursor.
-    fn make_block(&mut self, file: &File, b: u64) -> Result<(), Qcow2Error> {
+    fn make_block(&mut self, file: &ImageFile, b: u64) -> Result<(), Qcow2Error> {
         if b as usize >= self.table.len() {
             return self.grow_table(file, b + 1);
         }
@@ -263,7 +254,7 @@ impl Refcounts {
     }
 
     /// Replaces the refcount table with one of at least `min_entries` entries.
-    fn grow_table(&mut self, file: &File, min_entries: u64) -> Result<(), Qcow2Error> {
+    fn grow_table(&mut self, file: &ImageFile, min_entries: u64) -> Result<(), Qcow2Error> {
         let cs = self.cs();
         let epb = self.per_block();
         let p = self.end;
@@ -337,7 +328,7 @@ impl Refcounts {
     /// Frees every block among `candidates` that counts nothing but (possibly) itself.
     pub fn release_empty_blocks(
         &mut self,
-        file: &File,
+        file: &ImageFile,
         candidates: &[u64],
     ) -> Result<(), Qcow2Error> {
         let epb = self.per_block();
