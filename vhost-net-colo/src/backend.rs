@@ -1,7 +1,9 @@
 //! The vhost-user-net device: virtqueues ⇄ [`NetPath`].
 //!
-//! - One receive/transmit queue pair (queues 0 and 1), 1024 entries each, split rings,
-//!   `VIRTIO_F_VERSION_1`, `VIRTIO_RING_F_EVENT_IDX`, `VIRTIO_RING_F_INDIRECT_DESC`.
+//! - `queues=N` receive/transmit queue pairs (receive 2i, transmit 2i+1; `VIRTIO_NET_F_MQ` and
+//!   `max_virtqueue_pairs` when N > 1), 1024 entries each, split rings, `VIRTIO_F_VERSION_1`,
+//!   `VIRTIO_RING_F_EVENT_IDX`, `VIRTIO_RING_F_INDIRECT_DESC`. All queues are served by one
+//!   worker thread; frames to the guest go to the enabled receive queue their flow hashes to.
 //! - The 12-byte virtio-net header; `VIRTIO_NET_F_MRG_RXBUF`: a frame may span several receive
 //!   buffers (`num_buffers` set); without it each frame must fit one buffer chain.
 //! - Checksum and TCP segmentation offloads both ways (`CSUM`, `HOST_TSO4/6`, `GUEST_CSUM`,
@@ -9,8 +11,12 @@
 //!   pass through with their header; otherwise they are made plain in software
 //!   ([`crate::offload`]), so every frame in the filter chain is a complete, checksummed
 //!   Ethernet frame — what colo-compare and the rewriter need.
-//! - `VIRTIO_NET_F_MAC` with the MAC from the command line and `VIRTIO_NET_F_STATUS` (link up)
-//!   in config space (`VHOST_USER_PROTOCOL_F_CONFIG`).
+//! - `VIRTIO_NET_F_MAC` with the MAC from the command line and `VIRTIO_NET_F_STATUS` in config
+//!   space (`VHOST_USER_PROTOCOL_F_CONFIG`); `set_link` changes the status and sends
+//!   `CONFIG_CHANGE_MSG` when the frontend gave a backend-request channel
+//!   (`VHOST_USER_PROTOCOL_F_BACKEND_REQ`).
+//! - `VHOST_USER_PROTOCOL_F_RARP`: `SEND_RARP` (handled in [`crate::shim`]) broadcasts QEMU's
+//!   RARP announce out of the netdev ([`crate::announce`]).
 //! - Dirty-page logging (`LOG_ALL`, `LOG_SHMFD`) through `BitmapMmapRegion` guest memory, so a
 //!   COLO/migration frontend sees every page the backend writes.
 //!

@@ -14,8 +14,10 @@ struct Opts {
     /// vhost-user socket to listen on (served again after each frontend disconnects).
     #[arg(long)]
     socket: String,
-    /// The netdev: tap,id=hn0,ifname=..,script=..,downscript=.. | user,id=n0,hostfwd=tcp:127.0.0.1:8080-:80
-    /// | stream,id=s0,server=on|off,addr.type=unix|inet,... | dgram,id=d0,local.*,remote.*
+    /// The netdev: tap,id=hn0,ifname=..,script=..,downscript=..[,vnet_hdr=on|off]
+    /// | user,id=n0[,net=..,host=..,guest=..,dns=..],hostfwd=tcp:127.0.0.1:8080-:80
+    /// | stream,id=s0,server=on|off,addr.type=unix|inet,... | dgram,id=d0,local.*,remote.*;
+    /// each also takes queues=N (queue pairs, 1..16)
     #[arg(long)]
     netdev: String,
     /// Guest MAC address, in config space.
