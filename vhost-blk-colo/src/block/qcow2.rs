@@ -20,7 +20,8 @@
 //! Metadata: the L1 table, every L2 table and every refcount block live decoded in memory
 //! (bounded by what the image holds) and each change is written through at once, in the order
 //! refcount → table or data → reference (L2 entry, then L1 entry), so a crashed process leaves at
-//! worst leaked clusters (`qemu-img check -r leaks` reclaims them). Power-loss ordering would
+//! worst leaked clusters (`qemu-img check -r leaks` reclaims them; the unit tests cut every
+//! operation after each of its file writes and check exactly that). Power-loss ordering would
 //! need a barrier between those steps; the COLO overlays are scratch state rebuilt by the next
 //! checkpoint, so this driver does not pay for one.
 //!
