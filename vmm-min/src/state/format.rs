@@ -299,14 +299,14 @@ impl Fnv {
     }
 }
 
-/// True when `page` is all zeros (word at a time).
+static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+
+/// True when `page` is all zeros (a `memcmp` against a zero page: fast in any build profile).
 pub(super) fn is_zero_page(page: &[u8]) -> bool {
-    let mut words = page.chunks_exact(16);
-    words.all(|w| {
-        let mut b = [0u8; 16];
-        b.copy_from_slice(w);
-        u128::from_ne_bytes(b) == 0
-    }) && words.remainder().iter().all(|&b| b == 0)
+    match ZERO_PAGE.get(..page.len()) {
+        Some(z) => page == z,
+        None => page.iter().all(|&b| b == 0),
+    }
 }
 
 pub(super) struct Writer<W> {
