@@ -335,6 +335,19 @@ impl Qcow2Node {
         map_of(e)
     }
 
+    /// Checks that guest cluster `idx` starts inside the device.
+    fn check_cluster(&self, op: &'static str, idx: u64) -> BlockResult<()> {
+        match idx.checked_shl(self.cluster_bits) {
+            Some(start) if idx < (1 << (63 - self.cluster_bits)) && start < self.size => Ok(()),
+            _ => Err(BlockError::OutOfRange {
+                op,
+                offset: idx.saturating_mul(self.cluster_size()),
+                len: self.cluster_size(),
+                size: self.size,
+            }),
+        }
+    }
+
     /// Reads from the lower node, zeroes past its end or without one.
     fn read_lower(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         let Some(lower) = &self.lower else {
@@ -552,6 +565,7 @@ impl Qcow2Node {
     /// Removes guest cluster `idx` from the image and returns its content (its
     /// [`Qcow2Node::cluster_len`] bytes), or `None` when the image does not hold it.
     pub fn take_cluster(&self, idx: u64) -> BlockResult<Option<Box<[u8]>>> {
+        self.check_cluster("take-cluster", idx)?;
         let mut m = self.meta.write().map_err(|_| poisoned())?;
         let clen = self.cluster_len(idx);
         let (data, host) = match self.lookup(&m, idx) {
@@ -574,6 +588,7 @@ impl Qcow2Node {
     /// Stores `data` (a whole cluster, clipped at the end of the device) as guest cluster `idx`
     /// unless the image already holds it (copy-before-write).
     pub fn insert_if_absent(&self, idx: u64, data: &[u8]) -> BlockResult<()> {
+        self.check_cluster("insert-cluster", idx)?;
         let mut m = self.meta.write().map_err(|_| poisoned())?;
         if self.lookup(&m, idx) != Map::Unallocated {
             return Ok(());

@@ -286,6 +286,9 @@ fn take_and_insert_clusters_keep_the_image_clean() {
     node.insert_if_absent(2, &[9; 65536]).unwrap();
     node.insert_if_absent(2, &[8; 65536]).unwrap();
     assert!(node.insert_if_absent(3, &[8; 10]).is_err());
+    assert!(node.insert_if_absent(16, &[]).is_err(), "beyond the device");
+    assert!(node.insert_if_absent(u64::MAX, &[]).is_err());
+    assert!(node.take_cluster(1 << 60).is_err());
     node.write_at(&[4; 10], 5, false).unwrap();
     assert_eq!(node.allocated(), vec![0, 2]);
     let c = node.take_cluster(2).unwrap().unwrap();
