@@ -503,3 +503,67 @@ fn snapshot_save_file_then_restore_in_a_new_process_continues_the_guest() {
     std::fs::write(&other, &o).unwrap();
     refuse("version", &other, &[], "version 99");
 }
+
+/// The stock guest kernel (from `scripts/build-guest.sh`'s cache), if built.
+fn stock_guest() -> Option<(PathBuf, PathBuf)> {
+    let root = std::env::var_os("COLO_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache"));
+    let dir = root.join("guest");
+    let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.cpio.gz"));
+    (k.is_file() && i.is_file()).then_some((k, i))
+}
+
+/// A stock Linux kernel on 2 vCPUs (on a PVM host it runs emulated and stays in early boot,
+/// with real MSR, LAPIC, IOAPIC and clock state) migrates and keeps running on the destination.
+#[test]
+fn migrate_a_stock_kernel_on_two_vcpus() {
+    if skip() {
+        return;
+    }
+    let Some((kernel, initrd)) = stock_guest() else {
+        eprintln!("SKIPPED: no guest image in .cache/guest (run scripts/build-guest.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let shape = ["--memory", "256M", "--cpus", "2"];
+    let mut args = vec![
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 quiet",
+    ];
+    args.extend_from_slice(&shape);
+    let mut src = Vmm::spawn(dir.path(), "src", &args);
+    let mut sq = src.qmp();
+    std::thread::sleep(Duration::from_secs(2));
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let mut dargs = vec!["--incoming", uri.as_str()];
+    dargs.extend_from_slice(&shape);
+    let mut dst = Vmm::spawn(dir.path(), "dst", &dargs);
+    dst.wait_stderr("waiting for migration", Duration::from_secs(20));
+    let mut dq = dst.qmp();
+    sq.execute("migrate-set-parameters", json!({"max-bandwidth": 0}))
+        .unwrap();
+    sq.execute("migrate", json!({"uri": uri})).unwrap();
+    let m = wait_migration(&mut sq, Duration::from_secs(120));
+    assert_eq!(m["status"], "completed", "{m}\n{}", src.stderr());
+    eprintln!(
+        "stock kernel, 256 MiB, 2 vCPUs: {} ms total, {} ms downtime, {} bytes",
+        m["total-time"], m["downtime"], m["ram"]["transferred"]
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(status(&mut dq)["status"], "running", "{}", dst.stderr());
+    assert!(
+        !dst.stderr().contains("vCPU "),
+        "no KVM error on the destination: {}",
+        dst.stderr()
+    );
+    dq.execute("quit", Value::Null).unwrap();
+    assert_eq!(dst.wait(Duration::from_secs(20)), 0, "{}", dst.stderr());
+    sq.execute("quit", Value::Null).unwrap();
+    assert_eq!(src.wait(Duration::from_secs(20)), 0);
+}
