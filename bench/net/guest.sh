@@ -4,7 +4,8 @@
 # and with the primary's COLO chain. Prints one markdown table naming the tier.
 #
 #   bench/net/guest.sh [--configs "ours-user ours-tap qemu-tap qemu-tap-novnet"]
-#                      [--bulk-mib N] [--rtt N] [--http N] [--no-build]
+#                      [--bulk-mib N] [--rtt N] [--http N] [--no-build] [--backend BIN]
+#                      [--tier tcg|kvm] [--vmm BIN]
 #
 # Tier TCG (this host): QEMU 7.2 -accel tcg -M microvm (1 vCPU, 256 MiB, memfd memory) boots the
 # guest in every configuration:
@@ -17,6 +18,9 @@
 #               that keeps offloads)
 #   qemu-tap-novnet  the same with vnet_hdr=off on the tap and the filters as the seed has them
 #               (the seed recipe's other working set-up)
+# Tier KVM (--tier kvm; real KVM, e.g. inside the lab, see bench/net/lab.sh): the same with
+# vmm-min (1 vCPU, 256 MiB) as the frontend of ours and QEMU -accel kvm -M microvm as the
+# reference.
 # In each configuration the guest is measured, then the primary's chain of the seed is added at
 # run time over QMP (filter-mirror m0 queue=tx outdev=mirror0; filter-redirector redire0
 # queue=rx indev=compare_out; filter-redirector redire1 queue=rx outdev=compare0), and measured
@@ -31,7 +35,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 here="$root/bench/net"
 configs="ours-user ours-tap qemu-tap"
-bulk_mib=8 rtt_n=200 http_n=30 build=1
+bulk_mib=8 rtt_n=200 http_n=30 build=1 backend_bin="" tier=tcg vmm_bin=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --configs) configs=$2; shift 2 ;;
@@ -39,6 +43,9 @@ while [ $# -gt 0 ]; do
         --rtt) rtt_n=$2; shift 2 ;;
         --http) http_n=$2; shift 2 ;;
         --no-build) build=0; shift ;;
+        --tier) tier=$2; shift 2 ;;
+        --vmm) vmm_bin=$2; shift 2 ;;
+        --backend) backend_bin=$2; build=0; shift 2 ;;
         -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "guest.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -55,8 +62,17 @@ cd "$root"
 gdir=$("$root/scripts/build-guest.sh" --print-dir)
 if [ "$build" = 1 ]; then
     $NICE cargo build --release -q -p vhost-net-colo --bin vhost-net-colo
+    [ "$tier" = kvm ] && $NICE cargo build --release -q -p vmm-min --bin vmm-min
 fi
-backend_bin="$root/target/release/vhost-net-colo"
+[ -n "$vmm_bin" ] || vmm_bin="$root/target/release/vmm-min"
+case "$tier" in
+    tcg) accel=(-M microvm,memory-backend=mem -accel tcg)
+         tier_name="TCG (QEMU 7.2 -accel tcg -M microvm as the frontend of ours and as the reference)" ;;
+    kvm) accel=(-M microvm,rtc=on,memory-backend=mem -accel kvm -cpu host)
+         tier_name="KVM (vmm-min as the frontend of ours; QEMU 7.2 -accel kvm -M microvm as the reference)" ;;
+    *) echo "guest.sh: --tier tcg|kvm" >&2; exit 2 ;;
+esac
+[ -n "$backend_bin" ] || backend_bin="$root/target/release/vhost-net-colo"
 tsc_khz=$(awk '/^cpu MHz/ {printf "%d", $4*1000; exit}' /proc/cpuinfo)
 
 work=$(mktemp -d /tmp/colo-netbench.XXXXXX)
@@ -104,19 +120,39 @@ make_ns() {
 }
 del_ns() { [ -n "$ns" ] && ip netns del "$ns"; ns=""; }
 
-# QEMU TCG microvm with the guest; $1 name, $2 extra kernel args, rest: netdev/device args.
+base_append() {
+    if [ "$tier" = tcg ]; then
+        echo "console=ttyS0 quiet tsc_early_khz=$tsc_khz colo.services=http,echo"
+    else
+        echo "console=ttyS0 quiet pci=noearly 8250.nr_uarts=1 colo.services=http,echo"
+    fi
+}
+# QEMU microvm with the guest; $1 name, $2 extra kernel args, rest: netdev/device args.
 qemu_guest() {
     local name=$1 extra=$2; shift 2
     local pre=()
     [ "${QEMU_IN_NS:-0}" = 1 ] && pre=(ip netns exec "$ns")
-    start "$name" "${pre[@]}" qemu-system-x86_64 -M microvm,memory-backend=mem -accel tcg -m 256M \
+    start "$name" "${pre[@]}" qemu-system-x86_64 "${accel[@]}" -m 256M \
         -nodefaults -no-user-config -display none \
         -object memory-backend-memfd,id=mem,size=256M,share=on \
         -global virtio-mmio.force-legacy=false \
         -kernel "$gdir/vmlinuz" -initrd "$gdir/initramfs.cpio.gz" \
-        -append "console=ttyS0 quiet tsc_early_khz=$tsc_khz colo.services=http,echo $extra" \
+        -append "$(base_append) $extra" \
         -serial "file:$work/$name.serial" \
         -qmp "unix:$work/$name.qmp,server=on,wait=off" "$@"
+}
+# The frontend of ours: QEMU (tcg) or vmm-min (kvm); $1 name, $2 extra kernel args.
+ours_guest() {
+    local name=$1 extra=$2
+    if [ "$tier" = tcg ]; then
+        qemu_guest "$name" "$extra" -chardev "socket,id=c1,path=$work/vu.sock" \
+            -netdev vhost-user,id=n1,chardev=c1 -device virtio-net-device,netdev=n1,mac=52:54:00:12:34:56
+    else
+        start "$name" "$vmm_bin" --kernel "$gdir/vmlinuz" --initrd "$gdir/initramfs.cpio.gz" \
+            --cmdline "$(base_append) $extra" --memory 256M --cpus 1 \
+            --serial "file:$work/$name.serial" \
+            --net "vhost-user,socket=$work/vu.sock,mac=52:54:00:12:34:56"
+    fi
 }
 wait_ready() { # NAME
     local end=$((SECONDS + BOOT_DEADLINE)) t0=$SECONDS
@@ -171,8 +207,7 @@ for cfg in $configs; do
                 "${cd[@]}"
             wait_path "$work/vu.sock" 30; wait_path "$work/be.qmp" 30
             consumers
-            qemu_guest g-ours-user "" -chardev "socket,id=c1,path=$work/vu.sock" \
-                -netdev vhost-user,id=n1,chardev=c1 -device virtio-net-device,netdev=n1,mac=52:54:00:12:34:56
+            ours_guest g-ours-user ""
             wait_ready g-ours-user
             measure "vhost-net-colo, user (hostfwd)" no 127.0.0.1 "$e" "$h"
             add_chain "$work/be.qmp"
@@ -186,9 +221,7 @@ for cfg in $configs; do
                 --netdev "tap,id=hn0,ifname=cbt$$,script=$work/ifup.sh" "${cd[@]}"
             wait_path "$work/vu.sock" 30; wait_path "$work/be.qmp" 30
             consumers
-            qemu_guest g-ours-tap "colo.ip=10.0.5.15/24 colo.gw=10.0.5.1" \
-                -chardev "socket,id=c1,path=$work/vu.sock" \
-                -netdev vhost-user,id=n1,chardev=c1 -device virtio-net-device,netdev=n1,mac=52:54:00:12:34:56
+            ours_guest g-ours-tap "colo.ip=10.0.5.15/24 colo.gw=10.0.5.1"
             wait_ready g-ours-tap
             measure "vhost-net-colo, tap on a bridge" no 10.0.5.15 7 80 ns
             add_chain "$work/be.qmp"
@@ -218,12 +251,12 @@ for cfg in $configs; do
 done
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
 
-python3 - "$results" "$load0" "$load1" "$((SECONDS - t_start))" "$bulk_mib" "$rtt_n" "$http_n" <<'EOF'
+python3 - "$results" "$load0" "$load1" "$((SECONDS - t_start))" "$bulk_mib" "$rtt_n" "$http_n" "$tier_name" <<'EOF'
 import json, sys
-path, l0, l1, secs, mib, nr, nh = sys.argv[1:]
+path, l0, l1, secs, mib, nr, nh, tier = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
-print(f"Tier: TCG (QEMU 7.2 -accel tcg, -M microvm, 1 vCPU, 256 MiB; same guest and kernel "
-      f"everywhere). Load average {l0} before, {l1} after; {secs} s in all.")
+print(f"Tier: {tier}; 1 vCPU, 256 MiB, the same guest everywhere. Load average {l0} before, "
+      f"{l1} after; {secs} s in all.")
 print(f"Bulk echo {mib} MiB (each way at once); echo round trips: {nr} x 64 B; HTTP GET /: {nh}.")
 print()
 print("| frontend / netdev | COLO chain | bulk echo (MiB/s) | echo RTT p50 / p99 (µs) | HTTP GET p50 / p99 (ms) |")
