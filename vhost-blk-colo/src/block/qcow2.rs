@@ -21,7 +21,8 @@
 //! (bounded by what the image holds) and each change is written through at once, in the order
 //! refcount → table or data → reference (L2 entry, then L1 entry), so a crashed process leaves at
 //! worst leaked clusters (`qemu-img check -r leaks` reclaims them; the unit tests cut every
-//! operation after each of its file writes and check exactly that). Power-loss ordering would
+//! operation after each of its file writes and check exactly that); opening an image for writing
+//! frees such leaks, so a checkpoint after a crash leaves a clean image. Power-loss ordering would
 //! need a barrier between those steps; the COLO overlays are scratch state rebuilt by the next
 //! checkpoint, so this driver does not pay for one.
 //!
@@ -246,6 +247,25 @@ impl Qcow2Node {
         }
         let max_used = seen.iter().max().map(|&c| c + 1).unwrap_or(0);
         let mut refs = refs;
+        if !read_only {
+            // Leaked clusters (counted, referenced by nothing: what a crash can leave) are
+            // freed, as `qemu-img check -r leaks` would.
+            let leaked = refs.counted_except(&seen);
+            if !leaked.is_empty() {
+                tracing::warn!(
+                    image = %path.display(),
+                    clusters = leaked.len(),
+                    "qcow2: freeing leaked clusters"
+                );
+                let mut blocks: Vec<u64> =
+                    leaked.iter().filter_map(|&c| refs.set_mem(c, 0)).collect();
+                blocks.sort_unstable();
+                blocks.dedup();
+                for b in blocks {
+                    refs.write_block(&file, b)?;
+                }
+            }
+        }
         let rt_end = (h.rt_offset >> cb) + u64::from(h.rt_clusters);
         refs.end = refs.end.max(max_used).max(rt_end);
         Ok(Qcow2Node {

@@ -358,6 +358,22 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Host clusters with a non-zero refcount that are not in `referenced`.
+    pub fn counted_except(&self, referenced: &std::collections::HashSet<u64>) -> Vec<u64> {
+        let epb = self.per_block();
+        let mut v = Vec::new();
+        for (&b, vals) in &self.blocks {
+            for (i, &r) in vals.iter().enumerate() {
+                let c = b * epb + i as u64;
+                if r != 0 && !referenced.contains(&c) {
+                    v.push(c);
+                }
+            }
+        }
+        v.sort_unstable();
+        v
+    }
+
     /// 1 + the highest host cluster with a non-zero refcount (0 when none).
     pub fn used_end(&self) -> u64 {
         let epb = self.per_block();
