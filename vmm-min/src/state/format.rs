@@ -277,6 +277,24 @@ impl Fnv {
             self.h = fnv_mix(self.h, u64::from_le_bytes(self.tail));
             self.n = 0;
         }
+        // Fast path (page buffers are 8-byte aligned): whole words straight from memory.
+        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned
+        // middle of the byte slice, which stays borrowed for the loop.
+        let (pre, mid, _) = unsafe { d.align_to::<u64>() };
+        if pre.is_empty() && !mid.is_empty() {
+            let mut h = self.h;
+            if cfg!(target_endian = "little") {
+                for &w in mid {
+                    h = (h ^ w).wrapping_mul(FNV_PRIME).rotate_left(29);
+                }
+            } else {
+                for &w in mid {
+                    h = fnv_mix(h, u64::from_le(w));
+                }
+            }
+            self.h = h;
+            d = &d[mid.len() * 8..];
+        }
         let mut words = d.chunks_exact(8);
         for w in &mut words {
             let mut b = [0u8; 8];

@@ -721,6 +721,17 @@ fn state_checksum_does_not_depend_on_how_the_data_is_split() {
         }
         assert_eq!(f.value(), whole.value(), "split {split}");
     }
+    // Aligned and unaligned starts (fast and slow paths) agree.
+    let words: Vec<u64> = vec![0x0123_4567_89ab_cdef; 130];
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let mut aligned = format::Fnv::new();
+    // SAFETY: u64 to bytes, the slice stays within `words`.
+    aligned.update(unsafe { words.align_to::<u8>().1 });
+    let mut unaligned = format::Fnv::new();
+    let mut buf = vec![0u8; bytes.len() + 1];
+    buf[1..].copy_from_slice(&bytes);
+    unaligned.update(&buf[1..]);
+    assert_eq!(aligned.value(), unaligned.value());
     let mut bad = data.clone();
     bad[500] ^= 0x80;
     let mut f = format::Fnv::new();
