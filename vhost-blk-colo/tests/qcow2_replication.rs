@@ -217,6 +217,8 @@ fn qcow2_active_and_hidden_from_qemu_img_checkpoint_and_failover() {
     let mut sf = fe(&p("sec.sock"));
     let st = status(&mut sq);
     assert_eq!(st["replication"][0]["cluster-size"], 65536, "{st}");
+    assert_eq!(st["replication"][0]["active-driver"], "qcow2", "{st}");
+    assert_eq!(st["replication"][0]["hidden-driver"], "qcow2", "{st}");
 
     // Two checkpoint intervals with writes on both sides.
     for round in 0..2u64 {

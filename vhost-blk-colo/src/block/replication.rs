@@ -690,6 +690,8 @@ impl ReplicationSecondary {
             "active-clusters": sh.active.allocated_count(),
             "hidden-clusters": sh.hidden.allocated_count(),
             "cluster-size": sh.active.cluster_size(),
+            "active-driver": sh.active.driver(),
+            "hidden-driver": sh.hidden.driver(),
             "checkpoints": sh.checkpoints.load(Ordering::Relaxed),
             "last-checkpoint-us": sh.last_checkpoint_us.load(Ordering::Relaxed),
             "copy-before-write-clusters": sh.cbw_copies.load(Ordering::Relaxed),
