@@ -470,6 +470,20 @@ fn snapshot_save_file_then_restore_in_a_new_process_continues_the_guest() {
     )
     .unwrap();
     assert_eq!(status(&mut bq)["status"], "running");
+    // Failures leave the VM as it was.
+    let bad = dir.path().join("no/such/dir/x.snap");
+    let e = bq
+        .execute("snapshot-save-file", json!({"path": bad.to_str().unwrap()}))
+        .unwrap_err();
+    assert!(e.to_string().contains("no/such/dir"), "{e}");
+    assert_eq!(status(&mut bq)["status"], "running");
+    assert!(bq.execute("migrate", json!({"uri": "exec:cat"})).is_err());
+    assert!(bq.execute("migrate", json!({"uri": "tcp:nohost"})).is_err());
+    assert_eq!(
+        bq.execute("query-migrate", Value::Null).unwrap(),
+        json!({}),
+        "no migration started"
+    );
     let restored = quit_and_count(&mut b, &mut bq, dir.path(), "b");
     assert!(
         restored > saved,

@@ -203,6 +203,8 @@ pub struct Migration {
     params: Mutex<Params>,
     info: Mutex<Info>,
     cancel: AtomicBool,
+    /// A migration or a snapshot holds the VM state (one at a time).
+    busy: AtomicBool,
     conn: Mutex<Option<TcpStream>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -274,6 +276,7 @@ impl Migration {
             params: Mutex::new(Params::default()),
             info: Mutex::new(Info::default()),
             cancel: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
             conn: Mutex::new(None),
             thread: Mutex::new(None),
         })
@@ -324,11 +327,15 @@ impl Migration {
             }
             RunState::Running | RunState::Paused => {}
         }
+        if self
+            .busy
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err("a migration or a snapshot is already running".into());
+        }
         {
             let mut info = lock(&self.info);
-            if info.status.running() {
-                return Err(format!("a migration is already {}", info.status.name()));
-            }
             *info = Info {
                 start: Some(Instant::now()),
                 total: self.live.ram().size(),
@@ -343,8 +350,15 @@ impl Migration {
         let me = self.clone();
         let t = std::thread::Builder::new()
             .name("migration".into())
-            .spawn(move || me.run(&addr))
-            .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+            .spawn(move || {
+                me.run(&addr);
+                me.busy.store(false, Ordering::SeqCst);
+            })
+            .map_err(|e| {
+                self.busy.store(false, Ordering::SeqCst);
+                self.set_status(Status::Failed);
+                format!("cannot start the migration thread: {e}")
+            })?;
         *lock(&self.thread) = Some(t);
         Ok(())
     }
@@ -728,38 +742,50 @@ pub fn register(r: &mut Registry, m: &Arc<Migration>) {
             args::reject_unknown(a, &["path", "resume"])?;
             let path = std::path::PathBuf::from(args::required_str(a, "path")?);
             let resume = args::optional_bool(a, "resume")?.unwrap_or(true);
-            if m.active() {
-                return Err(generic("snapshot-save-file: a migration is in progress"));
+            if m.busy
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                return Err(generic(
+                    "snapshot-save-file: a migration or another snapshot is running",
+                ));
             }
-            match m.live.control().run_state() {
-                RunState::Running | RunState::Paused => {}
-                s => {
-                    return Err(generic(format!(
-                        "snapshot-save-file: the VM cannot be saved in state {s:?}"
-                    )));
-                }
-            }
-            let was_running = m.live.control().run_state() == RunState::Running;
-            let snap = m
-                .live
-                .pause_and_capture()
-                .map_err(|e| generic(format!("snapshot-save-file: {e}")))?;
-            let saved = crate::state::format::save_file(&path, &snap, m.live.ram());
-            // Resume (or, when asked not to, leave it paused with the rings stopped: `cont`
-            // restarts them); after a failure the VM is left as it was.
-            let res = if resume || saved.is_err() {
-                if was_running {
-                    m.live.resume()
-                } else {
-                    m.live.resume_devices()
-                }
-            } else {
-                Ok(())
-            };
-            let n = saved.map_err(|e| generic(format!("snapshot-save-file: {e}")))?;
-            res.map_err(|e| generic(format!("snapshot-save-file: saved, but resuming: {e}")))?;
-            tracing::info!(path = %path.display(), bytes = n, "snapshot saved");
-            Ok(json!({}))
+            let r = save_snapshot(&m, &path, resume);
+            m.busy.store(false, Ordering::SeqCst);
+            r
         });
     }
+}
+
+/// `snapshot-save-file` with the busy flag held.
+fn save_snapshot(m: &Migration, path: &std::path::Path, resume: bool) -> Result<Value, QmpError> {
+    match m.live.control().run_state() {
+        RunState::Running | RunState::Paused => {}
+        s => {
+            return Err(generic(format!(
+                "snapshot-save-file: the VM cannot be saved in state {s:?}"
+            )));
+        }
+    }
+    let was_running = m.live.control().run_state() == RunState::Running;
+    let snap = m
+        .live
+        .pause_and_capture()
+        .map_err(|e| generic(format!("snapshot-save-file: {e}")))?;
+    let saved = crate::state::format::save_file(path, &snap, m.live.ram());
+    // Resume (or, when asked not to, leave it paused with the rings stopped: `cont`
+    // restarts them); after a failure the VM is left as it was.
+    let res = if resume || saved.is_err() {
+        if was_running {
+            m.live.resume()
+        } else {
+            m.live.resume_devices()
+        }
+    } else {
+        Ok(())
+    };
+    let n = saved.map_err(|e| generic(format!("snapshot-save-file: {e}")))?;
+    res.map_err(|e| generic(format!("snapshot-save-file: saved, but resuming: {e}")))?;
+    tracing::info!(path = %path.display(), bytes = n, "snapshot saved");
+    Ok(json!({}))
 }
