@@ -10,7 +10,8 @@
 #
 # Knobs (environment): MIGRATE_MEM_MIB (256), MIGRATE_DOWNTIME_MS (300), MIGRATE_BANDWIDTH
 # (bytes/s, default 10 GiB/s = unlimited), MIGRATE_DIRTY_PPS (2000), MIGRATE_DIRTY_PAGES (8192),
-# MIGRATE_VMMS (vmm-min,qemu).
+# MIGRATE_VMMS (vmm-min,qemu), MIGRATE_PROFILE (release: vmm-min and vhost-net-colo are built
+# with --release, as QEMU is optimised C; debug uses target/debug).
 #
 # On the host it builds the binaries and re-runs itself inside scripts/kvm-lab.sh; inside the lab
 # (KVM_LAB=1) it runs bench.py. Needs python3, qemu-system-x86, and the guest of
@@ -21,7 +22,14 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 RUNS="${1:-1}"
 if [ "${KVM_LAB:-}" != 1 ]; then
     "$ROOT/scripts/build-guest.sh" >/dev/null
-    cargo build --quiet --manifest-path "$ROOT/Cargo.toml" -p vmm-min -p vhost-net-colo
-    exec "$ROOT/scripts/kvm-lab.sh" -t "${MIGRATE_LAB_TIMEOUT:-2400}" -- "$HERE/run.sh" "$RUNS"
+    if [ "${MIGRATE_PROFILE:-release}" = release ]; then
+        cargo build --quiet --release --manifest-path "$ROOT/Cargo.toml" -p vmm-min -p vhost-net-colo
+    else
+        cargo build --quiet --manifest-path "$ROOT/Cargo.toml" -p vmm-min -p vhost-net-colo
+    fi
+    # One lab at a time: the same lock as the lab tests (colo_tests::lab).
+    LOCK="${KVM_LAB_DIR:-$ROOT/.cache/kvm-lab}/run.lock"
+    mkdir -p "$(dirname "$LOCK")"
+    exec flock "$LOCK" "$ROOT/scripts/kvm-lab.sh" -t "${MIGRATE_LAB_TIMEOUT:-2400}" -- "$HERE/run.sh" "$RUNS"
 fi
 exec python3 "$HERE/bench.py" "$RUNS"
