@@ -287,16 +287,7 @@ impl BlkControl {
                         .transpose()
                         .map_err(|_| inval(format!("{name}: bad file.cluster-size")))?
                         .unwrap_or(DEFAULT_CLUSTER);
-                    // Active disk: `file.*` without `file.backing.*`; hidden: `file.backing.*`.
-                    let mut ao = sub(o, "file");
-                    ao.retain(|k, _| !k.starts_with("backing"));
-                    let active =
-                        LayerSpec::from_opts(&ao, &format!("{name} active disk"), cluster)?;
-                    let hidden = LayerSpec::from_opts(
-                        &sub(o, "file.backing"),
-                        &format!("{name} hidden disk"),
-                        cluster,
-                    )?;
+                    let (active, hidden) = LayerSpec::secondary_pair(o, name, cluster)?;
                     let base_id = o.get("file.backing.backing").ok_or_else(|| {
                         inval(format!(
                             "{name}: secondary needs file.backing.backing=<base drive id>"

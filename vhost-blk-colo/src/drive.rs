@@ -132,4 +132,57 @@ mod tests {
         assert_eq!(f["file.port"], "10809");
         assert_eq!(f["file.x"], "on");
     }
+
+    #[test]
+    fn the_seeds_secondary_drive_selects_qcow2_active_and_hidden_disks() {
+        use crate::block::replication::LayerSpec;
+        let o = parse_opts("if=virtio,id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,top-id=active-disk0,file.file.filename=/mnt/ramfs/active_disk.img,file.backing.driver=qcow2,file.backing.file.filename=/mnt/ramfs/hidden_disk.img,file.backing.backing=colo-disk0").unwrap();
+        let (a, h) = LayerSpec::secondary_pair(&o, "active-disk0", 65536).unwrap();
+        assert_eq!(
+            a,
+            LayerSpec::Qcow2 {
+                path: "/mnt/ramfs/active_disk.img".into()
+            }
+        );
+        assert_eq!(
+            h,
+            LayerSpec::Qcow2 {
+                path: "/mnt/ramfs/hidden_disk.img".into()
+            }
+        );
+        assert_eq!(o["file.backing.backing"], "colo-disk0");
+        // The same as blockdev-add's nested JSON.
+        let j = serde_json::json!({"driver": "replication", "mode": "secondary",
+            "file": {"driver": "qcow2", "file": {"filename": "/a.img"},
+                     "backing": {"driver": "qcow2", "file": {"filename": "/h.img"}, "backing": "colo-disk0"}}});
+        let f = flatten_json(j.as_object().unwrap());
+        let (a, h) = LayerSpec::secondary_pair(&f, "x", 65536).unwrap();
+        assert_eq!(
+            a,
+            LayerSpec::Qcow2 {
+                path: "/a.img".into()
+            }
+        );
+        assert_eq!(
+            h,
+            LayerSpec::Qcow2 {
+                path: "/h.img".into()
+            }
+        );
+        // Native overlays: explicit, or by default when no file is named.
+        let o = parse_opts("mode=secondary,file.driver=overlay,file.backing.driver=overlay,file.backing.backing=b,file.cluster-size=4096").unwrap();
+        let (a, _) = LayerSpec::secondary_pair(&o, "x", 65536).unwrap();
+        assert_eq!(a, LayerSpec::Overlay { cluster: 4096 });
+        let o = parse_opts("mode=secondary,file.backing.backing=b").unwrap();
+        let (a, h) = LayerSpec::secondary_pair(&o, "x", 65536).unwrap();
+        assert_eq!((a.clone(), h), (a, LayerSpec::Overlay { cluster: 65536 }));
+        // A driver that cannot be an overlay, and qcow2 without a file.
+        let o = parse_opts("file.driver=raw,file.backing.backing=b").unwrap();
+        assert!(LayerSpec::secondary_pair(&o, "x", 65536).is_err());
+        let o = parse_opts("file.driver=qcow2,file.backing.backing=b").unwrap();
+        let e = LayerSpec::secondary_pair(&o, "x", 65536)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs file.filename"), "{e}");
+    }
 }

@@ -179,6 +179,32 @@ impl LayerSpec {
         }
     }
 
+    /// The active and hidden disks of a secondary replication drive: the active disk's options
+    /// are `file.*` (without `file.backing.*`), the hidden disk's `file.backing.*` — QEMU's
+    /// nesting, e.g. `file.driver=qcow2,file.file.filename=A,file.backing.driver=qcow2,
+    /// file.backing.file.filename=H`.
+    pub fn secondary_pair(
+        o: &std::collections::BTreeMap<String, String>,
+        name: &str,
+        default_cluster: u64,
+    ) -> BlockResult<(LayerSpec, LayerSpec)> {
+        let sub = |prefix: &str| -> std::collections::BTreeMap<String, String> {
+            let p = format!("{prefix}.");
+            o.iter()
+                .filter_map(|(k, v)| k.strip_prefix(&p).map(|r| (r.to_owned(), v.clone())))
+                .collect()
+        };
+        let mut ao = sub("file");
+        ao.retain(|k, _| k != "backing" && !k.starts_with("backing."));
+        let active = LayerSpec::from_opts(&ao, &format!("{name} active disk"), default_cluster)?;
+        let hidden = LayerSpec::from_opts(
+            &sub("file.backing"),
+            &format!("{name} hidden disk"),
+            default_cluster,
+        )?;
+        Ok((active, hidden))
+    }
+
     /// Opens the layer over `lower`.
     pub fn open(&self, lower: NodeRef) -> BlockResult<Arc<dyn OverlayLayer>> {
         Ok(match self {
