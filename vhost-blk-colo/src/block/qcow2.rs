@@ -641,13 +641,47 @@ impl BlockNode for Qcow2Node {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         check_range("read", offset, buf.len() as u64, self.size)?;
         let m = self.meta.read().map_err(|_| poisoned())?;
-        for (idx, within, pos, n) in self.pieces(offset, buf.len() as u64) {
-            let piece = &mut buf[pos..pos + n];
-            match self.lookup(&m, idx) {
-                Map::Unallocated => self.read_lower(piece, offset + pos as u64)?,
-                Map::Zero(_) => piece.fill(0),
-                Map::Data(h) => pread(&self.file, piece, h + within as u64, "data")?,
+        // Runs of pieces that can be served by one call: unallocated (one lower read), zero,
+        // or data at contiguous host offsets (one pread).
+        #[derive(Clone, Copy, PartialEq)]
+        enum Run {
+            Lower,
+            Zero,
+            Host(u64),
+        }
+        let mut run: Option<(Run, usize, usize)> = None; // (kind, start pos, length)
+        let flush = |buf: &mut [u8], r: (Run, usize, usize)| -> BlockResult<()> {
+            let (kind, pos, len) = r;
+            let piece = &mut buf[pos..pos + len];
+            match kind {
+                Run::Lower => self.read_lower(piece, offset + pos as u64),
+                Run::Zero => {
+                    piece.fill(0);
+                    Ok(())
+                }
+                Run::Host(h) => Ok(pread(&self.file, piece, h, "data")?),
             }
+        };
+        for (idx, within, pos, n) in self.pieces(offset, buf.len() as u64) {
+            let kind = match self.lookup(&m, idx) {
+                Map::Unallocated => Run::Lower,
+                Map::Zero(_) => Run::Zero,
+                Map::Data(h) => Run::Host(h + within as u64),
+            };
+            run = match run {
+                Some((k, p, l)) if k == kind && !matches!(k, Run::Host(_)) => Some((k, p, l + n)),
+                Some((Run::Host(h0), p, l)) if kind == Run::Host(h0 + l as u64) => {
+                    Some((Run::Host(h0), p, l + n))
+                }
+                Some(prev) => {
+                    flush(buf, prev)?;
+                    Some((kind, pos, n))
+                }
+                None => Some((kind, pos, n)),
+            };
+        }
+        if let Some(r) = run {
+            flush(buf, r)?;
         }
         Ok(())
     }
