@@ -218,9 +218,19 @@ impl Vm {
             let pio = self.pio.clone();
             let mmio = self.mmio.clone();
             let ctl = self.control.clone();
+            let irqchip = self.config.irqchip;
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(v, id, &pio, &mmio, &ctl))
+                .spawn(move || {
+                    if id == 0 {
+                        // Probe the saveable MSR list now (cached per process), not inside the
+                        // downtime of the first snapshot or migration.
+                        if let Err(e) = crate::state::vcpu::saveable_msrs(&v, irqchip) {
+                            tracing::warn!("probing the MSR list: {e}");
+                        }
+                    }
+                    vcpu_loop(v, id, &pio, &mmio, &ctl)
+                })
                 .map_err(|source| VmError::Os {
                     what: "spawning a vCPU thread",
                     source,

@@ -512,6 +512,7 @@ impl Migration {
         let was_running = self.live.control().run_state() == RunState::Running;
         let snap = self.live.pause_and_capture()?;
         *stopped = Some(was_running);
+        let t_captured = Instant::now();
         let mut last = pages_from_bitmaps(&dirty.collect()?);
         last.extend_from_slice(&pages);
         last.sort_unstable();
@@ -519,7 +520,9 @@ impl Migration {
         s.pass += 1;
         lock(&self.info).passes = s.pass;
         s.send(&last, false)?;
+        let t_pages = Instant::now();
         let (_, stats) = s.w.finish(&snap)?;
+        let t_end = Instant::now();
         {
             let mut info = lock(&self.info);
             info.transferred = stats.bytes;
@@ -558,6 +561,16 @@ impl Migration {
         }
         self.live.control().set_postmigrate(true);
         lock(&self.info).downtime_ms = Some(ms(t_stop.elapsed()));
+        let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros();
+        eprintln!(
+            "vmm-min: migration downtime: pause+capture {} us, last {} pages {} us, state+END {} us, \
+             acknowledgement {} us",
+            us(t_stop, t_captured),
+            last.len(),
+            us(t_captured, t_pages),
+            us(t_pages, t_end),
+            us(t_end, Instant::now())
+        );
         Ok(())
     }
 
