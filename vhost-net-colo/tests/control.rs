@@ -408,3 +408,90 @@ fn set_link_sends_config_change_on_the_backend_request_channel() {
     assert!(r.read(&mut b).is_err(), "config change without a change");
     fe.alive();
 }
+
+/// What a migration test relies on: after SEND_RARP, a bridge in front of the tap has learnt
+/// the guest's MAC on the tap's port (root; a namespace the test creates).
+#[test]
+fn send_rarp_makes_a_bridge_learn_the_guest_mac_on_the_tap_port() {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIPPED: needs root and /dev/net/tun for a tap on a bridge in a namespace");
+        return;
+    }
+    let ns = format!("vnrarp{}", std::process::id());
+    if !Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+    {
+        eprintln!("SKIPPED: ip netns add failed");
+        return;
+    }
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _del = Del(ns.clone());
+    let ipn = |args: &[&str]| {
+        assert!(
+            Command::new("ip")
+                .args(["-n", &ns])
+                .args(args)
+                .status()
+                .unwrap()
+                .success(),
+            "ip {args:?}"
+        )
+    };
+    ipn(&["link", "add", "br0", "type", "bridge"]);
+    ipn(&["link", "set", "br0", "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vu.sock");
+    let _p = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_vhost-net-colo")])
+            .arg("--socket")
+            .arg(&sock)
+            .args([
+                "--netdev",
+                "tap,id=t0,ifname=vnrarptap0,script=no,downscript=no",
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "backend socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ipn(&["link", "set", "vnrarptap0", "master", "br0"]);
+    ipn(&["link", "set", "vnrarptap0", "up"]);
+    let learnt = || {
+        let out = Command::new("bridge")
+            .args(["-n", &ns, "fdb", "show", "br", "br0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("52:54:00:77:66:55 dev vnrarptap0"))
+    };
+    assert!(!learnt(), "MAC known before the announce");
+    let mut fe = RawFrontend::connect(&sock);
+    fe.negotiate(PROTOCOL_F_RARP);
+    fe.send(
+        SEND_RARP,
+        0,
+        &rarp_payload([0x52, 0x54, 0, 0x77, 0x66, 0x55]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !learnt() {
+        assert!(
+            Instant::now() < deadline,
+            "the bridge never learnt the MAC on the tap port"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
