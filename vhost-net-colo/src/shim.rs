@@ -47,8 +47,10 @@ const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
-/// The largest payload a vhost-user message has (memory table with 8 regions and the like).
-const MAX_PAYLOAD: usize = 4096;
+/// The largest payload the relay reads. Known messages are far smaller (a memory table with 8
+/// regions is 264 bytes, a config read at most 268); the margin lets an unknown request with a
+/// large payload be read whole and answered instead of breaking the session.
+const MAX_PAYLOAD: usize = 64 * 1024;
 const MAX_FDS: usize = 32;
 
 fn read_msg(s: &UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {

@@ -213,6 +213,8 @@ fn send_rarp_broadcasts_an_announce_after_the_filter_chain_and_unknown_requests_
     fe.send(999, NEED_REPLY, &[1, 2, 3]);
     assert_ne!(fe.reply_u64(999), 0);
     fe.send(SEND_RARP, 0, &[1, 2]); // too short: ignored
+    fe.send(998, NEED_REPLY, &vec![7u8; 10_000]); // large payload
+    assert_ne!(fe.reply_u64(998), 0);
     fe.alive();
 
     let net = s.qmp.execute("query-net", json!({})).unwrap();
