@@ -323,6 +323,9 @@ impl LiveVm {
             .into());
         }
         snap.check_consistent().map_err(StateError::from)?;
+        // Rings must not run while their transport is replaced: stop the ones still running
+        // (those stopped by a capture stay so); below they restart from the snapshot's bases.
+        self.stop_devices()?;
         vm_state::restore(&self.fd, &snap.vm).map_err(StateError::from)?;
         let states = Arc::new(snap.vcpus.clone());
         self.on_vcpus(move |v, id| {
@@ -332,7 +335,6 @@ impl LiveVm {
                 None => Ok(()),
             }
         })?;
-        // Rings stopped by an earlier capture are restarted below from the snapshot's bases.
         lock(&self.stopped).take();
         let mut transports = self.devices.virtio.iter();
         for d in &snap.devices {
