@@ -201,6 +201,8 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Queue pairs to set up (the device must offer `VIRTIO_NET_F_MQ` for more than 1).
     pub queue_pairs: u16,
+    /// Feature bits not to acknowledge even when offered (e.g. the offloads).
+    pub refuse_features: u64,
 }
 
 impl Default for Options {
@@ -212,6 +214,7 @@ impl Default for Options {
             mrg_rxbuf: true,
             connect_timeout: Duration::from_secs(10),
             queue_pairs: 1,
+            refuse_features: 0,
         }
     }
 }
@@ -259,6 +262,7 @@ impl NetFrontend {
         if o.mrg_rxbuf {
             want |= avail & (1 << VIRTIO_NET_F_MRG_RXBUF);
         }
+        want &= !o.refuse_features;
         fe.set_features(want).map_err(vh("SET_FEATURES"))?;
         if avail & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let pf = fe

@@ -363,5 +363,44 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
         net["offload"]["passthrough"].as_u64().unwrap() >= 2,
         "{net}"
     );
+
+    // A guest without GUEST_CSUM gets the datagram completed even with an empty chain.
+    qmp.execute("object-del", json!({"id": "d1"})).unwrap();
+    qmp.execute("object-del", json!({"id": "m0"})).unwrap();
+    drop(fe);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fe = NetFrontend::connect(
+        &sock,
+        &Options {
+            refuse_features: 1 << 1 | 1 << 7 | 1 << 8,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(fe.features() & (1 << 1), 0, "GUEST_CSUM refused");
+    ns.run(|| {
+        let s = std::net::UdpSocket::bind("10.0.2.2:0").unwrap();
+        s.send_to(&[0x44; 100], "10.0.2.15:9999").unwrap();
+    });
+    let (hdr, frame) = loop {
+        let (hdr, frame) = fe
+            .recv_vnet(Duration::from_secs(10))
+            .expect("the datagram reaches the guest");
+        if frame.get(23) == Some(&17) {
+            break (hdr, frame);
+        }
+    };
+    assert_eq!(
+        hdr[0] & F_NEEDS_CSUM,
+        0,
+        "no partial checksum for this guest"
+    );
+    let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
+    let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+    assert_eq!(udp.payload(), &[0x44; 100][..]);
+    assert!(udp.verify_checksum(
+        &IpAddress::Ipv4(ip.src_addr()),
+        &IpAddress::Ipv4(ip.dst_addr())
+    ));
     assert_eq!(net["offload"]["errors"], 0, "{net}");
 }
