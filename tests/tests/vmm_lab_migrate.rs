@@ -143,7 +143,14 @@ fn loop_client(
     }
 }
 
-fn wait_count(acked: &Mutex<Vec<Acked>>, after: Instant, n: usize, deadline: Instant, what: &str) {
+/// Waits until `n` loop records sent after `after` are acknowledged; `Err` with the count.
+fn wait_count(
+    acked: &Mutex<Vec<Acked>>,
+    after: Instant,
+    n: usize,
+    deadline: Instant,
+    what: &str,
+) -> Result<(), String> {
     loop {
         let have = acked
             .lock()
@@ -152,12 +159,13 @@ fn wait_count(acked: &Mutex<Vec<Acked>>, after: Instant, n: usize, deadline: Ins
             .filter(|a| a.sent > after)
             .count();
         if have >= n {
-            return;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: only {have} of {n} loop records acknowledged"
-        );
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{what}: only {have} of {n} loop records acknowledged"
+            ));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -261,6 +269,10 @@ fn vmm_args(s: &Side, serial: &Path, qmp: &Path) -> Vec<String> {
 /// Network state for a failure message: links and FDB in the namespace, each backend's counters.
 fn diag(ns: &NetNs, br: &Bridge, qmps: &[&Path]) -> String {
     let mut out = String::new();
+    out += &format!(
+        "ping the guest: {:?}\n",
+        ns.run("ping", &["-c", "3", "-W", "1", "10.0.5.15"])
+    );
     out += &ns.ip(&["-s", "link"]).unwrap_or_else(|e| format!("{e:#}"));
     out += &colo_tests::net::run(ns.command("bridge").args(["fdb", "show", "br", br.name()]))
         .unwrap_or_else(|e| format!("{e:#}"));
@@ -388,7 +400,13 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
         );
         std::thread::spawn(move || loop_client(n2, a2, e2, s2))
     };
-    wait_count(&acked, t_test, 5, secs(60), "loop before the migration");
+    if let Err(m) = wait_count(&acked, t_test, 5, secs(60), "loop before the migration") {
+        panic!(
+            "{m} (errors {:?})\n{}",
+            errors.lock().unwrap(),
+            diag(&ns, &br, &nets)
+        );
+    }
 
     // 2. The destination and the migration.
     let dst_serial = logs.join("dst.serial");
