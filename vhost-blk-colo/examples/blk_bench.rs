@@ -212,29 +212,36 @@ fn main() {
         .collect();
     let skip_qsd = args.iter().any(|a| a == "--no-qsd");
     let skip_repl = args.iter().any(|a| a == "--no-replication");
-    let mut table: Vec<(String, &'static str, Result_)> = Vec::new();
-
-    // 1. ours, raw file.
-    settle();
+    let repeat: usize = get("--repeat", "1").parse().unwrap();
+    let workers = get("--workers", "4");
+    let file_drive = format!("driver=raw,id=d0,file.filename={}", file.display());
+    let quorum_drive = format!(
+        "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw",
+        file.display()
+    );
+    // Every backend is started and connected first; then each workload runs on each backend in
+    // turn (the order alternates between repetitions), so all compared cells see the same
+    // machine conditions.
+    let mut procs: Vec<Proc> = Vec::new();
+    // (label, frontend, writes only)
+    let mut targets: Vec<(&'static str, TestFrontend, bool)> = Vec::new();
     {
         let sock = dir.path().join("ours.sock");
-        let _p = Proc(
+        procs.push(Proc(
             Command::new(&ours)
-                .arg("--socket")
-                .arg(&sock)
-                .arg("--drive")
-                .arg(format!("driver=raw,id=d0,file.filename={}", file.display()))
+                .args([
+                    "--socket",
+                    &sock.display().to_string(),
+                    "--workers",
+                    &workers,
+                ])
+                .args(["--drive", &file_drive])
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start vhost-blk-colo"),
-        );
-        let mut fe = connect(&sock);
-        for &w in &workloads {
-            table.push(("vhost-blk-colo".into(), w.name, run(&mut fe, w, size, secs)));
-        }
+        ));
+        targets.push(("vhost-blk-colo", connect(&sock), false));
     }
-    // 2. qemu-storage-daemon, same file.
-    settle();
     if !skip_qsd {
         let sock = dir.path().join("qsd.sock");
         let p = Command::new("qemu-storage-daemon")
@@ -248,52 +255,35 @@ fn main() {
             .spawn();
         match p {
             Ok(c) => {
-                let _p = Proc(c);
-                let mut fe = connect(&sock);
-                for &w in &workloads {
-                    table.push((
-                        "qemu-storage-daemon".into(),
-                        w.name,
-                        run(&mut fe, w, size, secs),
-                    ));
-                }
+                procs.push(Proc(c));
+                targets.push(("qemu-storage-daemon", connect(&sock), false));
             }
             Err(e) => eprintln!("SKIPPED qemu-storage-daemon: {e}"),
         }
     }
-    // 3. replication cost: quorum local-only vs quorum + replication(NBD to a secondary).
-    let repl_workloads: Vec<Workload> = workloads.iter().copied().filter(|w| w.write).collect();
-    settle();
+    // Replication cost: quorum local-only vs quorum + replication (NBD to a secondary).
+    let mut pq_keep = None;
     if !skip_repl {
         let sock = dir.path().join("local.sock");
-        let _p = Proc(
+        procs.push(Proc(
             Command::new(&ours)
-                .arg("--socket")
-                .arg(&sock)
-                .arg("--drive")
-                .arg(format!(
-                    "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw",
-                    file.display()
-                ))
+                .args([
+                    "--socket",
+                    &sock.display().to_string(),
+                    "--workers",
+                    &workers,
+                ])
+                .args(["--drive", &quorum_drive])
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
-        );
-        let mut fe = connect(&sock);
-        for &w in &repl_workloads {
-            table.push((
-                "primary, local only".into(),
-                w.name,
-                run(&mut fe, w, size, secs),
-            ));
-        }
-    }
-    settle();
-    if !skip_repl {
+        ));
+        targets.push(("primary, local only", connect(&sock), true));
+
         let sec_img = dir.path().join("sec.img");
         std::fs::copy(&file, &sec_img).unwrap();
         let sq_path = dir.path().join("sec.qmp");
-        let _s = Proc(
+        procs.push(Proc(
             Command::new(&ours)
                 .arg("--qmp")
                 .arg(format!("unix:{}", sq_path.display()))
@@ -304,7 +294,7 @@ fn main() {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
-        );
+        ));
         let mut sq = QmpClient::connect_unix_retry(
             &sq_path,
             Instant::now() + Duration::from_secs(30),
@@ -325,21 +315,21 @@ fn main() {
         sq.execute("colo-blk-start", json!({})).unwrap();
         let sock = dir.path().join("pri.sock");
         let pq_path = dir.path().join("pri.qmp");
-        let _p = Proc(
+        procs.push(Proc(
             Command::new(&ours)
-                .arg("--socket")
-                .arg(&sock)
+                .args([
+                    "--socket",
+                    &sock.display().to_string(),
+                    "--workers",
+                    &workers,
+                ])
                 .arg("--qmp")
                 .arg(format!("unix:{}", pq_path.display()))
-                .arg("--drive")
-                .arg(format!(
-                    "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw",
-                    file.display()
-                ))
+                .args(["--drive", &quorum_drive])
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
-        );
+        ));
         let mut pq = QmpClient::connect_unix_retry(
             &pq_path,
             Instant::now() + Duration::from_secs(30),
@@ -358,28 +348,69 @@ fn main() {
         )
         .unwrap();
         pq.execute("colo-blk-start", json!({})).unwrap();
-        let mut fe = connect(&sock);
-        for &w in &repl_workloads {
-            table.push((
-                "primary + NBD secondary".into(),
-                w.name,
-                run(&mut fe, w, size, secs),
-            ));
+        targets.push(("primary + NBD secondary", connect(&sock), true));
+        pq_keep = Some((pq, sq));
+    }
+
+    let mut results: Vec<(&'static str, &'static str, Vec<Result_>)> = Vec::new();
+    for rep in 0..repeat {
+        for &w in &workloads {
+            let n = targets.len();
+            for k in 0..n {
+                // Alternate the order between repetitions.
+                let t = if rep % 2 == 0 { k } else { n - 1 - k };
+                let (label, fe, writes_only) = &mut targets[t];
+                if *writes_only && !w.write {
+                    continue;
+                }
+                settle();
+                let r = run(fe, w, size, secs);
+                match results.iter_mut().find(|x| x.0 == *label && x.1 == w.name) {
+                    Some(x) => x.2.push(r),
+                    None => results.push((label, w.name, vec![r])),
+                }
+            }
         }
+    }
+    if let Some((mut pq, _sq)) = pq_keep {
         let st = pq.execute("colo-blk-status", json!({})).unwrap();
         assert_eq!(
             st["replication"][0]["secondary-connected"], true,
             "secondary dropped during the bench: {st}"
         );
     }
+    drop(targets);
+    drop(procs);
 
     eprintln!("load average at end: {}", loadavg());
-    println!("| backend | workload | IOPS | MB/s | p50 µs | p99 µs |");
-    println!("|---|---|---:|---:|---:|---:|");
-    for (b, w, r) in &table {
+    println!(
+        "| backend | workload | IOPS | MB/s | p50 µs | p99 µs |{}",
+        if repeat > 1 { " runs (IOPS) |" } else { "" }
+    );
+    println!(
+        "|---|---|---:|---:|---:|---:|{}",
+        if repeat > 1 { "---|" } else { "" }
+    );
+    // Per backend, the run with the median IOPS; with --repeat, every run's IOPS too.
+    for (b, w, mut rs) in results {
+        rs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+        let all = rs
+            .iter()
+            .map(|r| format!("{:.0}", r.iops))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let r = &rs[rs.len() / 2];
         println!(
-            "| {b} | {w} | {:.0} | {:.1} | {:.0} | {:.0} |",
-            r.iops, r.mbps, r.p50_us, r.p99_us
+            "| {b} | {w} | {:.0} | {:.1} | {:.0} | {:.0} |{}",
+            r.iops,
+            r.mbps,
+            r.p50_us,
+            r.p99_us,
+            if repeat > 1 {
+                format!(" {all} |")
+            } else {
+                String::new()
+            }
         );
     }
 }

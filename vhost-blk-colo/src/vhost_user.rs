@@ -550,6 +550,7 @@ impl VhostUserBlk {
             return Ok(true);
         }
         let arc_mem = mem.into_inner();
+        let n = batch.len();
         {
             let mut st = self.pool.lock();
             for (seq, req) in batch {
@@ -561,7 +562,11 @@ impl VhostUserBlk {
                 });
             }
         }
-        self.pool.cv.notify_all();
+        // Wake one worker per job (not all of them: idle workers woken for nothing cost
+        // context switches on a small host).
+        for _ in 0..n.min(self.exec.cfg.workers.max(1)) {
+            self.pool.cv.notify_one();
+        }
         Ok(true)
     }
 }

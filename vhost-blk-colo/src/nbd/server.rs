@@ -5,10 +5,10 @@
 //! into a buffered socket. At most [`MAX_IN_FLIGHT`] requests run per connection.
 //!
 //! TCP connections take a shorter path (fewer thread wake-ups per request, which is most of an
-//! NBD round trip on loopback): writes, write-zeroes and trims run on the connection's own task
-//! (`block_in_place` on a multi-thread runtime; the secondary's copy-before-write node
-//! serialises primary writes anyway), and replies are written to the socket by the thread that
-//! has them ([`SockWriter`]) instead of going through a writer task.
+//! NBD round trip on loopback): a lone small write (nothing else in flight or received: a
+//! client at queue depth 1) runs on the connection's own task (`block_in_place` on a
+//! multi-thread runtime), and replies are written to the socket by the thread that has them
+//! ([`SockWriter`]) instead of going through a writer task.
 
 use std::{
     collections::BTreeMap,
@@ -29,6 +29,9 @@ use crate::block::{NodeRef, WriteOp};
 
 /// Requests handled at once on one connection.
 pub const MAX_IN_FLIGHT: u32 = 64;
+
+/// Largest write run on the connection's task (TCP, queue depth 1).
+const INLINE_MAX: u32 = 256 << 10;
 
 /// Errors of the NBD server.
 #[derive(Debug, thiserror::Error)]
@@ -396,7 +399,7 @@ where
 }
 
 async fn transmission_inner<R, W>(
-    mut rd: R,
+    rd: R,
     replies: Replies<W>,
     export: Export,
 ) -> Result<(), NbdServerError>
@@ -407,6 +410,9 @@ where
     let inline_ok = matches!(replies, Replies::Direct(..))
         && Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    // Buffered: small requests arriving back to back cost one read, and an empty buffer
+    // tells that no further request is waiting (see the inline path below).
+    let mut rd = tokio::io::BufReader::with_capacity(128 << 10, rd);
     let sem = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
     let size = export.node.size();
     let writable = export.writable && !export.node.read_only();
@@ -458,8 +464,14 @@ where
             }
             continue;
         }
+        // A lone small write (nothing else in flight, no further request received yet: a
+        // client at queue depth 1) runs right here, saving the hand-off to the blocking pool.
+        // Otherwise requests run on the pool, in parallel, while this task reads the next.
         if inline_ok
             && matches!(req.cmd, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM)
+            && req.len <= INLINE_MAX
+            && rd.buffer().is_empty()
+            && sem.available_permits() == MAX_IN_FLIGHT as usize
             && let Replies::Direct(w, _) = &replies
         {
             let node = export.node.clone();
