@@ -361,7 +361,17 @@ impl Pool {
                     };
                 }
             };
-            let len = exec.run(&job.mem, &job.req, job.ctx.index);
+            // A panicking node must not leave the queue waiting for this request forever.
+            let len = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                exec.run(&job.mem, &job.req, job.ctx.index)
+            }))
+            .unwrap_or_else(|_| {
+                tracing::error!(queue = job.ctx.index, "request handler panicked");
+                match job.mem.write_slice(&[VIRTIO_BLK_S_IOERR], job.req.status) {
+                    Ok(()) => 1,
+                    Err(_) => 0,
+                }
+            });
             job.ctx.complete(job.seq, len);
         }
     }
@@ -975,6 +985,14 @@ impl VhostUserBackend for VhostUserBlk {
             if let Some(r) = self.resume.get(thread_id) {
                 let _ = r.read();
             }
+            // Only meaningful on a started ring (an error here would end the queue's thread).
+            let ready = vrings
+                .first()
+                .is_some_and(|v| v.get_ref().get_queue().ready());
+            let has_mem = self.mem.lock().is_ok_and(|m| m.is_some());
+            if !ready || !has_mem {
+                return Ok(());
+            }
         } else if device_event != 0 {
             return Err(VhostBlkError::UnknownEvent(device_event).into());
         }
@@ -1028,6 +1046,8 @@ pub fn serve(
         // Each queue thread also listens to its queue's "resume" eventfd (in-flight bound).
         let ev = u64::from(resume_event(dev.cfg().num_queues));
         for (h, r) in daemon.get_epoll_handlers().iter().zip(&dev.resume) {
+            // A wake-up left over from the previous connection is stale.
+            let _ = r.read();
             h.register_listener(r.as_raw_fd(), EventSet::IN, ev)
                 .map_err(|e| derr(format!("registering the resume event: {e}")))?;
         }
