@@ -200,6 +200,46 @@ impl GuestRam {
         Ok(())
     }
 
+    /// The guest-physical extents `[start, end)` whose memfd pages exist (`SEEK_DATA` /
+    /// `SEEK_HOLE`), in address order: every page outside them reads as zeros and has never
+    /// been touched. Lets a full pass over RAM skip untouched pages without reading (reading
+    /// would allocate them).
+    pub fn data_extents(&self) -> std::io::Result<Vec<(u64, u64)>> {
+        let fd = self.file.as_raw_fd();
+        let mut out = Vec::new();
+        for r in &self.ranges {
+            let (start, end) = (r.file_offset as i64, (r.file_offset + r.len) as i64);
+            let mut off = start;
+            while off < end {
+                // SAFETY: lseek on our own memfd; it moves only the file offset, which nothing
+                // else in vmm-min relies on while the VM runs (backends mmap the fd).
+                let d = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+                if d < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::ENXIO) {
+                        break;
+                    }
+                    return Err(e);
+                }
+                if d >= end {
+                    break;
+                }
+                // SAFETY: as above.
+                let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+                if h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let h = h.min(end);
+                out.push((
+                    r.guest_addr + (d - start) as u64,
+                    r.guest_addr + (h - start) as u64,
+                ));
+                off = h;
+            }
+        }
+        Ok(out)
+    }
+
     /// Last guest address of RAM + 1.
     pub fn last_addr(&self) -> u64 {
         self.mem.last_addr().raw_value() + 1
@@ -240,6 +280,27 @@ mod tests {
         assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
         assert!(ram.contains(0, 32 << 20));
         assert!(!ram.contains(1, 32 << 20));
+    }
+
+    #[test]
+    fn untouched_pages_are_holes_and_zeroed_ranges_become_holes_again() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        assert_eq!(ram.data_extents().unwrap(), vec![]);
+        ram.mem().write_obj(7u8, GuestAddress(0x5000)).unwrap();
+        ram.mem().write_obj(7u8, GuestAddress(0x8000)).unwrap();
+        let ext = ram.data_extents().unwrap();
+        assert!(
+            ext.iter().any(|e| e.0 <= 0x5000 && 0x5000 < e.1),
+            "{ext:x?}"
+        );
+        assert!(
+            !ext.iter().any(|e| e.0 <= 0x100000 && 0x100000 < e.1),
+            "{ext:x?}"
+        );
+        ram.zero_range(0x5000, 0x4000).unwrap();
+        assert_eq!(ram.data_extents().unwrap(), vec![]);
+        assert_eq!(ram.mem().read_obj::<u8>(GuestAddress(0x8000)).unwrap(), 0);
+        assert!(ram.zero_range(0x1ff_f000, 0x2000).is_err(), "outside RAM");
     }
 
     #[test]

@@ -218,7 +218,12 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    fn send(&mut self, pages: &[u64], throttle: bool) -> Result<(), MigrateError> {
+    fn send(
+        &mut self,
+        pages: &[u64],
+        throttle: bool,
+        data: Option<&[(u64, u64)]>,
+    ) -> Result<(), MigrateError> {
         let ram = self.m.live.ram().clone();
         let pass_start = Instant::now();
         let bytes_at_start = self.w.stats().bytes;
@@ -226,7 +231,7 @@ impl Sender<'_> {
             if self.m.cancel.load(Ordering::SeqCst) {
                 return Err(MigrateError::Cancelled);
             }
-            self.w.send_pages(&ram, chunk)?;
+            self.w.send_pages_in(&ram, chunk, data)?;
             let st = self.w.stats();
             let left = (pages.len() - (i * CHUNK + chunk.len())) as u64 * PAGE_SIZE;
             let bw = self.m.params().max_bandwidth;
@@ -478,10 +483,13 @@ impl Migration {
         lock(&self.info).setup_ms = ms(self.elapsed());
         self.set_status(Status::Active);
         let mut pages = all_pages(self.live.ram());
+        // Pass 1 sends never-touched pages (memfd holes) as zero records without reading them;
+        // a page written after this point is in the dirty log.
+        let mut data = self.live.ram().data_extents().ok();
         loop {
             let t = Instant::now();
             let before = s.w.stats().bytes;
-            s.send(&pages, true)?;
+            s.send(&pages, true, data.take().as_deref())?;
             let spent = t.elapsed().as_secs_f64().max(1e-3);
             let rate = (s.w.stats().bytes - before) as f64 / spent;
             pages = pages_from_bitmaps(&dirty.collect()?);
@@ -519,7 +527,7 @@ impl Migration {
         last.dedup();
         s.pass += 1;
         lock(&self.info).passes = s.pass;
-        s.send(&last, false)?;
+        s.send(&last, false, None)?;
         let t_pages = Instant::now();
         let (_, stats) = s.w.finish(&snap)?;
         let t_end = Instant::now();

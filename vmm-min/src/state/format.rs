@@ -439,9 +439,18 @@ pub fn write_snapshot<W: Write>(
     w.put(&(json.len() as u64).to_le_bytes())?;
     w.put(&json)?;
     let mut page = vec![0u8; PAGE_SIZE as usize];
+    // Untouched pages (memfd holes) are zero records without being read (reading allocates).
+    let data = ram.data_extents().ok();
     for r in ram.ranges() {
         let mut gpa = r.guest_addr;
         while gpa < r.guest_addr + r.len {
+            if let Some(ext) = &data
+                && !super::migration::in_extents(ext, gpa)
+            {
+                w.put(&(gpa | KIND_ZERO).to_le_bytes())?;
+                gpa += PAGE_SIZE;
+                continue;
+            }
             ram.mem()
                 .read_slice(&mut page, GuestAddress(gpa))
                 .map_err(mem_err("reading guest RAM"))?;

@@ -71,6 +71,12 @@ pub fn pages_from_bitmaps(bitmaps: &[(u64, Vec<u64>)]) -> Vec<u64> {
     out
 }
 
+/// True when `gpa` lies in one of the sorted `[start, end)` extents.
+pub fn in_extents(ext: &[(u64, u64)], gpa: u64) -> bool {
+    let i = ext.partition_point(|e| e.1 <= gpa);
+    ext.get(i).is_some_and(|e| e.0 <= gpa)
+}
+
 /// The sending side.
 pub struct StreamWriter<W: Write> {
     w: Writer<W>,
@@ -99,12 +105,30 @@ impl<W: Write> StreamWriter<W> {
     /// Sends the current content of the pages at `gpas` (page-aligned guest addresses); zero
     /// pages go as 8-byte records.
     pub fn send_pages(&mut self, ram: &GuestRam, gpas: &[u64]) -> Result<(), FormatError> {
+        self.send_pages_in(ram, gpas, None)
+    }
+
+    /// [`StreamWriter::send_pages`]; pages outside `data` (from [`GuestRam::data_extents`],
+    /// taken after dirty logging was switched on) are sent as zero records without being read.
+    pub fn send_pages_in(
+        &mut self,
+        ram: &GuestRam,
+        gpas: &[u64],
+        data: Option<&[(u64, u64)]>,
+    ) -> Result<(), FormatError> {
         let mut page = vec![0u8; PAGE_SIZE as usize];
         for chunk in gpas.chunks(MAX_PAGES_PER_SECTION as usize) {
             self.w.put(&[TAG_PAGES])?;
             self.w.put(&(chunk.len() as u32).to_le_bytes())?;
             for &gpa in chunk {
                 let gpa = gpa & !(PAGE_SIZE - 1);
+                if let Some(ext) = data
+                    && !in_extents(ext, gpa)
+                {
+                    self.w.put(&(gpa | KIND_ZERO).to_le_bytes())?;
+                    self.stats.zero_pages += 1;
+                    continue;
+                }
                 ram.mem()
                     .read_slice(&mut page, GuestAddress(gpa))
                     .map_err(mem_err("reading guest RAM"))?;
