@@ -11,6 +11,7 @@ issue's target: downtime within 2x of it). Prints one side-by-side table.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -221,6 +222,17 @@ def one_run(kind, scenario, n):
             if (sent_at_last_active is not None and ram.get("transferred") is not None) else None,
         }
         log(f"{tag}: {json.dumps(v)}")
+        # The final dirty set: QEMU reports the bytes sent while stopped (ram.downtime-bytes);
+        # vmm-min prints "migration downtime: pause+capture .. us, last N pages .. us, ..." on
+        # the source's stderr.
+        r["final_bytes"] = ram.get("downtime-bytes")
+        r["breakdown"] = None
+        if kind == "vmm-min":
+            for line in src[-1].text().splitlines():
+                m = re.search(r"last (\d+) pages", line)
+                if m and "downtime" in line:
+                    r["final_bytes"] = int(m.group(1)) * 4096
+                    r["breakdown"] = line.strip()
         return r
     finally:
         for p in procs:
@@ -262,27 +274,27 @@ def main():
     print(f"Live migration, KVM lab (nested KVM under TCG), {MEM_MIB} MiB, 1 vCPU, TCP on 127.0.0.1, "
           f"downtime-limit {DOWNTIME_MS} ms, max-bandwidth {BANDWIDTH} B/s; dirty = DIRTY {DIRTY_PPS} {DIRTY_PAGES}")
     print(f"memcpy in L1 (64 MiB, best of 5): {speed / 1e6:.0f} MB/s; vmm-min: {VMM}")
-    hdr = ("vmm", "scenario", "run", "total ms", "downtime ms", "sent MiB", "syncs", "remain MiB",
-           "tail MiB", "copy ms", "tail copy ms", "downtime/tail copy")
-    fmt_row = "%-8s %-8s %3s %9s %11s %9s %6s %10s %9s %8s %12s %18s"
+    hdr = ("vmm", "scenario", "run", "total ms", "downtime ms", "sent MiB", "syncs",
+           "final dirty MiB", "copy ms @memcpy", "downtime/copy")
+    fmt_row = "%-8s %-8s %3s %9s %11s %9s %6s %15s %15s %13s"
     print(fmt_row % hdr)
     for r in results:
         if "error" in r:
             print("%-8s %-8s %3s FAILED: %s" % (r["vmm"], r["scenario"], r["run"], r["error"][:150]))
             continue
-        rem, tail = r["last_remaining"], r["tail"]
-        copy_ms = rem / speed * 1000 if rem is not None else None
-        tail_ms = tail / speed * 1000 if tail is not None else None
-        ratio = (r["downtime_ms"] / tail_ms) if (tail_ms and r["downtime_ms"] is not None) else None
+        fb = r["final_bytes"]
+        copy_ms = fb / speed * 1000 if fb is not None else None
+        ratio = (r["downtime_ms"] / copy_ms) if (copy_ms and r["downtime_ms"] is not None) else None
         print(fmt_row % (
             r["vmm"], r["scenario"], r["run"], fmt(r["total_ms"]), fmt(r["downtime_ms"]),
-            fmt(r["transferred"], 1 << 20, 1), fmt(r["syncs"]), fmt(rem, 1 << 20, 2),
-            fmt(tail, 1 << 20, 2), fmt(copy_ms, 1, 2), fmt(tail_ms, 1, 2), fmt(ratio, 1, 1)))
-    print("remain = ram.remaining at the last query-migrate poll (every 20 ms) while active/device "
-          "(a lower estimate of the final dirty set); tail = bytes sent after the last poll while "
-          "active (the final dirty set + state + the end of the last pass: an upper estimate); "
-          "copy ms = those / memcpy speed. Target: downtime within 2x of the time to copy the "
-          "final dirty set.")
+            fmt(r["transferred"], 1 << 20, 1), fmt(r["syncs"]), fmt(fb, 1 << 20, 2),
+            fmt(copy_ms, 1, 2), fmt(ratio, 1, 1)))
+    print("final dirty = pages sent while the guest was stopped (QEMU: ram.downtime-bytes; vmm-min: "
+          "'last N pages' of its downtime breakdown); copy ms = that / memcpy speed. "
+          "Target: downtime within 2x of that copy time.")
+    for r in results:
+        if r.get("breakdown"):
+            print(f"{r['vmm']} {r['scenario']} {r['run']}: {r['breakdown']}")
 
 
 if __name__ == "__main__":
