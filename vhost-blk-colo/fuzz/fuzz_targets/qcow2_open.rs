@@ -34,7 +34,11 @@ fuzz_target!(|data: &[u8]| {
     let _ = node.read_at(&mut buf[..n], 0);
     let _ = node.read_at(&mut buf[..n], size - n as u64);
     let mut wrote = Vec::new();
-    for (off, len) in [(3000u64, 5000usize), (size / 2, 700), (size.saturating_sub(100), 100)] {
+    for (off, len) in [
+        (3000u64, 5000usize),
+        (size / 2, 700),
+        (size.saturating_sub(100), 100),
+    ] {
         if off + len as u64 <= size && node.write_at(&vec![0xe7; len], off, false).is_ok() {
             wrote.push((off, len));
         }
