@@ -659,17 +659,20 @@ pub fn incoming(uri: &str, live: &LiveVm) -> Result<(), MigrateError> {
     )
     .map_err(MigrateError::from)
     .and_then(|(snap, stats)| {
+        let r = Instant::now();
         live.restore(&snap)?;
-        Ok(stats)
+        Ok((stats, r.elapsed()))
     });
     match result {
-        Ok(stats) => {
+        Ok((stats, restore)) => {
             let _ = answer.write_all(&[ACK_OK]);
             eprintln!(
-                "vmm-min: incoming migration complete in {} ms ({} pages, {} zero pages)",
+                "vmm-min: incoming migration complete in {} ms ({} pages, {} zero pages; \
+                 state restored in {} us)",
                 ms(t.elapsed()),
                 stats.pages,
-                stats.zero_pages
+                stats.zero_pages,
+                restore.as_micros()
             );
             Ok(())
         }
