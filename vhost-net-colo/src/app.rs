@@ -179,6 +179,7 @@ impl App {
                 "state": nd.as_ref().map(|n| n.describe()),
             },
             "device": self.counters.json(),
+            "queues": self.counters.json_pairs(self.path.pairs()),
             "guest_queue": {
                 "queued": self.path.guest.queued.load(Relaxed),
                 "dropped_full": self.path.guest.dropped.load(Relaxed),

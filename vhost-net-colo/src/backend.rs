@@ -79,9 +79,26 @@ pub struct DevCounters {
     pub rx_dropped_too_big: AtomicU64,
     pub bad_descriptors: AtomicU64,
     pub connections: AtomicU64,
+    /// Frames from the guest per transmit queue pair.
+    pub from_guest_by_pair: [AtomicU64; MAX_QUEUE_PAIRS],
+    /// Frames to the guest per receive queue pair.
+    pub to_guest_by_pair: [AtomicU64; MAX_QUEUE_PAIRS],
 }
 
 impl DevCounters {
+    /// Per-pair frame counts of the first `pairs` pairs.
+    pub fn json_pairs(&self, pairs: usize) -> serde_json::Value {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (0..pairs.min(MAX_QUEUE_PAIRS))
+            .map(|i| {
+                serde_json::json!({
+                    "from_guest": l(&self.from_guest_by_pair[i]),
+                    "to_guest": l(&self.to_guest_by_pair[i]),
+                })
+            })
+            .collect()
+    }
+
     pub fn json(&self) -> serde_json::Value {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         serde_json::json!({
@@ -204,6 +221,9 @@ impl NetBackend {
         self.counters
             .tx_frames
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        if let Some(c) = self.counters.from_guest_by_pair.get(pair) {
+            c.fetch_add(frames.len() as u64, Ordering::Relaxed);
+        }
         for (hdr, f) in frames {
             self.path.from_guest_vnet_on(pair, &hdr, f);
         }
@@ -225,13 +245,13 @@ impl NetBackend {
         let Some(mem) = self.memory() else {
             return;
         };
-        let rxq: Vec<&VringRwLock<GM>> = (0..self.pairs)
-            .filter_map(|i| vrings.get(2 * i))
-            .filter(|v| {
+        let (rx_pair, rxq): (Vec<usize>, Vec<&VringRwLock<GM>>) = (0..self.pairs)
+            .filter_map(|i| vrings.get(2 * i).map(|v| (i, v)))
+            .filter(|(_, v)| {
                 let g = v.get_ref();
                 g.is_enabled() && g.get_queue().ready()
             })
-            .collect();
+            .unzip();
         if rxq.is_empty() {
             return;
         }
@@ -320,6 +340,9 @@ impl NetBackend {
             used[qi] = true;
             pending.pop_front();
             self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = self.counters.to_guest_by_pair.get(rx_pair[qi]) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if event_idx {
             for v in &rxq {

@@ -180,6 +180,14 @@ fn four_queue_pairs_carry_frames_both_ways_and_keep_each_flow_on_one_queue() {
     }
     let used: BTreeSet<usize> = queue_of.values().flatten().copied().collect();
     assert!(used.len() >= 2, "16 flows all on queues {used:?}");
+    let net = qmp.execute("query-net", json!({})).unwrap();
+    let q = net["queues"].as_array().unwrap();
+    assert_eq!(q.len(), 4, "{net}");
+    for (p, c) in q.iter().enumerate() {
+        assert_eq!(c["from_guest"], 10, "pair {p}: {net}");
+        let to_guest = got.iter().filter(|(gp, _)| *gp == p).count();
+        assert_eq!(c["to_guest"], to_guest as u64, "pair {p}: {net}");
+    }
 
     // A driver using one pair: the others disabled, everything arrives on pair 0.
     for p in 1..4 {
