@@ -212,12 +212,14 @@ impl LiveVm {
             RunState::Running => true,
             _ => false,
         };
+        let t = Instant::now();
         if !self.control.pause(STATE_TIMEOUT) {
             if was_running {
                 self.control.resume();
             }
             return Err(LiveError::PauseTimeout(STATE_TIMEOUT));
         }
+        tracing::info!(us = t.elapsed().as_micros(), "vCPUs paused");
         let r = self.capture_paused();
         if r.is_err() {
             let _ = self.resume_devices();
@@ -256,13 +258,22 @@ impl LiveVm {
     }
 
     fn capture_paused(&self) -> Result<VmSnapshot, LiveError> {
+        let t = Instant::now();
         let bases = self.stop_devices()?;
+        let t_rings = t.elapsed();
         let irqchip = self.config.irqchip;
         let vcpus: Vec<VcpuState> = self.on_vcpus(move |v, id| {
             settle(v)?;
             vcpu::capture(v, id, irqchip)
         })?;
+        let t_vcpus = t.elapsed();
         let vm = vm_state::capture(&self.fd, irqchip).map_err(StateError::from)?;
+        tracing::info!(
+            rings_us = t_rings.as_micros(),
+            vcpus_us = (t_vcpus - t_rings).as_micros(),
+            vm_us = (t.elapsed() - t_vcpus).as_micros(),
+            "state captured"
+        );
         let mut devices = Vec::new();
         if let Some((id, s)) = &self.devices.serial {
             devices.push(DeviceState::serial(id.clone(), &lock(s)));
