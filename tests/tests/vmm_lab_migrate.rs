@@ -267,11 +267,13 @@ fn vmm_args(s: &Side, serial: &Path, qmp: &Path) -> Vec<String> {
 }
 
 /// Network state for a failure message: links and FDB in the namespace, each backend's counters.
-fn diag(ns: &NetNs, br: &Bridge, qmps: &[&Path]) -> String {
+fn diag(ns: &NetNs, br: &Bridge, qmps: &[&Path], img: &Path) -> String {
     let mut out = String::new();
+    let recs = disk_records(img);
     out += &format!(
-        "ping the guest: {:?}\n",
-        ns.run("ping", &["-c", "3", "-W", "1", "10.0.5.15"])
+        "journal records on disk: {} (last {:?})\n",
+        recs.len(),
+        recs.last()
     );
     out += &ns.ip(&["-s", "link"]).unwrap_or_else(|e| format!("{e:#}"));
     out += &colo_tests::net::run(ns.command("bridge").args(["fdb", "show", "br", br.name()]))
@@ -280,6 +282,25 @@ fn diag(ns: &NetNs, br: &Bridge, qmps: &[&Path]) -> String {
         let v = colo_tests::qmp_connect(q, secs(5))
             .and_then(|mut c| Ok(c.execute("query-net", json!({}))?));
         out += &format!("{}: {v:?}\n", q.display());
+    }
+    out
+}
+
+/// The valid journal records in the image, from slot 1 on (scripts/guest/README.md).
+fn disk_records(img: &Path) -> Vec<(u64, String)> {
+    let data = std::fs::read(img).unwrap_or_default();
+    let mut out = Vec::new();
+    for seq in 1u64.. {
+        let off = usize::try_from(seq * 512).unwrap_or(usize::MAX);
+        let Some(slot) = data.get(off..off.saturating_add(512)) else {
+            break;
+        };
+        let text = String::from_utf8_lossy(slot);
+        let head = format!("COLOJRNL {seq:08} ");
+        let Some(rest) = text.strip_prefix(&head) else {
+            break;
+        };
+        out.push((seq, rest.split('\n').nth(1).unwrap_or("").to_string()));
     }
     out
 }
@@ -363,7 +384,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     let nets = [a.net_qmp.clone(), b.net_qmp.clone()];
     let nets: Vec<&Path> = nets.iter().map(PathBuf::as_path).collect();
     if let Err(err) = connect_in(Some(&nsn), guest(5000), secs(30)) {
-        panic!("journal port: {err:#}\n{}", diag(&ns, &br, &nets));
+        panic!("journal port: {err:#}\n{}", diag(&ns, &br, &nets, &img));
     }
     http_page(&nsn);
     let mut e = connect_in(Some(&nsn), guest(7), secs(30)).unwrap();
@@ -374,7 +395,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     if let Err(err) = connect_in(Some(&nsn), guest(5000), secs(30)) {
         panic!(
             "journal port after echo: {err:#}\n{}",
-            diag(&ns, &br, &nets)
+            diag(&ns, &br, &nets, &img)
         );
     }
     let mut j = Journal::open(&nsn, secs(30));
@@ -404,7 +425,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
         panic!(
             "{m} (errors {:?})\n{}",
             errors.lock().unwrap(),
-            diag(&ns, &br, &nets)
+            diag(&ns, &br, &nets, &img)
         );
     }
 
@@ -509,7 +530,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
         panic!(
             "after the migration: new echo {new_echo:?}, HTTP ok {page_ok}, old echo {old_echo:?}, loop records {loop_after} (errors {:?}); destination {st:?}\n{}",
             errors.lock().unwrap(),
-            diag(&ns, &br, &nets)
+            diag(&ns, &br, &nets, &img)
         );
     }
     let u1 = uptime(&nsn);
