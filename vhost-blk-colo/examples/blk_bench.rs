@@ -45,7 +45,8 @@ struct Result_ {
     p99_us: f64,
 }
 
-fn run(fe: &mut TestFrontend, w: Workload, size: u64, secs: f64) -> Result_ {
+/// Runs `w` for `secs`, spreading requests round-robin over `nq` queues.
+fn run(fe: &mut TestFrontend, w: Workload, size: u64, secs: f64, nq: usize) -> Result_ {
     let sectors = size / 512;
     let bsec = (w.bs / 512) as u64;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -63,7 +64,8 @@ fn run(fe: &mut TestFrontend, w: Workload, size: u64, secs: f64) -> Result_ {
             s
         }
     };
-    let mut started: std::collections::HashMap<u16, Instant> = Default::default();
+    let mut started: std::collections::HashMap<(usize, u16), Instant> = Default::default();
+    let mut rr = 0usize;
     let mut lat: Vec<u32> = Vec::new();
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(secs);
@@ -71,19 +73,38 @@ fn run(fe: &mut TestFrontend, w: Workload, size: u64, secs: f64) -> Result_ {
     loop {
         while started.len() < w.qd && Instant::now() < end {
             let s = next_sector();
+            let q = rr % nq;
+            rr += 1;
             let slot = if w.write {
-                fe.submit(0, VIRTIO_BLK_T_OUT, s, Data::Out(&buf)).unwrap()
+                fe.submit(q, VIRTIO_BLK_T_OUT, s, Data::Out(&buf)).unwrap()
             } else {
-                fe.submit(0, VIRTIO_BLK_T_IN, s, Data::In(w.bs)).unwrap()
+                fe.submit(q, VIRTIO_BLK_T_IN, s, Data::In(w.bs)).unwrap()
             };
-            started.insert(slot, Instant::now());
+            started.insert((q, slot), Instant::now());
         }
         if started.is_empty() {
             break;
         }
-        for c in fe.wait(0, Duration::from_secs(30)).unwrap() {
+        let mut got: Vec<(usize, vhost_blk_colo::testing::Completion)> = Vec::new();
+        for q in 0..nq {
+            got.extend(fe.poll(q).into_iter().map(|c| (q, c)));
+        }
+        if got.is_empty() {
+            let q = started.keys().next().map_or(0, |k| k.0);
+            let wait = if nq == 1 {
+                Duration::from_secs(30)
+            } else {
+                Duration::from_millis(1)
+            };
+            match fe.wait(q, wait) {
+                Ok(cs) => got.extend(cs.into_iter().map(|c| (q, c))),
+                Err(_) if nq > 1 => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        for (q, c) in got {
             assert_eq!(c.status, VIRTIO_BLK_S_OK, "request failed");
-            if let Some(t) = started.remove(&c.slot) {
+            if let Some(t) = started.remove(&(q, c.slot)) {
                 lat.push(t.elapsed().as_micros() as u32);
             }
             done += 1;
@@ -112,11 +133,12 @@ fn wait_sock(p: &Path) {
     }
 }
 
-fn connect(sock: &Path) -> TestFrontend {
+fn connect(sock: &Path, nq: usize) -> TestFrontend {
     wait_sock(sock);
     TestFrontend::connect(
         sock,
         &FrontendOptions {
+            num_queues: nq,
             queue_size: 128,
             slot_bytes: 1 << 20,
             ..FrontendOptions::default()
@@ -214,6 +236,8 @@ fn main() {
     let skip_repl = args.iter().any(|a| a == "--no-replication");
     let repeat: usize = get("--repeat", "1").parse().unwrap();
     let workers = get("--workers", "4");
+    let nq: usize = get("--num-queues", "1").parse().unwrap();
+    let nqs = nq.to_string();
     let file_drive = format!("driver=raw,id=d0,file.filename={}", file.display());
     let quorum_drive = format!(
         "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw",
@@ -234,13 +258,15 @@ fn main() {
                     &sock.display().to_string(),
                     "--workers",
                     &workers,
+                    "--num-queues",
+                    &nqs,
                 ])
                 .args(["--drive", &file_drive])
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start vhost-blk-colo"),
         ));
-        targets.push(("vhost-blk-colo", connect(&sock), false));
+        targets.push(("vhost-blk-colo", connect(&sock, nq), false));
     }
     if !skip_qsd {
         let sock = dir.path().join("qsd.sock");
@@ -249,14 +275,14 @@ fn main() {
             .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
             .args([
                 "--export",
-                &format!("type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on", sock.display()),
+                &format!("type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={nq}", sock.display()),
             ])
             .stderr(Stdio::null())
             .spawn();
         match p {
             Ok(c) => {
                 procs.push(Proc(c));
-                targets.push(("qemu-storage-daemon", connect(&sock), false));
+                targets.push(("qemu-storage-daemon", connect(&sock, nq), false));
             }
             Err(e) => eprintln!("SKIPPED qemu-storage-daemon: {e}"),
         }
@@ -272,13 +298,15 @@ fn main() {
                     &sock.display().to_string(),
                     "--workers",
                     &workers,
+                    "--num-queues",
+                    &nqs,
                 ])
                 .args(["--drive", &quorum_drive])
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
         ));
-        targets.push(("primary, local only", connect(&sock), true));
+        targets.push(("primary, local only", connect(&sock, nq), true));
 
         let sec_img = dir.path().join("sec.img");
         std::fs::copy(&file, &sec_img).unwrap();
@@ -322,6 +350,8 @@ fn main() {
                     &sock.display().to_string(),
                     "--workers",
                     &workers,
+                    "--num-queues",
+                    &nqs,
                 ])
                 .arg("--qmp")
                 .arg(format!("unix:{}", pq_path.display()))
@@ -348,7 +378,7 @@ fn main() {
         )
         .unwrap();
         pq.execute("colo-blk-start", json!({})).unwrap();
-        targets.push(("primary + NBD secondary", connect(&sock), true));
+        targets.push(("primary + NBD secondary", connect(&sock, nq), true));
         pq_keep = Some((pq, sq));
     }
 
@@ -364,7 +394,7 @@ fn main() {
                     continue;
                 }
                 settle();
-                let r = run(fe, w, size, secs);
+                let r = run(fe, w, size, secs, nq);
                 match results.iter_mut().find(|x| x.0 == *label && x.1 == w.name) {
                     Some(x) => x.2.push(r),
                     None => results.push((label, w.name, vec![r])),
