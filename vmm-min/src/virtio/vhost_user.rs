@@ -189,12 +189,17 @@ struct Conn {
 /// The reconnect thread of one activated device (stopped and joined on drop).
 struct Monitor {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Wakes the thread out of its poll at once (stopping the rings must not wait for it).
+    wake: Option<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Monitor {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(w) = &self.wake {
+            let _ = w.write(1);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -214,16 +219,23 @@ struct RestoreJob {
 }
 
 /// True once the peer of `sock` hung up (or the socket failed); waits up to 200 ms.
-fn hung_up(sock: &std::os::unix::net::UnixStream) -> bool {
+fn hung_up(sock: &std::os::unix::net::UnixStream, wake: Option<&EventFd>) -> bool {
     use std::os::fd::AsRawFd;
-    let mut p = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, count 1.
-    let n = unsafe { libc::poll(&mut p, 1, 200) };
-    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+    let mut p = [
+        libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.map_or(-1, AsRawFd::as_raw_fd),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two valid pollfds (a negative fd is ignored by poll), count 2.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), 2, 1000) };
+    n > 0 && p[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
 impl RestoreJob {
@@ -274,10 +286,11 @@ impl RestoreJob {
         mut watch: std::os::unix::net::UnixStream,
         pending: std::sync::Arc<std::sync::Mutex<Option<Conn>>>,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        wake: Option<EventFd>,
     ) {
         use std::sync::atomic::Ordering;
         while !stop.load(Ordering::SeqCst) {
-            if !hung_up(&watch) {
+            if !hung_up(&watch, wake.as_ref()) {
                 continue;
             }
             tracing::warn!(socket = %self.spec.socket.display(), "vhost-user backend went away: reconnecting");
@@ -682,12 +695,14 @@ impl VhostUserDevice {
         };
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s, pending) = (stop.clone(), self.pending.clone());
+        let wake = EventFd::new(libc::EFD_NONBLOCK).ok();
+        let wake2 = wake.as_ref().and_then(|w| w.try_clone().ok());
         let thread = std::thread::Builder::new()
             .name("vhost-user-reconnect".into())
-            .spawn(move || job.run(watch, pending, s))
+            .spawn(move || job.run(watch, pending, s, wake2))
             .map_err(|e| tracing::warn!("no reconnect monitor: {e}"))
             .ok();
-        self.monitor = Some(Monitor { stop, thread });
+        self.monitor = Some(Monitor { stop, wake, thread });
     }
 
     fn start_rings(
