@@ -5,7 +5,7 @@
 #
 #   bench/net/guest.sh [--configs "ours-user ours-tap qemu-tap qemu-tap-novnet"]
 #                      [--bulk-mib N] [--rtt N] [--http N] [--no-build] [--backend BIN]
-#                      [--tier tcg|kvm] [--vmm BIN]
+#                      [--tier tcg|kvm] [--vmm BIN] [--ours-device-opts ,event_idx=off]
 #
 # Tier TCG (this host): QEMU 7.2 -accel tcg -M microvm (1 vCPU, 256 MiB, memfd memory) boots the
 # guest in every configuration:
@@ -25,7 +25,9 @@
 # run time over QMP (filter-mirror m0 queue=tx outdev=mirror0; filter-redirector redire0
 # queue=rx indev=compare_out; filter-redirector redire1 queue=rx outdev=compare0), and measured
 # again. The outdevs are consumed as in COLO without a secondary: mirror0 by a sink, compare0 is
-# relayed byte for byte to compare_out (a comparer that releases everything at once; socat).
+# relayed byte for byte to compare_out (a comparer that releases everything at once, with an
+# unbounded queue between its reading and writing sides: guestbench.py relay; socat -u
+# deadlocks QEMU, whose blocking chardev write stops it reading compare_out).
 #
 # What is measured (bench/net/guestbench.py): bulk echo (port 7, busybox `nc -e cat`: the bytes
 # go to the guest and back at once; MiB/s each way), echo round trips of 64-byte lines on one
@@ -35,7 +37,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 here="$root/bench/net"
 configs="ours-user ours-tap qemu-tap"
-bulk_mib=8 rtt_n=200 http_n=30 build=1 backend_bin="" tier=tcg vmm_bin=""
+bulk_mib=8 rtt_n=200 http_n=30 build=1 backend_bin="" tier=tcg vmm_bin="" ours_dev=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --configs) configs=$2; shift 2 ;;
@@ -45,13 +47,14 @@ while [ $# -gt 0 ]; do
         --no-build) build=0; shift ;;
         --tier) tier=$2; shift 2 ;;
         --vmm) vmm_bin=$2; shift 2 ;;
+        --ours-device-opts) ours_dev=$2; shift 2 ;;
         --backend) backend_bin=$2; build=0; shift 2 ;;
         -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "guest.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
 [ "$(id -u)" = 0 ] || { echo "guest.sh: needs root (namespaces, taps)" >&2; exit 1; }
-for t in qemu-system-x86_64 socat python3 ip; do
+for t in qemu-system-x86_64 python3 ip; do
     command -v "$t" >/dev/null || { echo "guest.sh: $t not installed" >&2; exit 1; }
 done
 NICE="nice -n 10"
@@ -146,7 +149,7 @@ ours_guest() {
     local name=$1 extra=$2
     if [ "$tier" = tcg ]; then
         qemu_guest "$name" "$extra" -chardev "socket,id=c1,path=$work/vu.sock" \
-            -netdev vhost-user,id=n1,chardev=c1 -device virtio-net-device,netdev=n1,mac=52:54:00:12:34:56
+            -netdev vhost-user,id=n1,chardev=c1 -device "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56$ours_dev"
     else
         start "$name" "$vmm_bin" --kernel "$gdir/vmlinuz" --initrd "$gdir/initramfs.cpio.gz" \
             --cmdline "$(base_append) $extra" --memory 256M --cpus 1 \
@@ -170,8 +173,8 @@ chardevs() { # the seed's primary chardevs, as unix sockets in $work
 }
 consumers() { # the mirror sink and the compare0 -> compare_out relay
     wait_path "$work/mirror0.sock" 30
-    start sink socat -u -b 262144 "UNIX-CONNECT:$work/mirror0.sock" OPEN:/dev/null,wronly
-    start relay socat -u -b 262144 "UNIX-CONNECT:$work/compare0.sock" "UNIX-CONNECT:$work/compare_out.sock"
+    start sink python3 "$here/guestbench.py" sink "$work/mirror0.sock"
+    start relay python3 "$here/guestbench.py" relay "$work/compare0.sock" "$work/compare_out.sock"
     sleep 0.5
 }
 add_chain() { # QMP_SOCKET EXTRA_JSON_FIELDS
@@ -186,14 +189,20 @@ results="$work/results"
 measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
     local label=$1 chain=$2 host=$3 echo=$4 http=$5 pre=()
     [ "${6:-}" = ns ] && pre=(ip netns exec "$ns")
-    "${pre[@]}" timeout 60 python3 "$here/guestbench.py" wait "$host" "$echo" 50
     local j
-    j=$("${pre[@]}" timeout 600 python3 "$here/guestbench.py" measure "$host" "$echo" "$http" \
-        --bulk-mib "$bulk_mib" --rtt "$rtt_n" --http "$http_n")
+    if ! "${pre[@]}" timeout 60 python3 "$here/guestbench.py" wait "$host" "$echo" 50 \
+            2>"$work/err" ||
+        ! j=$("${pre[@]}" timeout 600 python3 "$here/guestbench.py" measure "$host" "$echo" \
+            "$http" --bulk-mib "$bulk_mib" --rtt "$rtt_n" --http "$http_n" 2>"$work/err"); then
+        j=$(python3 -c 'import json,sys; print(json.dumps({"error": sys.argv[1]}))' \
+            "$(tail -c 300 "$work/err")")
+    fi
     echo "  $label chain=$chain: $j" >&2
     printf '%s\t%s\t%s\n' "$label" "$chain" "$j" >>"$results"
 }
 
+ours_label=""
+[ -n "$ours_dev" ] && ours_label=" (frontend device$(echo "$ours_dev" | tr , ' '))"
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 t_start=$SECONDS
 for cfg in $configs; do
@@ -209,9 +218,9 @@ for cfg in $configs; do
             consumers
             ours_guest g-ours-user ""
             wait_ready g-ours-user
-            measure "vhost-net-colo, user (hostfwd)" no 127.0.0.1 "$e" "$h"
+            measure "vhost-net-colo, user (hostfwd)$ours_label" no 127.0.0.1 "$e" "$h"
             add_chain "$work/be.qmp"
-            measure "vhost-net-colo, user (hostfwd)" yes 127.0.0.1 "$e" "$h"
+            measure "vhost-net-colo, user (hostfwd)$ours_label" yes 127.0.0.1 "$e" "$h"
             ;;
         ours-tap)
             make_ns
@@ -223,9 +232,9 @@ for cfg in $configs; do
             consumers
             ours_guest g-ours-tap "colo.ip=10.0.5.15/24 colo.gw=10.0.5.1"
             wait_ready g-ours-tap
-            measure "vhost-net-colo, tap on a bridge" no 10.0.5.15 7 80 ns
+            measure "vhost-net-colo, tap on a bridge$ours_label" no 10.0.5.15 7 80 ns
             add_chain "$work/be.qmp"
-            measure "vhost-net-colo, tap on a bridge" yes 10.0.5.15 7 80 ns
+            measure "vhost-net-colo, tap on a bridge$ours_label" yes 10.0.5.15 7 80 ns
             ;;
         qemu-tap|qemu-tap-novnet)
             make_ns
@@ -263,6 +272,9 @@ print("| frontend / netdev | COLO chain | bulk echo (MiB/s) | echo RTT p50 / p99
 print("|---|---|---|---|---|")
 for label, chain, j in rows:
     r = json.loads(j)
+    if "error" in r:
+        print(f"| {label} | {chain} | failed: {r['error'].strip()} | | |")
+        continue
     print(f"| {label} | {chain} | {r['bulk_mibs']} | {r['rtt_p50_us']} / {r['rtt_p99_us']} | "
           f"{r['http_p50_ms']} / {r['http_p99_ms']} |")
 EOF

@@ -8,6 +8,11 @@
       each, HTTP/1.0) p50/p99
   guestbench.py qmp SOCKET CMD_JSON...               runs QMP commands (one JSON object each:
       {"execute": ..., "arguments": ...}); fails on the first error
+  guestbench.py relay SRC_UNIX DST_UNIX               copies the byte stream of one Unix socket
+      to another (a comparer that releases everything at once); reading never waits for writing
+      (unbounded buffer), as a comparer queues: a relay that blocks on its write side while
+      the other end blocks writing to it deadlocks QEMU, whose chardev writes block
+  guestbench.py sink SRC_UNIX                         reads a Unix socket and discards it
 """
 
 import json
@@ -166,6 +171,39 @@ def qmp(argv):
     s.close()
 
 
+def relay(src, dst):
+    import queue
+    a = socket.socket(socket.AF_UNIX)
+    a.connect(src)
+    b = socket.socket(socket.AF_UNIX)
+    b.connect(dst)
+    q = queue.SimpleQueue()
+
+    def writer():
+        while True:
+            d = q.get()
+            if d is None:
+                return
+            b.sendall(d)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    while True:
+        d = a.recv(1 << 20)
+        if not d:
+            break
+        q.put(d)
+    q.put(None)
+    t.join()
+
+
+def sink(src):
+    a = socket.socket(socket.AF_UNIX)
+    a.connect(src)
+    while a.recv(1 << 20):
+        pass
+
+
 def main():
     if len(sys.argv) < 2:
         die(__doc__)
@@ -176,6 +214,10 @@ def main():
         measure(argv)
     elif cmd == "qmp":
         qmp(argv)
+    elif cmd == "relay":
+        relay(argv[0], argv[1])
+    elif cmd == "sink":
+        sink(argv[0])
     else:
         die(__doc__)
 
