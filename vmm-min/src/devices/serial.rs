@@ -198,6 +198,12 @@ impl SerialDevice {
         let out = self.serial.writer().clone();
         self.serial = Serial::from_state(&SerialState::from(snap), IrqTrigger(irq), NoEvents, out)
             .map_err(|e| format!("serial restore: {e:?}"))?;
+        // An interrupt pending in IIR may have been raised (irqfd) after the interrupt
+        // controllers were captured: raise it again (the driver reads IIR; a spare edge is
+        // harmless, a lost one stalls the console).
+        if snap.regs[3] & 1 == 0 {
+            let _ = self.serial.interrupt_evt().trigger();
+        }
         Ok(())
     }
 }

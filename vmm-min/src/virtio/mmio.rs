@@ -201,11 +201,14 @@ impl MmioTransport {
             self.device.reset();
         }
         self.state = state.clone();
-        if state.activated
-            && let Err(e) = self.resume_device(bases)
-        {
-            self.state.activated = false;
-            return Err(e);
+        if state.activated {
+            if let Err(e) = self.resume_device(bases) {
+                self.state.activated = false;
+                return Err(e);
+            }
+            // A used-buffer interrupt signalled just before the capture may not be in the
+            // saved interrupt controllers: one spare interrupt makes the driver look.
+            let _ = self.call.write(1);
         }
         Ok(())
     }
