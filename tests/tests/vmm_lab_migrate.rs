@@ -528,8 +528,16 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     if new_echo.is_err() || !page_ok || old_echo.is_err() || loop_after < 5 {
         let st = dq.execute("query-status", json!({}));
         panic!(
-            "after the migration: new echo {new_echo:?}, HTTP ok {page_ok}, old echo {old_echo:?}, loop records {loop_after} (errors {:?}); destination {st:?}\n{}",
+            "after the migration: new echo {new_echo:?}, HTTP ok {page_ok}, old echo {old_echo:?}, loop records {loop_after} (errors {:?}; last acknowledged {:?}, {:.1} s before the switch-over ended); destination {st:?}\n{}",
             errors.lock().unwrap(),
+            acked
+                .lock()
+                .unwrap()
+                .last()
+                .map(|a| (a.seq, a.text.clone())),
+            acked.lock().unwrap().last().map_or(f64::NAN, |a| t_done
+                .saturating_duration_since(a.acked)
+                .as_secs_f64()),
             diag(&ns, &br, &nets, &img)
         );
     }
