@@ -206,6 +206,10 @@ def one_run(kind, scenario, n):
         wall = time.time() - t_mig
         if st != "completed":
             raise RuntimeError(f"migration {st}: {v}")
+        # QEMU 7.2 can answer "completed" before it has filled in total-time/downtime (seen: 0
+        # and 0); ask again a moment later and keep the settled figures.
+        time.sleep(0.5)
+        v = sq.cmd("query-migrate")
         end = time.time() + 30
         while dq.cmd("query-status").get("status") != "running":
             if time.time() > end:
