@@ -310,6 +310,7 @@ impl Conn {
     pub fn push_secondary(&mut self, frame: Frame, kind: Kind, at: Duration, sink: &mut Sink) {
         if let (Kind::Tcp(t), Some(al)) = (kind, self.tcp.align.as_ref())
             && (self.is_compared_syn(&t, al)
+                || self.is_late_fin(&t)
                 || (!al.pending && t.seq_len() > 0 && al.s_range(&t).1 <= al.verified))
         {
             sink.drop_secondary(frame, &self.flow, DropReason::AlreadyVerified);
@@ -334,6 +335,15 @@ impl Conn {
             && !s.rst
             && self.tcp.s_syn == Some(s.seq)
             && al.verified >= al.base
+    }
+
+    /// A bare secondary FIN after the primary's FIN (or RST) was released: a retransmission
+    /// of a FIN that was compared (or of one the connection no longer needs), whatever its
+    /// sequence number says (a filter-rewriter that already forgot the connection leaves it in
+    /// the secondary's own space). Nothing the guest produces can follow it; QEMU drops
+    /// secondary segments without payload unconditionally.
+    fn is_late_fin(&self, s: &TcpSeg) -> bool {
+        self.tcp.closed && s.fin && s.data_len == 0 && !s.syn && !s.rst
     }
 
     /// Bookkeeping for a primary frame that leaves without comparison.
@@ -596,8 +606,9 @@ impl Conn {
                 if s.seq_len() > 0 && se <= verified {
                     return Some(se);
                 }
-                // A retransmitted SYN whose ISN no longer maps below `verified`.
-                self.is_compared_syn(&s, al).then_some(old)
+                // A retransmitted SYN whose ISN no longer maps below `verified`, or a FIN
+                // retransmitted after the close.
+                (self.is_compared_syn(&s, al) || self.is_late_fin(&s)).then_some(old)
             });
             match done {
                 Some(se) => {

@@ -642,3 +642,34 @@ fn secondary_only_syn_ack_retransmission_after_rewriter_is_dropped() {
     assert_eq!((s.primary_queued, s.secondary_queued), (0, 0));
     assert_eq!(s.checkpoints, CheckpointCounts::default());
 }
+
+#[test]
+fn secondary_fin_retransmitted_after_close_in_its_own_space_is_dropped() {
+    // The secondary's FIN is retransmitted after the primary's FIN was compared and released,
+    // and carries the secondary's own sequence number (a filter-rewriter that already forgot
+    // the connection). It must not wait for a twin; a FIN with data still counts.
+    let mut e = engine();
+    let (pi, si) = (1000u32, 1000u32.wrapping_add(0x4000_0000));
+    e.on_primary(seg(pi, SYN | ACK, b""), ms(0));
+    e.on_secondary(seg(si, SYN | ACK, b""), ms(1));
+    let body = vec![7u8; 100];
+    e.on_secondary(seg(pi + 1, ACK | PSH, &body), ms(2));
+    e.on_primary(seg(pi + 1, ACK | PSH, &body), ms(3));
+    e.on_primary(seg(pi + 101, FIN | ACK, b""), ms(4));
+    e.on_secondary(seg(pi + 101, FIN | ACK, b""), ms(5));
+    let d = summary(&mut e);
+    assert_eq!(
+        d.iter()
+            .filter(|x| **x == D::Rel(ReleaseReason::Matched))
+            .count(),
+        3,
+        "{d:?}"
+    );
+    e.on_secondary(seg(si + 101, FIN | ACK, b""), ms(1000));
+    assert_eq!(summary(&mut e), vec![D::Drop(DropReason::AlreadyVerified)]);
+    e.on_tick(ms(60_000));
+    assert_eq!(summary(&mut e), vec![]);
+    let s = e.stats();
+    assert_eq!((s.primary_queued, s.secondary_queued), (0, 0));
+    assert_eq!(s.checkpoints, CheckpointCounts::default());
+}
