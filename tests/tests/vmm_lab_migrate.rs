@@ -603,6 +603,34 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     let mut e3 = connect_in(Some(&nsn), guest(7), secs(30)).unwrap();
     e3.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     echo(&mut e3, "echo after the restore\n");
+    // The journal: the connection opened before the migration (its handler process lives in
+    // the guest across everything), and a new one; the dirtier's port as a control of another
+    // `nc -ll -e` service. All tried and reported before asserting.
+    let old_journal = j.request("PING");
+    eprintln!(
+        "{TEST}: after the restore: PING on the journal connection opened before the migration: {old_journal:?}"
+    );
+    let dirty_ctl = connect_in(Some(&nsn), guest(5001), secs(20)).and_then(|s| {
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut r = BufReader::new(s.try_clone()?);
+        (&s).write_all(b"STATUS\n")?;
+        let mut l = String::new();
+        r.read_line(&mut l)?;
+        Ok(l.trim_end().to_string())
+    });
+    eprintln!("{TEST}: after the restore: dirtier STATUS on a new connection: {dirty_ctl:?}");
+    let new_journal = connect_in(Some(&nsn), guest(5000), secs(30));
+    eprintln!(
+        "{TEST}: after the restore: new journal connection: {:?}",
+        new_journal.as_ref().map(|_| ())
+    );
+    if old_journal.is_err() || new_journal.is_err() {
+        panic!(
+            "journal after the restore: PING on the old connection {old_journal:?}, new connection {:?}, dirtier control {dirty_ctl:?}\n{}",
+            new_journal.map(|_| ()),
+            diag(&ns, &br, &nets, &img)
+        );
+    }
     let mut jr = Journal::open(&nsn, secs(30));
     records.extend((1..=3).map(|i| jr.append(&format!("restored-{i}"))));
     let q = jr.request("QUERY").unwrap();
