@@ -4,60 +4,31 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
 
 use colo_proto::frame::{Frame, FrameReader, write_frame};
+use common::Backend;
 use vhost_net_colo::backend::{VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX};
-use vhost_net_colo::testing::{NetFrontend, Options};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use vhost_net_colo::testing::Options;
 
 struct Setup {
-    _dir: tempfile::TempDir,
-    _proc: Proc,
-    sock: PathBuf,
+    backend: Backend,
     /// The far end of the backend's stream netdev.
     wire: UnixStream,
+    _dir: tempfile::TempDir,
 }
 
 fn start(extra: &[&str]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vu.sock");
-    let wire_path = dir.path().join("wire.sock");
-    let l = UnixListener::bind(&wire_path).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_vhost-net-colo"))
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--netdev")
-        .arg(format!(
-            "stream,id=s0,server=off,addr.type=unix,addr.path={}",
-            wire_path.display()
-        ))
-        .args(extra)
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
-    let (wire, _) = l.accept().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "backend socket never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (backend, wire) = common::spawn_with_wire(dir.path(), "", extra, false);
     Setup {
-        _dir: dir,
-        _proc: proc,
-        sock,
+        backend,
         wire,
+        _dir: dir,
     }
 }
 
@@ -75,7 +46,7 @@ fn frame(i: usize, len: usize) -> Vec<u8> {
 const SIZES: [usize; 8] = [60, 61, 128, 500, 1514, 1000, 4000, 9014];
 
 fn exchange(s: &Setup, o: &Options) {
-    let mut fe = NetFrontend::connect(&s.sock, o).unwrap();
+    let mut fe = s.backend.frontend(o);
     // Guest -> netdev, in order.
     let out: Vec<Vec<u8>> = (0..200).map(|i| frame(i, SIZES[i % SIZES.len()])).collect();
     fe.send_batch(&out[..100]).unwrap();
@@ -153,7 +124,7 @@ fn frames_cross_the_device_without_event_idx_or_merged_buffers() {
 #[test]
 fn mac_and_link_status_are_in_config_space_and_features_are_offered() {
     let s = start(&["--mac", "52:54:00:ab:cd:ef"]);
-    let mut fe = NetFrontend::connect(&s.sock, &Options::default()).unwrap();
+    let mut fe = s.backend.frontend(&Options::default());
     let cfg = fe.config(8).unwrap();
     assert_eq!(&cfg[..6], &[0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
     assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]) & 1, 1, "link up");
@@ -173,7 +144,7 @@ fn mac_and_link_status_are_in_config_space_and_features_are_offered() {
 fn serves_again_after_the_frontend_disconnects() {
     let s = start(&[]);
     for round in 0..3 {
-        let mut fe = NetFrontend::connect(&s.sock, &Options::default()).unwrap();
+        let mut fe = s.backend.frontend(&Options::default());
         let f = frame(round, 100);
         fe.send(&f).unwrap();
         let mut r = FrameReader::new(s.wire.try_clone().unwrap(), false);
@@ -194,46 +165,29 @@ fn serves_again_after_the_frontend_disconnects() {
 
 #[test]
 fn bad_command_lines_are_refused_with_a_message() {
-    let bin = env!("CARGO_BIN_EXE_vhost-net-colo");
-    for args in [
-        vec!["--socket", "/tmp/x.sock", "--netdev", "bogus,id=x"],
-        vec![
-            "--socket",
-            "/tmp/x.sock",
-            "--netdev",
-            "user,id=n0",
-            "--mac",
-            "zz",
-        ],
-        vec![
-            "--socket",
-            "/tmp/x.sock",
+    for rest in [
+        &["--netdev", "bogus,id=x"][..],
+        &["--netdev", "user,id=n0", "--mac", "zz"],
+        &[
             "--netdev",
             "user,id=n0",
             "--object",
             "filter-mirror,id=m,netdev=n0",
         ],
-        vec![
-            "--socket",
-            "/tmp/x.sock",
+        &[
             "--netdev",
             "user,id=n0",
             "--object",
             "filter-rewriter,id=r,netdev=other",
         ],
-        vec![
-            "--socket",
-            "/tmp/x.sock",
-            "--netdev",
-            "user,id=n0,hostfwd=tcp:1.2.3.4",
-        ],
-        vec!["--socket", "/tmp/x.sock", "--netdev", "stream,id=s"],
+        &["--netdev", "user,id=n0,hostfwd=tcp:1.2.3.4"],
+        &["--netdev", "stream,id=s"],
     ] {
-        let out = Command::new(bin).args(&args).output().unwrap();
+        let args = [&["--socket", "/tmp/x.sock"][..], rest].concat();
+        let out = Command::new(common::BIN).args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("Error"), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
-    let _ = Path::new("/tmp/x.sock");
 }

@@ -5,74 +5,38 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use colo_proto::frame::{Frame, FrameReader, write_frame};
 use colo_proto::qmp::QmpClient;
+use common::Backend;
 use serde_json::json;
 use vhost_net_colo::testing::{NetFrontend, Options};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x01];
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Setup {
-    dir: tempfile::TempDir,
-    _proc: Proc,
-    sock: PathBuf,
+    backend: Backend,
     qmp: QmpClient,
     /// Frames the backend sends out of its stream netdev.
     wire: FrameReader<UnixStream>,
     wire_w: UnixStream,
+    dir: tempfile::TempDir,
 }
 
-fn start(extra: &[String]) -> Setup {
+fn start(extra: &[&str]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vu.sock");
-    let qmp_path = dir.path().join("qmp.sock");
-    let wire_path = dir.path().join("wire.sock");
-    let l = UnixListener::bind(&wire_path).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_vhost-net-colo"))
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--netdev")
-        .arg(format!(
-            "stream,id=s0,server=off,addr.type=unix,addr.path={}",
-            wire_path.display()
-        ))
-        .arg("--mac")
-        .arg("52:54:00:ab:cd:01")
-        .arg("--qmp")
-        .arg(format!("unix:{}", qmp_path.display()))
-        .args(extra)
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
-    let (wire, _) = l.accept().unwrap();
-    wire.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() || !qmp_path.exists() {
-        assert!(Instant::now() < deadline, "backend sockets never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let qmp = QmpClient::connect_unix(&qmp_path, Duration::from_secs(10)).unwrap();
+    let args = [&["--mac", "52:54:00:ab:cd:01"][..], extra].concat();
+    let (backend, wire) = common::spawn_with_wire(dir.path(), "", &args, true);
     Setup {
-        sock,
-        _proc: proc,
-        qmp,
+        qmp: backend.qmp(),
+        backend,
         wire_w: wire.try_clone().unwrap(),
         wire: FrameReader::new(wire, false),
         dir,
@@ -183,11 +147,9 @@ fn pcap_frames(path: &std::path::Path) -> Vec<Vec<u8>> {
 fn send_rarp_broadcasts_an_announce_after_the_filter_chain_and_unknown_requests_keep_the_session() {
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("chain.pcap");
-    let mut s = start(&[
-        "--object".into(),
-        format!("filter-dump,id=d0,netdev=s0,file={}", dump.display()),
-    ]);
-    let mut fe = RawFrontend::connect(&s.sock);
+    let dump_obj = format!("filter-dump,id=d0,netdev=s0,file={}", dump.display());
+    let mut s = start(&["--object", &dump_obj]);
+    let mut fe = RawFrontend::connect(&s.backend.sock);
     let pf = fe.negotiate(PROTOCOL_F_RARP | PROTOCOL_F_REPLY_ACK);
     assert_ne!(
         pf & PROTOCOL_F_RARP,
@@ -225,14 +187,11 @@ fn send_rarp_broadcasts_an_announce_after_the_filter_chain_and_unknown_requests_
     marker[..6].copy_from_slice(&MAC);
     marker[12..14].copy_from_slice(&[0x88, 0xb5]);
     write_frame(&mut s.wire_w, &Frame::ethernet(marker.clone()), false).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pcap_frames(&dump).contains(&marker) {
-        assert!(
-            Instant::now() < deadline,
-            "the dump never saw the marker frame"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for(
+        Duration::from_secs(10),
+        "the dump never saw the marker frame",
+        || pcap_frames(&dump).contains(&marker),
+    );
     let dumped = pcap_frames(&dump);
     assert!(
         dumped
@@ -302,7 +261,7 @@ fn guest_frame(i: u8) -> Vec<u8> {
 #[test]
 fn set_link_changes_config_status_and_drops_frames_both_ways_while_down() {
     let mut s = start(&[]);
-    let mut fe = NetFrontend::connect(&s.sock, &Options::default()).unwrap();
+    let mut fe = s.backend.frontend(&Options::default());
     let status = |fe: &mut NetFrontend| {
         let c = fe.config(8).unwrap();
         u16::from_le_bytes([c[6], c[7]])
@@ -362,7 +321,7 @@ fn set_link_changes_config_status_and_drops_frames_both_ways_while_down() {
 #[test]
 fn set_link_sends_config_change_on_the_backend_request_channel() {
     let mut s = start(&[]);
-    let mut fe = RawFrontend::connect(&s.sock);
+    let mut fe = RawFrontend::connect(&s.backend.sock);
     let pf = fe.negotiate(PROTOCOL_F_BACKEND_REQ | PROTOCOL_F_REPLY_ACK);
     assert_ne!(pf & PROTOCOL_F_BACKEND_REQ, 0, "BACKEND_REQ offered");
     let (ours, theirs) = UnixStream::pair().unwrap();
@@ -415,65 +374,27 @@ fn set_link_sends_config_change_on_the_backend_request_channel() {
 /// the guest's MAC on the tap's port (root; a namespace the test creates).
 #[test]
 fn send_rarp_makes_a_bridge_learn_the_guest_mac_on_the_tap_port() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED: needs root and /dev/net/tun for a tap on a bridge in a namespace");
+    let Some(ns) = common::netns_with_tun("vnrarp") else {
         return;
-    }
-    let ns = format!("vnrarp{}", std::process::id());
-    if !Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-    {
-        eprintln!("SKIPPED: ip netns add failed");
-        return;
-    }
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _del = Del(ns.clone());
+    };
     let ipn = |args: &[&str]| {
-        assert!(
-            Command::new("ip")
-                .args(["-n", &ns])
-                .args(args)
-                .status()
-                .unwrap()
-                .success(),
-            "ip {args:?}"
-        )
+        ns.ip(args).unwrap();
     };
     ipn(&["link", "add", "br0", "type", "bridge"]);
     ipn(&["link", "set", "br0", "up"]);
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vu.sock");
-    let _p = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_vhost-net-colo")])
-            .arg("--socket")
-            .arg(&sock)
-            .args([
-                "--netdev",
-                "tap,id=t0,ifname=vnrarptap0,script=no,downscript=no",
-            ])
-            .spawn()
-            .unwrap(),
+    let b = common::spawn_backend(
+        dir.path(),
+        "tap,id=t0,ifname=vnrarptap0,script=no,downscript=no",
+        &[],
+        false,
+        Some(&ns),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "backend socket never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     ipn(&["link", "set", "vnrarptap0", "master", "br0"]);
     ipn(&["link", "set", "vnrarptap0", "up"]);
     let learnt = || {
         let out = Command::new("bridge")
-            .args(["-n", &ns, "fdb", "show", "br", "br0"])
+            .args(["-n", ns.name(), "fdb", "show", "br", "br0"])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
@@ -481,19 +402,16 @@ fn send_rarp_makes_a_bridge_learn_the_guest_mac_on_the_tap_port() {
             .any(|l| l.starts_with("52:54:00:77:66:55 dev vnrarptap0"))
     };
     assert!(!learnt(), "MAC known before the announce");
-    let mut fe = RawFrontend::connect(&sock);
+    let mut fe = RawFrontend::connect(&b.sock);
     fe.negotiate(PROTOCOL_F_RARP);
     fe.send(
         SEND_RARP,
         0,
         &rarp_payload([0x52, 0x54, 0, 0x77, 0x66, 0x55]),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !learnt() {
-        assert!(
-            Instant::now() < deadline,
-            "the bridge never learnt the MAC on the tap port"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for(
+        Duration::from_secs(10),
+        "the bridge never learnt the MAC on the tap port",
+        learnt,
+    );
 }

@@ -5,52 +5,21 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use colo_proto::frame::{Frame, FrameReader, write_frame};
-use colo_proto::qmp::QmpClient;
 use serde_json::json;
 use vhost_net_colo::testing::{NetFrontend, Options};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+fn pairs(n: u16) -> Options {
+    Options {
+        queue_pairs: n,
+        ..Options::default()
     }
-}
-
-fn spawn_backend(dir: &Path, netdev: &str, netns: Option<&str>) -> (Proc, PathBuf, QmpClient) {
-    let sock = dir.join("vu.sock");
-    let qmp_path = dir.join("qmp.sock");
-    let bin = env!("CARGO_BIN_EXE_vhost-net-colo");
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, bin]);
-            c
-        }
-        None => Command::new(bin),
-    };
-    cmd.arg("--socket")
-        .arg(&sock)
-        .arg("--netdev")
-        .arg(netdev)
-        .arg("--qmp")
-        .arg(format!("unix:{}", qmp_path.display()));
-    let proc = Proc(cmd.spawn().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() || !qmp_path.exists() {
-        assert!(Instant::now() < deadline, "backend sockets never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let qmp = QmpClient::connect_unix(&qmp_path, Duration::from_secs(10)).unwrap();
-    (proc, sock, qmp)
 }
 
 /// A UDP/IPv4 frame of flow `flow` (source port), with `n` in the payload.
@@ -100,29 +69,11 @@ fn collect(fe: &mut NetFrontend, count: usize) -> Vec<(usize, Vec<u8>)> {
 #[test]
 fn four_queue_pairs_carry_frames_both_ways_and_keep_each_flow_on_one_queue() {
     let dir = tempfile::tempdir().unwrap();
-    let wire_path = dir.path().join("wire.sock");
-    let l = UnixListener::bind(&wire_path).unwrap();
-    let (_p, sock, mut qmp) = spawn_backend(
-        dir.path(),
-        &format!(
-            "stream,id=s0,server=off,addr.type=unix,addr.path={},queues=4",
-            wire_path.display()
-        ),
-        None,
-    );
-    let (wire, _) = l.accept().unwrap();
-    wire.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (b, wire) = common::spawn_with_wire(dir.path(), ",queues=4", &[], true);
+    let mut qmp = b.qmp();
     let mut w = wire.try_clone().unwrap();
     let mut r = FrameReader::new(wire, false);
-    let mut fe = NetFrontend::connect(
-        &sock,
-        &Options {
-            queue_pairs: 4,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let mut fe = b.frontend(&pairs(4));
     assert_ne!(fe.features() & (1 << 22), 0, "VIRTIO_NET_F_MQ");
     let cfg = fe.config(10).unwrap();
     assert_eq!(
@@ -208,7 +159,7 @@ fn four_queue_pairs_carry_frames_both_ways_and_keep_each_flow_on_one_queue() {
 #[test]
 fn bad_queue_counts_are_refused() {
     for q in ["0", "17", "x"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_vhost-net-colo"))
+        let out = Command::new(common::BIN)
             .args(["--socket", "/nonexistent/x.sock", "--netdev"])
             .arg(format!("user,id=n0,queues={q}"))
             .output()
@@ -221,67 +172,30 @@ fn bad_queue_counts_are_refused() {
 
 #[test]
 fn multi_queue_tap_has_a_queue_per_pair() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 || !Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED: needs root and /dev/net/tun for a tap in a network namespace");
+    let Some(ns) = common::netns_with_tun("vnmq") else {
         return;
-    }
-    let ns = format!("vnmq{}", std::process::id());
-    if !Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-    {
-        eprintln!("SKIPPED: ip netns add failed");
-        return;
-    }
-    struct Del(String);
-    impl Drop for Del {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _del = Del(ns.clone());
+    };
     let dir = tempfile::tempdir().unwrap();
     let tap = "vnmqtap0";
-    let (_p, sock, _qmp) = spawn_backend(
+    let b = common::spawn_backend(
         dir.path(),
         &format!("tap,id=t0,ifname={tap},script=no,downscript=no,queues=2"),
+        &[],
+        true,
         Some(&ns),
     );
-    let link = |ns: &str| -> serde_json::Value {
-        let out = Command::new("ip")
-            .args(["-n", ns, "-d", "-s", "-j", "link", "show", "dev", tap])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    let l = link(&ns);
-    let info = &l[0]["linkinfo"]["info_data"];
+    let l = common::link(&ns, tap);
+    let info = &l["linkinfo"]["info_data"];
     assert_eq!(info["multi_queue"], true, "{l}");
     assert_eq!(info["numqueues"], 2, "{l}");
-    assert!(
-        Command::new("ip")
-            .args(["-n", &ns, "link", "set", tap, "up"])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let mut fe = NetFrontend::connect(
-        &sock,
-        &Options {
-            queue_pairs: 2,
-            ..Options::default()
-        },
-    )
-    .unwrap();
-    let before = link(&ns)[0]["stats64"]["rx"]["packets"].as_u64().unwrap();
+    ns.ip(&["link", "set", tap, "up"]).unwrap();
+    let mut fe = b.frontend(&pairs(2));
+    let before = common::rx_packets(&ns, tap);
     fe.send_on(0, &udp_frame(1, 1)).unwrap();
     fe.send_on(1, &udp_frame(2, 2)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while link(&ns)[0]["stats64"]["rx"]["packets"].as_u64().unwrap() < before + 2 {
-        assert!(Instant::now() < deadline, "the tap never got both frames");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for(
+        Duration::from_secs(10),
+        "the tap never got both frames",
+        || common::rx_packets(&ns, tap) >= before + 2,
+    );
 }

@@ -6,9 +6,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+mod common;
+
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use colo_proto::frame::FrameReader;
@@ -18,48 +18,27 @@ use smoltcp::wire::{
     EthernetFrame, IpAddress, Ipv4Packet, Ipv6Packet, TcpPacket, TcpSeqNumber, UdpPacket,
 };
 use vhost_net_colo::offload::{F_NEEDS_CSUM, GSO_UDP, VnetHdr, tcp_gso_frame};
-use vhost_net_colo::testing::{NetFrontend, Options};
+use vhost_net_colo::testing::Options;
 
 const MSS: u16 = 1448;
 const GUEST_MAC: &str = "52:54:00:ab:cd:02";
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Adds a `filter-dump` on the tap netdev `t0`, writing to `file`.
+fn add_dump(qmp: &mut QmpClient, id: &str, file: &std::path::Path) {
+    qmp.execute(
+        "object-add",
+        json!({"qom-type": "filter-dump", "id": id, "netdev": "t0",
+               "file": file.to_str().unwrap()}),
+    )
+    .unwrap();
 }
 
-fn spawn_backend(dir: &Path, netdev: &str, netns: Option<&str>) -> (Proc, PathBuf, QmpClient) {
-    let sock = dir.join("vu.sock");
-    let qmp_path = dir.join("qmp.sock");
-    let bin = env!("CARGO_BIN_EXE_vhost-net-colo");
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, bin]);
-            c
-        }
-        None => Command::new(bin),
-    };
-    cmd.arg("--socket")
-        .arg(&sock)
-        .arg("--netdev")
-        .arg(netdev)
-        .arg("--mac")
-        .arg(GUEST_MAC)
-        .arg("--qmp")
-        .arg(format!("unix:{}", qmp_path.display()));
-    let proc = Proc(cmd.spawn().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() || !qmp_path.exists() {
-        assert!(Instant::now() < deadline, "backend sockets never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let qmp = QmpClient::connect_unix(&qmp_path, Duration::from_secs(10)).unwrap();
-    (proc, sock, qmp)
+/// Sends one UDP datagram of `payload` from 10.0.2.2 to the guest (10.0.2.15:9999) inside `ns`.
+fn send_udp_in(ns: &common::NetNs, payload: Vec<u8>) {
+    common::in_netns(ns, move || {
+        let s = std::net::UdpSocket::bind("10.0.2.2:0").unwrap();
+        s.send_to(&payload, "10.0.2.15:9999").unwrap();
+    });
 }
 
 /// Checks that `segs` are valid plain TCP segments carrying `payload` from sequence 2^32-10.
@@ -100,21 +79,10 @@ fn check_plain_tcp(segs: &[Vec<u8>], payload: &[u8]) {
 #[test]
 fn gso_frames_from_the_guest_are_segmented_in_software_for_a_stream_netdev() {
     let dir = tempfile::tempdir().unwrap();
-    let wire_path = dir.path().join("wire.sock");
-    let l = UnixListener::bind(&wire_path).unwrap();
-    let (_p, sock, mut qmp) = spawn_backend(
-        dir.path(),
-        &format!(
-            "stream,id=s0,server=off,addr.type=unix,addr.path={}",
-            wire_path.display()
-        ),
-        None,
-    );
-    let (wire, _) = l.accept().unwrap();
-    wire.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let (b, wire) = common::spawn_with_wire(dir.path(), "", &["--mac", GUEST_MAC], true);
+    let mut qmp = b.qmp();
     let mut r = FrameReader::new(wire, false);
-    let mut fe = NetFrontend::connect(&sock, &Options::default()).unwrap();
+    let mut fe = b.frontend(&Options::default());
     assert_ne!(fe.features() & (1 << 11), 0, "HOST_TSO4 negotiated");
     for (v6, total) in [
         (false, 25_000usize),
@@ -143,84 +111,30 @@ fn gso_frames_from_the_guest_are_segmented_in_software_for_a_stream_netdev() {
     assert_eq!(net["offload"]["software"], 5, "{net}");
 }
 
-struct NetNs(String);
-
-impl NetNs {
-    fn new() -> Option<Self> {
-        let name = format!("vnoff{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then(|| NetNs(name))
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let st = Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip -n {} {args:?}", self.0);
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let file = std::fs::File::open(path).unwrap();
-            // SAFETY: setns on this thread only, with a namespace fd we opened.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns");
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    /// The interface's received-packet count (`ip -s -j link`).
-    fn rx_packets(&self, ifname: &str) -> u64 {
-        let out = Command::new("ip")
-            .args(["-n", &self.0, "-s", "-j", "link", "show", "dev", ifname])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 #[test]
 fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_otherwise() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 || !Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED: needs root and /dev/net/tun for a tap in a network namespace");
-        return;
-    }
-    let Some(ns) = NetNs::new() else {
-        eprintln!("SKIPPED: ip netns add failed");
+    let Some(ns) = common::netns_with_tun("vnoff") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let tap = "vnofftap0";
-    let (_p, sock, mut qmp) = spawn_backend(
+    let b = common::spawn_backend(
         dir.path(),
         &format!("tap,id=t0,ifname={tap},script=no,downscript=no"),
-        Some(&ns.0),
+        &["--mac", GUEST_MAC],
+        true,
+        Some(&ns),
     );
+    let mut qmp = b.qmp();
     let net = qmp.execute("query-net", json!({})).unwrap();
     assert_eq!(net["netdev"]["state"]["vnet_hdr"], true, "{net}");
-    ns.ip(&["addr", "add", "10.0.2.2/24", "dev", tap]);
-    ns.ip(&["link", "set", tap, "up"]);
-    ns.ip(&["link", "set", "lo", "up"]);
-    ns.ip(&[
+    let ns_ip = |args: &[&str]| {
+        ns.ip(args).unwrap();
+    };
+    ns_ip(&["addr", "add", "10.0.2.2/24", "dev", tap]);
+    ns_ip(&["link", "set", tap, "up"]);
+    ns_ip(&["link", "set", "lo", "up"]);
+    ns_ip(&[
         "neigh",
         "add",
         "10.0.2.15",
@@ -231,7 +145,7 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
         "nud",
         "permanent",
     ]);
-    let mut fe = NetFrontend::connect(&sock, &Options::default()).unwrap();
+    let mut fe = b.frontend(&Options::default());
     assert_ne!(fe.features() & (1 << 1), 0, "GUEST_CSUM negotiated");
 
     // Guest -> tap: one 20000-byte GSO frame is one packet for the kernel while the chain is
@@ -240,22 +154,17 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
     let (h, f) = tcp_gso_frame(false, &payload, false, MSS);
     for (chain, want) in [(false, 1u64), (true, 14)] {
         if chain {
-            qmp.execute(
-                "object-add",
-                json!({"qom-type": "filter-dump", "id": "d0", "netdev": "t0",
-                       "file": dir.path().join("d.pcap").to_str().unwrap()}),
-            )
-            .unwrap();
+            add_dump(&mut qmp, "d0", &dir.path().join("d.pcap"));
         }
-        let before = ns.rx_packets(tap);
+        let before = common::rx_packets(&ns, tap);
         fe.send_vnet(&h.to_bytes(), &f).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while ns.rx_packets(tap) < before + want {
-            assert!(Instant::now() < deadline, "tap never got {want} packets");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_for(
+            Duration::from_secs(10),
+            &format!("tap never got {want} packets"),
+            || common::rx_packets(&ns, tap) >= before + want,
+        );
         std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(ns.rx_packets(tap), before + want, "chain {chain}");
+        assert_eq!(common::rx_packets(&ns, tap), before + want, "chain {chain}");
     }
     qmp.execute("object-del", json!({"id": "d0"})).unwrap();
 
@@ -264,17 +173,9 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
     // complete once a filter is in.
     for chain in [false, true] {
         if chain {
-            qmp.execute(
-                "object-add",
-                json!({"qom-type": "filter-dump", "id": "d1", "netdev": "t0",
-                       "file": dir.path().join("d1.pcap").to_str().unwrap()}),
-            )
-            .unwrap();
+            add_dump(&mut qmp, "d1", &dir.path().join("d1.pcap"));
         }
-        ns.run(|| {
-            let s = std::net::UdpSocket::bind("10.0.2.2:0").unwrap();
-            s.send_to(&[0x42; 300], "10.0.2.15:9999").unwrap();
-        });
+        send_udp_in(&ns, vec![0x42; 300]);
         let deadline = Instant::now() + Duration::from_secs(10);
         let (hdr, frame) = loop {
             let (hdr, frame) = fe
@@ -336,10 +237,7 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
     };
     ms.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    ns.run(|| {
-        let s = std::net::UdpSocket::bind("10.0.2.2:0").unwrap();
-        s.send_to(&[0x43; 200], "10.0.2.15:9999").unwrap();
-    });
+    send_udp_in(&ns, vec![0x43; 200]);
     let mut mr = FrameReader::new(ms, true);
     let rec = loop {
         let rec = mr.read_frame().unwrap().unwrap();
@@ -369,19 +267,12 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
     qmp.execute("object-del", json!({"id": "m0"})).unwrap();
     drop(fe);
     std::thread::sleep(Duration::from_millis(200));
-    let mut fe = NetFrontend::connect(
-        &sock,
-        &Options {
-            refuse_features: 1 << 1 | 1 << 7 | 1 << 8,
-            ..Options::default()
-        },
-    )
-    .unwrap();
-    assert_eq!(fe.features() & (1 << 1), 0, "GUEST_CSUM refused");
-    ns.run(|| {
-        let s = std::net::UdpSocket::bind("10.0.2.2:0").unwrap();
-        s.send_to(&[0x44; 100], "10.0.2.15:9999").unwrap();
+    let mut fe = b.frontend(&Options {
+        refuse_features: 1 << 1 | 1 << 7 | 1 << 8,
+        ..Options::default()
     });
+    assert_eq!(fe.features() & (1 << 1), 0, "GUEST_CSUM refused");
+    send_udp_in(&ns, vec![0x44; 100]);
     let (hdr, frame) = loop {
         let (hdr, frame) = fe
             .recv_vnet(Duration::from_secs(10))

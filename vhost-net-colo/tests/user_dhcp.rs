@@ -5,32 +5,16 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vhost_net_colo::testing::{NetFrontend, Options};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct NetNs(String);
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use common::{ChildGuard, NetNs};
+use vhost_net_colo::testing::Options;
 
 #[repr(C)]
 struct IfReq {
@@ -40,13 +24,9 @@ struct IfReq {
 }
 
 /// Creates tap `name` inside namespace `ns` (from a thread that enters it) and returns its fd.
-fn tap_in(ns: &str, name: &str) -> File {
-    let (ns, name) = (ns.to_string(), name.to_string());
-    std::thread::spawn(move || {
-        let nsf = File::open(format!("/run/netns/{ns}")).unwrap();
-        // SAFETY: setns on this thread only, with a namespace fd we opened.
-        let r = unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns");
+fn tap_in(ns: &NetNs, name: &str) -> File {
+    let name = name.to_string();
+    common::in_netns(ns, move || {
         let f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -65,61 +45,24 @@ fn tap_in(ns: &str, name: &str) -> File {
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         f
     })
-    .join()
-    .unwrap()
 }
 
 #[test]
 fn udhcpc_gets_qemus_default_lease_from_the_user_netdev() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 || !Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIPPED: needs root and /dev/net/tun (tap in a namespace)");
+    if let Err(why) = colo_tests::host::tool("busybox") {
+        common::skipped(&format!("{why} (udhcpc)"));
         return;
     }
-    if Command::new("busybox")
-        .args(["udhcpc", "--help"])
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
-        eprintln!("SKIPPED: busybox (udhcpc) not installed");
+    let Some(ns) = common::netns_with_tun("vndhcp") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("vu.sock");
-    let backend = Proc(
-        Command::new(env!("CARGO_BIN_EXE_vhost-net-colo"))
-            .arg("--socket")
-            .arg(&sock)
-            .args(["--netdev", "user,id=n0"])
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "backend socket never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut fe = NetFrontend::connect(&sock, &Options::default()).unwrap();
+    let backend = common::spawn_backend(dir.path(), "user,id=n0", &[], false, None);
+    let mut fe = backend.frontend(&Options::default());
 
-    let ns = NetNs(format!("vndhcp{}", std::process::id()));
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &ns.0])
-            .status()
-            .unwrap()
-            .success()
-    );
     let tap_name = "vndhcp0";
-    let mut tap = tap_in(&ns.0, tap_name);
-    assert!(
-        Command::new("ip")
-            .args(["-n", &ns.0, "link", "set", tap_name, "up"])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let mut tap = tap_in(&ns, tap_name);
+    ns.ip(&["link", "set", tap_name, "up"]).unwrap();
     let out = dir.path().join("lease.txt");
     let script = dir.path().join("udhcpc.sh");
     std::fs::write(
@@ -131,22 +74,22 @@ fn udhcpc_gets_qemus_default_lease_from_the_user_netdev() {
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut client = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.0, "busybox", "udhcpc"])
-            .args(["-i", tap_name, "-f", "-q", "-n", "-t", "5", "-T", "1"])
+    let mut client = ChildGuard::spawn(
+        "udhcpc",
+        ns.command("busybox")
+            .args([
+                "udhcpc", "-i", tap_name, "-f", "-q", "-n", "-t", "5", "-T", "1",
+            ])
             .arg("-s")
-            .arg(&script)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+            .arg(&script),
+        dir.path(),
+    )
+    .unwrap();
     // Relay: tap (the client's NIC) <-> the device's rings.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut buf = vec![0u8; 65536];
     let status = loop {
-        if let Some(st) = client.0.try_wait().unwrap() {
+        if let Some(st) = client.try_wait() {
             break st;
         }
         assert!(Instant::now() < deadline, "udhcpc did not finish");

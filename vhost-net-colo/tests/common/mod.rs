@@ -1,0 +1,179 @@
+//! Setup shared by the vhost-net-colo integration tests (`mod common;` in each): the backend
+//! binary under a [`ChildGuard`] (logged to the test's directory, killed by PID on drop), the
+//! `stream` netdev whose far end is the test, QMP, and namespaces with taps. The guard, the
+//! waits and the namespaces are the `colo-tests` harness's.
+
+#![allow(dead_code)] // every test binary uses a part of it
+
+use std::io::ErrorKind;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub use colo_tests::{ChildGuard, NetNs, QmpClient, secs, skipped};
+use vhost_net_colo::testing::{NetFrontend, Options};
+
+/// The backend binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-net-colo");
+
+/// A running backend: `--socket DIR/vu.sock`, and `--qmp unix:DIR/qmp.sock` when asked for.
+pub struct Backend {
+    pub proc: ChildGuard,
+    /// The vhost-user socket.
+    pub sock: PathBuf,
+    /// The QMP socket (when started with one).
+    pub qmp_path: Option<PathBuf>,
+}
+
+impl Backend {
+    /// A QMP client on the backend's QMP socket.
+    pub fn qmp(&self) -> QmpClient {
+        let path = self
+            .qmp_path
+            .as_ref()
+            .expect("backend started without --qmp");
+        QmpClient::connect_unix(path, Duration::from_secs(10)).unwrap()
+    }
+
+    /// A test frontend on the vhost-user socket.
+    pub fn frontend(&self, o: &Options) -> NetFrontend {
+        NetFrontend::connect(&self.sock, o).unwrap()
+    }
+}
+
+/// Starts `vhost-net-colo --socket DIR/vu.sock --netdev NETDEV [--qmp unix:DIR/qmp.sock]
+/// EXTRA…`, inside `netns` when given, and waits until its sockets exist.
+pub fn spawn_backend(
+    dir: &Path,
+    netdev: &str,
+    extra: &[&str],
+    qmp: bool,
+    netns: Option<&NetNs>,
+) -> Backend {
+    let sock = dir.join("vu.sock");
+    let qmp_path = qmp.then(|| dir.join("qmp.sock"));
+    let mut cmd = match netns {
+        Some(ns) => ns.command(BIN),
+        None => Command::new(BIN),
+    };
+    cmd.arg("--socket").arg(&sock).arg("--netdev").arg(netdev);
+    if let Some(q) = &qmp_path {
+        cmd.arg("--qmp").arg(format!("unix:{}", q.display()));
+    }
+    cmd.args(extra);
+    let mut proc = ChildGuard::spawn("vhost-net-colo", &mut cmd, dir).unwrap();
+    let deadline = secs(20);
+    while !sock.exists() || qmp_path.as_ref().is_some_and(|q| !q.exists()) {
+        proc.ensure_running().unwrap();
+        assert!(Instant::now() < deadline, "backend sockets never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Backend {
+        proc,
+        sock,
+        qmp_path,
+    }
+}
+
+/// A `stream` netdev (QEMU's spelling) that connects to the Unix socket `path`.
+pub fn stream_netdev(id: &str, path: &Path) -> String {
+    format!(
+        "stream,id={id},server=off,addr.type=unix,addr.path={}",
+        path.display()
+    )
+}
+
+/// Accepts the one connection on `l` (20 s at most); the stream reads with a 10 s timeout.
+pub fn accept(l: &UnixListener) -> UnixStream {
+    l.set_nonblocking(true).unwrap();
+    let deadline = secs(20);
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "nothing connected to the wire");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// Starts the backend with netdev `s0`, a `stream` (plus `stream_opts`, e.g. `,queues=4`) whose
+/// far end is the returned stream (the test's wire, read timeout 10 s).
+pub fn spawn_with_wire(
+    dir: &Path,
+    stream_opts: &str,
+    extra: &[&str],
+    qmp: bool,
+) -> (Backend, UnixStream) {
+    let wire_path = dir.join("wire.sock");
+    let l = UnixListener::bind(&wire_path).unwrap();
+    let netdev = stream_netdev("s0", &wire_path) + stream_opts;
+    let backend = spawn_backend(dir, &netdev, extra, qmp, None);
+    let wire = accept(&l);
+    (backend, wire)
+}
+
+/// Polls `cond` every 20 ms until it holds; fails with `what` after `timeout`.
+pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A namespace for a test that needs root, `/dev/net/tun` and `ip netns`; `None` (after
+/// printing `SKIPPED: …`) where this host lacks one of them.
+pub fn netns_with_tun(prefix: &str) -> Option<NetNs> {
+    for check in [colo_tests::host::netns(), colo_tests::host::tun()] {
+        if let Err(why) = check {
+            skipped(&format!("{why} (a tap in a network namespace)"));
+            return None;
+        }
+    }
+    match NetNs::new(prefix) {
+        Ok(ns) => Some(ns),
+        Err(e) => {
+            skipped(&format!("ip netns add failed: {e:#}"));
+            None
+        }
+    }
+}
+
+/// Runs `f` on a thread that has entered `ns` (setns), and returns what it returns.
+pub fn in_netns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(path).unwrap();
+        // SAFETY: setns on this thread only, with a namespace fd we opened.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns");
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// `ip -n NS -d -s -j link show dev IFNAME`: the interface's JSON object.
+pub fn link(ns: &NetNs, ifname: &str) -> serde_json::Value {
+    let out = ns
+        .ip(&["-d", "-s", "-j", "link", "show", "dev", ifname])
+        .unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0].take()
+}
+
+/// The interface's received-packet count.
+pub fn rx_packets(ns: &NetNs, ifname: &str) -> u64 {
+    link(ns, ifname)["stats64"]["rx"]["packets"]
+        .as_u64()
+        .unwrap()
+}
