@@ -3,44 +3,32 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    path::{Path, PathBuf},
+    process::Command,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
+use common::{ChildGuard, have_qemu_tools};
 use vhost_blk_colo::{
     block::{BlockNode, file::FileNode},
     nbd::{Export, NbdClient, NbdServer},
 };
 
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+/// A runtime, a test directory and `DIR/disk.raw` holding `data`.
+fn setup(data: &[u8]) -> (tokio::runtime::Runtime, tempfile::TempDir, PathBuf) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, data).unwrap();
+    (rt, dir, img)
 }
 
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn serve_file(rt: &tokio::runtime::Runtime, path: &std::path::Path, writable: bool) -> NbdServer {
+fn serve_file(rt: &tokio::runtime::Runtime, path: &Path, writable: bool) -> NbdServer {
     let node: Arc<dyn BlockNode> = Arc::new(FileNode::open(path, !writable, false).unwrap());
     let table = Arc::new(RwLock::new(std::collections::BTreeMap::new()));
     table.write().unwrap().insert(
@@ -71,14 +59,10 @@ fn run(cmd: &mut Command) -> (bool, String) {
 
 #[test]
 fn qemu_io_writes_and_reads_through_our_server() {
-    if !have("qemu-io") {
-        eprintln!("SKIPPED: qemu-io not installed (Debian package qemu-utils)");
+    if !have_qemu_tools(&["qemu-io"]) {
         return;
     }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    std::fs::write(&img, vec![0x5au8; 4 << 20]).unwrap();
+    let (rt, _dir, img) = setup(&vec![0x5au8; 4 << 20]);
     let srv = serve_file(&rt, &img, true);
     let url = format!("nbd://127.0.0.1:{}/disk0", srv.local_addr().port());
     let (ok, out) = run(Command::new("qemu-io").args([
@@ -138,17 +122,13 @@ fn qemu_io_writes_and_reads_through_our_server() {
 
 #[test]
 fn qemu_img_compare_convert_and_list_against_our_server() {
-    if !have("qemu-img") || !have("qemu-nbd") {
-        eprintln!("SKIPPED: qemu-img/qemu-nbd not installed (Debian package qemu-utils)");
+    if !have_qemu_tools(&["qemu-img", "qemu-nbd"]) {
         return;
     }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
     let content: Vec<u8> = (0..(2u32 << 20))
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    std::fs::write(&img, &content).unwrap();
+    let (rt, dir, img) = setup(&content);
     let srv = serve_file(&rt, &img, false);
     let port = srv.local_addr().port();
     let url = format!("nbd://127.0.0.1:{port}/disk0");
@@ -196,8 +176,8 @@ fn qemu_img_compare_convert_and_list_against_our_server() {
     srv.stop();
 }
 
-fn start_qemu_nbd(file: &std::path::Path, read_only: bool) -> (Guard, u16) {
-    let port = free_port();
+fn start_qemu_nbd(dir: &Path, file: &Path, read_only: bool) -> (ChildGuard, u16) {
+    let port = common::free_tcp_port().unwrap();
     let mut cmd = Command::new("qemu-nbd");
     cmd.args([
         "-x",
@@ -214,32 +194,18 @@ fn start_qemu_nbd(file: &std::path::Path, read_only: bool) -> (Guard, u16) {
     if read_only {
         cmd.arg("-r");
     }
-    let child = cmd
-        .arg(file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let g = Guard(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let g = ChildGuard::spawn("qemu-nbd", cmd.arg(file), dir).unwrap();
+    colo_tests::wait_for_tcp(("127.0.0.1", port), common::secs(10)).unwrap();
     (g, port)
 }
 
 #[test]
 fn our_client_pipelines_against_qemu_nbd() {
-    if !have("qemu-nbd") {
-        eprintln!("SKIPPED: qemu-nbd not installed (Debian package qemu-utils)");
+    if !have_qemu_tools(&["qemu-nbd"]) {
         return;
     }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    std::fs::write(&img, vec![0u8; 8 << 20]).unwrap();
-    let (_g, port) = start_qemu_nbd(&img, false);
+    let (rt, dir, img) = setup(&vec![0u8; 8 << 20]);
+    let (_g, port) = start_qemu_nbd(dir.path(), &img, false);
     let addr = format!("127.0.0.1:{port}");
     rt.block_on(async {
         let names = NbdClient::list(&addr).await.unwrap();
@@ -291,10 +257,7 @@ fn our_client_pipelines_against_qemu_nbd() {
 
 #[test]
 fn our_client_against_our_server_fails_pending_requests_when_server_stops() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (rt, _dir, img) = setup(&vec![0u8; 1 << 20]);
     let srv = serve_file(&rt, &img, true);
     let addr = srv.local_addr().to_string();
     let c = rt.block_on(NbdClient::connect(&addr, "disk0")).unwrap();

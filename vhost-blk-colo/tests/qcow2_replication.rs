@@ -5,130 +5,29 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
 };
 
-use colo_proto::qmp::QmpClient;
-use serde_json::{Value, json};
-use vhost_blk_colo::{
-    testing::{FrontendOptions, TestFrontend},
-    vhost_user::VIRTIO_BLK_S_OK,
-};
-
-const SIZE: usize = 8 << 20;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[String]) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_vhost-blk-colo"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Proc(child)
-}
-
-fn qmp(path: &Path) -> QmpClient {
-    QmpClient::connect_unix_retry(
-        path,
-        Instant::now() + Duration::from_secs(20),
-        Duration::from_secs(20),
-    )
-    .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn content(seed: u32) -> Vec<u8> {
-    (0..SIZE as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 11) as u8)
-        .collect()
-}
+use common::{SIZE, check_clean, content, fe, qemu_img, read_all, status};
+use serde_json::json;
+use vhost_blk_colo::vhost_user::VIRTIO_BLK_S_OK;
 
 /// Deterministic writes of 512 B .. 64 KiB at sector granularity (many partial clusters).
 fn workload(seed: u64, n: usize) -> Vec<(u64, Vec<u8>)> {
-    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    let mut next = || {
-        x = x
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        x >> 33
-    };
-    (0..n)
-        .map(|_| {
-            let len = ((next() % 128) + 1) as usize * 512;
-            let sector = next() % ((SIZE - len) as u64 / 512);
-            let b = next() as u8;
-            (
-                sector,
-                (0..len).map(|i| b.wrapping_add((i / 512) as u8)).collect(),
-            )
-        })
-        .collect()
+    common::workload(seed, n, 128, 512, 1)
 }
 
-fn fe(sock: &Path) -> TestFrontend {
-    TestFrontend::connect(
-        sock,
-        &FrontendOptions {
-            queue_size: 64,
-            slot_bytes: 64 << 10,
-            ..FrontendOptions::default()
-        },
+/// A secondary replication drive whose active and hidden disks are the qcow2 images `active`
+/// and `hidden`, without `top-id`.
+fn qcow2_secondary_drive(active: &str, hidden: &str) -> String {
+    format!(
+        "id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,file.file.filename={active},file.backing.driver=qcow2,file.backing.file.filename={hidden},file.backing.backing=colo-disk0"
     )
-    .unwrap()
-}
-
-fn read_all(f: &mut TestFrontend) -> Vec<u8> {
-    let mut v = Vec::with_capacity(SIZE);
-    for i in 0..(SIZE / 65536) {
-        let (st, d) = f.read(0, (i * 128) as u64, 65536).unwrap();
-        assert_eq!(st, VIRTIO_BLK_S_OK);
-        v.extend(d);
-    }
-    v
-}
-
-fn status(q: &mut QmpClient) -> Value {
-    q.execute("colo-blk-status", json!({})).unwrap()
-}
-
-fn qemu_img(args: &[&str]) -> Option<std::process::Output> {
-    match Command::new("qemu-img").args(args).output() {
-        Ok(o) => Some(o),
-        Err(e) => {
-            eprintln!("SKIPPED: qemu-img not runnable ({e}); install qemu-utils");
-            None
-        }
-    }
-}
-
-fn check_clean(p: &Path) {
-    let out = qemu_img(&["check", "--output=json", &p.display().to_string()]).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("\"leaks\"") && !text.contains("\"corruptions\""),
-        "qemu-img check {}: {:?} {text} {}",
-        p.display(),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -156,62 +55,24 @@ fn qcow2_active_and_hidden_from_qemu_img_checkpoint_and_failover() {
     std::fs::write(p("sec.img"), &img).unwrap();
 
     // The seed's secondary drives, key for key.
-    let secondary = spawn(&[
-        "--socket".into(),
-        d("sec.sock"),
-        "--qmp".into(),
-        format!("unix:{}", d("sec.qmp")),
-        "--drive".into(),
-        format!(
-            "if=none,id=colo-disk0,file.filename={},driver=raw,node-name=node0",
-            d("sec.img")
-        ),
-        "--drive".into(),
-        format!(
-            "if=virtio,id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,\
-             top-id=active-disk0,file.file.filename={},file.backing.driver=qcow2,\
-             file.backing.file.filename={},file.backing.backing=colo-disk0",
-            d("active_disk.img"),
-            d("hidden_disk.img")
-        ),
-    ]);
-    let mut sq = qmp(&p("sec.qmp"));
-    let port = free_port();
-    sq.execute(
-        "nbd-server-start",
-        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}}),
-    )
-    .unwrap();
-    sq.execute(
-        "nbd-server-add",
-        json!({"device": "colo-disk0", "writable": true}),
-    )
-    .unwrap();
-    sq.execute("colo-blk-start", json!({})).unwrap();
-
-    let primary = spawn(&[
-        "--socket".into(),
-        d("pri.sock"),
-        "--qmp".into(),
-        format!("unix:{}", d("pri.qmp")),
-        "--drive".into(),
-        format!(
-            "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw",
-            d("pri.img")
-        ),
-    ]);
-    let mut pq = qmp(&p("pri.qmp"));
-    let line = format!(
-        "drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export=colo-disk0,node-name=node0"
+    let (secondary, mut sq, port) = common::start_secondary(
+        dir.path(),
+        &[
+            format!(
+                "if=none,id=colo-disk0,file.filename={},driver=raw,node-name=node0",
+                d("sec.img")
+            ),
+            format!(
+                "if=virtio,id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,\
+                 top-id=active-disk0,file.file.filename={},file.backing.driver=qcow2,\
+                 file.backing.file.filename={},file.backing.backing=colo-disk0",
+                d("active_disk.img"),
+                d("hidden_disk.img")
+            ),
+        ],
     );
-    pq.execute("human-monitor-command", json!({"command-line": line}))
-        .unwrap();
-    pq.execute(
-        "x-blockdev-change",
-        json!({"parent": "colo-disk0", "node": "node0"}),
-    )
-    .unwrap();
-    pq.execute("colo-blk-start", json!({})).unwrap();
+    sq.execute("colo-blk-start", json!({})).unwrap();
+    let (primary, _pq) = common::start_primary(dir.path(), &[], port);
 
     let mut pf = fe(&p("pri.sock"));
     let mut sf = fe(&p("sec.sock"));
@@ -330,16 +191,9 @@ fn qcow2_overlays_of_the_wrong_size_or_format_are_refused_with_clear_errors() {
         assert!(!out.status.success(), "must refuse");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let e = run(format!(
-        "id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,file.file.filename={a},file.backing.driver=qcow2,file.backing.file.filename={a},file.backing.backing=colo-disk0",
-        a = d("a.qcow2")
-    ));
+    let e = run(qcow2_secondary_drive(&d("a.qcow2"), &d("a.qcow2")));
     assert!(e.contains("same length"), "{e}");
-    let e = run(format!(
-        "id=active-disk0,driver=replication,mode=secondary,file.driver=qcow2,file.file.filename={},file.backing.driver=qcow2,file.backing.file.filename={},file.backing.backing=colo-disk0",
-        d("notq.img"),
-        d("a.qcow2")
-    ));
+    let e = run(qcow2_secondary_drive(&d("notq.img"), &d("a.qcow2")));
     assert!(e.contains("not a qcow2 image"), "{e}");
 }
 

@@ -3,74 +3,29 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use colo_proto::qmp::QmpClient;
-use serde_json::{Value, json};
-use vhost_blk_colo::{
-    testing::{FrontendOptions, TestFrontend},
-    vhost_user::VIRTIO_BLK_S_OK,
-};
-
-const SIZE: usize = 8 << 20;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[String]) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_vhost-blk-colo"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Proc(child)
-}
-
-fn qmp(path: &Path) -> QmpClient {
-    QmpClient::connect_unix_retry(
-        path,
-        Instant::now() + Duration::from_secs(20),
-        Duration::from_secs(20),
-    )
-    .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{ChildGuard, QmpClient, SIZE, content, fe, read_all, status};
+use serde_json::json;
+use vhost_blk_colo::vhost_user::VIRTIO_BLK_S_OK;
 
 struct Pair {
-    dir: tempfile::TempDir,
-    primary: Option<Proc>,
-    secondary: Option<Proc>,
+    primary: Option<ChildGuard>,
+    secondary: Option<ChildGuard>,
     pq: QmpClient,
     sq: QmpClient,
+    dir: tempfile::TempDir,
 }
 
 impl Pair {
     fn p(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-}
-
-fn content(seed: u32) -> Vec<u8> {
-    (0..SIZE as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 11) as u8)
-        .collect()
 }
 
 /// Starts both sides with identical images and wires them up as the seed does.
@@ -88,113 +43,36 @@ fn start_pair_with(nbd_timeout_ms: u64, differing_secondary: bool) -> Pair {
         img.clone()
     };
     std::fs::write(dir.path().join("sec.img"), &sec_img).unwrap();
-    let d = |n: &str| dir.path().join(n).display().to_string();
-    let secondary = spawn(&[
-        "--socket".into(),
-        d("sec.sock"),
-        "--qmp".into(),
-        format!("unix:{}", d("sec.qmp")),
-        "--drive".into(),
-        format!("if=none,id=colo-disk0,driver=raw,file.filename={}", d("sec.img")),
-        "--drive".into(),
-        "id=active-disk0,driver=replication,mode=secondary,file.driver=overlay,file.backing.driver=overlay,file.backing.backing=colo-disk0,top-id=active-disk0".into(),
-    ]);
-    let mut sq = qmp(&dir.path().join("sec.qmp"));
-    let port = free_port();
-    sq.execute(
-        "nbd-server-start",
-        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}}),
-    )
-    .unwrap();
-    sq.execute(
-        "nbd-server-add",
-        json!({"device": "colo-disk0", "writable": true}),
-    )
-    .unwrap();
+    let (secondary, mut sq, port) = common::start_secondary(
+        dir.path(),
+        &[
+            format!(
+                "if=none,id=colo-disk0,driver=raw,file.filename={}",
+                common::path_str(dir.path(), "sec.img")
+            ),
+            "id=active-disk0,driver=replication,mode=secondary,file.driver=overlay,file.backing.driver=overlay,file.backing.backing=colo-disk0,top-id=active-disk0".into(),
+        ],
+    );
     if !differing_secondary {
         sq.execute("colo-blk-start", json!({})).unwrap();
     }
-
-    let primary = spawn(&[
-        "--socket".into(),
-        d("pri.sock"),
-        "--qmp".into(),
-        format!("unix:{}", d("pri.qmp")),
-        "--nbd-timeout-ms".into(),
-        nbd_timeout_ms.to_string(),
-        "--drive".into(),
-        format!(
-            "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw",
-            d("pri.img")
-        ),
-    ]);
-    let mut pq = qmp(&dir.path().join("pri.qmp"));
-    let line = format!(
-        "drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export=colo-disk0,node-name=node0"
+    let (primary, pq) = common::start_primary(
+        dir.path(),
+        &["--nbd-timeout-ms".into(), nbd_timeout_ms.to_string()],
+        port,
     );
-    pq.execute("human-monitor-command", json!({"command-line": line}))
-        .unwrap();
-    pq.execute(
-        "x-blockdev-change",
-        json!({"parent": "colo-disk0", "node": "node0"}),
-    )
-    .unwrap();
-    pq.execute("colo-blk-start", json!({})).unwrap();
     Pair {
-        dir,
         primary: Some(primary),
         secondary: Some(secondary),
         pq,
         sq,
+        dir,
     }
 }
 
-/// A deterministic write workload: (sector, data) pairs of 4 KiB..64 KiB.
+/// A deterministic write workload: (sector, data) pairs of 4 KiB..64 KiB, 4 KiB aligned.
 fn workload(seed: u64, n: usize) -> Vec<(u64, Vec<u8>)> {
-    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    let mut next = || {
-        x = x
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        x >> 33
-    };
-    (0..n)
-        .map(|_| {
-            let len = ((next() % 16) + 1) as usize * 4096;
-            let sector = (next() % ((SIZE - len) as u64 / 512)) & !7;
-            let b = next() as u8;
-            (
-                sector,
-                (0..len).map(|i| b.wrapping_add((i / 512) as u8)).collect(),
-            )
-        })
-        .collect()
-}
-
-fn fe(sock: &Path) -> TestFrontend {
-    TestFrontend::connect(
-        sock,
-        &FrontendOptions {
-            queue_size: 64,
-            slot_bytes: 64 << 10,
-            ..FrontendOptions::default()
-        },
-    )
-    .unwrap()
-}
-
-fn read_all(f: &mut TestFrontend) -> Vec<u8> {
-    let mut v = Vec::with_capacity(SIZE);
-    for i in 0..(SIZE / 65536) {
-        let (st, d) = f.read(0, (i * 128) as u64, 65536).unwrap();
-        assert_eq!(st, VIRTIO_BLK_S_OK);
-        v.extend(d);
-    }
-    v
-}
-
-fn status(q: &mut QmpClient) -> Value {
-    q.execute("colo-blk-status", json!({})).unwrap()
+    common::workload(seed, n, 16, 4096, 8)
 }
 
 #[test]
@@ -282,9 +160,8 @@ fn sigkill_of_secondary_mid_workload_loses_no_primary_write() {
     for (i, (sector, data)) in writes.iter().enumerate() {
         if i == 100 {
             let mut s = pair.secondary.take().unwrap();
-            // SAFETY-free: kill(2) through std sends SIGKILL.
-            s.0.kill().unwrap();
-            s.0.wait().unwrap();
+            // SIGKILL by PID, reaped.
+            assert!(s.kill().is_some(), "secondary reaped");
         }
         assert_eq!(
             pf.write(0, *sector, data).unwrap(),
@@ -353,7 +230,7 @@ fn initial_sync_copies_the_primary_disk_to_a_differing_secondary_while_writes_co
 fn a_hung_secondary_is_dropped_after_the_nbd_timeout_and_never_fails_guest_writes() {
     let mut pair = start_pair(1000);
     let mut pf = fe(&pair.p("pri.sock"));
-    let pid = pair.secondary.as_ref().unwrap().0.id() as libc::pid_t;
+    let pid = pair.secondary.as_ref().unwrap().pid() as libc::pid_t;
     for (sector, data) in workload(4, 20) {
         assert_eq!(pf.write(0, sector, &data).unwrap(), VIRTIO_BLK_S_OK);
     }
