@@ -383,13 +383,7 @@ fn send_rarp_makes_a_bridge_learn_the_guest_mac_on_the_tap_port() {
     ipn(&["link", "add", "br0", "type", "bridge"]);
     ipn(&["link", "set", "br0", "up"]);
     let dir = tempfile::tempdir().unwrap();
-    let b = common::spawn_backend(
-        dir.path(),
-        "tap,id=t0,ifname=vnrarptap0,script=no,downscript=no",
-        &[],
-        false,
-        Some(&ns),
-    );
+    let b = common::spawn_with_tap(dir.path(), &ns, "vnrarptap0", "", &[]);
     ipn(&["link", "set", "vnrarptap0", "master", "br0"]);
     ipn(&["link", "set", "vnrarptap0", "up"]);
     let learnt = || {

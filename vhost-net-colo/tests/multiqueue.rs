@@ -177,13 +177,7 @@ fn multi_queue_tap_has_a_queue_per_pair() {
     };
     let dir = tempfile::tempdir().unwrap();
     let tap = "vnmqtap0";
-    let b = common::spawn_backend(
-        dir.path(),
-        &format!("tap,id=t0,ifname={tap},script=no,downscript=no,queues=2"),
-        &[],
-        true,
-        Some(&ns),
-    );
+    let b = common::spawn_with_tap(dir.path(), &ns, tap, ",queues=2", &[]);
     let l = common::link(&ns, tap);
     let info = &l["linkinfo"]["info_data"];
     assert_eq!(info["multi_queue"], true, "{l}");

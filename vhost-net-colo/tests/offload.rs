@@ -118,13 +118,7 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
     };
     let dir = tempfile::tempdir().unwrap();
     let tap = "vnofftap0";
-    let b = common::spawn_backend(
-        dir.path(),
-        &format!("tap,id=t0,ifname={tap},script=no,downscript=no"),
-        &["--mac", GUEST_MAC],
-        true,
-        Some(&ns),
-    );
+    let b = common::spawn_with_tap(dir.path(), &ns, tap, "", &["--mac", GUEST_MAC]);
     let mut qmp = b.qmp();
     let net = qmp.execute("query-net", json!({})).unwrap();
     assert_eq!(net["netdev"]["state"]["vnet_hdr"], true, "{net}");

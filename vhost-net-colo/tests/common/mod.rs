@@ -77,6 +77,13 @@ pub fn spawn_backend(
     }
 }
 
+/// Starts the backend (with QMP) inside `ns` on netdev `t0`: a tap named `ifname` that the
+/// backend creates, with more tap options `opts` (e.g. `,queues=2`).
+pub fn spawn_with_tap(dir: &Path, ns: &NetNs, ifname: &str, opts: &str, extra: &[&str]) -> Backend {
+    let netdev = format!("tap,id=t0,ifname={ifname},script=no,downscript=no{opts}");
+    spawn_backend(dir, &netdev, extra, true, Some(ns))
+}
+
 /// A `stream` netdev (QEMU's spelling) that connects to the Unix socket `path`.
 pub fn stream_netdev(id: &str, path: &Path) -> String {
     format!(
