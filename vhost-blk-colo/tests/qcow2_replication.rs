@@ -22,6 +22,17 @@ fn workload(seed: u64, n: usize) -> Vec<(u64, Vec<u8>)> {
     common::workload(seed, n, 128, 512, 1)
 }
 
+/// `qemu-img create -q -f qcow2 OPTS… PATH SIZE`, which must succeed; false (after `SKIPPED: …`)
+/// when qemu-img cannot run.
+fn create_qcow2(opts: &[&str], path: &str, size: &str) -> bool {
+    let args = [&["create", "-q", "-f", "qcow2"][..], opts, &[path, size]].concat();
+    let Some(out) = qemu_img(&args) else {
+        return false;
+    };
+    assert!(out.status.success(), "{out:?}");
+    true
+}
+
 /// A secondary replication drive whose active and hidden disks are the qcow2 images `active`
 /// and `hidden`, without `top-id`.
 fn qcow2_secondary_drive(active: &str, hidden: &str) -> String {
@@ -36,19 +47,13 @@ fn qcow2_active_and_hidden_from_qemu_img_checkpoint_and_failover() {
     let d = |n: &str| dir.path().join(n).display().to_string();
     let p = |n: &str| -> PathBuf { dir.path().join(n) };
     for (name, cs) in [("active_disk.img", "65536"), ("hidden_disk.img", "65536")] {
-        let Some(out) = qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cs}"),
+        if !create_qcow2(
+            &["-o", &format!("cluster_size={cs}")],
             &d(name),
             &SIZE.to_string(),
-        ]) else {
+        ) {
             return;
-        };
-        assert!(out.status.success(), "{out:?}");
+        }
     }
     let img = content(1);
     std::fs::write(p("pri.img"), &img).unwrap();
@@ -165,10 +170,9 @@ fn qcow2_active_and_hidden_from_qemu_img_checkpoint_and_failover() {
 fn qcow2_overlays_of_the_wrong_size_or_format_are_refused_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
-    let Some(out) = qemu_img(&["create", "-q", "-f", "qcow2", &d("a.qcow2"), "10G"]) else {
+    if !create_qcow2(&[], &d("a.qcow2"), "10G") {
         return;
-    };
-    assert!(out.status.success());
+    }
     std::fs::write(dir.path().join("base.img"), vec![0u8; 1 << 20]).unwrap();
     std::fs::write(dir.path().join("notq.img"), vec![0u8; 1 << 20]).unwrap();
     let run = |drive: String| -> String {
@@ -202,10 +206,9 @@ fn a_lone_qcow2_drive_reads_its_backing_node_and_writes_into_the_image() {
     use vhost_blk_colo::{block::null_events, control::BlkControl};
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
-    let Some(out) = qemu_img(&["create", "-q", "-f", "qcow2", &d("o.qcow2"), "1M"]) else {
+    if !create_qcow2(&[], &d("o.qcow2"), "1M") {
         return;
-    };
-    assert!(out.status.success());
+    }
     std::fs::write(dir.path().join("base.img"), vec![0x42u8; 1 << 20]).unwrap();
     let c = BlkControl::new(null_events(), Duration::from_secs(5)).unwrap();
     c.add_drive_str(&format!(
