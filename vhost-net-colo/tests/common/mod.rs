@@ -92,7 +92,8 @@ pub fn stream_netdev(id: &str, path: &Path) -> String {
     )
 }
 
-/// Accepts the one connection on `l` (20 s at most); the stream reads with a 10 s timeout.
+/// Accepts the one connection on `l` (20 s at most); the stream reads and writes with a 10 s
+/// timeout (a backend that stops reading fails the test instead of hanging it).
 pub fn accept(l: &UnixListener) -> UnixStream {
     l.set_nonblocking(true).unwrap();
     let deadline = secs(20);
@@ -101,6 +102,7 @@ pub fn accept(l: &UnixListener) -> UnixStream {
             Ok((s, _)) => {
                 s.set_nonblocking(false).unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
                 return s;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
