@@ -87,6 +87,8 @@ pub struct Built {
     pub log: Option<Arc<SharedLog>>,
     /// The devices with state (console, virtio-MMIO transports), for snapshots/migration.
     pub devices: DeviceSet,
+    /// Starts console input (restore and incoming: after the state is restored).
+    pub console_input: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Builds the VM with its platform devices and loaded kernel, ready to start.
@@ -129,7 +131,17 @@ pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
             Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
         )
         .map_err(dev_err)?;
-    serial::start_input(input, out, com1.clone());
+    // A restored guest gets console input only once its state is in place (input arriving
+    // earlier waits in the socket or pipe instead of landing in the not yet restored FIFO).
+    let mut console_input = None;
+    if cfg.start == StartFrom::Boot {
+        serial::start_input(input, out, com1.clone());
+    } else {
+        let dev = com1.clone();
+        console_input = Some(
+            Box::new(move || serial::start_input(input, out, dev)) as Box<dyn FnOnce() + Send>
+        );
+    }
     let mut devset = DeviceSet {
         serial: Some((format!("serial@{COM1_PORT:#x}"), com1)),
         virtio: Vec::new(),
@@ -232,6 +244,7 @@ pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
         vm,
         log,
         devices: devset,
+        console_input,
     })
 }
 
@@ -266,7 +279,12 @@ fn quit_on_signals(control: std::sync::Arc<crate::control::Control>) {
 
 /// Builds and runs the machine to its end.
 pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
-    let Built { vm, log, devices } = build_with_log(cfg)?;
+    let Built {
+        vm,
+        log,
+        devices,
+        console_input,
+    } = build_with_log(cfg)?;
     quit_on_signals(vm.control().clone());
     let dirty = Arc::new(DirtyTracker::new(&vm).with_logs(log.into_iter().collect()));
     let live = Arc::new(LiveVm::new(&vm, devices, dirty));
@@ -338,6 +356,9 @@ pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
                 control.request_exit(ExitReason::Error(e.clone()));
                 let _ = running.wait();
                 return Err(MachineError::Device(e));
+            }
+            if let Some(start_input) = console_input {
+                start_input();
             }
             if let Err(e) = live.resume() {
                 tracing::error!("resuming the restored guest: {e}");
