@@ -306,11 +306,25 @@ impl NetBackend {
                 for _ in 0..chains.len() {
                     queue.go_to_previous_position();
                 }
+                let seen = chains.len();
                 drop(q);
+                // `enable_notification` reports "buffers available" whenever the avail index
+                // is ahead of ours, which it always is after the rewind above when we held
+                // some: retry only if the guest added buffers beyond the ones that were too
+                // few, else this would spin forever holding the rx lock.
                 if event_idx && vring.enable_notification().unwrap_or(false) {
-                    // Buffers arrived meanwhile: try again.
-                    let _ = vring.disable_notification();
-                    continue;
+                    let grew = {
+                        let g = vring.get_ref();
+                        let queue = g.get_queue();
+                        queue
+                            .avail_idx(&*mem, Ordering::Acquire)
+                            .map(|avail| (avail - std::num::Wrapping(queue.next_avail())).0)
+                            .is_ok_and(|ready| usize::from(ready) > seen)
+                    };
+                    if grew {
+                        let _ = vring.disable_notification();
+                        continue;
+                    }
                 }
                 break;
             }
