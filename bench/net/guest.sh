@@ -275,6 +275,8 @@ for label, chain, j in rows:
     if "error" in r:
         print(f"| {label} | {chain} | failed: {r['error'].strip()} | | |")
         continue
-    print(f"| {label} | {chain} | {r['bulk_mibs']} | {r['rtt_p50_us']} / {r['rtt_p99_us']} | "
-          f"{r['http_p50_ms']} / {r['http_p99_ms']} |")
+    nr_, nh_ = r.get("rtt_n", int(nr)), r.get("http_n", int(nh))
+    short = lambda k, want: "" if k >= int(want) else f" (only {k} in 60 s)"
+    print(f"| {label} | {chain} | {r['bulk_mibs']} | {r['rtt_p50_us']} / {r['rtt_p99_us']}"
+          f"{short(nr_, nr)} | {r['http_p50_ms']} / {r['http_p99_ms']}{short(nh_, nh)} |")
 EOF
