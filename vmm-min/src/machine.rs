@@ -283,7 +283,7 @@ pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
         vm,
         log,
         devices,
-        console_input,
+        mut console_input,
     } = build_with_log(cfg)?;
     quit_on_signals(vm.control().clone());
     let dirty = Arc::new(DirtyTracker::new(&vm).with_logs(log.into_iter().collect()));
@@ -320,13 +320,26 @@ pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
                         .map_err(|e| format!("--restore {}: {e}", path.display()))
                 }
                 StartFrom::Incoming(uri) => {
-                    // In a thread, so that QMP `quit` or SIGTERM end the wait.
+                    // In a thread, so that QMP `quit` or SIGTERM end the wait. The guest is
+                    // started before the source is acknowledged.
                     let (tx, rx) = std::sync::mpsc::channel();
                     let (l, u) = (live.clone(), uri.clone());
+                    let (l2, ev) = (live.clone(), events.clone());
+                    let input = console_input.take();
+                    let start: Box<dyn FnOnce() + Send> = Box::new(move || {
+                        if let Some(start_input) = input {
+                            start_input();
+                        }
+                        if let Err(e) = l2.resume() {
+                            tracing::error!("resuming the migrated guest: {e}");
+                        }
+                        l2.announce();
+                        ev.emit("RESUME", serde_json::json!({}));
+                    });
                     std::thread::Builder::new()
                         .name("incoming".into())
                         .spawn(move || {
-                            let _ = tx.send(crate::migrate::incoming(&u, &l));
+                            let _ = tx.send(crate::migrate::incoming(&u, &l, start));
                         })
                         .map_err(|e| MachineError::Device(format!("incoming thread: {e}")))?;
                     loop {
@@ -357,14 +370,16 @@ pub fn run(cfg: &MachineConfig) -> Result<ExitReason, MachineError> {
                 let _ = running.wait();
                 return Err(MachineError::Device(e));
             }
-            if let Some(start_input) = console_input {
-                start_input();
+            if let StartFrom::Restore(_) = from {
+                if let Some(start_input) = console_input.take() {
+                    start_input();
+                }
+                if let Err(e) = live.resume() {
+                    tracing::error!("resuming the restored guest: {e}");
+                }
+                live.announce();
+                events.emit("RESUME", serde_json::json!({}));
             }
-            if let Err(e) = live.resume() {
-                tracing::error!("resuming the restored guest: {e}");
-            }
-            live.announce();
-            events.emit("RESUME", serde_json::json!({}));
             running
         }
     };

@@ -634,9 +634,15 @@ impl Migration {
     }
 }
 
-/// Destination: listens on `uri`, receives one stream into the paused VM and restores it.
-/// Returns when the guest can be resumed ([`LiveVm::resume`]); on error the guest must not run.
-pub fn incoming(uri: &str, live: &LiveVm) -> Result<(), MigrateError> {
+/// Destination: listens on `uri`, receives one stream into the paused VM and restores it,
+/// then calls `start` (which resumes the guest: [`LiveVm::resume`]) and only then acknowledges
+/// the stream, so that a source reporting `completed` means a destination that runs. On error
+/// `start` is not called and the guest must not run.
+pub fn incoming(
+    uri: &str,
+    live: &LiveVm,
+    start: Box<dyn FnOnce() + Send>,
+) -> Result<(), MigrateError> {
     let addr = parse_tcp_uri(uri)?;
     let net = |what| {
         let addr = addr.clone();
@@ -665,6 +671,7 @@ pub fn incoming(uri: &str, live: &LiveVm) -> Result<(), MigrateError> {
     });
     match result {
         Ok((stats, restore)) => {
+            start();
             let _ = answer.write_all(&[ACK_OK]);
             eprintln!(
                 "vmm-min: incoming migration complete in {} ms ({} pages, {} zero pages; \
