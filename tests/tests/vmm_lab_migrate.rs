@@ -532,16 +532,15 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     };
     eprintln!("{TEST}: after the migration: {loop_after} loop records acknowledged");
     if new_echo.is_err() || !page_ok || old_echo.is_err() || loop_after < 5 {
+        // Copied out first: two guards of one mutex in the panic's arguments would deadlock.
+        let last = acked.lock().unwrap().last().cloned();
+        let errors = errors.lock().unwrap().clone();
         let st = dq.execute("query-status", json!({}));
         panic!(
             "after the migration: new echo {new_echo:?}, HTTP ok {page_ok}, old echo {old_echo:?}, loop records {loop_after} (errors {:?}; last acknowledged {:?}, {:.1} s before the switch-over ended); destination {st:?}\n{}",
-            errors.lock().unwrap(),
-            acked
-                .lock()
-                .unwrap()
-                .last()
-                .map(|a| (a.seq, a.text.clone())),
-            acked.lock().unwrap().last().map_or(f64::NAN, |a| t_done
+            errors,
+            last.as_ref().map(|a| (a.seq, &a.text)),
+            last.as_ref().map_or(f64::NAN, |a| t_done
                 .saturating_duration_since(a.acked)
                 .as_secs_f64()),
             diag(&ns, &br, &nets, &img)
