@@ -2,7 +2,8 @@
 # Frames/s and latency through vhost-net-colo, driven by its test frontend straight from shared
 # memory (no guest), with and without the primary's COLO chain. Prints a markdown table.
 #   bench/net/run.sh [--frames N]
-# Not done here (see BENCHMARKS.md): guest TCP throughput against QEMU's own virtio-net.
+# Guest TCP throughput and latency against QEMU's own virtio-net: bench/net/guest.sh (TCG) and
+# bench/net/lab.sh (KVM lab).
 set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
