@@ -20,7 +20,7 @@
 
 use std::{
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Condvar, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Instant,
@@ -501,14 +501,94 @@ impl BlockNode for ReplicationPrimary {
     }
 }
 
+/// Byte ranges in use on the secondary, widened to whole clusters of both overlays.
+///
+/// A primary write through the CBW node (copy old clusters into hidden, then write the base)
+/// must not interleave with a secondary guest request that reads the same clusters through
+/// hidden from the base (it could see the new base data while hidden is still empty), nor with
+/// another primary write of the same clusters. Requests on disjoint ranges proceed in parallel;
+/// guest requests never wait for each other.
+struct RangeLocks {
+    align: u64,
+    /// (id, start, end, held by a primary write)
+    held: Mutex<Vec<(u64, u64, u64, bool)>>,
+    freed: Condvar,
+    next: AtomicU64,
+}
+
+struct RangeGuard<'a> {
+    locks: &'a RangeLocks,
+    id: u64,
+}
+
+impl RangeLocks {
+    fn new(align: u64) -> Self {
+        RangeLocks {
+            align: align.max(1),
+            held: Mutex::new(Vec::new()),
+            freed: Condvar::new(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Waits until `[offset, offset+len)` (widened to clusters) overlaps no conflicting holder,
+    /// then holds it until the guard drops. `primary` conflicts with everyone; guest requests
+    /// conflict only with primary writes.
+    fn lock(&self, offset: u64, len: u64, primary: bool) -> BlockResult<RangeGuard<'_>> {
+        let start = offset / self.align * self.align;
+        let end = offset
+            .saturating_add(len)
+            .div_ceil(self.align)
+            .saturating_mul(self.align);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut held = self.held.lock().map_err(|_| lock_err())?;
+        while held
+            .iter()
+            .any(|&(_, s, e, p)| (p || primary) && s < end && start < e)
+        {
+            held = self.freed.wait(held).map_err(|_| lock_err())?;
+        }
+        held.push((id, start, end, primary));
+        Ok(RangeGuard { locks: self, id })
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = match self.locks.held.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(i) = held.iter().position(|x| x.0 == self.id) {
+            held.swap_remove(i);
+        }
+        drop(held);
+        self.locks.freed.notify_all();
+    }
+}
+
+fn lcm(a: u64, b: u64) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    if a == 0 || b == 0 {
+        a.max(b)
+    } else {
+        a / gcd(a, b) * b
+    }
+}
+
 /// State shared by the secondary's guest-facing node, its CBW export node and the failover
 /// thread.
 struct SecondaryShared {
     active: Arc<dyn OverlayLayer>,
     hidden: Arc<dyn OverlayLayer>,
     base: NodeRef,
-    /// Guest I/O holds it shared; primary writes, checkpoints and fold steps hold it exclusive.
+    /// Guest I/O and primary writes hold it shared; checkpoints and fold steps hold it
+    /// exclusive.
     gate: RwLock<()>,
+    /// Orders primary writes against guest I/O and other primary writes on the same clusters.
+    ranges: RangeLocks,
     stage: Mutex<Stage>,
     checkpoints: AtomicU64,
     last_checkpoint_us: AtomicU64,
@@ -576,11 +656,13 @@ impl ReplicationSecondary {
                  ({b} bytes) must have the same length (qemu-img create -f qcow2 FILE {b})"
             )));
         }
+        let align = lcm(active.cluster_size(), hidden.cluster_size());
         let shared = Arc::new(SecondaryShared {
             active,
             hidden,
             base,
             gate: RwLock::new(()),
+            ranges: RangeLocks::new(align),
             stage: Mutex::new(Stage::None),
             checkpoints: AtomicU64::new(0),
             last_checkpoint_us: AtomicU64::new(0),
@@ -776,6 +858,7 @@ impl BlockNode for ReplicationSecondary {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         let _g = self.shared.gate.read().map_err(|_| lock_err())?;
+        let _r = self.shared.ranges.lock(offset, buf.len() as u64, false)?;
         match self.shared.stage() {
             Stage::None => Err(BlockError::Replication(format!(
                 "{}: read in stage none",
@@ -789,6 +872,13 @@ impl BlockNode for ReplicationSecondary {
     fn submit(&self, op: WriteOp<'_>) -> Pending {
         let Ok(_g) = self.shared.gate.read() else {
             return Pending::Ready(Err(lock_err()));
+        };
+        let _r = match op.range() {
+            Some((offset, len)) => match self.shared.ranges.lock(offset, len, false) {
+                Ok(g) => Some(g),
+                Err(e) => return Pending::Ready(Err(e)),
+            },
+            None => None,
         };
         let r = match self.shared.stage() {
             Stage::None => Err(BlockError::Replication(format!(
@@ -832,7 +922,11 @@ impl BlockNode for CbwNode {
     fn submit(&self, op: WriteOp<'_>) -> Pending {
         let sh = &self.shared;
         let r = (|| {
-            let _g = sh.gate.write().map_err(|_| lock_err())?;
+            let _g = sh.gate.read().map_err(|_| lock_err())?;
+            let _r = match op.range() {
+                Some((offset, len)) => Some(sh.ranges.lock(offset, len, true)?),
+                None => None,
+            };
             if let (Stage::Running, Some((offset, len))) = (sh.stage(), op.range())
                 && len > 0
             {
@@ -894,6 +988,34 @@ mod tests {
             "the secondary's own write is dropped"
         );
         assert_eq!(r.status()["active-clusters"], 0);
+    }
+
+    #[test]
+    fn range_locks_block_only_overlapping_conflicts() {
+        use std::{sync::mpsc, time::Duration};
+        let locks = Arc::new(RangeLocks::new(65536));
+        let g = locks.lock(4096, 4096, true).unwrap();
+        // Disjoint primary write and a guest read elsewhere: no wait.
+        let _a = locks.lock(65536, 4096, true).unwrap();
+        let _b = locks.lock(131072, 512, false).unwrap();
+        // Two guest requests on the same cluster: no wait.
+        let _c = locks.lock(131072, 512, false).unwrap();
+        // A guest read of the same cluster (other bytes) waits for the primary write.
+        let (tx, rx) = mpsc::channel();
+        let l2 = locks.clone();
+        let t = std::thread::spawn(move || {
+            let _g = l2.lock(60000, 10, false).unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "overlapping request must wait"
+        );
+        drop(g);
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        t.join().unwrap();
+        assert_eq!(lcm(65536, 4096), 65536);
+        assert_eq!(lcm(0, 512), 512);
     }
 
     #[test]
