@@ -236,6 +236,7 @@ impl NbdClient {
             .await
             .map_err(|e| NbdClientError::Io(format!("connecting to {addr}: {e}")))?;
         let _ = sock.set_nodelay(true);
+        super::sock::set_buffers(std::os::fd::AsFd::as_fd(&sock), super::sock::SOCK_BUF);
         let direct = SockWriter::new(std::os::fd::AsFd::as_fd(&sock))
             .map_err(|e| NbdClientError::Io(format!("duplicating the socket: {e}")))?;
         Self::handshake_inner(sock, export, Some(direct)).await

@@ -97,6 +97,28 @@ impl SockWriter {
     }
 }
 
+/// Socket buffer size asked for NBD connections: a few 1 MiB requests in flight fit, so a
+/// large write is not cut into many small sends and wake-ups (loopback's default send buffer
+/// starts at 16 KiB).
+pub const SOCK_BUF: libc::c_int = 4 << 20;
+
+/// Sets `SO_SNDBUF` and `SO_RCVBUF` (the kernel caps them at `net.core.[rw]mem_max`). Errors
+/// are ignored: the defaults still work.
+pub fn set_buffers(fd: BorrowedFd<'_>, bytes: libc::c_int) {
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a valid fd with a pointer to an int and its size.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const bytes).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
 fn wait_writable(fd: libc::c_int) -> io::Result<()> {
     let mut p = libc::pollfd {
         fd,
