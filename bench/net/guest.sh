@@ -165,10 +165,12 @@ wait_ready() { # NAME
     done
     echo "  $1 ready after $((SECONDS - t0)) s" >&2
 }
-chardevs() { # the seed's primary chardevs, as unix sockets in $work
+chardevs() { # the seed's primary chardevs, as unix sockets in $work, into the array cd
+    # (no process substitution: the KVM lab has no /dev/fd)
     local c
+    cd=()
     for c in mirror0 compare0 compare_out; do
-        printf -- '%s\nsocket,id=%s,path=%s/%s.sock,server=on,wait=off\n' "$1" "$c" "$work" "$c"
+        cd+=("$1" "socket,id=$c,path=$work/$c.sock,server=on,wait=off")
     done
 }
 consumers() { # the mirror sink and the compare0 -> compare_out relay
@@ -210,7 +212,7 @@ for cfg in $configs; do
     case "$cfg" in
         ours-user)
             e=$(free_port); h=$(free_port)
-            mapfile -t cd < <(chardevs --chardev)
+            chardevs --chardev
             start backend "$backend_bin" --socket "$work/vu.sock" --qmp "unix:$work/be.qmp" \
                 --netdev "user,id=hn0,hostfwd=tcp:127.0.0.1:$e-:7,hostfwd=tcp:127.0.0.1:$h-:80" \
                 "${cd[@]}"
@@ -224,7 +226,7 @@ for cfg in $configs; do
             ;;
         ours-tap)
             make_ns
-            mapfile -t cd < <(chardevs --chardev)
+            chardevs --chardev
             start backend ip netns exec "$ns" "$backend_bin" --socket "$work/vu.sock" \
                 --qmp "unix:$work/be.qmp" \
                 --netdev "tap,id=hn0,ifname=cbt$$,script=$work/ifup.sh" "${cd[@]}"
@@ -242,7 +244,7 @@ for cfg in $configs; do
             if [ "$cfg" = qemu-tap-novnet ]; then
                 vnet=off x="" label="QEMU virtio-net, tap vhost=off vnet_hdr=off"
             fi
-            mapfile -t cd < <(chardevs -chardev)
+            chardevs -chardev
             QEMU_IN_NS=1 qemu_guest "g-$cfg" "colo.ip=10.0.5.15/24 colo.gw=10.0.5.1" \
                 -netdev "tap,id=hn0,ifname=cbq$$,script=$work/ifup.sh,downscript=no,vhost=off,vnet_hdr=$vnet" \
                 -device virtio-net-device,netdev=hn0,mac=52:54:00:12:34:56 "${cd[@]}"
