@@ -398,12 +398,16 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
             diag(&ns, &br, &nets, &img)
         );
     }
+    // The guest's journal listener (busybox `nc -ll -e`, port 5000) sometimes leaves new
+    // connections unanswered (SYNs dropped) for 20+ s right after another journal connection,
+    // while ports 7 and 80 answer; with or without migration, also with VMM_MIN_VHOST_LOG=0.
+    // A guest-side quirk, not the subject here: journal connections get 120 s.
     // One journal connection at a time: with a second, idle journal connection open, the
     // guest's `nc -ll -e` journal listener sometimes stopped accepting (SYNs to port 5000
     // unanswered for 20+ s while ports 7 and 80 answered; seen in 2 of 7 lab runs, before any
     // migration). So the pre/post records use short-lived connections, never overlapping the
     // loop client's.
-    let mut j = Journal::open(&nsn, secs(30));
+    let mut j = Journal::open(&nsn, secs(120));
     let mut records: Vec<Acked> = (1..=5).map(|i| j.append(&format!("pre-{i}"))).collect();
     drop(j);
 
@@ -427,7 +431,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
         );
         std::thread::spawn(move || loop_client(n2, a2, e2, s2))
     };
-    if let Err(m) = wait_count(&acked, t_test, 5, secs(60), "loop before the migration") {
+    if let Err(m) = wait_count(&acked, t_test, 5, secs(120), "loop before the migration") {
         panic!(
             "{m} (errors {:?})\n{}",
             errors.lock().unwrap(),
@@ -555,7 +559,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     eprintln!("{TEST}: uptime {u0} -> {u1} ({wall:.1} s wall)");
     stop.store(true, Ordering::SeqCst);
     cl.join().unwrap();
-    let mut j = Journal::open(&nsn, secs(30));
+    let mut j = Journal::open(&nsn, secs(120));
     records.extend((1..=5).map(|i| j.append(&format!("post-{i}"))));
     drop(j);
 
@@ -634,7 +638,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
         );
     }
     drop(new_journal);
-    let mut jr = Journal::open(&nsn, secs(30));
+    let mut jr = Journal::open(&nsn, secs(120));
     records.extend((1..=3).map(|i| jr.append(&format!("restored-{i}"))));
     let q = jr.request("QUERY").unwrap();
     assert!(q.starts_with("REC 1 pre-1"), "QUERY after the restore: {q}");
