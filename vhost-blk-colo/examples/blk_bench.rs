@@ -235,7 +235,7 @@ fn main() {
     let skip_qsd = args.iter().any(|a| a == "--no-qsd");
     let skip_repl = args.iter().any(|a| a == "--no-replication");
     let repeat: usize = get("--repeat", "1").parse().unwrap();
-    let workers = get("--workers", "4");
+    let workers = get("--workers", "16");
     let nq: usize = get("--num-queues", "1").parse().unwrap();
     let nqs = nq.to_string();
     let file_drive = format!("driver=raw,id=d0,file.filename={}", file.display());

@@ -47,7 +47,10 @@ struct Args {
     #[arg(long, default_value_t = 1024)]
     queue_size: usize,
     /// I/O worker threads shared by all queues (requests of a queue run in parallel on them).
-    #[arg(long, default_value_t = 4)]
+    /// A replicated write holds its worker until the secondary answers, so the pool bounds
+    /// the writes in flight to the secondary (4 workers: replicated 4k QD16 ~8.5k IOPS, 16:
+    /// ~13k on the 2-vCPU bench host; local-only unchanged).
+    #[arg(long, default_value_t = 16)]
     workers: usize,
     /// Device id returned to the guest (GET_ID).
     #[arg(long, default_value = "vhost-blk-colo")]
