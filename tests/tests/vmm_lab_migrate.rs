@@ -383,7 +383,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
 
     let nets = [a.net_qmp.clone(), b.net_qmp.clone()];
     let nets: Vec<&Path> = nets.iter().map(PathBuf::as_path).collect();
-    if let Err(err) = connect_in(Some(&nsn), guest(5000), secs(30)) {
+    if let Err(err) = connect_in(Some(&nsn), guest(5000), secs(120)) {
         panic!("journal port: {err:#}\n{}", diag(&ns, &br, &nets, &img));
     }
     http_page(&nsn);
@@ -392,12 +392,6 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     echo(&mut e, "before the migration\n");
     let u0 = uptime(&nsn);
     let t_u0 = Instant::now();
-    if let Err(err) = connect_in(Some(&nsn), guest(5000), secs(30)) {
-        panic!(
-            "journal port after echo: {err:#}\n{}",
-            diag(&ns, &br, &nets, &img)
-        );
-    }
     // The guest's journal listener (busybox `nc -ll -e`, port 5000) sometimes leaves new
     // connections unanswered (SYNs dropped) for 20+ s right after another journal connection,
     // while ports 7 and 80 answer; with or without migration, also with VMM_MIN_VHOST_LOG=0.
@@ -625,7 +619,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
         Ok(l.trim_end().to_string())
     });
     eprintln!("{TEST}: after the restore: dirtier STATUS on a new connection: {dirty_ctl:?}");
-    let new_journal = connect_in(Some(&nsn), guest(5000), secs(30));
+    let new_journal = connect_in(Some(&nsn), guest(5000), secs(120));
     eprintln!(
         "{TEST}: after the restore: new journal connection: {:?}",
         new_journal.as_ref().map(|_| ())
