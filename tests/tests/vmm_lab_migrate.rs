@@ -170,17 +170,17 @@ fn wait_count(
     }
 }
 
-fn uptime(ns: &str) -> f64 {
+/// The guest's uptime from `GET /cgi-bin/uptime`.
+fn uptime(ns: &str) -> anyhow::Result<f64> {
     let a = http_get_in(
         Some(ns),
         guest(80),
         "/cgi-bin/uptime",
         Duration::from_secs(30),
-    )
-    .unwrap();
+    )?;
     let body = http_body(&a).trim();
     body.parse()
-        .unwrap_or_else(|_| panic!("uptime answer: {a:?}"))
+        .map_err(|_| anyhow::anyhow!("uptime answer: {a:?}"))
 }
 
 fn echo(s: &mut TcpStream, text: &str) {
@@ -390,7 +390,10 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     let mut e = connect_in(Some(&nsn), guest(7), secs(30)).unwrap();
     e.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     echo(&mut e, "before the migration\n");
-    let u0 = uptime(&nsn);
+    let up = || {
+        uptime(&nsn).unwrap_or_else(|e| panic!("uptime: {e:#}\n{}", diag(&ns, &br, &nets, &img)))
+    };
+    let u0 = up();
     let t_u0 = Instant::now();
     // The guest's journal listener (busybox `nc -ll -e`, port 5000) sometimes leaves new
     // connections unanswered (SYNs dropped) for 20+ s right after another journal connection,
@@ -544,7 +547,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
             diag(&ns, &br, &nets, &img)
         );
     }
-    let u1 = uptime(&nsn);
+    let u1 = up();
     let wall = t_u0.elapsed().as_secs_f64();
     assert!(
         u1 > u0 && u1 - u0 <= wall + 5.0,
@@ -558,7 +561,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     drop(j);
 
     // 4. Snapshot, kill, restore.
-    let us = uptime(&nsn);
+    let us = up();
     let snap = dir.join("vm.snap");
     let t_snap = Instant::now();
     // A debug-build vmm-min checksums and writes ~100 MiB of non-zero pages at L1 (TCG) speed.
@@ -591,7 +594,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     })
     .unwrap();
     http_page(&nsn);
-    let u2 = uptime(&nsn);
+    let u2 = up();
     eprintln!(
         "{TEST}: restored; uptime at the snapshot {us}, after the restore {u2} ({:.1} s wall since the restore started)",
         t_restore.elapsed().as_secs_f64()
