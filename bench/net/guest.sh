@@ -197,7 +197,7 @@ measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
         ! j=$("${pre[@]}" timeout 600 python3 "$here/guestbench.py" measure "$host" "$echo" \
             "$http" --bulk-mib "$bulk_mib" --rtt "$rtt_n" --http "$http_n" 2>"$work/err"); then
         j=$(python3 -c 'import json,sys; print(json.dumps({"error": sys.argv[1]}))' \
-            "$(tail -c 300 "$work/err")")
+            "$(tail -n 1 "$work/err" | cut -c1-200)")
     fi
     echo "  $label chain=$chain: $j" >&2
     printf '%s\t%s\t%s\n' "$label" "$chain" "$j" >>"$results"
@@ -275,7 +275,8 @@ print("|---|---|---|---|---|")
 for label, chain, j in rows:
     r = json.loads(j)
     if "error" in r:
-        print(f"| {label} | {chain} | failed: {r['error'].strip()} | | |")
+        why = r["error"].strip() or "no answer within the deadline"
+        print(f"| {label} | {chain} | failed: {why} | | |")
         continue
     nr_, nh_ = r.get("rtt_n", int(nr)), r.get("http_n", int(nh))
     short = lambda k, want: "" if k >= int(want) else f" (only {k} in 60 s)"
