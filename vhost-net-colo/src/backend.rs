@@ -261,6 +261,13 @@ impl NetBackend {
         let mrg = self.mrg_rxbuf();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut used = vec![false; rxq.len()];
+        // Used index of each receive queue before this pass: the EVENT_IDX decision below
+        // needs it, because `add_used_batch` publishes entries without virtio-queue's
+        // `num_added` bookkeeping (its `needs_notification` would always say no).
+        let used_before: Vec<u16> = rxq
+            .iter()
+            .map(|v| v.get_ref().get_queue().next_used())
+            .collect();
         if event_idx {
             for v in &rxq {
                 let _ = v.disable_notification();
@@ -365,11 +372,33 @@ impl NetBackend {
         }
         drop(pending);
         self.path.guest.notify_room();
-        for (v, u) in rxq.iter().zip(used) {
-            if u {
-                self.signal(v);
+        for ((v, u), before) in rxq.iter().zip(used).zip(used_before) {
+            if u && (!event_idx || rx_needs_interrupt(v, &mem, before))
+                && let Err(e) = v.signal_used_queue()
+            {
+                tracing::debug!("signal used queue: {e}");
             }
         }
+    }
+}
+
+/// EVENT_IDX interrupt decision for a receive queue whose used index moved from `before` to
+/// its current value in one pass: interrupt when the guest's `used_event` lies in that range
+/// (the virtio spec's `vring_need_event`). An unreadable ring means interrupt.
+fn rx_needs_interrupt(vring: &VringRwLock<GM>, mem: &Mem, before: u16) -> bool {
+    use vm_memory::{Bytes, GuestAddress};
+    let g = vring.get_ref();
+    let queue = g.get_queue();
+    let now = queue.next_used();
+    // used_event sits after the avail ring's flags, idx and `size` entries.
+    let at = GuestAddress(queue.avail_ring() + 4 + 2 * u64::from(queue.size()));
+    std::sync::atomic::fence(Ordering::SeqCst);
+    match mem.load::<u16>(at, Ordering::Acquire) {
+        Ok(event) => {
+            let event = u16::from_le(event);
+            now.wrapping_sub(event).wrapping_sub(1) < now.wrapping_sub(before)
+        }
+        Err(_) => true,
     }
 }
 

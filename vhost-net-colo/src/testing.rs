@@ -614,6 +614,12 @@ impl NetFrontend {
         Some((data, nbufs))
     }
 
+    /// How many interrupts (call eventfd writes) the device sent for pair 0's receive queue
+    /// since the last call of this function (the eventfd is drained).
+    pub fn take_rx_interrupts(&mut self) -> u64 {
+        self.rx._call.read().unwrap_or(0)
+    }
+
     /// Waits up to `timeout` for the next received frame.
     pub fn recv(&mut self, timeout: Duration) -> Option<(Vec<u8>, u16)> {
         let deadline = Instant::now() + timeout;
