@@ -387,7 +387,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
         panic!("journal port: {err:#}\n{}", diag(&ns, &br, &nets, &img));
     }
     http_page(&nsn);
-    let mut e = connect_in(Some(&nsn), guest(7), secs(30)).unwrap();
+    let mut e = connect_in(Some(&nsn), guest(7), secs(120)).unwrap();
     e.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     echo(&mut e, "before the migration\n");
     let up = || {
@@ -490,7 +490,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
     // 3. After the migration. Every check is tried and reported, then asserted together, so
     // one lab run shows everything that works and what does not.
     let loop_acks_since = |t: Instant| acked.lock().unwrap().iter().filter(|a| a.sent > t).count();
-    let new_echo = connect_in(Some(&nsn), guest(7), secs(30)).and_then(|mut e2| {
+    let new_echo = connect_in(Some(&nsn), guest(7), secs(120)).and_then(|mut e2| {
         e2.set_read_timeout(Some(Duration::from_secs(30)))?;
         let text = "a new connection to the destination\n";
         e2.write_all(text.as_bytes())?;
@@ -608,7 +608,7 @@ fn vmm_lab_live_migration_and_snapshot_restore_keep_the_guest_and_its_services()
         !r_console.contains("COLO-GUEST-READY") && !r_console.contains("Linux version"),
         "the restored guest did not reboot: {r_console}"
     );
-    let mut e3 = connect_in(Some(&nsn), guest(7), secs(30)).unwrap();
+    let mut e3 = connect_in(Some(&nsn), guest(7), secs(120)).unwrap();
     e3.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     echo(&mut e3, "echo after the restore\n");
     // The journal on a new connection, with the dirtier's port as a control of another
