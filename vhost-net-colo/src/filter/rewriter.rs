@@ -270,9 +270,11 @@ impl Filter for FilterRewriter {
                 }
             }
         }
+        // Reset connections keep their offset for stragglers too: a guest may still
+        // retransmit a FIN it sent before the reset reached it, and that segment must come out
+        // in the primary's sequence space like the rest of the connection.
         if remove
             && let Some(gone) = self.conns.remove(&nkey)
-            && !s.rst
             && gone.offset != 0
         {
             if self.closed.insert(nkey, gone.offset).is_none() {
@@ -463,6 +465,14 @@ mod tests {
         // RST forgets it.
         pass(&mut c, tx, seg(tx, C_ISN + 1, PVM_ISN + 3, R | A, b""));
         assert_eq!(c.query()[0]["state"]["connections"], 0);
+        // A FIN the guest sent before the reset reached it still comes out in primary space.
+        let fin = pass(
+            &mut c,
+            rx,
+            seg(rx, SVM_ISN.wrapping_add(3), C_ISN + 1, F | A, b""),
+        );
+        assert_eq!(seq_ack(&fin).0, PVM_ISN + 3);
+        assert!(checksum_ok(&fin));
     }
 
     #[test]
