@@ -11,39 +11,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use colo_tests::process::ChildGuard;
+use colo_tests::vmm::tiny_elf;
 use colo_tests::{QmpClient, TestDir, cargo_bin, secs};
 use serde_json::json;
-
-/// An ELF64 executable with one PT_LOAD of `code` at physical 0x100000 and entry there.
-fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    let mut e = Vec::new();
-    e.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    e.extend_from_slice(&1u32.to_le_bytes());
-    e.extend_from_slice(&0x10_0000u64.to_le_bytes()); // entry
-    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
-    e.extend_from_slice(&0u64.to_le_bytes()); // shoff
-    e.extend_from_slice(&0u32.to_le_bytes()); // flags
-    e.extend_from_slice(&64u16.to_le_bytes()); // ehsize
-    e.extend_from_slice(&56u16.to_le_bytes()); // phentsize
-    e.extend_from_slice(&1u16.to_le_bytes()); // phnum
-    e.extend_from_slice(&64u16.to_le_bytes()); // shentsize
-    e.extend_from_slice(&0u16.to_le_bytes()); // shnum
-    e.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
-    let off = 0x1000u64;
-    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    e.extend_from_slice(&off.to_le_bytes());
-    e.extend_from_slice(&0x10_0000u64.to_le_bytes()); // vaddr
-    e.extend_from_slice(&0x10_0000u64.to_le_bytes()); // paddr
-    e.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    e.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    e.extend_from_slice(&0x1000u64.to_le_bytes());
-    e.resize(off as usize, 0);
-    e.extend_from_slice(code);
-    e
-}
 
 /// jmp $
 const SPIN: &[u8] = &[0xeb, 0xfe]; // jmp $

@@ -30,22 +30,9 @@ impl Drop for Proc {
     }
 }
 
-/// `<target>/debug/vhost-blk-colo`, built on demand (it is another crate's binary).
+/// Our `vhost-blk-colo` binary (another crate's: built on demand by the harness).
 fn vhost_blk_colo() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // <target>/debug/deps/<test> -> <target>/debug
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let bin = dir.join("vhost-blk-colo");
-    if !bin.exists() {
-        let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", "vhost-blk-colo", "--bin", "vhost-blk-colo"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "cargo build -p vhost-blk-colo failed");
-    }
-    assert!(bin.exists(), "{bin:?} missing after build");
-    bin
+    colo_tests::cargo_bin("vhost-blk-colo").unwrap()
 }
 
 fn start_backend(img: &Path, sock: &Path) -> Proc {

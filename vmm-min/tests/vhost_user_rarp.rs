@@ -27,20 +27,9 @@ impl Drop for Proc {
     }
 }
 
-/// `<target>/debug/vhost-net-colo`, built on demand (another crate's binary).
+/// Our `vhost-net-colo` binary (another crate's: built on demand by the harness).
 fn vhost_net_colo() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let bin = dir.join("vhost-net-colo");
-    if !bin.exists() {
-        let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", "vhost-net-colo", "--bin", "vhost-net-colo"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "cargo build -p vhost-net-colo failed");
-    }
-    bin
+    colo_tests::cargo_bin("vhost-net-colo").unwrap()
 }
 
 fn w(t: &mut MmioTransport, off: u64, v: u32) {
