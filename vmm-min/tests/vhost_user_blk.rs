@@ -6,28 +6,22 @@
 
 #![allow(clippy::unwrap_used)] // test helpers
 
+mod common;
+
+use common::*;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm_min::devices::bus::BusDevice;
 use vmm_min::memory::GuestRam;
 use vmm_min::virtio::mmio::{MmioTransport, reg};
 use vmm_min::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use vmm_min::virtio::vhost_user::{Kind, RamInfo, VhostUserDevice, VhostUserSpec};
 use vmm_min::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn have(tool: &str) -> bool {
     Command::new(tool)
@@ -63,29 +57,6 @@ fn qsd(img: &Path, sock: &Path) -> Proc {
         std::thread::sleep(Duration::from_millis(20));
     }
     p
-}
-
-fn w(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-fn r(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-const DESC: u64 = 0x10000;
-const AVAIL: u64 = 0x11000;
-const USED: u64 = 0x12000;
-const QSIZE: u16 = 16;
-
-fn put_desc(ram: &GuestRam, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-    let a = DESC + u64::from(i) * 16;
-    let m = ram.mem();
-    m.write_obj(addr, GuestAddress(a)).unwrap();
-    m.write_obj(len, GuestAddress(a + 8)).unwrap();
-    m.write_obj(flags, GuestAddress(a + 12)).unwrap();
-    m.write_obj(next, GuestAddress(a + 14)).unwrap();
 }
 
 /// Submits one request (header, data, status) as descriptors 3n..3n+2 and waits for it.

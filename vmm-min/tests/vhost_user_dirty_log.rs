@@ -6,13 +6,15 @@
 
 #![allow(clippy::unwrap_used)] // test code
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm_min::devices::bus::BusDevice;
 use vmm_min::dirty_log::SharedLog;
 use vmm_min::memory::GuestRam;
 use vmm_min::virtio::VIRTIO_F_VERSION_1;
@@ -21,14 +23,6 @@ use vmm_min::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use vmm_min::virtio::vhost_user::{Kind, RamInfo, VhostUserDevice, VhostUserSpec};
 use vmm_min::vm::{DirtyTracker, Vm, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Our `vhost-blk-colo` binary (another crate's: built on demand by the harness).
 fn vhost_blk_colo() -> PathBuf {
@@ -58,29 +52,6 @@ fn start_backend(img: &Path, sock: &Path) -> Proc {
         std::thread::sleep(Duration::from_millis(20));
     }
     p
-}
-
-fn w(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-fn r(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-const DESC: u64 = 0x10000;
-const AVAIL: u64 = 0x11000;
-const USED: u64 = 0x12000;
-const QSIZE: u16 = 16;
-
-fn put_desc(ram: &GuestRam, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-    let a = DESC + u64::from(i) * 16;
-    let m = ram.mem();
-    m.write_obj(addr, GuestAddress(a)).unwrap();
-    m.write_obj(len, GuestAddress(a + 8)).unwrap();
-    m.write_obj(flags, GuestAddress(a + 12)).unwrap();
-    m.write_obj(next, GuestAddress(a + 14)).unwrap();
 }
 
 /// Submits request `n` (header at 0x20000 + n*0x100, status at +0x80) and waits for it.

@@ -5,13 +5,15 @@
 
 #![allow(clippy::unwrap_used)] // test code
 
+mod common;
+
+use common::*;
 use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm_min::devices::bus::BusDevice;
 use vmm_min::memory::GuestRam;
 use vmm_min::virtio::VIRTIO_F_VERSION_1;
 use vmm_min::virtio::mmio::{MmioTransport, reg};
@@ -19,21 +21,9 @@ use vmm_min::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use vmm_min::virtio::vhost_user::{Kind, RamInfo, VhostUserDevice, VhostUserSpec};
 use vmm_sys_util::eventfd::EventFd;
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Our `vhost-net-colo` binary (another crate's: built on demand by the harness).
 fn vhost_net_colo() -> PathBuf {
     colo_tests::cargo_bin("vhost-net-colo").unwrap()
-}
-
-fn w(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
 }
 
 #[test]

@@ -350,6 +350,25 @@ pub(super) struct Reader<R> {
 }
 
 impl<R: Read> Reader<R> {
+    /// Reads and checks the magic and the format version every stream of ours starts with.
+    pub(super) fn header(&mut self, expected: &[u8; 8]) -> Result<(), FormatError> {
+        let mut magic = [0u8; 8];
+        self.get(&mut magic, "the magic")?;
+        if &magic != expected {
+            return Err(FormatError::BadMagic { found: magic });
+        }
+        let mut v = [0u8; 4];
+        self.get(&mut v, "the version")?;
+        let version = u32::from_le_bytes(v);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::Version {
+                found: version,
+                expected: FORMAT_VERSION,
+            });
+        }
+        Ok(())
+    }
+
     pub(super) fn get(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), FormatError> {
         self.r.read_exact(buf).map_err(|source| {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -481,20 +500,7 @@ pub fn read_snapshot<R: Read>(
     ram: &GuestRam,
 ) -> Result<VmSnapshot, FormatError> {
     let mut r = Reader { r, sum: Fnv::new() };
-    let mut magic = [0u8; 8];
-    r.get(&mut magic, "the magic")?;
-    if &magic != MAGIC {
-        return Err(FormatError::BadMagic { found: magic });
-    }
-    let mut v = [0u8; 4];
-    r.get(&mut v, "the version")?;
-    let version = u32::from_le_bytes(v);
-    if version != FORMAT_VERSION {
-        return Err(FormatError::Version {
-            found: version,
-            expected: FORMAT_VERSION,
-        });
-    }
+    r.header(MAGIC)?;
     let len = r.u64("the state length")?;
     if len > MAX_STATE_LEN {
         return Err(FormatError::StateTooLarge(len));

@@ -189,20 +189,7 @@ pub fn receive<R: Read>(
 ) -> Result<(VmSnapshot, StreamStats), FormatError> {
     let mut r = Reader { r, sum: Fnv::new() };
     let mut stats = StreamStats::default();
-    let mut magic = [0u8; 8];
-    r.get(&mut magic, "the magic")?;
-    if &magic != MIGRATION_MAGIC {
-        return Err(FormatError::BadMagic { found: magic });
-    }
-    let mut v = [0u8; 4];
-    r.get(&mut v, "the version")?;
-    let version = u32::from_le_bytes(v);
-    if version != FORMAT_VERSION {
-        return Err(FormatError::Version {
-            found: version,
-            expected: FORMAT_VERSION,
-        });
-    }
+    r.header(MIGRATION_MAGIC)?;
     let shape: VmShape = serde_json::from_slice(&read_blob(&mut r, "the VM shape")?)?;
     if shape != *ours {
         return Err(FormatError::Shape {
