@@ -477,32 +477,7 @@ impl NetFrontend {
     pub fn send_batch<F: AsRef<[u8]>>(&mut self, frames: &[F]) -> Result<(), FrontendError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         for f in frames {
-            let f = f.as_ref();
-            if f.len() + VNET_HDR_LEN > self.tx.buf_size {
-                return Err(FrontendError::Invalid(format!(
-                    "frame of {} bytes",
-                    f.len()
-                )));
-            }
-            let id = loop {
-                self.reclaim_tx();
-                if let Some(id) = self.tx.free.pop() {
-                    break id;
-                }
-                let _ = self.tx.kick.write(1);
-                if Instant::now() > deadline {
-                    return Err(FrontendError::Invalid(
-                        "transmit queue never drained".into(),
-                    ));
-                }
-                std::thread::yield_now();
-            };
-            let addr = self.tx.bufs + u64::from(id) * self.tx.buf_size as u64;
-            self.mem.write(addr, &[0u8; VNET_HDR_LEN]);
-            self.mem.write(addr + VNET_HDR_LEN as u64, f);
-            self.mem
-                .write_desc(self.tx.desc, id, addr, (VNET_HDR_LEN + f.len()) as u32, 0);
-            self.tx.publish(&self.mem, id);
+            self.queue_tx(&[0u8; VNET_HDR_LEN], f.as_ref(), deadline)?;
         }
         let _ = self.tx.kick.write(1);
         Ok(())
@@ -515,6 +490,19 @@ impl NetFrontend {
         frame: &[u8],
     ) -> Result<(), FrontendError> {
         let deadline = Instant::now() + Duration::from_secs(10);
+        self.queue_tx(hdr, frame, deadline)?;
+        let _ = self.tx.kick.write(1);
+        Ok(())
+    }
+
+    /// Puts one frame behind `hdr` into a free transmit buffer (kicking and reclaiming until
+    /// one is free, up to `deadline`) and publishes it, without a final kick.
+    fn queue_tx(
+        &mut self,
+        hdr: &[u8; VNET_HDR_LEN],
+        frame: &[u8],
+        deadline: Instant,
+    ) -> Result<(), FrontendError> {
         if frame.len() + VNET_HDR_LEN > self.tx.buf_size {
             return Err(FrontendError::Invalid(format!(
                 "frame of {} bytes",
@@ -545,7 +533,6 @@ impl NetFrontend {
             0,
         );
         self.tx.publish(&self.mem, id);
-        let _ = self.tx.kick.write(1);
         Ok(())
     }
 
