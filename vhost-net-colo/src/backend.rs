@@ -7,10 +7,11 @@
 //! - The 12-byte virtio-net header; `VIRTIO_NET_F_MRG_RXBUF`: a frame may span several receive
 //!   buffers (`num_buffers` set); without it each frame must fit one buffer chain.
 //! - Checksum and TCP segmentation offloads both ways (`CSUM`, `HOST_TSO4/6`, `GUEST_CSUM`,
-//!   `GUEST_TSO4/6`): with an empty filter chain and a tap with vnet headers, offloaded frames
-//!   pass through with their header; otherwise they are made plain in software
-//!   ([`crate::offload`]), so every frame in the filter chain is a complete, checksummed
-//!   Ethernet frame — what colo-compare and the rewriter need.
+//!   `GUEST_TSO4/6`): offloaded frames go through the filter chain whole with their header
+//!   when every filter on the way takes them so (mirror/redirector with `vnet_hdr_support=on`,
+//!   rewriter; see [`crate::filter`]) and leave whole to a tap with vnet headers or a guest
+//!   that negotiated the offload; wherever that does not hold they are made plain in software
+//!   ([`crate::offload`]).
 //! - `VIRTIO_NET_F_MAC` with the MAC from the command line and `VIRTIO_NET_F_STATUS` in config
 //!   space (`VHOST_USER_PROTOCOL_F_CONFIG`); `set_link` changes the status and sends
 //!   `CONFIG_CHANGE_MSG` when the frontend gave a backend-request channel

@@ -197,7 +197,8 @@ pub fn spawn_indev(
                             if st.load(Ordering::Relaxed) {
                                 return;
                             }
-                            if let Err(e) = path.inject(&id, vnet::from_record(f)) {
+                            let (hdr, l2) = vnet::split_record(f);
+                            if let Err(e) = path.inject_vnet(&id, hdr, l2) {
                                 tracing::debug!("indev {id}: {e}");
                                 return;
                             }

@@ -296,9 +296,11 @@ impl NetPath {
         }
     }
 
-    /// A frame the guest sent with its virtio-net header. Offloaded frames go to a netdev with
-    /// vnet headers as they are when the chain is empty; otherwise they are made plain
-    /// (checksums completed, GSO frames segmented) and each piece goes through the chain.
+    /// A frame the guest sent with its virtio-net header. An offloaded frame goes through the
+    /// chain whole when every filter on its way takes it so ([`Chain::takes_offloaded`]) and
+    /// leaves with its header (segmented in software only for a netdev without vnet headers);
+    /// otherwise it is made plain (checksums completed, GSO frames segmented) and each piece
+    /// goes through the chain.
     pub fn from_guest_vnet(&self, hdr: &[u8], frame: Vec<u8>) {
         self.from_guest_vnet_on(0, hdr, frame)
     }
@@ -320,15 +322,14 @@ impl NetPath {
             return;
         }
         {
-            let chain = self.chain();
-            if chain.is_empty()
-                && let Some(nd) = self.netdev()
-                && nd.vnet_hdr()
-            {
-                self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = nd.send_vnet_on(q, &h.to_bytes(), &frame) {
-                    self.to_netdev_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("netdev {}: send: {e}", self.netdev_id);
+            let mut chain = self.chain();
+            if chain.takes_offloaded(Direction::Rx) {
+                let mut h = h;
+                match chain.process_offloaded(Direction::Rx, &mut h, frame) {
+                    Outcome::Deliver(f) => self.deliver_offloaded(q, Direction::Rx, h, f),
+                    Outcome::Consumed => {
+                        self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 return;
             }
@@ -348,8 +349,8 @@ impl NetPath {
     }
 
     /// A frame with a virtio-net header in front (`buf` = header + frame) from a netdev with
-    /// vnet headers. Passed to the guest as it is when the chain is empty and the guest
-    /// negotiated the offloads it uses; otherwise made plain and taken through the chain.
+    /// vnet headers. Goes through the chain whole when the chain takes it so, and to the guest
+    /// with its header when the guest negotiated the offloads it uses; otherwise made plain.
     pub fn from_netdev_vnet(&self, mut buf: Vec<u8>) {
         if buf.len() < VNET_HDR_LEN {
             self.offload_errors.fetch_add(1, Ordering::Relaxed);
@@ -369,16 +370,19 @@ impl NetPath {
             self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let need = h.guest_features_needed();
-        let acked = self.guest_features.load(Ordering::Relaxed);
-        if acked & need == need {
-            if self.guest_connected.load(Ordering::Relaxed) {
-                self.guest.wait_room(std::time::Duration::from_secs(1));
-            }
-            let chain = self.chain();
-            if chain.is_empty() {
-                self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
-                self.guest.push_with_hdr(h.to_bytes(), buf);
+        if self.guest_connected.load(Ordering::Relaxed) {
+            self.guest.wait_room(std::time::Duration::from_secs(1));
+        }
+        {
+            let mut chain = self.chain();
+            if chain.takes_offloaded(Direction::Tx) {
+                let mut h = h;
+                match chain.process_offloaded(Direction::Tx, &mut h, buf) {
+                    Outcome::Deliver(f) => self.deliver_offloaded(0, Direction::Tx, h, f),
+                    Outcome::Consumed => {
+                        self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 return;
             }
         }
@@ -412,9 +416,65 @@ impl NetPath {
         }
     }
 
+    /// A frame that leaves the chain with offloads pending: to a netdev with vnet headers or a
+    /// guest that negotiated them whole with its header, else made plain in software first.
+    fn deliver_offloaded(&self, q: usize, dir: Direction, h: VnetHdr, frame: Vec<u8>) {
+        if !self.link_is_up() {
+            self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let whole = match dir {
+            Direction::Rx => self.netdev().is_some_and(|nd| nd.vnet_hdr()),
+            Direction::Tx => {
+                let need = h.guest_features_needed();
+                self.guest_features.load(Ordering::Relaxed) & need == need
+            }
+        };
+        if whole {
+            self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+            match dir {
+                Direction::Rx => {
+                    if let Some(nd) = self.netdev()
+                        && let Err(e) = nd.send_vnet_on(q, &h.to_bytes(), &frame)
+                    {
+                        self.to_netdev_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("netdev {}: send: {e}", self.netdev_id);
+                    }
+                }
+                Direction::Tx => self.guest.push_with_hdr(h.to_bytes(), frame),
+            }
+            return;
+        }
+        match to_plain(&h.to_bytes(), frame) {
+            Ok(segs) => {
+                self.offload_software.fetch_add(1, Ordering::Relaxed);
+                for s in segs {
+                    self.deliver_on(q, dir, s);
+                }
+            }
+            Err(e) => {
+                self.offload_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("offloaded frame dropped: {e}");
+            }
+        }
+    }
+
     /// A frame read from filter `id`'s indev, injected from its position in the direction(s)
     /// of its `queue`.
     pub fn inject(&self, id: &str, frame: Vec<u8>) -> Result<(), FilterError> {
+        self.inject_vnet(id, None, frame)
+    }
+
+    /// As [`NetPath::inject`] for a record that came with a virtio-net header asking for
+    /// offloads (`hdr`): the frame goes on whole while the filters after `id` take it so, and
+    /// leaves with its header (a tap with vnet headers segments it); otherwise it is made
+    /// plain first.
+    pub fn inject_vnet(
+        &self,
+        id: &str,
+        hdr: Option<VnetHdr>,
+        frame: Vec<u8>,
+    ) -> Result<(), FilterError> {
         let mut chain = self.chain();
         let queue = chain
             .get(id)
@@ -430,8 +490,35 @@ impl NetPath {
             QueueSel::All => &[Direction::Tx, Direction::Rx],
         };
         for &d in dirs {
-            if let Outcome::Deliver(f) = chain.inject_from(id, d, frame.clone())? {
-                self.deliver(d, f);
+            let Some(h) = hdr else {
+                if let Outcome::Deliver(f) = chain.inject_from(id, d, frame.clone())? {
+                    self.deliver(d, f);
+                }
+                continue;
+            };
+            if chain.takes_offloaded_after(id, d)? {
+                let mut h = h;
+                match chain.inject_offloaded_from(id, d, &mut h, frame.clone())? {
+                    Outcome::Deliver(f) => self.deliver_offloaded(0, d, h, f),
+                    Outcome::Consumed => {
+                        self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                continue;
+            }
+            match to_plain(&h.to_bytes(), frame.clone()) {
+                Ok(segs) => {
+                    self.offload_software.fetch_add(1, Ordering::Relaxed);
+                    for s in segs {
+                        if let Outcome::Deliver(f) = chain.inject_from(id, d, s)? {
+                            self.deliver(d, f);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.offload_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("injected frame dropped: {e}");
+                }
             }
         }
         Ok(())

@@ -1,16 +1,21 @@
 //! The virtio-net header at the socket edges of filters with `vnet_hdr_support=on`.
 //!
-//! Inside the chain frames are bare, complete Ethernet frames (offloaded frames are made plain
-//! before they enter it, see [`crate::offload`]). A filter with `vnet_hdr_support=on` sends the
+//! Inside the chain frames are bare Ethernet frames; an offloaded frame (GSO, partial checksum)
+//! travels with its header beside it when every filter on its way takes it whole, and is made
+//! plain before the chain otherwise (see [`crate::offload`]). A filter with
+//! `vnet_hdr_support=on` sends the
 //! `vnet_hdr_len` field as QEMU does: the length of the netdev's virtio-net header — 12 for a
 //! tap with vnet headers (`vnet_hdr=on`, the default), 0 for stream, dgram, user and
-//! `vnet_hdr=off` taps — with a zeroed header (no offload requested) in front of the frame.
+//! `vnet_hdr=off` taps — with the frame's header in front of it: zeroed for a plain frame, the
+//! GSO/checksum request for an offloaded one ([`to_record_offloaded`]).
 //! The option `vnet_hdr_len=0|10|12|20` (our extension) overrides it, e.g. to match a QEMU
 //! peer whose netdev differs from ours.
-//! Received records have their header removed, completing a partial checksum in software when
-//! the header asks for it (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
+//! Received records are split into frame and header ([`split_record`]); a header asking for
+//! offloads goes on with the frame (a tap with vnet headers completes it in the kernel).
 
 use colo_proto::frame::Frame;
+
+use crate::offload::VnetHdr;
 
 /// Length of the virtio 1.0 header (with `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
@@ -30,6 +35,37 @@ pub fn to_record(l2: &[u8], vnet_hdr_support: bool, hdr_len: usize) -> Frame {
     } else {
         Frame::ethernet(l2)
     }
+}
+
+/// A frame with offloads pending as a filter with `vnet_hdr_support=on` and a header length
+/// of `hdr_len` (10, 12 or 20) sends it: the header (`num_buffers` and any hash fields zero)
+/// in front of the frame, as QEMU's filters send a tap's GSO frames.
+pub fn to_record_offloaded(l2: &[u8], hdr: &VnetHdr, hdr_len: usize) -> Frame {
+    let b = hdr.to_bytes();
+    let mut payload = Vec::with_capacity(hdr_len + l2.len());
+    payload.extend_from_slice(&b[..hdr_len.min(b.len())]);
+    payload.resize(hdr_len, 0);
+    payload.extend_from_slice(l2);
+    Frame {
+        vnet_hdr_len: hdr_len as u32,
+        payload,
+    }
+}
+
+/// A received record as the bare Ethernet frame and, when its virtio-net header asks for an
+/// offload (a GSO frame, a partial checksum), that header: the frame goes on whole, and is
+/// made plain only where it must be ([`crate::offload::to_plain`]).
+pub fn split_record(frame: Frame) -> (Option<VnetHdr>, Vec<u8>) {
+    let hdr_len = frame.vnet_hdr_len as usize;
+    if hdr_len == 0 {
+        return (None, frame.payload);
+    }
+    let h = VnetHdr::parse(frame.vnet_hdr())
+        .ok()
+        .filter(|h| !h.is_plain());
+    let mut l2 = frame.payload;
+    l2.drain(..hdr_len.min(l2.len()));
+    (h, l2)
 }
 
 /// The bare Ethernet frame of a received record, with a requested partial checksum completed.

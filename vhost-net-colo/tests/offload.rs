@@ -289,3 +289,183 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
     ));
     assert_eq!(net["offload"]["errors"], 0, "{net}");
 }
+
+/// Connects to the Unix socket of a listening chardev (10 s at most).
+fn connect_chardev(path: &std::path::Path) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+                return s;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{}: {e}", path.display());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A packet socket on `ifname` inside `ns`: the first received frame of `len` bytes whose TCP
+/// destination port is 7, or None after 10 s. `ready` is sent once the socket listens.
+fn capture_in(
+    ns: &common::NetNs,
+    ifname: &str,
+    len: usize,
+    ready: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<Option<Vec<u8>>> {
+    let path = format!("/run/netns/{}", ns.name());
+    let ifname = std::ffi::CString::new(ifname).unwrap();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(path).unwrap();
+        // SAFETY: setns on this thread only, with a namespace fd we opened.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns");
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2) call; the fd is closed below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(fd >= 0, "AF_PACKET socket");
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+        assert_ne!(index, 0, "tap index");
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = index as i32;
+        // SAFETY: bind with a sockaddr_ll of its own size.
+        let r = unsafe {
+            libc::bind(
+                fd,
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "bind AF_PACKET");
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: SO_RCVTIMEO takes a timeval of its own size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        ready.send(()).unwrap();
+        let mut buf = vec![0u8; 70_000];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = None;
+        while Instant::now() < deadline {
+            // SAFETY: recv into our buffer, at most its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n == len as isize && buf.get(36..38) == Some(&7u16.to_be_bytes()[..]) {
+                got = Some(buf[..len].to_vec());
+                break;
+            }
+        }
+        // SAFETY: our fd, closed once.
+        unsafe { libc::close(fd) };
+        got
+    })
+}
+
+/// The primary's chain with `vnet_hdr_support=on` on a tap with vnet headers: a 64 KiB GSO frame
+/// from the guest leaves through redire1's outdev as ONE record carrying its virtio-net header
+/// (QEMU's framing, vnet_hdr_len 12); written back into redire0's indev it is injected with
+/// that header, and reaches the tap whole (the kernel segments it), byte for byte.
+#[test]
+fn gso_frame_crosses_the_colo_chain_whole_with_vnet_hdr_support() {
+    let Some(ns) = common::netns_with_tun("vngso") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tap = "vngsotap0";
+    let b = common::spawn_with_tap(dir.path(), &ns, tap, "", &["--mac", GUEST_MAC]);
+    let mut qmp = b.qmp();
+    for args in [
+        &["addr", "add", "10.0.2.2/24", "dev", tap][..],
+        &["link", "set", tap, "up"],
+        &["link", "set", "lo", "up"],
+    ] {
+        ns.ip(args).unwrap();
+    }
+    let (out_path, in_path) = (dir.path().join("out.sock"), dir.path().join("in.sock"));
+    for (id, p) in [("compare0", &out_path), ("compare_out", &in_path)] {
+        qmp.execute(
+            "chardev-add",
+            json!({"id": id, "spec": format!("socket,path={},server=on,wait=off", p.display())}),
+        )
+        .unwrap();
+    }
+    for (id, key, dev) in [
+        ("redire0", "indev", "compare_out"),
+        ("redire1", "outdev", "compare0"),
+    ] {
+        qmp.execute(
+            "object-add",
+            json!({"qom-type": "filter-redirector", "id": id, "netdev": "t0", "queue": "rx",
+                   key: dev, "vnet_hdr_support": true}),
+        )
+        .unwrap();
+    }
+    let out = connect_chardev(&out_path);
+    let mut inj = connect_chardev(&in_path);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fe = b.frontend(&Options::default());
+    assert_ne!(fe.features() & (1 << 11), 0, "HOST_TSO4 negotiated");
+
+    let payload: Vec<u8> = (0..65_000usize).map(|i| (i * 13 + i / 256) as u8).collect();
+    let (h, f) = tcp_gso_frame(false, &payload, false, MSS);
+    fe.send_vnet(&h.to_bytes(), &f).unwrap();
+    let mut r = FrameReader::new(out, true);
+    let rec = r.read_frame().unwrap().unwrap();
+    assert_eq!(rec.vnet_hdr_len, 12, "QEMU framing with the tap's header");
+    assert_eq!(
+        VnetHdr::parse(rec.vnet_hdr()).unwrap(),
+        h,
+        "the GSO header travels with the frame"
+    );
+    assert_eq!(rec.l2(), &f[..], "one record: the whole 64 KiB frame");
+
+    // Back through the comparer's side: injected with its header, one packet for the kernel.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cap = capture_in(&ns, tap, f.len(), tx);
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let before = common::rx_packets(&ns, tap);
+    colo_proto::frame::write_frame(&mut inj, &rec, true).unwrap();
+    let got = cap
+        .join()
+        .unwrap()
+        .expect("the GSO frame reached the tap whole");
+    assert_eq!(got, f, "byte for byte");
+    common::wait_for(Duration::from_secs(10), "tap rx count", || {
+        common::rx_packets(&ns, tap) > before
+    });
+    let net = qmp.execute("query-net", json!({})).unwrap();
+    assert_eq!(net["offload"]["software"], 0, "nothing segmented: {net}");
+    assert!(
+        net["offload"]["passthrough"].as_u64().unwrap() >= 2,
+        "{net}"
+    );
+    assert_eq!(net["offload"]["errors"], 0, "{net}");
+    let filters = qmp.execute("query-filters", json!({})).unwrap();
+    let row = |id: &str| {
+        filters
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(row("redire1")["counters"]["sent"], 1, "{filters}");
+    assert_eq!(row("redire0")["counters"]["injected"], 1, "{filters}");
+}

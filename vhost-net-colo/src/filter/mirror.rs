@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::{Counters, Direction, Filter, Outdev, Verdict};
+use crate::offload::VnetHdr;
 use crate::vnet;
 
 pub struct FilterMirror {
@@ -36,6 +37,30 @@ impl Filter for FilterMirror {
     fn receive(&mut self, _dir: Direction, frame: &mut Vec<u8>, c: &mut Counters) -> Verdict {
         let rec = vnet::to_record(frame, self.vnet_hdr_support, self.vnet_hdr_len);
         match self.outdev.send_frame(&rec, self.vnet_hdr_support) {
+            Ok(()) => c.sent += 1,
+            Err(e) => {
+                c.errors += 1;
+                tracing::debug!("filter-mirror: send to {}: {e}", self.outdev.name());
+            }
+        }
+        Verdict::Pass
+    }
+
+    /// With `vnet_hdr_support=on` and a header length that holds one (a tap with vnet
+    /// headers), an offloaded frame is copied whole with its header, as QEMU's filter does.
+    fn takes_offloaded(&self) -> bool {
+        self.vnet_hdr_support && self.vnet_hdr_len >= 10
+    }
+
+    fn receive_offloaded(
+        &mut self,
+        _dir: Direction,
+        hdr: &mut VnetHdr,
+        frame: &mut Vec<u8>,
+        c: &mut Counters,
+    ) -> Verdict {
+        let rec = vnet::to_record_offloaded(frame, hdr, self.vnet_hdr_len);
+        match self.outdev.send_frame(&rec, true) {
             Ok(()) => c.sent += 1,
             Err(e) => {
                 c.errors += 1;

@@ -10,8 +10,13 @@
 //! in the frame's direction. Filters with `status=off` are skipped.
 //!
 //! The chain is pure logic: it takes a frame and returns what comes out at the end. Frames in
-//! the chain are bare Ethernet frames (no virtio-net header); filters with
-//! `vnet_hdr_support=on` add or strip a header at their socket edge (see [`crate::vnet`]).
+//! the chain are bare Ethernet frames; filters with `vnet_hdr_support=on` add or strip a
+//! header at their socket edge (see [`crate::vnet`]). A frame with offloads pending (a TCP GSO
+//! frame of up to 64 KiB, a partial checksum) walks the chain whole with its virtio-net header
+//! when every filter it meets takes it so ([`Filter::takes_offloaded`]: the mirror and the
+//! redirector with `vnet_hdr_support=on` on a netdev with vnet headers, the rewriter, a
+//! redirector without outdev), as QEMU's filters pass a tap's GSO frames; otherwise the path
+//! makes it plain before the chain ([`crate::offload`]).
 
 pub mod dump;
 pub mod mirror;
@@ -23,6 +28,8 @@ use std::sync::Arc;
 
 use colo_proto::frame::Frame;
 use serde::Serialize;
+
+use crate::offload::VnetHdr;
 
 pub use dump::FilterDump;
 pub use mirror::FilterMirror;
@@ -112,6 +119,23 @@ pub trait Filter: Send {
     fn kind(&self) -> &'static str;
     /// Looks at (and may modify or take) one frame travelling in `dir`.
     fn receive(&mut self, dir: Direction, frame: &mut Vec<u8>, counters: &mut Counters) -> Verdict;
+    /// True when the filter takes frames whose offloads are still pending (a TCP GSO frame
+    /// of up to 64 KiB, a partial checksum) through [`Filter::receive_offloaded`]. Filters that
+    /// do not are only ever given plain frames (the path segments before them).
+    fn takes_offloaded(&self) -> bool {
+        false
+    }
+    /// As [`Filter::receive`], for a frame with its virtio-net header `hdr` (offloads pending).
+    /// Only called when [`Filter::takes_offloaded`] says so.
+    fn receive_offloaded(
+        &mut self,
+        dir: Direction,
+        _hdr: &mut VnetHdr,
+        frame: &mut Vec<u8>,
+        counters: &mut Counters,
+    ) -> Verdict {
+        self.receive(dir, frame, counters)
+    }
     /// COLO checkpoint event.
     fn checkpoint(&mut self) {}
     /// COLO failover event; returns whether the filter stays on (QEMU's default turns it off).
@@ -308,10 +332,7 @@ impl Chain {
 
     /// A frame enters the chain from its start (the netdev for Tx, the guest for Rx).
     pub fn process(&mut self, dir: Direction, frame: Vec<u8>) -> Outcome {
-        let order: Vec<usize> = match dir {
-            Direction::Tx => (0..self.entries.len()).collect(),
-            Direction::Rx => (0..self.entries.len()).rev().collect(),
-        };
+        let order = self.order(dir, None);
         self.walk(dir, frame, order)
     }
 
@@ -325,14 +346,78 @@ impl Chain {
     ) -> Result<Outcome, FilterError> {
         let i = self.index(id)?;
         self.entries[i].counters.injected += 1;
-        let order: Vec<usize> = match dir {
-            Direction::Tx => (i + 1..self.entries.len()).collect(),
-            Direction::Rx => (0..i).rev().collect(),
-        };
+        let order = self.order(dir, Some(i));
         Ok(self.walk(dir, frame, order))
     }
 
-    fn walk(&mut self, dir: Direction, mut frame: Vec<u8>, order: Vec<usize>) -> Outcome {
+    /// The filters a frame entering at the start (`from` None) or injected by filter `from`
+    /// meets in direction `dir`, in order.
+    fn order(&self, dir: Direction, from: Option<usize>) -> Vec<usize> {
+        match (dir, from) {
+            (Direction::Tx, None) => (0..self.entries.len()).collect(),
+            (Direction::Rx, None) => (0..self.entries.len()).rev().collect(),
+            (Direction::Tx, Some(i)) => (i + 1..self.entries.len()).collect(),
+            (Direction::Rx, Some(i)) => (0..i).rev().collect(),
+        }
+    }
+
+    /// True when every filter an offloaded frame entering in direction `dir` would meet takes
+    /// it whole ([`Filter::takes_offloaded`]); an empty chain does.
+    pub fn takes_offloaded(&self, dir: Direction) -> bool {
+        self.takes_offloaded_on(dir, self.order(dir, None))
+    }
+
+    /// As [`Chain::takes_offloaded`] for a frame injected by filter `id`.
+    pub fn takes_offloaded_after(&self, id: &str, dir: Direction) -> Result<bool, FilterError> {
+        let i = self.index(id)?;
+        Ok(self.takes_offloaded_on(dir, self.order(dir, Some(i))))
+    }
+
+    fn takes_offloaded_on(&self, dir: Direction, order: Vec<usize>) -> bool {
+        order.into_iter().all(|i| {
+            let e = &self.entries[i];
+            !e.status || !e.queue.covers(dir) || e.filter.takes_offloaded()
+        })
+    }
+
+    /// As [`Chain::process`] for a frame with offloads pending and its header (which filters
+    /// may change); call only when [`Chain::takes_offloaded`] holds.
+    pub fn process_offloaded(
+        &mut self,
+        dir: Direction,
+        hdr: &mut VnetHdr,
+        frame: Vec<u8>,
+    ) -> Outcome {
+        let order = self.order(dir, None);
+        self.walk_with(dir, frame, order, Some(hdr))
+    }
+
+    /// As [`Chain::inject_from`] for a frame with offloads pending; call only when
+    /// [`Chain::takes_offloaded_after`] holds.
+    pub fn inject_offloaded_from(
+        &mut self,
+        id: &str,
+        dir: Direction,
+        hdr: &mut VnetHdr,
+        frame: Vec<u8>,
+    ) -> Result<Outcome, FilterError> {
+        let i = self.index(id)?;
+        self.entries[i].counters.injected += 1;
+        let order = self.order(dir, Some(i));
+        Ok(self.walk_with(dir, frame, order, Some(hdr)))
+    }
+
+    fn walk(&mut self, dir: Direction, frame: Vec<u8>, order: Vec<usize>) -> Outcome {
+        self.walk_with(dir, frame, order, None)
+    }
+
+    fn walk_with(
+        &mut self,
+        dir: Direction,
+        mut frame: Vec<u8>,
+        order: Vec<usize>,
+        mut hdr: Option<&mut VnetHdr>,
+    ) -> Outcome {
         for i in order {
             let e = &mut self.entries[i];
             if !e.status || !e.queue.covers(dir) {
@@ -340,7 +425,13 @@ impl Chain {
             }
             e.counters.frames += 1;
             e.counters.bytes += frame.len() as u64;
-            if e.filter.receive(dir, &mut frame, &mut e.counters) == Verdict::Consumed {
+            let v = match hdr.as_deref_mut() {
+                Some(h) => e
+                    .filter
+                    .receive_offloaded(dir, h, &mut frame, &mut e.counters),
+                None => e.filter.receive(dir, &mut frame, &mut e.counters),
+            };
+            if v == Verdict::Consumed {
                 e.counters.consumed += 1;
                 return Outcome::Consumed;
             }

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use super::{Counters, Direction, Filter, Outdev, Verdict};
+use crate::offload::VnetHdr;
 use crate::vnet;
 
 pub struct FilterRedirector {
@@ -42,6 +43,36 @@ impl Filter for FilterRedirector {
         };
         let rec = vnet::to_record(frame, self.vnet_hdr_support, self.vnet_hdr_len);
         match out.send_frame(&rec, self.vnet_hdr_support) {
+            Ok(()) => c.sent += 1,
+            Err(e) => {
+                c.errors += 1;
+                tracing::debug!(
+                    "filter-redirector: send to {}: {e}; frame dropped",
+                    out.name()
+                );
+            }
+        }
+        Verdict::Consumed
+    }
+
+    /// Without an outdev frames pass untouched; with one, an offloaded frame is written whole
+    /// with its header when `vnet_hdr_support=on` and the header length holds one.
+    fn takes_offloaded(&self) -> bool {
+        self.outdev.is_none() || (self.vnet_hdr_support && self.vnet_hdr_len >= 10)
+    }
+
+    fn receive_offloaded(
+        &mut self,
+        _dir: Direction,
+        hdr: &mut VnetHdr,
+        frame: &mut Vec<u8>,
+        c: &mut Counters,
+    ) -> Verdict {
+        let Some(out) = &self.outdev else {
+            return Verdict::Pass;
+        };
+        let rec = vnet::to_record_offloaded(frame, hdr, self.vnet_hdr_len);
+        match out.send_frame(&rec, true) {
             Ok(()) => c.sent += 1,
             Err(e) => {
                 c.errors += 1;

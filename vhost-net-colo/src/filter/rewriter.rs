@@ -22,6 +22,7 @@ use colo_proto::packet::{ConnKey, IpProto, Network, Transport, parse_ethernet};
 use smoltcp::wire::{IpAddress, TcpPacket, TcpSeqNumber};
 
 use super::{Counters, Direction, Filter, Verdict};
+use crate::offload::{F_NEEDS_CSUM, VnetHdr};
 
 /// QEMU wipes its table beyond this many entries; we first drop untranslated ones.
 pub const MAX_CONNECTIONS: usize = 16384;
@@ -137,8 +138,10 @@ fn ip_address(a: IpAddr) -> IpAddress {
     }
 }
 
-/// Writes new seq/ack numbers and recomputes the TCP checksum.
-fn rewrite(frame: &mut [u8], s: &Seg, seq: u32, ack: u32) -> bool {
+/// Writes new seq/ack numbers and recomputes the TCP checksum, or, when the checksum is
+/// `partial` (`NEEDS_CSUM`: the field holds the pseudo-header sum, which covers neither), leaves
+/// it for whoever completes it (the tap, the guest, or [`crate::offload::to_plain`]).
+fn rewrite(frame: &mut [u8], s: &Seg, seq: u32, ack: u32, partial: bool) -> bool {
     let Some(l4) = frame.get_mut(s.l4.0..s.l4.1) else {
         return false;
     };
@@ -147,7 +150,9 @@ fn rewrite(frame: &mut [u8], s: &Seg, seq: u32, ack: u32) -> bool {
     };
     tcp.set_seq_number(TcpSeqNumber(seq as i32));
     tcp.set_ack_number(TcpSeqNumber(ack as i32));
-    tcp.fill_checksum(&ip_address(s.src), &ip_address(s.dst));
+    if !partial {
+        tcp.fill_checksum(&ip_address(s.src), &ip_address(s.dst));
+    }
     true
 }
 
@@ -157,9 +162,68 @@ impl Filter for FilterRewriter {
     }
 
     fn receive(&mut self, dir: Direction, frame: &mut Vec<u8>, c: &mut Counters) -> Verdict {
+        self.translate(dir, frame, c, None)
+    }
+
+    /// TCP GSO frames (and partially checksummed ones) are translated whole: the sequence
+    /// space of a 64 KiB frame is that of its segments.
+    fn takes_offloaded(&self) -> bool {
+        true
+    }
+
+    fn receive_offloaded(
+        &mut self,
+        dir: Direction,
+        hdr: &mut VnetHdr,
+        frame: &mut Vec<u8>,
+        c: &mut Counters,
+    ) -> Verdict {
+        self.translate(dir, frame, c, Some(hdr))
+    }
+
+    fn checkpoint(&mut self) {
+        for c in self.conns.values_mut() {
+            c.offset = 0;
+            c.svm_isn = None;
+        }
+        self.closed.clear();
+        self.closed_order.clear();
+    }
+
+    fn failover(&mut self) -> bool {
+        self.failover = true;
+        self.conns.retain(|_, c| c.offset != 0);
+        true
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let translated = self.conns.values().filter(|c| c.offset != 0).count();
+        serde_json::json!({
+            "connections": self.conns.len(),
+            "translated": translated,
+            "failover": self.failover,
+        })
+    }
+}
+
+impl FilterRewriter {
+    /// The translation of one frame; `hdr` is its virtio-net header when offloads are pending.
+    fn translate(
+        &mut self,
+        dir: Direction,
+        frame: &mut [u8],
+        c: &mut Counters,
+        hdr: Option<&VnetHdr>,
+    ) -> Verdict {
         let Some(s) = tcp_segment(frame) else {
             return Verdict::Pass;
         };
+        // A partial TCP checksum (pseudo-header sum only) stays partial.
+        let partial = hdr.is_some_and(|h| {
+            h.flags & F_NEEDS_CSUM != 0
+                && usize::from(h.csum_start) == s.l4.0
+                && h.csum_offset == 16
+        });
         let (nkey, _) = s.key.normalized();
         let tracked = self.conns.contains_key(&nkey);
         if !tracked
@@ -173,7 +237,7 @@ impl Filter for FilterRewriter {
                 Direction::Tx => (s.seq, s.ack),
             };
             if (seq, ack) != (s.seq, s.ack) {
-                if rewrite(frame, &s, seq, ack) {
+                if rewrite(frame, &s, seq, ack, partial) {
                     c.rewritten += 1;
                 } else {
                     c.errors += 1;
@@ -287,37 +351,13 @@ impl Filter for FilterRewriter {
             }
         }
         if (seq, ack) != (s.seq, s.ack) {
-            if rewrite(frame, &s, seq, ack) {
+            if rewrite(frame, &s, seq, ack, partial) {
                 c.rewritten += 1;
             } else {
                 c.errors += 1;
             }
         }
         Verdict::Pass
-    }
-
-    fn checkpoint(&mut self) {
-        for c in self.conns.values_mut() {
-            c.offset = 0;
-            c.svm_isn = None;
-        }
-        self.closed.clear();
-        self.closed_order.clear();
-    }
-
-    fn failover(&mut self) -> bool {
-        self.failover = true;
-        self.conns.retain(|_, c| c.offset != 0);
-        true
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        let translated = self.conns.values().filter(|c| c.offset != 0).count();
-        serde_json::json!({
-            "connections": self.conns.len(),
-            "translated": translated,
-            "failover": self.failover,
-        })
     }
 }
 
@@ -390,6 +430,59 @@ mod tests {
             Outcome::Deliver(f) => f,
             Outcome::Consumed => panic!("rewriter consumed a frame"),
         }
+    }
+
+    /// A TCP GSO frame of the guest's answer (partial checksum: the pseudo-header sum only)
+    /// is translated whole: seq moved into primary space, the partial checksum left as it is,
+    /// and the segments the tap (here `to_plain`) cuts from it are valid and line up.
+    #[test]
+    fn gso_frame_is_translated_whole_and_its_partial_checksum_kept() {
+        use crate::offload::{GSO_TCPV4, to_plain};
+        use crate::vnet::ones_complement_sum;
+        let mut c = chain();
+        let (tx, rx) = (Direction::Tx, Direction::Rx);
+        assert!(c.takes_offloaded(rx) && c.takes_offloaded(tx));
+        pass(&mut c, tx, seg(tx, C_ISN, 0, S, b""));
+        pass(&mut c, rx, seg(rx, SVM_ISN, C_ISN + 1, S | A, b""));
+        pass(&mut c, tx, seg(tx, C_ISN + 1, PVM_ISN + 1, A, b""));
+        let payload: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let mut f = seg(rx, SVM_ISN.wrapping_add(1), C_ISN + 1, A | P, &payload);
+        let tcp_len = (f.len() - 34) as u16;
+        let mut ph = f[26..34].to_vec();
+        ph.extend_from_slice(&[0, 6]);
+        ph.extend_from_slice(&tcp_len.to_be_bytes());
+        let partial = ones_complement_sum(&ph).to_be_bytes();
+        f[34 + 16..34 + 18].copy_from_slice(&partial);
+        let mut h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: (f.len() - payload.len()) as u16,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let out = match c.process_offloaded(rx, &mut h, f) {
+            Outcome::Deliver(f) => f,
+            Outcome::Consumed => panic!("consumed"),
+        };
+        assert_eq!(seq_ack(&out), (PVM_ISN + 1, C_ISN + 1));
+        assert_eq!(out[34 + 16..34 + 18], partial, "partial checksum kept");
+        let segs = to_plain(&h.to_bytes(), out).unwrap();
+        assert_eq!(segs.len(), 20_000usize.div_ceil(1448));
+        let mut seq = PVM_ISN + 1;
+        for s in &segs {
+            assert!(checksum_ok(s));
+            assert_eq!(seq_ack(s).0, seq);
+            seq += (s.len() - 54) as u32;
+        }
+        assert_eq!(seq, PVM_ISN + 1 + 20_000);
+        // A frame without a partial checksum gets a full one, as before.
+        let resp = pass(
+            &mut c,
+            rx,
+            seg(rx, SVM_ISN.wrapping_add(20_001), C_ISN + 1, A, b"x"),
+        );
+        assert!(checksum_ok(&resp));
     }
 
     /// A connection to the guest's server: handshake, data both ways, passive close.
