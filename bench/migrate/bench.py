@@ -237,6 +237,11 @@ def one_run(kind, scenario, n):
                 if m and "downtime" in line:
                     r["final_bytes"] = int(m.group(1)) * 4096
                     r["breakdown"] = line.strip()
+                if "migration pass" in line and "expected downtime" in line:
+                    r.setdefault("passes", []).append(line.strip())
+            for line in dst[-1].text().splitlines():
+                if "incoming switch-over" in line:
+                    r["dst_breakdown"] = line.strip()
         return r
     finally:
         for p in procs:
@@ -298,7 +303,11 @@ def main():
           "Target: downtime within 2x of that copy time.")
     for r in results:
         if r.get("breakdown"):
-            print(f"{r['vmm']} {r['scenario']} {r['run']}: {r['breakdown']}")
+            print(f"{r['vmm']} {r['scenario']} {r['run']} source: {r['breakdown']}")
+        if r.get("dst_breakdown"):
+            print(f"{r['vmm']} {r['scenario']} {r['run']} destination: {r['dst_breakdown']}")
+        for p in r.get("passes", []):
+            print(f"{r['vmm']} {r['scenario']} {r['run']} {p}")
 
 
 if __name__ == "__main__":

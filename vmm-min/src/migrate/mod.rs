@@ -28,7 +28,9 @@ use serde_json::{Value, json};
 use crate::control::RunState;
 use crate::state::format::PAGE_SIZE;
 use crate::state::live::LiveVm;
-use crate::state::migration::{StreamWriter, all_pages, pages_from_bitmaps, receive};
+use crate::state::migration::{
+    SYNC_DONE, StreamWriter, all_pages, pages_from_bitmaps, receive_with,
+};
 
 /// Most dirty-page passes before the source stops the guest regardless of the estimate.
 pub const MAX_PASSES: u64 = 30;
@@ -212,7 +214,7 @@ pub struct Migration {
 /// Sends pages in chunks, with bandwidth cap, cancellation and progress.
 struct Sender<'a> {
     m: &'a Migration,
-    w: StreamWriter<std::io::BufWriter<TcpStream>>,
+    w: StreamWriter<TcpStream>,
     last_print: Instant,
     pass: u64,
 }
@@ -467,10 +469,9 @@ impl Migration {
             return Err(MigrateError::Cancelled);
         }
         let mut ack = stream.try_clone().map_err(net("socket clone for"))?;
-        let w = StreamWriter::start(
-            std::io::BufWriter::with_capacity(1 << 20, stream),
-            &self.live.shape(),
-        )?;
+        ack.set_read_timeout(Some(ACK_TIMEOUT))
+            .map_err(net("socket options for"))?;
+        let w = StreamWriter::start(stream, &self.live.shape())?;
         let mut s = Sender {
             m: self,
             w,
@@ -488,11 +489,20 @@ impl Migration {
         let mut data = self.live.ram().data_extents().ok();
         loop {
             let t = Instant::now();
-            let before = s.w.stats().bytes;
+            let before = s.w.stats();
+            let io_before = s.w.io_time();
             s.send(&pages, true, data.take().as_deref())?;
-            let spent = t.elapsed().as_secs_f64().max(1e-3);
-            let rate = (s.w.stats().bytes - before) as f64 / spent;
+            let t_sent = Instant::now();
+            // Wait until the destination has applied everything so far: the rate below is
+            // end to end, and no backlog in the socket buffers is left for the downtime.
+            s.w.sync()?;
+            wait_sync(&mut ack)?;
+            let t_synced = Instant::now();
+            let spent = t_synced.duration_since(t).as_secs_f64().max(1e-3);
+            let after = s.w.stats();
+            let rate = (after.bytes - before.bytes) as f64 / spent;
             pages = pages_from_bitmaps(&dirty.collect()?);
+            let t_collected = Instant::now();
             let remaining = pages.len() as u64 * PAGE_SIZE;
             // Zero pages cost 8 bytes, but assume the worst (content) for the estimate.
             let bw = if rate > 1.0 {
@@ -508,6 +518,23 @@ impl Migration {
                 info.dirty_rate = (pages.len() as f64 / spent) as u64;
                 info.expected_downtime_ms = ms(expected);
             }
+            let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros();
+            eprintln!(
+                "vmm-min: migration pass {}: {} pages ({} zero), {:.1} MiB in {} us \
+                 (socket writes {} us, sync wait {} us), {:.1} Mbit/s; dirty log {} us: {} \
+                 pages dirty, expected downtime {} ms",
+                s.pass,
+                (after.pages + after.zero_pages) - (before.pages + before.zero_pages),
+                after.zero_pages - before.zero_pages,
+                (after.bytes - before.bytes) as f64 / (1u64 << 20) as f64,
+                us(t, t_sent),
+                (s.w.io_time() - io_before).as_micros(),
+                us(t_sent, t_synced),
+                rate * 8.0 / 1e6,
+                us(t_synced, t_collected),
+                pages.len(),
+                ms(expected)
+            );
             let limit = Duration::from_millis(self.params().downtime_limit_ms);
             if expected <= limit || s.pass >= MAX_PASSES {
                 break;
@@ -521,6 +548,7 @@ impl Migration {
         let snap = self.live.pause_and_capture()?;
         *stopped = Some(was_running);
         let t_captured = Instant::now();
+        let capture_steps = self.live.last_timings();
         let mut last = pages_from_bitmaps(&dirty.collect()?);
         last.extend_from_slice(&pages);
         last.sort_unstable();
@@ -539,8 +567,6 @@ impl Migration {
             info.remaining = 0;
         }
         // Wait for the destination: it answers once the stream verified and it restored.
-        ack.set_read_timeout(Some(ACK_TIMEOUT))
-            .map_err(net("socket options for"))?;
         let mut b = [0u8; 1];
         match ack.read(&mut b) {
             Ok(1) if b[0] == ACK_OK => {}
@@ -571,8 +597,8 @@ impl Migration {
         lock(&self.info).downtime_ms = Some(ms(t_stop.elapsed()));
         let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros();
         eprintln!(
-            "vmm-min: migration downtime: pause+capture {} us, last {} pages {} us, state+END {} us, \
-             acknowledgement {} us",
+            "vmm-min: migration downtime: pause+capture {} us ({capture_steps}), last {} pages {} us, \
+             state+END {} us, acknowledgement {} us",
             us(t_stop, t_captured),
             last.len(),
             us(t_captured, t_pages),
@@ -634,6 +660,32 @@ impl Migration {
     }
 }
 
+/// Waits for the destination's answer to a SYNC section.
+fn wait_sync(ack: &mut TcpStream) -> Result<(), MigrateError> {
+    let mut b = [0u8; 1];
+    match ack.read(&mut b) {
+        Ok(1) if b[0] == SYNC_DONE => Ok(()),
+        Ok(1) if b[0] == ACK_REFUSED => {
+            let mut why = Vec::new();
+            let _ = ack.take(4096).read_to_end(&mut why);
+            Err(MigrateError::Destination(format!(
+                "refused the stream: {}",
+                String::from_utf8_lossy(&why).trim()
+            )))
+        }
+        Ok(1) => Err(MigrateError::Destination(format!(
+            "unexpected answer {:#x} to a sync request",
+            b[0]
+        ))),
+        Ok(_) => Err(MigrateError::Destination(
+            "closed the connection during the migration".into(),
+        )),
+        Err(e) => Err(MigrateError::Destination(format!(
+            "no answer to a sync request: {e}"
+        ))),
+    }
+}
+
 /// Destination: listens on `uri`, receives one stream into the paused VM and restores it,
 /// then calls `start` (which resumes the guest: [`LiveVm::resume`]) and only then acknowledges
 /// the stream, so that a source reporting `completed` means a destination that runs. On error
@@ -657,29 +709,48 @@ pub fn incoming(
         .set_read_timeout(Some(STREAM_IDLE_TIMEOUT))
         .map_err(net("socket options for"))?;
     let mut answer = stream.try_clone().map_err(net("socket clone for"))?;
+    let mut sync_w = stream.try_clone().map_err(net("socket clone for"))?;
     let t = Instant::now();
-    let result = receive(
-        std::io::BufReader::with_capacity(1 << 20, stream),
-        &live.shape(),
-        live.ram(),
-    )
-    .map_err(MigrateError::from)
-    .and_then(|(snap, stats)| {
-        let r = Instant::now();
-        live.restore(&snap)?;
-        Ok((stats, r.elapsed()))
-    });
+    let mut on_sync = move || sync_w.write_all(&[SYNC_DONE]);
+    let result = receive_with(stream, &live.shape(), live.ram(), &mut on_sync)
+        .map_err(MigrateError::from)
+        .and_then(|(snap, stats, report)| {
+            let r = Instant::now();
+            live.restore(&snap)?;
+            Ok((stats, report, r))
+        });
     match result {
-        Ok((stats, restore)) => {
+        Ok((stats, report, t_restore)) => {
+            let t_restored = Instant::now();
+            let steps = live.last_timings();
             start();
+            let t_started = Instant::now();
             let _ = answer.write_all(&[ACK_OK]);
+            let t_acked = Instant::now();
             eprintln!(
                 "vmm-min: incoming migration complete in {} ms ({} pages, {} zero pages; \
                  state restored in {} us)",
                 ms(t.elapsed()),
                 stats.pages,
                 stats.zero_pages,
-                restore.as_micros()
+                t_restored.duration_since(t_restore).as_micros()
+            );
+            let us = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+                (Some(a), Some(b)) => b.saturating_duration_since(a).as_micros().to_string(),
+                _ => "-".into(),
+            };
+            eprintln!(
+                "vmm-min: incoming switch-over: {} pages + state start {} us after the last sync, \
+                 state parse {} us, END {} us, restore {} us ({steps}), resume {} us, \
+                 ack {} us; last sync to ack {} us",
+                report.pages_after_sync,
+                us(report.last_sync, report.state_start),
+                us(report.state_start, report.state_parsed),
+                us(report.state_parsed, report.end),
+                us(report.end, Some(t_restored)),
+                us(Some(t_restored), Some(t_started)),
+                us(Some(t_started), Some(t_acked)),
+                us(report.last_sync, Some(t_acked)),
             );
             Ok(())
         }

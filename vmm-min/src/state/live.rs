@@ -93,6 +93,8 @@ pub struct LiveVm {
     dirty: Arc<DirtyTracker>,
     /// Ring bases of the transports stopped by the last capture (None: rings run).
     stopped: Mutex<Option<Vec<Vec<u16>>>>,
+    /// Steps of the last capture or restore and their durations (for downtime breakdowns).
+    timings: Mutex<Vec<(String, Duration)>>,
 }
 
 /// Completes an I/O or MMIO exit the vCPU thread handled but KVM has not finished.
@@ -116,6 +118,7 @@ impl LiveVm {
             devices,
             dirty,
             stopped: Mutex::new(None),
+            timings: Mutex::new(Vec::new()),
         }
     }
 
@@ -142,6 +145,16 @@ impl LiveVm {
             irqchip: self.config.irqchip,
             devices: self.devices.ids(),
         }
+    }
+
+    /// The steps of the last [`LiveVm::pause_and_capture`] or [`LiveVm::restore`] with their
+    /// durations, as `step us, step us, ...`.
+    pub fn last_timings(&self) -> String {
+        lock(&self.timings)
+            .iter()
+            .map(|(s, d)| format!("{s} {} us", d.as_micros()))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// True while a capture left the device rings stopped (until [`LiveVm::resume`]).
@@ -219,7 +232,9 @@ impl LiveVm {
             }
             return Err(LiveError::PauseTimeout(STATE_TIMEOUT));
         }
-        tracing::info!(us = t.elapsed().as_micros(), "vCPUs paused");
+        let paused = t.elapsed();
+        *lock(&self.timings) = vec![("pause vCPUs".into(), paused)];
+        tracing::info!(us = paused.as_micros(), "vCPUs paused");
         let r = self.capture_paused();
         if r.is_err() {
             let _ = self.resume_devices();
@@ -268,12 +283,18 @@ impl LiveVm {
         })?;
         let t_vcpus = t.elapsed();
         let vm = vm_state::capture(&self.fd, irqchip).map_err(StateError::from)?;
+        let t_vm = t.elapsed();
         tracing::info!(
             rings_us = t_rings.as_micros(),
             vcpus_us = (t_vcpus - t_rings).as_micros(),
-            vm_us = (t.elapsed() - t_vcpus).as_micros(),
+            vm_us = (t_vm - t_vcpus).as_micros(),
             "state captured"
         );
+        lock(&self.timings).extend([
+            ("stop rings".to_string(), t_rings),
+            ("vCPU state".to_string(), t_vcpus - t_rings),
+            ("irqchip/clock".to_string(), t_vm - t_vcpus),
+        ]);
         let mut devices = Vec::new();
         if let Some((id, s)) = &self.devices.serial {
             devices.push(DeviceState::serial(id.clone(), &lock(s)));
@@ -334,10 +355,19 @@ impl LiveVm {
             .into());
         }
         snap.check_consistent().map_err(StateError::from)?;
+        let mut times: Vec<(String, Duration)> = Vec::new();
+        let mut t = Instant::now();
+        let mut step = |name: &str, times: &mut Vec<(String, Duration)>| {
+            let now = Instant::now();
+            times.push((name.to_string(), now - t));
+            t = now;
+        };
         // Rings must not run while their transport is replaced: stop the ones still running
         // (those stopped by a capture stay so); below they restart from the snapshot's bases.
         self.stop_devices()?;
+        step("stop rings", &mut times);
         vm_state::restore(&self.fd, &snap.vm).map_err(StateError::from)?;
+        step("irqchip/clock", &mut times);
         let states = Arc::new(snap.vcpus.clone());
         self.on_vcpus(move |v, id| {
             settle(v)?;
@@ -346,6 +376,7 @@ impl LiveVm {
                 None => Ok(()),
             }
         })?;
+        step("vCPUs", &mut times);
         lock(&self.stopped).take();
         let mut transports = self.devices.virtio.iter();
         for d in &snap.devices {
@@ -356,6 +387,7 @@ impl LiveVm {
                             id: id.clone(),
                             msg,
                         })?;
+                        step(id, &mut times);
                     }
                 }
                 DeviceState::VirtioMmio {
@@ -370,10 +402,12 @@ impl LiveVm {
                                 msg,
                             }
                         })?;
+                        step(id, &mut times);
                     }
                 }
             }
         }
+        *lock(&self.timings) = times;
         Ok(())
     }
 

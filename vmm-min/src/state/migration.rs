@@ -10,6 +10,9 @@
 //!   1 PAGES  u32 LE count, then count memory records as in snapshot files (PAGE or ZERO)
 //!   2 STATE  u64 LE length + JSON VmSnapshot (exactly once, after the last PAGES)
 //!   3 END    u64 LE checksum of every byte before it (as in snapshot files)
+//!   4 SYNC   no payload: the destination answers one byte (`SYNC_DONE`, on the same
+//!            connection) once every record before it is in its RAM (the source waits for it
+//!            before stopping the guest, so that no pre-copy backlog is left for the downtime)
 //! ```
 //!
 //! The destination applies pages to its (not yet running) RAM as they arrive and returns the
@@ -17,13 +20,14 @@
 //! caller must then not start the VM. The source is unaffected by a failed send (it only reads
 //! its RAM).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
 use super::format::{
     END, FORMAT_VERSION, Fnv, FormatError, KIND_PAGE, KIND_ZERO, MAX_STATE_LEN, PAGE_SIZE, Reader,
-    VmShape, VmSnapshot, Writer, ZeroRun, is_zero_page, mem_err,
+    VmShape, VmSnapshot, ZeroRun, is_zero_page, mem_err,
 };
 use crate::memory::GuestRam;
 
@@ -32,6 +36,11 @@ pub const MIGRATION_MAGIC: &[u8; 8] = b"COLOVMMG";
 const TAG_PAGES: u8 = 1;
 const TAG_STATE: u8 = 2;
 const TAG_END: u8 = 3;
+const TAG_SYNC: u8 = 4;
+/// The destination's answer to a SYNC section.
+pub const SYNC_DONE: u8 = 2;
+/// Bytes the sender gathers before one write to the transport (and the receiver's buffer).
+pub const IO_BUFFER: usize = 2 << 20;
 /// Largest page count in one PAGES section.
 pub const MAX_PAGES_PER_SECTION: u32 = 1 << 20;
 
@@ -77,29 +86,84 @@ pub fn in_extents(ext: &[(u64, u64)], gpa: u64) -> bool {
     ext.get(i).is_some_and(|e| e.0 <= gpa)
 }
 
-/// The sending side.
+/// The sending side. Records are gathered in one buffer of [`IO_BUFFER`] bytes (a page is
+/// read from guest RAM straight into it: one copy) and written to the transport in one call.
 pub struct StreamWriter<W: Write> {
-    w: Writer<W>,
+    w: W,
+    buf: Vec<u8>,
+    fill: usize,
+    sum: Fnv,
+    n: u64,
     stats: StreamStats,
+    io_time: Duration,
 }
+
+const RECORD: usize = 8 + PAGE_SIZE as usize;
 
 impl<W: Write> StreamWriter<W> {
     /// Writes the stream header for a VM of `shape`.
     pub fn start(w: W, shape: &VmShape) -> Result<Self, FormatError> {
-        let mut w = Writer {
+        let mut me = Self {
             w,
+            buf: vec![0u8; IO_BUFFER],
+            fill: 0,
             sum: Fnv::new(),
             n: 0,
+            stats: StreamStats::default(),
+            io_time: Duration::ZERO,
         };
         let json = serde_json::to_vec(shape)?;
-        w.put(MIGRATION_MAGIC)?;
-        w.put(&FORMAT_VERSION.to_le_bytes())?;
-        w.put(&(json.len() as u64).to_le_bytes())?;
-        w.put(&json)?;
-        Ok(Self {
-            w,
-            stats: StreamStats::default(),
+        me.put(MIGRATION_MAGIC)?;
+        me.put(&FORMAT_VERSION.to_le_bytes())?;
+        me.put(&(json.len() as u64).to_le_bytes())?;
+        me.put(&json)?;
+        Ok(me)
+    }
+
+    /// Writes the buffered bytes to the transport (checksummed first).
+    fn drain(&mut self) -> Result<(), FormatError> {
+        if self.fill == 0 {
+            return Ok(());
+        }
+        let b = &self.buf[..self.fill];
+        self.sum.update(b);
+        let t = Instant::now();
+        let r = self.w.write_all(b);
+        self.io_time += t.elapsed();
+        self.fill = 0;
+        r.map_err(|source| FormatError::Io {
+            what: "writing",
+            source,
         })
+    }
+
+    fn put(&mut self, data: &[u8]) -> Result<(), FormatError> {
+        self.n += data.len() as u64;
+        if self.fill + data.len() > self.buf.len() {
+            self.drain()?;
+        }
+        if data.len() > self.buf.len() {
+            self.sum.update(data);
+            let t = Instant::now();
+            let r = self.w.write_all(data);
+            self.io_time += t.elapsed();
+            return r.map_err(|source| FormatError::Io {
+                what: "writing",
+                source,
+            });
+        }
+        self.buf[self.fill..self.fill + data.len()].copy_from_slice(data);
+        self.fill += data.len();
+        Ok(())
+    }
+
+    /// Writes what is buffered and flushes the transport.
+    fn flush(&mut self, what: &'static str) -> Result<(), FormatError> {
+        self.drain()?;
+        let t = Instant::now();
+        let r = self.w.flush();
+        self.io_time += t.elapsed();
+        r.map_err(|source| FormatError::Io { what, source })
     }
 
     /// Sends the current content of the pages at `gpas` (page-aligned guest addresses); zero
@@ -116,79 +180,125 @@ impl<W: Write> StreamWriter<W> {
         gpas: &[u64],
         data: Option<&[(u64, u64)]>,
     ) -> Result<(), FormatError> {
-        let mut page = vec![0u8; PAGE_SIZE as usize];
         for chunk in gpas.chunks(MAX_PAGES_PER_SECTION as usize) {
-            self.w.put(&[TAG_PAGES])?;
-            self.w.put(&(chunk.len() as u32).to_le_bytes())?;
+            self.put(&[TAG_PAGES])?;
+            self.put(&(chunk.len() as u32).to_le_bytes())?;
             for &gpa in chunk {
                 let gpa = gpa & !(PAGE_SIZE - 1);
                 if let Some(ext) = data
                     && !in_extents(ext, gpa)
                 {
-                    self.w.put(&(gpa | KIND_ZERO).to_le_bytes())?;
+                    self.put(&(gpa | KIND_ZERO).to_le_bytes())?;
                     self.stats.zero_pages += 1;
                     continue;
                 }
-                ram.mem()
-                    .read_slice(&mut page, GuestAddress(gpa))
-                    .map_err(mem_err("reading guest RAM"))?;
-                if is_zero_page(&page) {
-                    self.w.put(&(gpa | KIND_ZERO).to_le_bytes())?;
-                    self.stats.zero_pages += 1;
-                } else {
-                    self.w.put(&(gpa | KIND_PAGE).to_le_bytes())?;
-                    self.w.put(&page)?;
-                    self.stats.pages += 1;
+                if self.fill + RECORD > self.buf.len() {
+                    self.drain()?;
                 }
+                let at = self.fill;
+                let page = &mut self.buf[at + 8..at + RECORD];
+                ram.mem()
+                    .read_slice(page, GuestAddress(gpa))
+                    .map_err(mem_err("reading guest RAM"))?;
+                let kind = if is_zero_page(page) {
+                    self.stats.zero_pages += 1;
+                    self.fill += 8;
+                    self.n += 8;
+                    KIND_ZERO
+                } else {
+                    self.stats.pages += 1;
+                    self.fill += RECORD;
+                    self.n += RECORD as u64;
+                    KIND_PAGE
+                };
+                self.buf[at..at + 8].copy_from_slice(&(gpa | kind).to_le_bytes());
             }
         }
-        self.w.w.flush().map_err(|source| FormatError::Io {
-            what: "flushing pages",
-            source,
-        })
+        self.flush("flushing pages")
+    }
+
+    /// Sends a SYNC section: the destination answers [`SYNC_DONE`] once everything before it
+    /// is in its RAM.
+    pub fn sync(&mut self) -> Result<(), FormatError> {
+        self.put(&[TAG_SYNC])?;
+        self.flush("flushing a sync request")
     }
 
     #[cfg(test)]
-    pub(super) fn w_into_inner_for_test(self) -> W {
-        self.w.w
+    pub(super) fn w_into_inner_for_test(mut self) -> W {
+        let _ = self.drain();
+        self.w
     }
 
     /// Bytes, pages and zero pages sent so far.
     pub fn stats(&self) -> StreamStats {
         StreamStats {
-            bytes: self.w.n,
+            bytes: self.n,
             ..self.stats
         }
+    }
+
+    /// Time spent in the transport's `write` and `flush` so far.
+    pub fn io_time(&self) -> Duration {
+        self.io_time
     }
 
     /// Sends the VM state (source stopped) and END; returns the transport and the counters.
     pub fn finish(mut self, snap: &VmSnapshot) -> Result<(W, StreamStats), FormatError> {
         snap.check_consistent()?;
         let json = serde_json::to_vec(snap)?;
-        self.w.put(&[TAG_STATE])?;
-        self.w.put(&(json.len() as u64).to_le_bytes())?;
-        self.w.put(&json)?;
-        self.w.put(&[TAG_END])?;
-        let sum = self.w.sum.value();
-        self.w.put(&sum.to_le_bytes())?;
-        self.w.w.flush().map_err(|source| FormatError::Io {
-            what: "flushing the end of the stream",
-            source,
-        })?;
+        self.put(&[TAG_STATE])?;
+        self.put(&(json.len() as u64).to_le_bytes())?;
+        self.put(&json)?;
+        self.put(&[TAG_END])?;
+        self.drain()?;
+        let sum = self.sum.value();
+        self.put(&sum.to_le_bytes())?;
+        self.flush("flushing the end of the stream")?;
         let stats = self.stats();
-        Ok((self.w.w, stats))
+        Ok((self.w, stats))
     }
 }
 
+/// When the destination saw the parts of the stream (for the downtime breakdown).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReceiveReport {
+    /// When the last SYNC was answered (the source stops the guest after it).
+    pub last_sync: Option<Instant>,
+    /// Pages (content and zero) received after the last SYNC.
+    pub pages_after_sync: u64,
+    /// When the STATE section began and when its JSON was parsed and checked.
+    pub state_start: Option<Instant>,
+    /// See `state_start`.
+    pub state_parsed: Option<Instant>,
+    /// When END was verified.
+    pub end: Option<Instant>,
+}
+
 /// Receives a whole migration stream into `ram` for a VM of shape `ours`. Returns the VM state
-/// only after a valid END.
+/// only after a valid END. SYNC sections are not answered (see [`receive_with`]).
 pub fn receive<R: Read>(
     r: R,
     ours: &VmShape,
     ram: &GuestRam,
 ) -> Result<(VmSnapshot, StreamStats), FormatError> {
-    let mut r = Reader { r, sum: Fnv::new() };
+    receive_with(r, ours, ram, &mut || Ok(())).map(|(s, st, _)| (s, st))
+}
+
+/// [`receive`], calling `on_sync` at each SYNC section once everything before it is in `ram`
+/// (the caller answers [`SYNC_DONE`]); also reports when the parts arrived.
+pub fn receive_with<R: Read>(
+    r: R,
+    ours: &VmShape,
+    ram: &GuestRam,
+    on_sync: &mut dyn FnMut() -> std::io::Result<()>,
+) -> Result<(VmSnapshot, StreamStats, ReceiveReport), FormatError> {
+    let mut r = Reader {
+        r: std::io::BufReader::with_capacity(IO_BUFFER, r),
+        sum: Fnv::new(),
+    };
     let mut stats = StreamStats::default();
+    let mut report = ReceiveReport::default();
     r.header(MIGRATION_MAGIC)?;
     let shape: VmShape = serde_json::from_slice(&read_blob(&mut r, "the VM shape")?)?;
     if shape != *ours {
@@ -200,6 +310,7 @@ pub fn receive<R: Read>(
     let mut state: Option<VmSnapshot> = None;
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut zeros = ZeroRun::new(ram);
+    let mut pages_at_sync = 0;
     loop {
         let mut tag = [0u8; 1];
         r.get(&mut tag, "a section tag")?;
@@ -226,12 +337,9 @@ pub fn receive<R: Read>(
                     }
                     match kind {
                         KIND_PAGE => {
-                            r.get(&mut page, "a memory page")?;
                             stats.pages += 1;
                             zeros.flush()?;
-                            ram.mem()
-                                .write_slice(&page, GuestAddress(gpa))
-                                .map_err(mem_err("writing guest RAM"))?;
+                            page_into_ram(&mut r, &mut page, ram, gpa)?;
                         }
                         KIND_ZERO => {
                             zeros.add(gpa)?;
@@ -247,7 +355,17 @@ pub fn receive<R: Read>(
                 }
                 zeros.flush()?;
             }
+            TAG_SYNC => {
+                zeros.flush()?;
+                on_sync().map_err(|source| FormatError::Io {
+                    what: "answering a sync request",
+                    source,
+                })?;
+                report.last_sync = Some(Instant::now());
+                pages_at_sync = stats.pages + stats.zero_pages;
+            }
             TAG_STATE => {
+                report.state_start = Some(Instant::now());
                 let snap: VmSnapshot = serde_json::from_slice(&read_blob(&mut r, "the state")?)?;
                 if snap.shape != *ours {
                     return Err(FormatError::Shape {
@@ -256,6 +374,7 @@ pub fn receive<R: Read>(
                     });
                 }
                 snap.check_consistent()?;
+                report.state_parsed = Some(Instant::now());
                 state = Some(snap);
             }
             TAG_END => {
@@ -265,11 +384,38 @@ pub fn receive<R: Read>(
                     return Err(FormatError::Checksum { found, computed });
                 }
                 let snap = state.ok_or(FormatError::MissingState)?;
-                return Ok((snap, stats));
+                report.end = Some(Instant::now());
+                report.pages_after_sync = stats.pages + stats.zero_pages - pages_at_sync;
+                return Ok((snap, stats, report));
             }
             t => return Err(FormatError::BadTag(t)),
         }
     }
+}
+
+/// Reads one page's content into guest RAM at `gpa`: straight from the read buffer when the
+/// whole page is there (one copy), else through `page`.
+fn page_into_ram<R: Read>(
+    r: &mut Reader<std::io::BufReader<R>>,
+    page: &mut [u8],
+    ram: &GuestRam,
+    gpa: u64,
+) -> Result<(), FormatError> {
+    let n = page.len();
+    let buffered = r.r.buffer();
+    if buffered.len() >= n {
+        let b = &buffered[..n];
+        r.sum.update(b);
+        ram.mem()
+            .write_slice(b, GuestAddress(gpa))
+            .map_err(mem_err("writing guest RAM"))?;
+        r.r.consume(n);
+        return Ok(());
+    }
+    r.get(page, "a memory page")?;
+    ram.mem()
+        .write_slice(page, GuestAddress(gpa))
+        .map_err(mem_err("writing guest RAM"))
 }
 
 fn read_blob<R: Read>(r: &mut Reader<R>, what: &'static str) -> Result<Vec<u8>, FormatError> {
