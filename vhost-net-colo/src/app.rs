@@ -96,7 +96,7 @@ impl App {
         let nd = netdev::open_with(
             netdev_spec,
             Arc::new(move |f| p.from_netdev(f)),
-            Some(Arc::new(move |f| pv.from_netdev_vnet(f))),
+            Some(Arc::new(move |h, f| pv.from_netdev_hdr(h, f))),
         )?;
         path.set_netdev(nd);
         Ok(Arc::new(Self {

@@ -191,13 +191,8 @@ impl NetBackend {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 match read_chain(&mem, chain) {
-                    Some(mut buf) if buf.len() > VNET_HDR_LEN => {
-                        let mut hdr = [0u8; VNET_HDR_LEN];
-                        hdr.copy_from_slice(&buf[..VNET_HDR_LEN]);
-                        buf.drain(..VNET_HDR_LEN);
-                        frames.push((hdr, buf));
-                    }
-                    Some(_) => {}
+                    Some(Some(f)) => frames.push(f),
+                    Some(None) => {}
                     None => {
                         self.counters
                             .bad_descriptors
@@ -256,9 +251,10 @@ impl NetBackend {
         if rxq.is_empty() {
             return;
         }
-        let Some(mut pending) = self.path.guest.lock() else {
+        let mut pending = self.path.guest.take_all();
+        if pending.is_empty() {
             return;
-        };
+        }
         let mrg = self.mrg_rxbuf();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut used = vec![false; rxq.len()];
@@ -371,7 +367,7 @@ impl NetBackend {
                 let _ = v.enable_notification();
             }
         }
-        drop(pending);
+        self.path.guest.put_back(pending);
         self.path.guest.notify_room();
         for ((v, u), before) in rxq.iter().zip(used).zip(used_before) {
             if u && (!event_idx || rx_needs_interrupt(v, &mem, before))
@@ -465,12 +461,25 @@ fn add_used_batch(vring: &VringRwLock<GM>, mem: &Mem, used: &[(u16, u32)]) -> Re
     Ok(())
 }
 
-fn read_chain(mem: &Mem, chain: DescriptorChain<GuestMemoryLoadGuard<Mem>>) -> Option<Vec<u8>> {
+/// The virtio-net header and the frame of a transmit chain, each read into its own buffer;
+/// `Some(None)` for a chain with no frame after the header, `None` for a bad chain.
+type TxFrame = ([u8; VNET_HDR_LEN], Vec<u8>);
+
+fn read_chain(
+    mem: &Mem,
+    chain: DescriptorChain<GuestMemoryLoadGuard<Mem>>,
+) -> Option<Option<TxFrame>> {
     use std::io::Read;
     let mut r = chain.reader(mem).ok()?;
-    let mut buf = vec![0u8; r.available_bytes()];
+    let total = r.available_bytes();
+    if total <= VNET_HDR_LEN {
+        return Some(None);
+    }
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    r.read_exact(&mut hdr).ok()?;
+    let mut buf = vec![0u8; total - VNET_HDR_LEN];
     r.read_exact(&mut buf).ok()?;
-    Some(buf)
+    Some(Some((hdr, buf)))
 }
 
 /// Writes as much of `src` (consumed from the front) as the chain holds; returns bytes written.

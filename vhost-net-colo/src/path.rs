@@ -59,10 +59,36 @@ impl GuestRx {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let was_empty = q.is_empty();
         q.push_back(ToGuest { hdr, frame });
         self.queued.fetch_add(1, Ordering::Relaxed);
         drop(q);
-        let _ = self.kick.write(1);
+        // A queue that already held frames has had its kick: the ring filler takes everything
+        // queued when it runs, or waits for the guest's buffers (which wake it) — one wake-up
+        // per batch instead of one per frame.
+        if was_empty {
+            let _ = self.kick.write(1);
+        }
+    }
+
+    /// Takes every queued frame (the ring filler works on them without holding the lock, so
+    /// netdev readers keep queueing meanwhile).
+    pub fn take_all(&self) -> VecDeque<ToGuest> {
+        self.queue
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
+    }
+
+    /// Puts back frames the ring filler could not place, in front of those queued since.
+    pub fn put_back(&self, mut rest: VecDeque<ToGuest>) {
+        if rest.is_empty() {
+            return;
+        }
+        if let Ok(mut q) = self.queue.lock() {
+            rest.append(&mut q);
+            *q = rest;
+        }
     }
 
     /// The queue, for the receive-ring filler (which pops from the front and may put a frame
@@ -359,6 +385,11 @@ impl NetPath {
         let mut hdr = [0u8; VNET_HDR_LEN];
         hdr.copy_from_slice(&buf[..VNET_HDR_LEN]);
         buf.drain(..VNET_HDR_LEN);
+        self.from_netdev_hdr(hdr, buf)
+    }
+
+    /// As [`NetPath::from_netdev_vnet`], with the header apart from the frame.
+    pub fn from_netdev_hdr(&self, hdr: [u8; VNET_HDR_LEN], buf: Vec<u8>) {
         let Ok(h) = VnetHdr::parse(&hdr) else {
             self.offload_errors.fetch_add(1, Ordering::Relaxed);
             return;

@@ -29,6 +29,9 @@ use crate::filter::{FilterError, ObjectSpec};
 /// Called with every frame the netdev receives from the outside (towards the guest).
 pub type Deliver = Arc<dyn Fn(Vec<u8>) + Send + Sync>;
 
+/// Called with every frame a netdev with vnet headers receives, with its virtio-net header.
+pub type DeliverVnet = Arc<dyn Fn([u8; crate::vnet::VNET_HDR_LEN], Vec<u8>) + Send + Sync>;
+
 /// Errors of netdev creation and I/O.
 #[derive(Debug, thiserror::Error)]
 pub enum NetdevError {
@@ -103,12 +106,12 @@ pub fn open(spec: &str, deliver: Deliver) -> Result<Arc<dyn Netdev>, NetdevError
     open_with(spec, deliver, None)
 }
 
-/// As [`open`]; a netdev with vnet headers hands its frames (header + frame) to
+/// As [`open`]; a netdev with vnet headers hands its frames (with their header) to
 /// `deliver_vnet` when given (else they are made plain and go to `deliver`).
 pub fn open_with(
     spec: &str,
     deliver: Deliver,
-    deliver_vnet: Option<Deliver>,
+    deliver_vnet: Option<DeliverVnet>,
 ) -> Result<Arc<dyn Netdev>, NetdevError> {
     let mut spec = ObjectSpec::parse_cli(spec)?;
     if spec.qom_type != "tap" {
