@@ -84,10 +84,11 @@ class Qmp:
 
 
 class Proc:
-    def __init__(self, name, argv):
+    def __init__(self, name, argv, env=None):
         self.name = name
         self.out = open(os.path.join(W, name + ".log"), "w")
-        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT)
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT,
+                                  env=env)
 
     def kill(self):
         if self.p.poll() is None:
@@ -144,7 +145,11 @@ def start(kind, role, tag, fwd_port=None, incoming=None):
                 "-netdev", netdev, "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"]
         if incoming:
             argv += ["-incoming", incoming]
-    procs.append(Proc(f"{tag}-{role}", argv))
+    env = None
+    if kind == "vmm-min":
+        # The vhost-user ring restart timings (info) on stderr, for the downtime breakdown.
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn,vmm_min::virtio::vhost_user=info"))
+    procs.append(Proc(f"{tag}-{role}", argv, env))
     return procs, qmp, serial
 
 
@@ -242,6 +247,10 @@ def one_run(kind, scenario, n):
             for line in dst[-1].text().splitlines():
                 if "incoming switch-over" in line:
                     r["dst_breakdown"] = line.strip()
+                if "incoming pass" in line:
+                    r.setdefault("passes", []).append(line.strip())
+                if "vhost-user rings" in line:
+                    r.setdefault("passes", []).append("destination " + re.sub(r"\x1b\[[0-9;]*m", "", line.strip()))
         return r
     finally:
         for p in procs:

@@ -310,7 +310,7 @@ fn migrate_live_guest_between_two_processes_over_loopback() {
     );
 }
 
-/// Reads a migration stream (header, then sections: 1 PAGES, 2 STATE, 3 END, 4 SYNC),
+/// Reads a migration stream (header, then sections: 1 PAGES, 2 STATE, 3 END, 4 SYNC, 5 STOPPED),
 /// answering each SYNC with the byte 2, up to and including END; never acknowledges.
 fn sync_answering_sink(r: &mut impl Read, answer: &mut impl Write) -> std::io::Result<()> {
     let u64_of = |r: &mut dyn Read| -> std::io::Result<u64> {
@@ -351,6 +351,7 @@ fn sync_answering_sink(r: &mut impl Read, answer: &mut impl Write) -> std::io::R
                 return Ok(());
             }
             4 => answer.write_all(&[2])?,
+            5 => {}
             t => return Err(std::io::Error::other(format!("tag {t}"))),
         }
     }

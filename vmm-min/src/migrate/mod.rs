@@ -29,7 +29,7 @@ use crate::control::RunState;
 use crate::state::format::PAGE_SIZE;
 use crate::state::live::LiveVm;
 use crate::state::migration::{
-    SYNC_DONE, StreamWriter, all_pages, pages_from_bitmaps, receive_with,
+    Marker, SYNC_DONE, StreamWriter, all_pages, pages_from_bitmaps, receive_with,
 };
 
 /// Most dirty-page passes before the source stops the guest regardless of the estimate.
@@ -491,6 +491,7 @@ impl Migration {
             let t = Instant::now();
             let before = s.w.stats();
             let io_before = s.w.io_time();
+            let (cpu_me, cpu_all) = (cpu_time(true), cpu_time(false));
             s.send(&pages, true, data.take().as_deref())?;
             let t_sent = Instant::now();
             // Wait until the destination has applied everything so far: the rate below is
@@ -503,6 +504,10 @@ impl Migration {
             let rate = (after.bytes - before.bytes) as f64 / spent;
             pages = pages_from_bitmaps(&dirty.collect()?);
             let t_collected = Instant::now();
+            let cpu_me = cpu_time(true).saturating_sub(cpu_me);
+            let cpu_others = cpu_time(false)
+                .saturating_sub(cpu_all)
+                .saturating_sub(cpu_me);
             let remaining = pages.len() as u64 * PAGE_SIZE;
             // Zero pages cost 8 bytes, but assume the worst (content) for the estimate.
             let bw = if rate > 1.0 {
@@ -522,7 +527,8 @@ impl Migration {
             eprintln!(
                 "vmm-min: migration pass {}: {} pages ({} zero), {:.1} MiB in {} us \
                  (socket writes {} us, sync wait {} us), {:.1} Mbit/s; dirty log {} us: {} \
-                 pages dirty, expected downtime {} ms",
+                 pages dirty, expected downtime {} ms; CPU: migration thread {} ms, the \
+                 process's other threads (vCPUs...) {} ms",
                 s.pass,
                 (after.pages + after.zero_pages) - (before.pages + before.zero_pages),
                 after.zero_pages - before.zero_pages,
@@ -533,7 +539,9 @@ impl Migration {
                 rate * 8.0 / 1e6,
                 us(t_synced, t_collected),
                 pages.len(),
-                ms(expected)
+                ms(expected),
+                cpu_me.as_millis(),
+                cpu_others.as_millis()
             );
             let limit = Duration::from_millis(self.params().downtime_limit_ms);
             if expected <= limit || s.pass >= MAX_PASSES {
@@ -543,6 +551,8 @@ impl Migration {
         }
         // Stop and copy.
         self.set_status(Status::Device);
+        let prio = SwitchPriority::raise();
+        s.w.stopping()?;
         let t_stop = Instant::now();
         let was_running = self.live.control().run_state() == RunState::Running;
         let snap = self.live.pause_and_capture()?;
@@ -598,12 +608,13 @@ impl Migration {
         let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros();
         eprintln!(
             "vmm-min: migration downtime: pause+capture {} us ({capture_steps}), last {} pages {} us, \
-             state+END {} us, acknowledgement {} us",
+             state+END {} us, acknowledgement {} us (real-time priority: {})",
             us(t_stop, t_captured),
             last.len(),
             us(t_captured, t_pages),
             us(t_pages, t_end),
-            us(t_end, Instant::now())
+            us(t_end, Instant::now()),
+            prio.raised()
         );
         Ok(())
     }
@@ -660,6 +671,83 @@ impl Migration {
     }
 }
 
+/// While alive, the calling thread runs at real-time priority (`SCHED_FIFO` 1, not inherited
+/// by threads it starts) when the process may (CAP_SYS_NICE): the switch-over is then not
+/// stretched by the guest's own threads or other processes on a loaded host. Without the
+/// permission nothing changes.
+pub struct SwitchPriority {
+    old: Option<(libc::c_int, libc::sched_param)>,
+}
+
+impl SwitchPriority {
+    /// Raises the calling thread's priority (see the type).
+    pub fn raise() -> Self {
+        let mut old = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_getscheduler/sched_getparam on the calling thread (0), `old` is a
+        // valid out pointer.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        // SAFETY: as above.
+        if policy < 0 || unsafe { libc::sched_getparam(0, &raw mut old) } != 0 {
+            return Self { old: None };
+        }
+        let p = libc::sched_param { sched_priority: 1 };
+        // SAFETY: sets the calling thread's policy; `p` is a valid pointer.
+        let rc = unsafe {
+            libc::sched_setscheduler(
+                0,
+                libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+                &raw const p,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(
+                "switch-over at normal priority: {}",
+                std::io::Error::last_os_error()
+            );
+            return Self { old: None };
+        }
+        Self {
+            old: Some((policy, old)),
+        }
+    }
+
+    /// True when the priority was raised.
+    pub fn raised(&self) -> bool {
+        self.old.is_some()
+    }
+}
+
+impl Drop for SwitchPriority {
+    fn drop(&mut self) {
+        if let Some((policy, p)) = self.old.take() {
+            // SAFETY: restores the calling thread's policy saved by `raise` (callers create and
+            // drop the guard on one thread); `p` is a valid pointer.
+            unsafe { libc::sched_setscheduler(0, policy, &raw const p) };
+        }
+    }
+}
+
+/// CPU time of the calling thread (`thread`) or of the whole process.
+fn cpu_time(thread: bool) -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let clock = if thread {
+        libc::CLOCK_THREAD_CPUTIME_ID
+    } else {
+        libc::CLOCK_PROCESS_CPUTIME_ID
+    };
+    // SAFETY: clock_gettime with a valid clock id and out pointer.
+    if unsafe { libc::clock_gettime(clock, &raw mut t) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
 /// Waits for the destination's answer to a SYNC section.
 fn wait_sync(ack: &mut TcpStream) -> Result<(), MigrateError> {
     let mut b = [0u8; 1];
@@ -711,8 +799,28 @@ pub fn incoming(
     let mut answer = stream.try_clone().map_err(net("socket clone for"))?;
     let mut sync_w = stream.try_clone().map_err(net("socket clone for"))?;
     let t = Instant::now();
-    let mut on_sync = move || sync_w.write_all(&[SYNC_DONE]);
-    let result = receive_with(stream, &live.shape(), live.ram(), &mut on_sync)
+    let mut prio: Option<SwitchPriority> = None;
+    let (mut last_sync, mut cpu_at_sync) = (Instant::now(), cpu_time(true));
+    let mut syncs = 0u64;
+    let mut on_marker = |m: Marker| match m {
+        Marker::Sync => {
+            sync_w.write_all(&[SYNC_DONE])?;
+            syncs += 1;
+            let cpu = cpu_time(true);
+            eprintln!(
+                "vmm-min: incoming pass {syncs} applied: {} us, receive thread CPU {} us",
+                last_sync.elapsed().as_micros(),
+                cpu.saturating_sub(cpu_at_sync).as_micros()
+            );
+            (last_sync, cpu_at_sync) = (Instant::now(), cpu);
+            Ok(())
+        }
+        Marker::Stopped => {
+            prio = Some(SwitchPriority::raise());
+            Ok(())
+        }
+    };
+    let result = receive_with(stream, &live.shape(), live.ram(), &mut on_marker)
         .map_err(MigrateError::from)
         .and_then(|(snap, stats, report)| {
             let r = Instant::now();
@@ -727,6 +835,7 @@ pub fn incoming(
             let t_started = Instant::now();
             let _ = answer.write_all(&[ACK_OK]);
             let t_acked = Instant::now();
+            let raised = prio.take().is_some_and(|p| p.raised());
             eprintln!(
                 "vmm-min: incoming migration complete in {} ms ({} pages, {} zero pages; \
                  state restored in {} us)",
@@ -742,7 +851,8 @@ pub fn incoming(
             eprintln!(
                 "vmm-min: incoming switch-over: {} pages + state start {} us after the last sync, \
                  state parse {} us, END {} us, restore {} us ({steps}), resume {} us, \
-                 ack {} us; last sync to ack {} us",
+                 ack {} us; last sync to ack {} us, STOPPED to ack {} us (real-time priority: \
+                 {raised})",
                 report.pages_after_sync,
                 us(report.last_sync, report.state_start),
                 us(report.state_start, report.state_parsed),
@@ -751,6 +861,7 @@ pub fn incoming(
                 us(Some(t_restored), Some(t_started)),
                 us(Some(t_started), Some(t_acked)),
                 us(report.last_sync, Some(t_acked)),
+                us(report.stopped, Some(t_acked)),
             );
             Ok(())
         }

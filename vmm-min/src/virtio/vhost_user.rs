@@ -721,12 +721,14 @@ impl VhostUserDevice {
         if logging {
             f |= crate::dirty_log::VHOST_F_LOG_ALL;
         }
+        let t0 = Instant::now();
         self.frontend
             .set_features(f)
             .map_err(self.req("SET_FEATURES"))?;
         self.frontend
             .set_mem_table(&self.ram.regions)
             .map_err(self.req("SET_MEM_TABLE"))?;
+        let t_mem = t0.elapsed();
         if logging && let Some(log) = &self.log {
             use std::os::fd::AsRawFd;
             let region = vhost::VhostUserDirtyLogRegion {
@@ -738,6 +740,7 @@ impl VhostUserDevice {
                 .set_log_base(0, Some(region))
                 .map_err(self.req("SET_LOG_BASE"))?;
         }
+        let t_log = t0.elapsed();
         for (i, q) in queues.iter().enumerate().take(self.queue_count) {
             if !q.ready {
                 continue;
@@ -792,6 +795,13 @@ impl VhostUserDevice {
             }
         }
         self.state.queues = queues.to_vec();
+        tracing::info!(
+            socket = %self.spec.socket.display(),
+            features_mem_table_us = t_mem.as_micros(),
+            log_base_us = (t_log - t_mem).as_micros(),
+            rings_us = (t0.elapsed() - t_log).as_micros(),
+            "vhost-user rings started"
+        );
         Ok(())
     }
 }
@@ -897,15 +907,25 @@ impl VirtioDevice for VhostUserDevice {
         call: &EventFd,
         bases: &[u16],
     ) -> Result<(), String> {
+        let t0 = Instant::now();
         self.monitor = None;
         self.adopt();
         self.state.acked_features = features;
+        let t_stop = t0.elapsed();
         {
             let _w = Watchdog::arm(&self.sock);
             self.start_rings(queues, kicks, call, Some(bases))
                 .map_err(|e| e.to_string())?;
         }
+        let t_rings = t0.elapsed();
         self.start_monitor(queues, kicks, call);
+        tracing::info!(
+            socket = %self.spec.socket.display(),
+            old_monitor_us = t_stop.as_micros(),
+            rings_with_watchdog_us = (t_rings - t_stop).as_micros(),
+            new_monitor_us = (t0.elapsed() - t_rings).as_micros(),
+            "vhost-user rings resumed"
+        );
         Ok(())
     }
 
