@@ -305,6 +305,37 @@ impl NetPath {
         }
     }
 
+    /// For the transmit worker: the chain's lock and the netdev when frames from the guest may
+    /// go straight from guest memory to it (empty chain, link up, a netdev with vnet headers,
+    /// which takes the guest's header as it is). Hold the guard while sending, so a filter
+    /// added meanwhile sees every later frame.
+    pub fn direct_tx(&self) -> Option<(MutexGuard<'_, Chain>, Arc<dyn Netdev>)> {
+        if !self.link_is_up() {
+            return None;
+        }
+        let chain = self.chain();
+        if !chain.is_empty() {
+            return None;
+        }
+        let nd = self.netdev()?;
+        nd.vnet_hdr().then_some((chain, nd))
+    }
+
+    /// Counts a frame the transmit worker sent straight to the netdev (see
+    /// [`NetPath::direct_tx`]), or the error it got.
+    pub fn count_direct(&self, r: &std::io::Result<VnetHdr>) {
+        match r {
+            Ok(h) if !h.is_plain() => {
+                self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.to_netdev_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("netdev {}: send: {e}", self.netdev_id);
+            }
+        }
+    }
+
     /// A frame the guest sent (guest egress, `rx`).
     pub fn from_guest(&self, frame: Vec<u8>) {
         self.from_guest_on(0, frame)

@@ -934,6 +934,87 @@ mod tests {
         assert_eq!(c.ids(), ["h", "a", "b", "c", "ca"]);
     }
 
+    /// Which chains an offloaded frame crosses whole: only filters it meets count (status on,
+    /// its direction), and each must take it (vnet_hdr_support with a header length, the
+    /// rewriter, a redirector without outdev); otherwise the path makes it plain first.
+    #[test]
+    fn offloaded_frames_cross_only_chains_whose_filters_take_them() {
+        let out = Arc::new(RecOut::default());
+        let add = |c: &mut Chain, id: &str, q, f: Box<dyn Filter>| {
+            c.insert(entry(id, q, f), &Position::Tail, Insert::Behind)
+                .unwrap()
+        };
+        let mut c = Chain::new();
+        assert!(c.takes_offloaded(Direction::Rx) && c.takes_offloaded(Direction::Tx));
+        add(
+            &mut c,
+            "m0",
+            QueueSel::Tx,
+            Box::new(FilterMirror::new(out.clone(), true).with_vnet_hdr_len(12)),
+        );
+        add(
+            &mut c,
+            "redire0",
+            QueueSel::Rx,
+            Box::new(FilterRedirector::new(None, false)),
+        );
+        add(
+            &mut c,
+            "redire1",
+            QueueSel::Rx,
+            Box::new(FilterRedirector::new(Some(out.clone()), true).with_vnet_hdr_len(12)),
+        );
+        add(
+            &mut c,
+            "rew0",
+            QueueSel::All,
+            Box::new(FilterRewriter::new()),
+        );
+        assert!(c.takes_offloaded(Direction::Rx) && c.takes_offloaded(Direction::Tx));
+        // A mirror on tx without vnet_hdr_support: tx frames must be plain, rx ones need not.
+        add(
+            &mut c,
+            "m1",
+            QueueSel::Tx,
+            Box::new(FilterMirror::new(out.clone(), false)),
+        );
+        assert!(!c.takes_offloaded(Direction::Tx));
+        assert!(c.takes_offloaded(Direction::Rx));
+        // Injected by redire0 on rx, a frame meets only m0 (tx, skipped): whole.
+        assert!(c.takes_offloaded_after("redire0", Direction::Rx).unwrap());
+        assert!(!c.takes_offloaded_after("m0", Direction::Tx).unwrap());
+        c.set_status("m1", false).unwrap();
+        assert!(c.takes_offloaded(Direction::Tx));
+        // vnet_hdr_support on a netdev without vnet headers (length 0): no header to carry.
+        add(
+            &mut c,
+            "redire2",
+            QueueSel::Rx,
+            Box::new(FilterRedirector::new(Some(out.clone()), true)),
+        );
+        assert!(!c.takes_offloaded(Direction::Rx));
+        assert!(c.takes_offloaded_after("nope", Direction::Rx).is_err());
+        // The frame that crosses keeps its header, and the outdev record carries it.
+        c.remove("redire2").unwrap();
+        let mut h = VnetHdr {
+            flags: 1,
+            gso_type: 1,
+            hdr_len: 66,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        assert_eq!(
+            c.process_offloaded(Direction::Rx, &mut h, vec![5; 3000]),
+            Outcome::Consumed
+        );
+        let recs = out.frames.lock().unwrap();
+        let rec = &recs.last().unwrap().0;
+        assert_eq!(rec.vnet_hdr_len, 12);
+        assert_eq!(VnetHdr::parse(rec.vnet_hdr()).unwrap(), h);
+        assert_eq!(rec.l2(), &[5u8; 3000][..]);
+    }
+
     #[test]
     fn failover_turns_filters_off_except_those_that_stay() {
         let mut c = Chain::new();

@@ -93,6 +93,13 @@ pub trait Netdev: Send + Sync {
     ) -> std::io::Result<()> {
         self.send_vnet(hdr, frame)
     }
+    /// Writes one frame straight from the guest's transmit buffers on queue `q`: `iov` is the
+    /// whole descriptor chain, the 12-byte virtio-net header first, which a netdev with vnet
+    /// headers of that size takes as its own (one `writev`, no copy). `None` when the netdev
+    /// cannot (the caller copies the frame and uses [`Netdev::send_vnet_on`]).
+    fn send_guest_iov_on(&self, _q: usize, _iov: &[libc::iovec]) -> Option<std::io::Result<()>> {
+        None
+    }
     /// Releases the netdev before the process exits (the tap runs its `downscript=`).
     fn shutdown(&self) {}
     /// Counters for `query-netdevs`-like reports.

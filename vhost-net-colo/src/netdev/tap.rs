@@ -348,6 +348,21 @@ impl Netdev for Tap {
         self.send_on(0, frame)
     }
 
+    fn send_guest_iov_on(&self, q: usize, iov: &[libc::iovec]) -> Option<std::io::Result<()>> {
+        if !self.vnet_hdr {
+            return None;
+        }
+        let f = self.files.get(q % self.files.len().max(1))?;
+        // SAFETY: the caller hands iovecs over guest memory mapped for the duration of the call
+        // (readable; the tap only reads them); the fd is our tun device.
+        let r = unsafe { libc::writev(f.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        Some(self.after_write(if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }))
+    }
+
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({"ifname": self.ifname, "vnet_hdr": self.vnet_hdr, "queues": self.files.len(), "counters": self.counters.json()})
     }
@@ -372,7 +387,14 @@ impl Tap {
             return Ok(());
         };
         let mut w = &**f;
-        let r = w.write_vectored(&[std::io::IoSlice::new(hdr), std::io::IoSlice::new(frame)]);
+        let r = w
+            .write_vectored(&[std::io::IoSlice::new(hdr), std::io::IoSlice::new(frame)])
+            .map(|_| ());
+        self.after_write(r)
+    }
+
+    /// Counts a write and turns "interface down / queue full" into a drop.
+    fn after_write(&self, r: std::io::Result<()>) -> std::io::Result<()> {
         match r {
             Ok(_) => {
                 self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
