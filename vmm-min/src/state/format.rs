@@ -1,4 +1,5 @@
-//! The vmm-min state format (snapshot files and migration streams), version 1.
+//! The vmm-min state format (snapshot files and migration streams), version 2 (2: KVM
+//! structures as hex strings; 1 had byte-number arrays).
 //!
 //! ```text
 //! magic      8 bytes  "COLOVMST"
@@ -33,7 +34,7 @@ use super::vm::VmState;
 /// File / stream magic.
 pub const MAGIC: &[u8; 8] = b"COLOVMST";
 /// The format version this build writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest JSON state accepted (guards allocations on corrupt input).
 pub const MAX_STATE_LEN: u64 = 64 << 20;
 /// Page size of the memory section.

@@ -8,6 +8,7 @@
 pub mod format;
 pub mod live;
 pub mod migration;
+pub mod raw;
 pub mod vcpu;
 pub mod vm;
 

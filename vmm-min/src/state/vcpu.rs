@@ -147,26 +147,34 @@ pub struct VcpuState {
     /// vCPU index.
     pub id: u32,
     /// MP state (running, halted, waiting for SIPI…).
+    #[serde(with = "super::raw")]
     pub mp_state: kvm_mp_state,
     /// General registers.
+    #[serde(with = "super::raw")]
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers, EFER, APIC base.
+    #[serde(with = "super::raw")]
     pub sregs: kvm_sregs,
     /// x87/SSE state (legacy view; XSAVE is authoritative on restore).
     pub fpu: FpuState,
     /// XSAVE area (`kvm_xsave.region`, 1024 words = 4 KiB).
+    #[serde(with = "super::raw::words")]
     pub xsave: Vec<u32>,
     /// Extended control registers (XCR0).
+    #[serde(with = "super::raw")]
     pub xcrs: kvm_xcrs,
     /// DR0-3, DR6, DR7.
+    #[serde(with = "super::raw")]
     pub debug_regs: kvm_debugregs,
     /// Local APIC registers (present with the in-kernel irqchip).
+    #[serde(with = "super::raw::opt")]
     pub lapic: Option<kvm_lapic_state>,
     /// Guest TSC frequency in kHz (0 when KVM cannot tell).
     pub tsc_khz: u32,
     /// Every MSR KVM lets us read, in KVM's index-list order.
     pub msrs: Vec<MsrValue>,
     /// Pending exceptions, interrupts, NMI, SMI, interrupt shadow.
+    #[serde(with = "super::raw")]
     pub events: kvm_vcpu_events,
 }
 

@@ -33,12 +33,16 @@ fn kerr(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmStateError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IrqchipState {
     /// 8259 master.
+    #[serde(with = "super::raw")]
     pub pic_master: kvm_irqchip,
     /// 8259 slave.
+    #[serde(with = "super::raw")]
     pub pic_slave: kvm_irqchip,
     /// IOAPIC.
+    #[serde(with = "super::raw")]
     pub ioapic: kvm_irqchip,
     /// 8254 PIT.
+    #[serde(with = "super::raw")]
     pub pit: kvm_pit_state2,
 }
 
@@ -48,6 +52,7 @@ pub struct VmState {
     /// Interrupt controllers and PIT (None without the in-kernel irqchip).
     pub irqchip: Option<IrqchipState>,
     /// KVM clock.
+    #[serde(with = "super::raw")]
     pub clock: kvm_clock_data,
 }
 
