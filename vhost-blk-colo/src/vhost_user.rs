@@ -183,10 +183,13 @@ pub struct BlkStats {
 // takes descriptor chains off the avail ring, parses them (cheap: addresses and lengths) and
 // hands them to a small worker pool shared by the device, which runs the block I/O
 // (`preadv`/`pwritev` straight between the file and guest memory, or the node's own
-// `read_at`/`submit`). A lone read or write on an idle queue of a local disk (no child that
-// submits asynchronously, see `BlockNode::submits_async`) runs on the queue thread itself, which
-// saves the hand-off latency at queue depth 1; a request arriving meanwhile starts when it
-// returns.
+// `read_at`/`submit`). A lone small read or write on an idle queue of a local disk (no child
+// that submits asynchronously, see `BlockNode::submits_async`; up to `INLINE_MAX_BYTES`) runs
+// on the queue thread itself, which saves the hand-off latency at queue depth 1; a request
+// arriving meanwhile starts when it returns. A worker that finished a request polls the job
+// list for a short while before it sleeps (`WORKER_SPIN`), and the queue thread wakes no
+// worker while one polls: at queue depth 1 on a replicated disk the next request is then
+// picked up without a wake-up.
 //
 // Why a thread pool and not io_uring: the disk is a block graph (quorum over a file and an NBD
 // replication child, overlays, qcow2) whose nodes are synchronous `BlockNode`s; a pool runs
@@ -221,6 +224,17 @@ struct Req {
     inn: Vec<(GuestAddress, usize)>,
     status: GuestAddress,
 }
+
+impl Req {
+    /// Bytes of data (excluding header and status).
+    fn data_len(&self) -> usize {
+        self.out.iter().chain(&self.inn).map(|s| s.1).sum()
+    }
+}
+
+/// Largest request run on the queue thread itself when the queue is idle (see
+/// `process_queue`).
+const INLINE_MAX_BYTES: usize = 64 << 10;
 
 /// Requests of one queue taken from the avail ring and not yet in the used ring, in avail
 /// order: `(head, Some(used len))` once complete.
@@ -278,20 +292,19 @@ impl QueueCtx {
         if published == 0 {
             return;
         }
-        match self.vring.needs_notification() {
-            Ok(true) | Err(_) => {
-                if let Err(e) = self.vring.signal_used_queue() {
-                    tracing::warn!(queue = self.index, "signalling the used queue: {e}");
-                }
-            }
-            Ok(false) => {}
-        }
+        let notify = !matches!(self.vring.needs_notification(), Ok(false));
         if st.slots.is_empty() {
             self.drained.notify_all();
         }
         if st.throttled && st.slots.len() <= self.max_inflight / 2 {
             st.throttled = false;
             let _ = self.resume.write(1);
+        }
+        // Signalled without the reorder lock: the woken frontend's next kick makes the queue
+        // thread take that lock, and it must not find it held by this thread.
+        drop(st);
+        if notify && let Err(e) = self.vring.signal_used_queue() {
+            tracing::warn!(queue = self.index, "signalling the used queue: {e}");
         }
     }
 
@@ -337,16 +350,50 @@ struct PoolState {
 struct Pool {
     state: Mutex<PoolState>,
     cv: Condvar,
+    /// Workers polling `state` before they sleep: a new job needs no wake-up while > 0.
+    spinning: AtomicU64,
 }
+
+/// How long a worker that finished a request polls for the next before it sleeps. At queue
+/// depth 1 the frontend's next request arrives within this (completion, the frontend's
+/// submission, the kick, the queue thread's hand-off); picking it up saves a futex wake-up,
+/// which on this paravirtualised host also wakes a halted vCPU. Between polls the worker
+/// yields, so other threads of the CPU run first.
+const WORKER_SPIN: Duration = Duration::from_micros(50);
 
 impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Polls for a job for up to [`WORKER_SPIN`].
+    fn spin_for_job(&self) -> Option<Job> {
+        self.spinning.fetch_add(1, Ordering::SeqCst);
+        let t0 = Instant::now();
+        let job = loop {
+            if let Some(j) = self.lock().jobs.pop_front() {
+                break Some(j);
+            }
+            if t0.elapsed() >= WORKER_SPIN {
+                break None;
+            }
+            std::thread::yield_now();
+        };
+        self.spinning.fetch_sub(1, Ordering::SeqCst);
+        job
+    }
+
     fn run(&self, exec: &Exec) {
+        let mut spin = false;
         loop {
-            let job = {
+            let polled = if std::mem::take(&mut spin) {
+                self.spin_for_job()
+            } else {
+                None
+            };
+            let job = if let Some(j) = polled {
+                j
+            } else {
                 let mut st = self.lock();
                 loop {
                     if let Some(j) = st.jobs.pop_front() {
@@ -361,6 +408,7 @@ impl Pool {
                     };
                 }
             };
+            spin = true;
             // A panicking node must not leave the queue waiting for this request forever.
             let len = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 exec.run(&job.mem, &job.req, job.ctx.index)
@@ -548,11 +596,14 @@ impl VhostUserBlk {
         if idle
             && batch.len() == 1
             && matches!(batch[0].1.rtype, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT)
+            && batch[0].1.data_len() <= INLINE_MAX_BYTES
             && !self.exec.node.submits_async()
         {
             // Queue depth 1 on a local disk: no hand-off. (A disk with a remote part, whose
             // requests may take up to the NBD timeout, always goes to the pool, so the queue
-            // keeps taking requests meanwhile.)
+            // keeps taking requests meanwhile. So does a large request: its copy costs far
+            // more than the hand-off, and run here it would hold back the requests the
+            // frontend is about to add, e.g. the rest of a 1 MiB QD4 batch.)
             if let Some((seq, req)) = batch.pop() {
                 let len = self.exec.run(&mem, &req, queue);
                 ctx.complete(seq, len);
@@ -573,8 +624,9 @@ impl VhostUserBlk {
             }
         }
         // Wake one worker per job (not all of them: idle workers woken for nothing cost
-        // context switches on a small host).
-        for _ in 0..n.min(self.exec.cfg.workers.max(1)) {
+        // context switches on a small host), less the workers polling for jobs.
+        let polling = self.pool.spinning.load(Ordering::SeqCst) as usize;
+        for _ in 0..n.saturating_sub(polling).min(self.exec.cfg.workers.max(1)) {
             self.pool.cv.notify_one();
         }
         Ok(true)

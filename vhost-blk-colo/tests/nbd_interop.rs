@@ -277,3 +277,65 @@ fn our_client_against_our_server_fails_pending_requests_when_server_stops() {
     }
     assert!(c.closed().is_some());
 }
+
+/// A direct client (the `nbd` node's: replies read by the waiting threads themselves) with
+/// many threads and requests in flight: every reply reaches its own waiter, READ data
+/// included; requests of one thread may be outstanding together.
+#[test]
+fn direct_client_threads_share_the_reader_role() {
+    use vhost_blk_colo::nbd::proto::{CMD_READ, CMD_WRITE};
+    let (rt, _dir, img) = setup(&vec![0u8; 32 << 20]);
+    let srv = serve_file(&rt, &img, true);
+    let addr = srv.local_addr().to_string();
+    let c = rt
+        .block_on(NbdClient::connect_direct(&addr, "disk0"))
+        .unwrap();
+    let threads: Vec<_> = (0..6u8)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for i in 0..40u64 {
+                    let off = (u64::from(t) * 64 + i % 64) * 65536;
+                    let len = 4096 * (1 + (i % 16) as usize);
+                    let data = vec![t.wrapping_mul(41).wrapping_add(i as u8); len];
+                    // Two writes and a read of the first in flight together.
+                    let w1 = c
+                        .submit_sync(CMD_WRITE, 0, off, len as u32, Some(&data))
+                        .unwrap();
+                    let w2 = c
+                        .submit_sync(CMD_WRITE, 0, off + 32768, 4096, Some(&data[..4096]))
+                        .unwrap();
+                    w2.wait(Duration::from_secs(20)).unwrap();
+                    w1.wait(Duration::from_secs(20)).unwrap();
+                    let r = c
+                        .submit_sync(CMD_READ, 0, off, len as u32, None)
+                        .unwrap()
+                        .wait(Duration::from_secs(20))
+                        .unwrap();
+                    let mut want = data.clone();
+                    if len > 32768 {
+                        want[32768..32768 + 4096].copy_from_slice(&data[..4096]);
+                    }
+                    assert_eq!(r, want, "thread {t} request {i}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // The async API works on a direct client too.
+    assert_eq!(rt.block_on(c.read(0, 4096)).unwrap().len(), 4096);
+    // Once the server stops, requests fail instead of hanging.
+    srv.stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c
+        .submit_sync(CMD_READ, 0, 0, 4096, None)
+        .and_then(|w| w.wait(Duration::from_secs(20)))
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "requests still served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c.closed().is_some());
+}

@@ -4,7 +4,7 @@
 //! waits for the reply, so a quorum parent overlaps the network round trip with its local
 //! write. Every wait is bounded by the node's timeout.
 
-use std::{sync::mpsc::RecvTimeoutError, time::Duration};
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 
@@ -30,6 +30,14 @@ pub struct NbdNode {
 
 fn remote(e: NbdClientError) -> BlockError {
     BlockError::Remote(e.to_string())
+}
+
+/// The error of a waited-for request: a timeout stays a timeout.
+fn waited(e: NbdClientError, desc: &str) -> BlockError {
+    match e {
+        NbdClientError::Timeout { .. } => BlockError::Timeout(format!("request to {desc}")),
+        e => remote(e),
+    }
 }
 
 impl NbdNode {
@@ -80,20 +88,14 @@ impl NbdNode {
     }
 
     fn start(&self, cmd: u16, flags: u16, offset: u64, len: u32, data: Option<&[u8]>) -> Pending {
-        let rx = match self.client.submit_sync(cmd, flags, offset, len, data) {
-            Ok(rx) => rx,
+        let w = match self.client.submit_sync(cmd, flags, offset, len, data) {
+            Ok(w) => w,
             Err(e) => return Pending::Ready(Err(remote(e))),
         };
         let timeout = self.timeout;
         let desc = self.desc.clone();
-        Pending::Wait(Box::new(move || match rx.recv_timeout(timeout) {
-            Ok(r) => r.map(drop).map_err(remote),
-            Err(RecvTimeoutError::Timeout) => {
-                Err(BlockError::Timeout(format!("request to {desc}")))
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(BlockError::Remote(format!("{desc}: reply lost")))
-            }
+        Pending::Wait(Box::new(move || {
+            w.wait(timeout).map(drop).map_err(|e| waited(e, &desc))
         }))
     }
 
@@ -150,11 +152,8 @@ impl BlockNode for NbdNode {
                     .map_err(remote)?,
             ));
         }
-        for (o, l, rx) in waits {
-            let data = match rx.recv_timeout(self.timeout) {
-                Ok(r) => r.map_err(remote)?,
-                Err(_) => return Err(BlockError::Timeout(format!("read from {}", self.desc))),
-            };
+        for (o, l, w) in waits {
+            let data = w.wait(self.timeout).map_err(|e| waited(e, &self.desc))?;
             let s = (o - offset) as usize;
             if data.len() != l as usize {
                 return Err(BlockError::Remote(format!("{}: short read", self.desc)));

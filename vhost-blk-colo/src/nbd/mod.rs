@@ -14,5 +14,5 @@ pub mod proto;
 pub mod server;
 pub mod sock;
 
-pub use client::{NbdClient, NbdClientError};
+pub use client::{NbdClient, NbdClientError, ReplyWaiter};
 pub use server::{Export, ExportTable, NbdServer, NbdServerError};
