@@ -789,6 +789,8 @@ pub fn incoming(
         move |source| MigrateError::Net { what, addr, source }
     };
     let listener = TcpListener::bind(&addr).map_err(net("listening on"))?;
+    // The backends get the memory table now, not inside the downtime.
+    live.prepare_incoming();
     eprintln!("vmm-min: waiting for migration on {addr}");
     let (stream, peer) = listener.accept().map_err(net("accepting on"))?;
     drop(listener);

@@ -411,6 +411,17 @@ impl LiveVm {
         Ok(())
     }
 
+    /// Before an incoming migration's state arrives: each device sends ahead what does not
+    /// depend on the saved state (vhost-user: memory table, dirty log). A failure only costs
+    /// time (the restore then sends it); it is logged.
+    pub fn prepare_incoming(&self) {
+        for (id, t) in &self.devices.virtio {
+            if let Err(e) = lock(t).prepare_incoming() {
+                tracing::warn!(device = %id, "preparing for the incoming state: {e}");
+            }
+        }
+    }
+
     /// After an incoming migration or a restore: each net device announces the guest's new
     /// port (vhost-user `SEND_RARP` where the backend supports it).
     pub fn announce(&self) {

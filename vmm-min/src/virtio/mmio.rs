@@ -213,6 +213,15 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// An incoming migration will restore this transport (see
+    /// [`VirtioDevice::prepare_incoming`]); nothing for an activated device.
+    pub fn prepare_incoming(&mut self) -> Result<(), String> {
+        if self.state.activated {
+            return Ok(());
+        }
+        self.device.prepare_incoming()
+    }
+
     /// The guest now runs here after a migration or restore (see [`VirtioDevice::announce`]).
     pub fn announce(&mut self) {
         if self.state.activated {

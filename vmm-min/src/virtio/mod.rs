@@ -92,6 +92,12 @@ pub trait VirtioDevice: Send {
         let _ = bases;
         self.activate(features, queues, kicks, call)
     }
+    /// An incoming migration will restore this device: send what does not depend on the
+    /// saved state ahead (vhost-user: the memory table and dirty log), so that the switch-over
+    /// only starts the rings. Default: nothing.
+    fn prepare_incoming(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// The guest now runs here after a migration or restore: tell the network (vhost-user
     /// net: `SEND_RARP`). Default: nothing.
     fn announce(&mut self) {}

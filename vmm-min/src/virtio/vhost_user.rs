@@ -178,6 +178,9 @@ pub struct VhostUserDevice {
     monitor: Option<Monitor>,
     /// A connection the monitor restored, adopted before the next request.
     pending: std::sync::Arc<std::sync::Mutex<Option<Conn>>>,
+    /// The memory table (and dirty log) were sent ahead on this connection
+    /// ([`VirtioDevice::prepare_incoming`]): the next ring start does not send them again.
+    premapped: bool,
 }
 
 /// One backend connection: the frontend and a clone of its socket.
@@ -492,6 +495,7 @@ impl VhostUserDevice {
             no_log,
             monitor: None,
             pending: std::sync::Arc::new(std::sync::Mutex::new(None)),
+            premapped: false,
         };
         let _w = Watchdog::arm(&dev.sock);
         dev.handshake()?;
@@ -664,6 +668,7 @@ impl VhostUserDevice {
         if let Some(c) = conn {
             self.frontend = c.frontend;
             self.sock = c.sock;
+            self.premapped = false;
         }
     }
 
@@ -705,6 +710,25 @@ impl VhostUserDevice {
         self.monitor = Some(Monitor { stop, wake, thread });
     }
 
+    /// SET_MEM_TABLE, and SET_LOG_BASE (answered: the backend has both) when `logging`.
+    fn send_mem_table(&mut self, logging: bool) -> Result<(), VhostUserError> {
+        self.frontend
+            .set_mem_table(&self.ram.regions)
+            .map_err(self.req("SET_MEM_TABLE"))?;
+        if logging && let Some(log) = &self.log {
+            use std::os::fd::AsRawFd;
+            let region = vhost::VhostUserDirtyLogRegion {
+                mmap_size: log.mmap_size(),
+                mmap_offset: 0,
+                mmap_handle: log.file().as_raw_fd(),
+            };
+            self.frontend
+                .set_log_base(0, Some(region))
+                .map_err(self.req("SET_LOG_BASE"))?;
+        }
+        Ok(())
+    }
+
     fn start_rings(
         &mut self,
         queues: &[QueueState],
@@ -725,22 +749,11 @@ impl VhostUserDevice {
         self.frontend
             .set_features(f)
             .map_err(self.req("SET_FEATURES"))?;
-        self.frontend
-            .set_mem_table(&self.ram.regions)
-            .map_err(self.req("SET_MEM_TABLE"))?;
-        let t_mem = t0.elapsed();
-        if logging && let Some(log) = &self.log {
-            use std::os::fd::AsRawFd;
-            let region = vhost::VhostUserDirtyLogRegion {
-                mmap_size: log.mmap_size(),
-                mmap_offset: 0,
-                mmap_handle: log.file().as_raw_fd(),
-            };
-            self.frontend
-                .set_log_base(0, Some(region))
-                .map_err(self.req("SET_LOG_BASE"))?;
+        let premapped = std::mem::take(&mut self.premapped);
+        if !premapped {
+            self.send_mem_table(logging)?;
         }
-        let t_log = t0.elapsed();
+        let t_mem = t0.elapsed();
         for (i, q) in queues.iter().enumerate().take(self.queue_count) {
             if !q.ready {
                 continue;
@@ -797,9 +810,9 @@ impl VhostUserDevice {
         self.state.queues = queues.to_vec();
         tracing::info!(
             socket = %self.spec.socket.display(),
-            features_mem_table_us = t_mem.as_micros(),
-            log_base_us = (t_log - t_mem).as_micros(),
-            rings_us = (t0.elapsed() - t_log).as_micros(),
+            premapped,
+            features_mem_table_log_us = t_mem.as_micros(),
+            rings_us = (t0.elapsed() - t_mem).as_micros(),
             "vhost-user rings started"
         );
         Ok(())
@@ -929,6 +942,17 @@ impl VirtioDevice for VhostUserDevice {
         Ok(())
     }
 
+    fn prepare_incoming(&mut self) -> Result<(), String> {
+        self.monitor = None;
+        self.adopt();
+        let logging = self.log.is_some()
+            && self.state.backend_features & crate::dirty_log::VHOST_F_LOG_ALL != 0;
+        let _w = Watchdog::arm(&self.sock);
+        self.send_mem_table(logging).map_err(|e| e.to_string())?;
+        self.premapped = true;
+        Ok(())
+    }
+
     fn announce(&mut self) {
         if self.spec.kind != Kind::Net {
             return;
@@ -969,6 +993,7 @@ impl VirtioDevice for VhostUserDevice {
         // Stop the rings: GET_VRING_BASE makes the backend stop processing them.
         self.monitor = None;
         self.adopt();
+        self.premapped = false;
         let _w = Watchdog::arm(&self.sock);
         for i in 0..self.queue_count {
             if self.state.queues.get(i).is_some_and(|q| q.ready)
