@@ -852,11 +852,12 @@ pub fn incoming(
             };
             eprintln!(
                 "vmm-min: incoming switch-over: {} pages + state start {} us after the last sync, \
-                 state parse {} us, END {} us, restore {} us ({steps}), resume {} us, \
+                 state ({} bytes) parse {} us, END {} us, restore {} us ({steps}), resume {} us, \
                  ack {} us; last sync to ack {} us, STOPPED to ack {} us (real-time priority: \
                  {raised})",
                 report.pages_after_sync,
                 us(report.last_sync, report.state_start),
+                report.state_len,
                 us(report.state_start, report.state_parsed),
                 us(report.state_parsed, report.end),
                 us(report.end, Some(t_restored)),

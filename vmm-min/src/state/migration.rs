@@ -280,6 +280,8 @@ pub struct ReceiveReport {
     pub state_start: Option<Instant>,
     /// See `state_start`.
     pub state_parsed: Option<Instant>,
+    /// Length of the state's JSON.
+    pub state_len: usize,
     /// When END was verified.
     pub end: Option<Instant>,
 }
@@ -392,7 +394,9 @@ pub fn receive_with<R: Read>(
             }
             TAG_STATE => {
                 report.state_start = Some(Instant::now());
-                let snap: VmSnapshot = serde_json::from_slice(&read_blob(&mut r, "the state")?)?;
+                let blob = read_blob(&mut r, "the state")?;
+                report.state_len = blob.len();
+                let snap: VmSnapshot = serde_json::from_slice(&blob)?;
                 if snap.shape != *ours {
                     return Err(FormatError::Shape {
                         saved: Box::new(snap.shape),
