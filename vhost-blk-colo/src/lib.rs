@@ -18,3 +18,19 @@ pub mod drive;
 pub mod nbd;
 pub mod testing;
 pub mod vhost_user;
+
+/// How long threads poll before they sleep where a short wait is likely (a pool worker for
+/// its next request, a primary waiting for the NBD reply, a secondary connection for the next
+/// request after a lone small write): 50 µs, or `COLO_BLK_SPIN_US` from the environment (0
+/// turns polling off, e.g. on a host short of CPU). Read once.
+pub fn spin_budget() -> std::time::Duration {
+    static SPIN: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("COLO_BLK_SPIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(50)
+            .min(10_000);
+        std::time::Duration::from_micros(us)
+    })
+}

@@ -260,13 +260,13 @@ impl ReadSide {
 
 impl ReadSide {
     /// With `spin`, and while spinning has been paying off: polls the socket without sleeping
-    /// for up to [`SPIN`], yielding the CPU between polls (a thread of the secondary may need
+    /// for up to [`crate::spin_budget`], yielding the CPU between polls (a thread of the secondary may need
     /// it). None: nothing arrived, block. A reply that arrives while the thread spins saves
     /// the sleep and the wake-up (on this paravirtualised 2-vCPU host, waking a halted vCPU
     /// is the dearest part of a loopback round trip).
     fn spin_recv(&mut self, spin: bool) -> Option<std::io::Result<usize>> {
         use std::os::fd::AsRawFd;
-        if !spin {
+        if !spin || crate::spin_budget().is_zero() {
             return None;
         }
         self.spin_tries = self.spin_tries.wrapping_add(1);
@@ -302,16 +302,13 @@ impl ReadSide {
             ) {
                 return Some(Err(e));
             }
-            if t0.elapsed() >= SPIN {
+            if t0.elapsed() >= crate::spin_budget() {
                 return None;
             }
             std::thread::yield_now();
         }
     }
 }
-
-/// How long a waiting reader polls before it sleeps (see [`ReadSide::spin_recv`]).
-const SPIN: Duration = Duration::from_micros(40);
 
 /// A request sent from a plain thread ([`NbdClient::submit_sync`]), waiting for its reply.
 pub struct ReplyWaiter {

@@ -17,14 +17,52 @@ use std::{
 #[derive(Debug)]
 pub struct SockWriter {
     fd: Mutex<OwnedFd>,
+    /// The same fd, for peeking without the write lock (it lives as long as `fd`).
+    raw: libc::c_int,
 }
 
 impl SockWriter {
     /// Duplicates `fd` (the connection's socket).
     pub fn new(fd: BorrowedFd<'_>) -> io::Result<Self> {
+        let owned = fd.try_clone_to_owned()?;
+        let raw = owned.as_raw_fd();
         Ok(SockWriter {
-            fd: Mutex::new(fd.try_clone_to_owned()?),
+            fd: Mutex::new(owned),
+            raw,
         })
+    }
+
+    /// Polls the socket for incoming bytes for up to `max` without sleeping, yielding the CPU
+    /// between polls. True when something arrived (or the peer closed: the next read tells).
+    pub fn spin_until_readable(&self, max: std::time::Duration) -> bool {
+        let t0 = std::time::Instant::now();
+        let mut b = [0u8; 1];
+        loop {
+            // SAFETY: recv of at most one byte into a local buffer, on an fd this writer owns;
+            // MSG_PEEK leaves the data for the reader.
+            let n = unsafe {
+                libc::recv(
+                    self.raw,
+                    b.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                return true;
+            }
+            let e = io::Error::last_os_error();
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
+                return true;
+            }
+            if t0.elapsed() >= max {
+                return false;
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// Writes `parts` back to back as one frame.
