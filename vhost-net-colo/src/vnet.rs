@@ -37,6 +37,30 @@ pub fn to_record(l2: &[u8], vnet_hdr_support: bool, hdr_len: usize) -> Frame {
     }
 }
 
+/// The longest virtio-net header a record carries (`vnet_hdr_len=20`, with hash fields).
+pub const MAX_RECORD_HDR: usize = 20;
+
+/// The header bytes a filter with the given `vnet_hdr_support` and header length puts in front
+/// of a frame (see [`to_record`] and [`to_record_offloaded`]): the frame's own header when
+/// offloads are pending, zeros for a plain frame; none (length 0) without vnet_hdr_support.
+pub fn record_hdr(
+    hdr: Option<&VnetHdr>,
+    vnet_hdr_support: bool,
+    hdr_len: usize,
+) -> ([u8; MAX_RECORD_HDR], usize) {
+    let mut b = [0u8; MAX_RECORD_HDR];
+    if !vnet_hdr_support {
+        return (b, 0);
+    }
+    let n = hdr_len.min(MAX_RECORD_HDR);
+    if let Some(h) = hdr {
+        let hb = h.to_bytes();
+        let k = n.min(hb.len());
+        b[..k].copy_from_slice(&hb[..k]);
+    }
+    (b, n)
+}
+
 /// A frame with offloads pending as a filter with `vnet_hdr_support=on` and a header length
 /// of `hdr_len` (10, 12 or 20) sends it: the header (`num_buffers` and any hash fields zero)
 /// in front of the frame, as QEMU's filters send a tap's GSO frames.
@@ -66,6 +90,12 @@ pub fn split_record(frame: Frame) -> (Option<VnetHdr>, Vec<u8>) {
     let mut l2 = frame.payload;
     l2.drain(..hdr_len.min(l2.len()));
     (h, l2)
+}
+
+/// The header of a received record when it asks for offloads (a GSO frame, a partial
+/// checksum); `None` for no header or a plain one.
+pub fn offload_hdr(hdr: &[u8]) -> Option<VnetHdr> {
+    VnetHdr::parse(hdr).ok().filter(|h| !h.is_plain())
 }
 
 /// The bare Ethernet frame of a received record, with a requested partial checksum completed.

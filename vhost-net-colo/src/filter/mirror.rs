@@ -35,8 +35,11 @@ impl Filter for FilterMirror {
     }
 
     fn receive(&mut self, _dir: Direction, frame: &mut Vec<u8>, c: &mut Counters) -> Verdict {
-        let rec = vnet::to_record(frame, self.vnet_hdr_support, self.vnet_hdr_len);
-        match self.outdev.send_frame(&rec, self.vnet_hdr_support) {
+        let (h, n) = vnet::record_hdr(None, self.vnet_hdr_support, self.vnet_hdr_len);
+        match self
+            .outdev
+            .send_parts(&h[..n], frame, self.vnet_hdr_support)
+        {
             Ok(()) => c.sent += 1,
             Err(e) => {
                 c.errors += 1;
@@ -59,8 +62,8 @@ impl Filter for FilterMirror {
         frame: &mut Vec<u8>,
         c: &mut Counters,
     ) -> Verdict {
-        let rec = vnet::to_record_offloaded(frame, hdr, self.vnet_hdr_len);
-        match self.outdev.send_frame(&rec, true) {
+        let (h, n) = vnet::record_hdr(Some(hdr), true, self.vnet_hdr_len);
+        match self.outdev.send_parts(&h[..n], frame, true) {
             Ok(()) => c.sent += 1,
             Err(e) => {
                 c.errors += 1;

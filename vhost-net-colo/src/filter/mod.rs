@@ -91,6 +91,19 @@ pub enum Verdict {
 /// record or nothing.
 pub trait Outdev: Send + Sync {
     fn send_frame(&self, frame: &Frame, vnet_hdr_support: bool) -> std::io::Result<()>;
+    /// Writes one record made of the virtio-net header `hdr` (its length is the record's
+    /// `vnet_hdr_len`; empty for none) and the frame `l2`. The default builds a [`Frame`];
+    /// a socket writes the parts as they are (one `writev`, no copy).
+    fn send_parts(&self, hdr: &[u8], l2: &[u8], vnet_hdr_support: bool) -> std::io::Result<()> {
+        let mut payload = Vec::with_capacity(hdr.len() + l2.len());
+        payload.extend_from_slice(hdr);
+        payload.extend_from_slice(l2);
+        let frame = Frame {
+            vnet_hdr_len: hdr.len() as u32,
+            payload,
+        };
+        self.send_frame(&frame, vnet_hdr_support)
+    }
     /// Human-readable name for errors and `query-filters`.
     fn name(&self) -> String;
 }

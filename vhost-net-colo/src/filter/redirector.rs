@@ -41,8 +41,8 @@ impl Filter for FilterRedirector {
         let Some(out) = &self.outdev else {
             return Verdict::Pass;
         };
-        let rec = vnet::to_record(frame, self.vnet_hdr_support, self.vnet_hdr_len);
-        match out.send_frame(&rec, self.vnet_hdr_support) {
+        let (h, n) = vnet::record_hdr(None, self.vnet_hdr_support, self.vnet_hdr_len);
+        match out.send_parts(&h[..n], frame, self.vnet_hdr_support) {
             Ok(()) => c.sent += 1,
             Err(e) => {
                 c.errors += 1;
@@ -71,8 +71,8 @@ impl Filter for FilterRedirector {
         let Some(out) = &self.outdev else {
             return Verdict::Pass;
         };
-        let rec = vnet::to_record_offloaded(frame, hdr, self.vnet_hdr_len);
-        match out.send_frame(&rec, true) {
+        let (h, n) = vnet::record_hdr(Some(hdr), true, self.vnet_hdr_len);
+        match out.send_parts(&h[..n], frame, true) {
             Ok(()) => c.sent += 1,
             Err(e) => {
                 c.errors += 1;
