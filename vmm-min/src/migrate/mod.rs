@@ -16,8 +16,10 @@
 //! they come, and starts the guest only after a valid END (checksum) and a successful restore.
 //! On any error it answers [`ACK_REFUSED`] followed by the reason and exits with status 1.
 
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -727,6 +729,76 @@ impl Drop for SwitchPriority {
     }
 }
 
+/// Read calls on the incoming socket: how many, bytes, time inside them (per-pass line).
+#[derive(Default)]
+struct ReadCounts {
+    calls: Cell<u64>,
+    bytes: Cell<u64>,
+    time: Cell<Duration>,
+}
+
+struct CountingReader<R> {
+    r: R,
+    counts: Rc<ReadCounts>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let t = Instant::now();
+        let r = self.r.read(buf);
+        let c = &self.counts;
+        c.time.set(c.time.get() + t.elapsed());
+        c.calls.set(c.calls.get() + 1);
+        if let Ok(n) = r {
+            c.bytes.set(c.bytes.get() + n as u64);
+        }
+        r
+    }
+}
+
+/// The calling thread's user and system CPU time, minor page faults and context switches
+/// (`getrusage(RUSAGE_THREAD)`; zeros if it fails).
+#[derive(Clone, Copy, Default)]
+struct ThreadUsage {
+    user: Duration,
+    sys: Duration,
+    minflt: i64,
+    vcsw: i64,
+    ivcsw: i64,
+}
+
+impl ThreadUsage {
+    fn now() -> Self {
+        // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage with a valid `who` and out pointer.
+        if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &raw mut u) } != 0 {
+            return Self::default();
+        }
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec.max(0) as u64)
+                + Duration::from_micros(t.tv_usec.max(0) as u64)
+        };
+        Self {
+            user: tv(u.ru_utime),
+            sys: tv(u.ru_stime),
+            minflt: u.ru_minflt,
+            vcsw: u.ru_nvcsw,
+            ivcsw: u.ru_nivcsw,
+        }
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            user: self.user.saturating_sub(before.user),
+            sys: self.sys.saturating_sub(before.sys),
+            minflt: self.minflt - before.minflt,
+            vcsw: self.vcsw - before.vcsw,
+            ivcsw: self.ivcsw - before.ivcsw,
+        }
+    }
+}
+
 /// CPU time of the calling thread (`thread`) or of the whole process.
 fn cpu_time(thread: bool) -> Duration {
     let mut t = libc::timespec {
@@ -803,18 +875,40 @@ pub fn incoming(
     let t = Instant::now();
     let mut prio: Option<SwitchPriority> = None;
     let (mut last_sync, mut cpu_at_sync) = (Instant::now(), cpu_time(true));
+    let (mut use_at_sync, counts) = (ThreadUsage::now(), Rc::new(ReadCounts::default()));
+    let mut reads_at_sync = ReadCounts::default();
     let mut syncs = 0u64;
     let mut on_marker = |m: Marker| match m {
         Marker::Sync => {
             sync_w.write_all(&[SYNC_DONE])?;
             syncs += 1;
             let cpu = cpu_time(true);
+            let u = ThreadUsage::now();
+            let d = u.since(&use_at_sync);
+            let calls = counts.calls.get() - reads_at_sync.calls.get();
+            let bytes = counts.bytes.get() - reads_at_sync.bytes.get();
+            let in_read = counts.time.get().saturating_sub(reads_at_sync.time.get());
             eprintln!(
-                "vmm-min: incoming pass {syncs} applied: {} us, receive thread CPU {} us",
+                "vmm-min: incoming pass {syncs} applied: {} us, receive thread CPU {} us \
+                 (user {} us, system {} us; {} minor faults, {} voluntary + {} involuntary \
+                 context switches); {} socket reads of {} KiB on average, {} us in them",
                 last_sync.elapsed().as_micros(),
-                cpu.saturating_sub(cpu_at_sync).as_micros()
+                cpu.saturating_sub(cpu_at_sync).as_micros(),
+                d.user.as_micros(),
+                d.sys.as_micros(),
+                d.minflt,
+                d.vcsw,
+                d.ivcsw,
+                calls,
+                bytes.checked_div(calls.max(1) * 1024).unwrap_or(0),
+                in_read.as_micros()
             );
-            (last_sync, cpu_at_sync) = (Instant::now(), cpu);
+            (last_sync, cpu_at_sync, use_at_sync) = (Instant::now(), cpu, u);
+            reads_at_sync = ReadCounts {
+                calls: Cell::new(counts.calls.get()),
+                bytes: Cell::new(counts.bytes.get()),
+                time: Cell::new(counts.time.get()),
+            };
             Ok(())
         }
         Marker::Stopped => {
@@ -822,7 +916,11 @@ pub fn incoming(
             Ok(())
         }
     };
-    let result = receive_with(stream, &live.shape(), live.ram(), &mut on_marker)
+    let counted = CountingReader {
+        r: stream,
+        counts: counts.clone(),
+    };
+    let result = receive_with(counted, &live.shape(), live.ram(), &mut on_marker)
         .map_err(MigrateError::from)
         .and_then(|(snap, stats, report)| {
             let r = Instant::now();

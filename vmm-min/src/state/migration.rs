@@ -331,6 +331,7 @@ pub fn receive_with<R: Read>(
     let mut state: Option<VmSnapshot> = None;
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut zeros = ZeroRun::new(ram);
+    let mut known = KnownZero::new(ram);
     let mut pages_at_sync = 0;
     loop {
         let mut tag = [0u8; 1];
@@ -360,10 +361,15 @@ pub fn receive_with<R: Read>(
                         KIND_PAGE => {
                             stats.pages += 1;
                             zeros.flush()?;
+                            known.written(gpa);
                             page_into_ram(&mut r, &mut page, ram, gpa)?;
                         }
                         KIND_ZERO => {
-                            zeros.add(gpa)?;
+                            // A page still a hole of the memfd reads as zeros already: no
+                            // punch-hole syscall (most zero records of the first pass).
+                            if !known.is_zero(gpa) {
+                                zeros.add(gpa)?;
+                            }
                             stats.zero_pages += 1;
                         }
                         _ => {
@@ -420,6 +426,62 @@ pub fn receive_with<R: Read>(
             }
             t => return Err(FormatError::BadTag(t)),
         }
+    }
+}
+
+/// The destination's pages that certainly read as zeros: holes of the memfd when the receive
+/// began (the VM is paused and its backends' rings are stopped, so nothing else writes RAM)
+/// and not written by a PAGE record since. A ZERO record for such a page needs no work; the
+/// other ZERO records punch a hole as before. Unknown extents (`SEEK_DATA` failed, or an
+/// address space too large for the bitmap) make every page "may hold data".
+struct KnownZero {
+    initial: Option<Vec<(u64, u64)>>,
+    written: Vec<u64>,
+}
+
+impl KnownZero {
+    /// Largest bitmap kept, in 64-bit words (2 MiB: 64 GiB of guest address space).
+    const MAX_WORDS: u64 = 1 << 18;
+
+    fn new(ram: &GuestRam) -> Self {
+        let end = ram
+            .ranges()
+            .iter()
+            .map(|r| r.guest_addr.saturating_add(r.len))
+            .max()
+            .unwrap_or(0);
+        let words = (end / PAGE_SIZE).div_ceil(64);
+        if words > Self::MAX_WORDS {
+            return Self {
+                initial: None,
+                written: Vec::new(),
+            };
+        }
+        Self {
+            initial: ram.data_extents().ok(),
+            written: vec![0; words as usize],
+        }
+    }
+
+    fn bit(gpa: u64) -> (usize, u64) {
+        let i = gpa / PAGE_SIZE;
+        ((i / 64) as usize, 1u64 << (i % 64))
+    }
+
+    fn written(&mut self, gpa: u64) {
+        let (w, b) = Self::bit(gpa);
+        match self.written.get_mut(w) {
+            Some(x) => *x |= b,
+            None => self.initial = None,
+        }
+    }
+
+    fn is_zero(&self, gpa: u64) -> bool {
+        let Some(ext) = &self.initial else {
+            return false;
+        };
+        let (w, b) = Self::bit(gpa);
+        !in_extents(ext, gpa) && self.written.get(w).is_some_and(|x| x & b == 0)
     }
 }
 

@@ -745,3 +745,64 @@ fn state_checksum_does_not_depend_on_how_the_data_is_split() {
     p[4095] = 1;
     assert!(!format::is_zero_page(&p));
 }
+
+#[test]
+fn state_migration_zero_records_clear_written_and_data_pages_but_skip_holes() {
+    use super::migration::{self, StreamWriter};
+    let page = format::PAGE_SIZE;
+    let (p, q, r, s, h) = (
+        MEM - 8 * page,
+        MEM - 6 * page,
+        MEM - 4 * page,
+        MEM - 3 * page,
+        MEM - 2 * page,
+    );
+    let mut a = new_vm(1, true);
+    let shape = shape_of(&a, Vec::new());
+    for gpa in [p, q] {
+        a.ram()
+            .mem()
+            .write_slice(&[0xaa; 4096], GuestAddress(gpa))
+            .unwrap();
+    }
+    let mut w = StreamWriter::start(Vec::new(), &shape).unwrap();
+    // Pass 1: P and Q with content, R and H as zero records.
+    w.send_pages(a.ram(), &[p, q, r, h]).unwrap();
+    // The guest clears P and Q: pass 2 sends them (and H again) as zero records.
+    for gpa in [p, q] {
+        a.ram()
+            .mem()
+            .write_slice(&[0u8; 4096], GuestAddress(gpa))
+            .unwrap();
+    }
+    w.send_pages(a.ram(), &[p, h, q]).unwrap();
+    let snap = capture_vm(&mut a, Vec::new()).unwrap();
+    let (bytes, stats) = w.finish(&snap).unwrap();
+    assert_eq!((stats.pages, stats.zero_pages), (2, 5));
+
+    // The destination's RAM already holds data in R and S (not a fresh memfd).
+    let b = new_vm(1, true);
+    for gpa in [r, s] {
+        b.ram()
+            .mem()
+            .write_slice(&[0x55; 4096], GuestAddress(gpa))
+            .unwrap();
+    }
+    let (_snap, rstats) = migration::receive(&bytes[..], &shape, b.ram()).unwrap();
+    assert_eq!((rstats.pages, rstats.zero_pages), (2, 5));
+    let read = |gpa: u64| {
+        let mut buf = vec![0u8; 4096];
+        b.ram()
+            .mem()
+            .read_slice(&mut buf, GuestAddress(gpa))
+            .unwrap();
+        buf
+    };
+    for gpa in [p, q, r, h] {
+        assert!(read(gpa).iter().all(|&x| x == 0), "page {gpa:#x} not zero");
+    }
+    assert!(
+        read(s).iter().all(|&x| x == 0x55),
+        "page S was not in the stream"
+    );
+}
