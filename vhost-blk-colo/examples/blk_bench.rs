@@ -181,6 +181,10 @@ fn main() {
             .join(" ")
     };
     eprintln!("load average at start: {}", loadavg());
+    eprintln!(
+        "COLO_BLK_SPIN_US={} (our backends' polling before sleeping; default 50)",
+        std::env::var("COLO_BLK_SPIN_US").unwrap_or_else(|_| "unset".into())
+    );
 
     let workloads = [
         Workload {
