@@ -210,17 +210,19 @@ fn receive_interrupts_are_sent_with_event_idx() {
     for i in 0..5 {
         let f = frame(i, 200);
         write_frame(&mut w, &Frame::ethernet(f.clone()), false).unwrap();
+        // Wait for the interrupt before taking the frame, as a driver asleep would: taking it
+        // first moves `used_event` on, and a device that reads it after that rightly stays
+        // quiet (the race made this test fail now and then under load).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut irqs = fe.take_rx_interrupts();
+        while irqs == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+            irqs = fe.take_rx_interrupts();
+        }
+        assert!(irqs > 0, "frame {i}: no receive interrupt with EVENT_IDX");
         let (got, _) = fe
             .recv(Duration::from_secs(10))
             .expect("frame reaches the guest");
         assert_eq!(got, f);
-        // The interrupt follows the used index; give the device's thread a deadline to send it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut irqs = fe.take_rx_interrupts();
-        while irqs == 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-            irqs = fe.take_rx_interrupts();
-        }
-        assert!(irqs > 0, "frame {i}: no receive interrupt with EVENT_IDX");
     }
 }
