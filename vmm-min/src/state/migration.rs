@@ -23,7 +23,6 @@
 //! its RAM).
 
 use std::io::{BufRead, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -362,12 +361,8 @@ pub fn receive_with<R: Read>(
                         KIND_PAGE => {
                             stats.pages += 1;
                             zeros.flush()?;
-                            if known.is_zero(gpa) {
-                                page_into_hole(&mut r, &mut page, ram, gpa)?;
-                            } else {
-                                page_into_ram(&mut r, &mut page, ram, gpa)?;
-                            }
                             known.written(gpa);
+                            page_into_ram(&mut r, &mut page, ram, gpa)?;
                         }
                         KIND_ZERO => {
                             // A page still a hole of the memfd reads as zeros already: no
@@ -509,48 +504,6 @@ fn page_into_ram<R: Read>(
     }
     r.get(page, "a memory page")?;
     page_into_guest(ram, gpa, page)
-}
-
-/// Reads one page's content into the memfd page at `gpa`, which is a hole (see [`KnownZero`]),
-/// with `pwrite` rather than through the mapping: a write fault on a hole makes the kernel
-/// allocate and clear a page that the copy then overwrites (the first pass's main cost in the
-/// nested lab: ~100 us per fault while the source guest runs), whereas a whole-page write
-/// into the file allocates it without clearing it. The mappings (ours, the backends', KVM's)
-/// see the new page on their next access.
-fn page_into_hole<R: Read>(
-    r: &mut Reader<std::io::BufReader<R>>,
-    page: &mut [u8],
-    ram: &GuestRam,
-    gpa: u64,
-) -> Result<(), FormatError> {
-    let n = page.len();
-    let off = ram
-        .ranges()
-        .iter()
-        .find(|x| gpa >= x.guest_addr && gpa + n as u64 <= x.guest_addr + x.len)
-        .map(|x| x.file_offset + (gpa - x.guest_addr))
-        .ok_or(FormatError::BadPage {
-            header: gpa,
-            why: "page outside guest RAM",
-        })?;
-    let write = |b: &[u8]| {
-        ram.file()
-            .write_all_at(b, off)
-            .map_err(|source| FormatError::Io {
-                what: "writing guest RAM",
-                source,
-            })
-    };
-    let buffered = r.r.buffer();
-    if buffered.len() >= n {
-        let b = &buffered[..n];
-        r.sum.update(b);
-        write(b)?;
-        r.r.consume(n);
-        return Ok(());
-    }
-    r.get(page, "a memory page")?;
-    write(page)
 }
 
 // Pages are copied with 8-byte moves, not `memcpy`: glibc copies 4 KiB with `rep movsb` on
