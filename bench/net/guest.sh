@@ -3,7 +3,7 @@
 # userspace virtio-net, the same guest (scripts/build-guest.sh) in the same tier, each without
 # and with the primary's COLO chain. Prints one markdown table naming the tier.
 #
-#   bench/net/guest.sh [--configs "ours-user ours-tap qemu-tap qemu-tap-novnet"]
+#   bench/net/guest.sh [--configs "ours-user ours-tap qemu-user qemu-tap qemu-tap-novnet"]
 #                      [--bulk-mib N] [--rtt N] [--http N] [--no-build] [--backend BIN]
 #                      [--tier tcg|kvm] [--vmm BIN] [--ours-device-opts ,event_idx=off]
 #
@@ -19,6 +19,8 @@
 #               that keeps offloads)
 #   qemu-tap-novnet  the same with vnet_hdr=off on the tap and the filters as the seed has them
 #               (the seed recipe's other working set-up)
+#   qemu-user   QEMU's own virtio-net-device on -netdev user (libslirp) with the same hostfwd
+#               rules as ours-user (client on 127.0.0.1): the reference for our user netdev
 # Tier KVM (--tier kvm; real KVM, e.g. inside the lab, see bench/net/lab.sh): the same with
 # vmm-min (1 vCPU, 256 MiB) as the frontend of ours and QEMU -accel kvm -M microvm as the
 # reference.
@@ -238,6 +240,18 @@ for cfg in $configs; do
             measure "vhost-net-colo, tap on a bridge$ours_label" no 10.0.5.15 7 80 ns
             add_chain "$work/be.qmp" ',"vnet_hdr_support":true'
             measure "vhost-net-colo, tap on a bridge$ours_label" yes 10.0.5.15 7 80 ns
+            ;;
+        qemu-user)
+            e=$(free_port); h=$(free_port)
+            chardevs -chardev
+            qemu_guest g-qemu-user "" \
+                -netdev "user,id=hn0,hostfwd=tcp:127.0.0.1:$e-:7,hostfwd=tcp:127.0.0.1:$h-:80" \
+                -device virtio-net-device,netdev=hn0,mac=52:54:00:12:34:56 "${cd[@]}"
+            consumers
+            wait_ready g-qemu-user
+            measure "QEMU virtio-net, user (slirp, hostfwd)" no 127.0.0.1 "$e" "$h"
+            add_chain "$work/g-qemu-user.qmp"
+            measure "QEMU virtio-net, user (slirp, hostfwd)" yes 127.0.0.1 "$e" "$h"
             ;;
         qemu-tap|qemu-tap-novnet)
             make_ns
