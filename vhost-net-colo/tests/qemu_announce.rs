@@ -53,7 +53,7 @@ fn announce_and_read(qmp: &Path, wire: UnixStream) -> Vec<Vec<u8>> {
         json!({"initial": 10, "max": 20, "rounds": 2, "step": 10}),
     )
     .unwrap();
-    wire.set_read_timeout(Some(Duration::from_secs(20)))
+    wire.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let mut r = FrameReader::new(wire, false);
     (0..2)
