@@ -108,10 +108,13 @@ impl ChardevOut {
         *last = Some(Instant::now());
         self.ep.connect_once().ok()
     }
-}
 
-impl Outdev for ChardevOut {
-    fn send_frame(&self, frame: &Frame, vnet_hdr_support: bool) -> std::io::Result<()> {
+    /// Runs `write` on the connected stream (connecting first if there is none); a failed
+    /// write drops the stream, so the next record reconnects.
+    fn with_stream(
+        &self,
+        write: impl FnOnce(&mut Stream) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         if s.is_none() {
             *s = self.connect();
@@ -122,11 +125,19 @@ impl Outdev for ChardevOut {
                 format!("chardev {}: no peer", self.id),
             ));
         };
-        if let Err(e) = write_frame(stream, frame, vnet_hdr_support) {
+        if let Err(e) = write(stream) {
             *s = None;
             return Err(std::io::Error::other(format!("chardev {}: {e}", self.id)));
         }
         Ok(())
+    }
+}
+
+impl Outdev for ChardevOut {
+    fn send_frame(&self, frame: &Frame, vnet_hdr_support: bool) -> std::io::Result<()> {
+        self.with_stream(|stream| {
+            write_frame(stream, frame, vnet_hdr_support).map_err(std::io::Error::other)
+        })
     }
 
     fn send_parts(&self, hdr: &[u8], l2: &[u8], vnet_hdr_support: bool) -> std::io::Result<()> {
@@ -145,26 +156,11 @@ impl Outdev for ChardevOut {
         fields[..4].copy_from_slice(&(len as u32).to_be_bytes());
         fields[4..].copy_from_slice(&(hdr.len() as u32).to_be_bytes());
         let nf = if vnet_hdr_support { 8 } else { 4 };
-        let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-        if s.is_none() {
-            *s = self.connect();
-        }
-        let Some(stream) = s.as_mut() else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                format!("chardev {}: no peer", self.id),
-            ));
-        };
         let parts = [&fields[..nf], hdr, l2];
-        let r = match stream {
+        self.with_stream(|stream| match stream {
             Stream::Unix(u) => write_all_parts(u, &parts),
             Stream::Tcp(t) => write_all_parts(t, &parts),
-        };
-        if let Err(e) = r {
-            *s = None;
-            return Err(std::io::Error::other(format!("chardev {}: {e}", self.id)));
-        }
-        Ok(())
+        })
     }
 
     fn name(&self) -> String {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Counters, Direction, Filter, Outdev, Verdict};
+use super::{Counters, Direction, Filter, Outdev, Verdict, send_record};
 use crate::offload::VnetHdr;
 use crate::vnet;
 
@@ -36,16 +36,14 @@ impl Filter for FilterMirror {
 
     fn receive(&mut self, _dir: Direction, frame: &mut Vec<u8>, c: &mut Counters) -> Verdict {
         let (h, n) = vnet::record_hdr(None, self.vnet_hdr_support, self.vnet_hdr_len);
-        match self
-            .outdev
-            .send_parts(&h[..n], frame, self.vnet_hdr_support)
-        {
-            Ok(()) => c.sent += 1,
-            Err(e) => {
-                c.errors += 1;
-                tracing::debug!("filter-mirror: send to {}: {e}", self.outdev.name());
-            }
-        }
+        send_record(
+            self.kind(),
+            self.outdev.as_ref(),
+            &h[..n],
+            frame,
+            self.vnet_hdr_support,
+            c,
+        );
         Verdict::Pass
     }
 
@@ -63,13 +61,7 @@ impl Filter for FilterMirror {
         c: &mut Counters,
     ) -> Verdict {
         let (h, n) = vnet::record_hdr(Some(hdr), true, self.vnet_hdr_len);
-        match self.outdev.send_parts(&h[..n], frame, true) {
-            Ok(()) => c.sent += 1,
-            Err(e) => {
-                c.errors += 1;
-                tracing::debug!("filter-mirror: send to {}: {e}", self.outdev.name());
-            }
-        }
+        send_record(self.kind(), self.outdev.as_ref(), &h[..n], frame, true, c);
         Verdict::Pass
     }
 

@@ -108,6 +108,25 @@ pub trait Outdev: Send + Sync {
     fn name(&self) -> String;
 }
 
+/// Writes one record (header `hdr`, frame `l2`) to `out` for the filter `kind`, counting it as
+/// sent or as an error; errors are only logged, the caller decides what becomes of the frame.
+fn send_record(
+    kind: &str,
+    out: &dyn Outdev,
+    hdr: &[u8],
+    l2: &[u8],
+    vnet_hdr_support: bool,
+    c: &mut Counters,
+) {
+    match out.send_parts(hdr, l2, vnet_hdr_support) {
+        Ok(()) => c.sent += 1,
+        Err(e) => {
+            c.errors += 1;
+            tracing::debug!("{kind}: send to {}: {e}", out.name());
+        }
+    }
+}
+
 /// Per-filter counters, shown by `query-filters`.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Counters {

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{Counters, Direction, Filter, Outdev, Verdict};
+use super::{Counters, Direction, Filter, Outdev, Verdict, send_record};
 use crate::offload::VnetHdr;
 use crate::vnet;
 
@@ -42,16 +42,15 @@ impl Filter for FilterRedirector {
             return Verdict::Pass;
         };
         let (h, n) = vnet::record_hdr(None, self.vnet_hdr_support, self.vnet_hdr_len);
-        match out.send_parts(&h[..n], frame, self.vnet_hdr_support) {
-            Ok(()) => c.sent += 1,
-            Err(e) => {
-                c.errors += 1;
-                tracing::debug!(
-                    "filter-redirector: send to {}: {e}; frame dropped",
-                    out.name()
-                );
-            }
-        }
+        // On a send error the frame is dropped (consumed all the same), as QEMU's is.
+        send_record(
+            "filter-redirector",
+            out.as_ref(),
+            &h[..n],
+            frame,
+            self.vnet_hdr_support,
+            c,
+        );
         Verdict::Consumed
     }
 
@@ -72,16 +71,7 @@ impl Filter for FilterRedirector {
             return Verdict::Pass;
         };
         let (h, n) = vnet::record_hdr(Some(hdr), true, self.vnet_hdr_len);
-        match out.send_parts(&h[..n], frame, true) {
-            Ok(()) => c.sent += 1,
-            Err(e) => {
-                c.errors += 1;
-                tracing::debug!(
-                    "filter-redirector: send to {}: {e}; frame dropped",
-                    out.name()
-                );
-            }
-        }
+        send_record("filter-redirector", out.as_ref(), &h[..n], frame, true, c);
         Verdict::Consumed
     }
 
