@@ -14,8 +14,9 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Cidr};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::dhcp::{Dhcp, DhcpServer};
 use super::{Deliver, NetCounters, Netdev, NetdevError};
@@ -86,6 +88,8 @@ impl HostFwd {
 pub struct UserNetdev {
     id: String,
     tx: Mutex<Sender<Vec<u8>>>,
+    /// Wakes the stack thread: a guest frame is queued (or the netdev stops).
+    wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
     counters: Arc<NetCounters>,
     forwards: Vec<(HostFwd, SocketAddr)>,
@@ -158,9 +162,15 @@ impl UserNetdev {
             listeners.push((l, r));
         }
         let (tx, rx) = channel();
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| NetdevError::Io {
+            id: id.clone(),
+            what: "wake eventfd".into(),
+            source: e,
+        })?;
         let me = Arc::new(UserNetdev {
             id: id.clone(),
             tx: Mutex::new(tx),
+            wake: Arc::new(wake),
             stop: Arc::new(AtomicBool::new(false)),
             counters: Arc::default(),
             forwards,
@@ -178,6 +188,7 @@ impl UserNetdev {
             guest,
             listeners,
             rx,
+            wake: me.wake.clone(),
             deliver,
             stop: me.stop.clone(),
             counters: me.counters.clone(),
@@ -215,6 +226,8 @@ impl Netdev for UserNetdev {
             .map_err(|_| std::io::Error::other("user netdev lock poisoned"))?;
         if tx.send(frame.to_vec()).is_ok() {
             self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+            // The stack sleeps in poll(2) on this eventfd and the host sockets.
+            let _ = self.wake.write(1);
         } else {
             self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -240,6 +253,7 @@ impl Netdev for UserNetdev {
 impl Drop for UserNetdev {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = self.wake.write(1);
     }
 }
 
@@ -306,12 +320,56 @@ struct Stack {
     guest: Ipv4Addr,
     listeners: Vec<(TcpListener, HostFwd)>,
     rx: Receiver<Vec<u8>>,
+    wake: Arc<EventFd>,
     deliver: Deliver,
     stop: Arc<AtomicBool>,
     counters: Arc<NetCounters>,
 }
 
 impl Stack {
+    /// Blocks in poll(2) until the wake eventfd, a hostfwd listener or a relayed host socket is
+    /// ready (readable when its connection can take more for the guest, writable when bytes for
+    /// the host wait), or `wait` passed. Interrupted or failed polls just return: the loop
+    /// re-checks everything anyway.
+    fn wait_ready(&self, fwds: &[Fwd], wait: Duration) {
+        let mut fds = Vec::with_capacity(1 + self.listeners.len() + fwds.len());
+        let entry = |fd, events| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        fds.push(entry(self.wake.as_raw_fd(), libc::POLLIN));
+        for (l, _) in &self.listeners {
+            fds.push(entry(l.as_raw_fd(), libc::POLLIN));
+        }
+        for f in fwds {
+            let mut ev = 0;
+            if !f.host_eof && f.to_guest.len() < BUF {
+                ev |= libc::POLLIN;
+            }
+            if !f.to_host.is_empty() {
+                ev |= libc::POLLOUT;
+            }
+            if ev != 0 {
+                fds.push(entry(f.host.as_raw_fd(), ev));
+            }
+        }
+        let ts = libc::timespec {
+            tv_sec: wait.as_secs() as libc::time_t,
+            tv_nsec: wait.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd entries that lives across the
+        // call; `ts` is a valid timespec; no signal mask is passed.
+        unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &raw const ts,
+                std::ptr::null(),
+            )
+        };
+    }
+
     /// A frame from the guest: DHCP is answered here, the rest goes to smoltcp.
     fn take_frame(&self, dev: &mut Wire, f: Vec<u8>) {
         match self.dhcp.handle(&f) {
@@ -345,23 +403,22 @@ impl Stack {
         let mut next_port: u16 = 49152;
         let mut chunk = vec![0u8; 64 * 1024];
         while !self.stop.load(Ordering::Relaxed) {
-            // Wait for guest frames, or a short while when host sockets need polling.
+            // Sleep until a guest frame is queued, a host socket is ready or smoltcp has a
+            // timer due (at most 20 ms, so a stop is seen).
             let wait = iface
                 .poll_delay(now(), &sockets)
                 .map(|d| Duration::from_micros(d.total_micros()))
                 .unwrap_or(Duration::from_millis(20))
-                .min(if fwds.is_empty() {
-                    Duration::from_millis(20)
-                } else {
-                    Duration::from_millis(1)
-                });
-            match self.rx.recv_timeout(wait) {
-                Ok(f) => self.take_frame(&mut dev, f),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            while let Ok(f) = self.rx.try_recv() {
-                self.take_frame(&mut dev, f);
+                .min(Duration::from_millis(20));
+            self.wait_ready(&fwds, wait);
+            // Reset the eventfd before draining, so a frame queued from now on wakes us again.
+            let _ = self.wake.read();
+            loop {
+                match self.rx.try_recv() {
+                    Ok(f) => self.take_frame(&mut dev, f),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
             }
             iface.poll(now(), &mut dev, &mut sockets);
 
