@@ -228,14 +228,10 @@ impl ReadSide {
             let Some(hdr) = self.buf.get(pos..pos + 16) else {
                 break Ok(());
             };
-            let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-            if magic != SIMPLE_REPLY_MAGIC {
-                break Err(format!("unexpected reply magic {magic:#x}"));
-            }
-            let error = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-            let mut c = [0u8; 8];
-            c.copy_from_slice(&hdr[8..16]);
-            let cookie = u64::from_be_bytes(c);
+            let (error, cookie) = match parse_reply_header(hdr) {
+                Ok(h) => h,
+                Err(why) => break Err(why),
+            };
             pos += 16;
             let Some(w) = inner.lock().pending.remove(&cookie) else {
                 break Err(format!("reply for unknown cookie {cookie}"));
@@ -937,20 +933,28 @@ async fn writer_task<W: AsyncWrite + Unpin>(
     let _ = wr.shutdown().await;
 }
 
+/// A simple reply's 16-byte header: (error, cookie). Err: not a simple reply (the reason).
+fn parse_reply_header(hdr: &[u8]) -> Result<(u32, u64), String> {
+    let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    if magic != SIMPLE_REPLY_MAGIC {
+        return Err(format!("unexpected reply magic {magic:#x}"));
+    }
+    let error = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&hdr[8..16]);
+    Ok((error, u64::from_be_bytes(c)))
+}
+
 async fn reader_task<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
     let why = loop {
         let mut hdr = [0u8; 16];
         if let Err(e) = rd.read_exact(&mut hdr).await {
             break format!("connection closed: {e}");
         }
-        let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        if magic != SIMPLE_REPLY_MAGIC {
-            break format!("unexpected reply magic {magic:#x}");
-        }
-        let error = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-        let mut c = [0u8; 8];
-        c.copy_from_slice(&hdr[8..16]);
-        let cookie = u64::from_be_bytes(c);
+        let (error, cookie) = match parse_reply_header(&hdr) {
+            Ok(h) => h,
+            Err(why) => break why,
+        };
         let waiter = inner
             .state
             .lock()
@@ -976,15 +980,5 @@ async fn reader_task<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
         }
         w.reply.send(Ok(data));
     };
-    tracing::debug!("NBD client reader stops: {why}");
-    let drained: Vec<Waiter> = match inner.state.lock() {
-        Ok(mut s) => {
-            s.closed = Some(why.clone());
-            s.pending.drain().map(|(_, w)| w).collect()
-        }
-        Err(_) => Vec::new(),
-    };
-    for w in drained {
-        w.reply.send(Err(NbdClientError::Disconnected(why.clone())));
-    }
+    inner.close(why);
 }
