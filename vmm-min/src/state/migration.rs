@@ -103,6 +103,23 @@ pub struct StreamWriter<W: Write> {
 
 const RECORD: usize = 8 + PAGE_SIZE as usize;
 
+/// Checksums `data` and writes it to the transport, adding the write's duration to `io_time`.
+fn write_out<W: Write>(
+    w: &mut W,
+    sum: &mut Fnv,
+    io_time: &mut Duration,
+    data: &[u8],
+) -> Result<(), FormatError> {
+    sum.update(data);
+    let t = Instant::now();
+    let r = w.write_all(data);
+    *io_time += t.elapsed();
+    r.map_err(|source| FormatError::Io {
+        what: "writing",
+        source,
+    })
+}
+
 impl<W: Write> StreamWriter<W> {
     /// Writes the stream header for a VM of `shape`.
     pub fn start(w: W, shape: &VmShape) -> Result<Self, FormatError> {
@@ -129,15 +146,9 @@ impl<W: Write> StreamWriter<W> {
             return Ok(());
         }
         let b = &self.buf[..self.fill];
-        self.sum.update(b);
-        let t = Instant::now();
-        let r = self.w.write_all(b);
-        self.io_time += t.elapsed();
+        let r = write_out(&mut self.w, &mut self.sum, &mut self.io_time, b);
         self.fill = 0;
-        r.map_err(|source| FormatError::Io {
-            what: "writing",
-            source,
-        })
+        r
     }
 
     fn put(&mut self, data: &[u8]) -> Result<(), FormatError> {
@@ -146,14 +157,7 @@ impl<W: Write> StreamWriter<W> {
             self.drain()?;
         }
         if data.len() > self.buf.len() {
-            self.sum.update(data);
-            let t = Instant::now();
-            let r = self.w.write_all(data);
-            self.io_time += t.elapsed();
-            return r.map_err(|source| FormatError::Io {
-                what: "writing",
-                source,
-            });
+            return write_out(&mut self.w, &mut self.sum, &mut self.io_time, data);
         }
         self.buf[self.fill..self.fill + data.len()].copy_from_slice(data);
         self.fill += data.len();
