@@ -7,10 +7,10 @@
 //! `vnet_hdr_len` field as QEMU does: the length of the netdev's virtio-net header — 12 for a
 //! tap with vnet headers (`vnet_hdr=on`, the default), 0 for stream, dgram, user and
 //! `vnet_hdr=off` taps — with the frame's header in front of it: zeroed for a plain frame, the
-//! GSO/checksum request for an offloaded one ([`to_record_offloaded`]).
+//! GSO/checksum request for an offloaded one ([`record_hdr`]).
 //! The option `vnet_hdr_len=0|10|12|20` (our extension) overrides it, e.g. to match a QEMU
 //! peer whose netdev differs from ours.
-//! Received records are split into frame and header ([`split_record`]); a header asking for
+//! Received records are split into frame and header ([`offload_hdr`]); a header asking for
 //! offloads goes on with the frame (a tap with vnet headers completes it in the kernel).
 
 use colo_proto::frame::Frame;
@@ -41,7 +41,7 @@ pub fn to_record(l2: &[u8], vnet_hdr_support: bool, hdr_len: usize) -> Frame {
 pub const MAX_RECORD_HDR: usize = 20;
 
 /// The header bytes a filter with the given `vnet_hdr_support` and header length puts in front
-/// of a frame (see [`to_record`] and [`to_record_offloaded`]): the frame's own header when
+/// of a frame (see [`to_record`]): the frame's own header when
 /// offloads are pending, zeros for a plain frame; none (length 0) without vnet_hdr_support.
 pub fn record_hdr(
     hdr: Option<&VnetHdr>,
@@ -59,37 +59,6 @@ pub fn record_hdr(
         b[..k].copy_from_slice(&hb[..k]);
     }
     (b, n)
-}
-
-/// A frame with offloads pending as a filter with `vnet_hdr_support=on` and a header length
-/// of `hdr_len` (10, 12 or 20) sends it: the header (`num_buffers` and any hash fields zero)
-/// in front of the frame, as QEMU's filters send a tap's GSO frames.
-pub fn to_record_offloaded(l2: &[u8], hdr: &VnetHdr, hdr_len: usize) -> Frame {
-    let b = hdr.to_bytes();
-    let mut payload = Vec::with_capacity(hdr_len + l2.len());
-    payload.extend_from_slice(&b[..hdr_len.min(b.len())]);
-    payload.resize(hdr_len, 0);
-    payload.extend_from_slice(l2);
-    Frame {
-        vnet_hdr_len: hdr_len as u32,
-        payload,
-    }
-}
-
-/// A received record as the bare Ethernet frame and, when its virtio-net header asks for an
-/// offload (a GSO frame, a partial checksum), that header: the frame goes on whole, and is
-/// made plain only where it must be ([`crate::offload::to_plain`]).
-pub fn split_record(frame: Frame) -> (Option<VnetHdr>, Vec<u8>) {
-    let hdr_len = frame.vnet_hdr_len as usize;
-    if hdr_len == 0 {
-        return (None, frame.payload);
-    }
-    let h = VnetHdr::parse(frame.vnet_hdr())
-        .ok()
-        .filter(|h| !h.is_plain());
-    let mut l2 = frame.payload;
-    l2.drain(..hdr_len.min(l2.len()));
-    (h, l2)
 }
 
 /// The header of a received record when it asks for offloads (a GSO frame, a partial
