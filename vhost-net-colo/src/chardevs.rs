@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use colo_proto::chardev::{ChardevEndpoint, ChardevError, ChardevSpec, DEFAULT_RECONNECT, Stream};
 use std::io::Read;
 
-use colo_proto::frame::{Frame, FrameError, FrameIoError, MAX_PAYLOAD_LEN, write_frame};
+use colo_proto::frame::{FrameError, FrameIoError, MAX_PAYLOAD_LEN};
 
 use crate::filter::{ChardevLookup, Outdev};
 use crate::path::NetPath;
@@ -134,12 +134,6 @@ impl ChardevOut {
 }
 
 impl Outdev for ChardevOut {
-    fn send_frame(&self, frame: &Frame, vnet_hdr_support: bool) -> std::io::Result<()> {
-        self.with_stream(|stream| {
-            write_frame(stream, frame, vnet_hdr_support).map_err(std::io::Error::other)
-        })
-    }
-
     fn send_parts(&self, hdr: &[u8], l2: &[u8], vnet_hdr_support: bool) -> std::io::Result<()> {
         let len = hdr.len() + l2.len();
         if len > MAX_PAYLOAD_LEN || (!vnet_hdr_support && !hdr.is_empty()) {
@@ -344,7 +338,7 @@ pub fn spawn_indev(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use colo_proto::frame::encode;
+    use colo_proto::frame::{Frame, encode};
 
     #[test]
     fn records_are_read_in_place_and_bad_streams_are_errors() {

@@ -26,6 +26,7 @@ pub mod rewriter;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+#[cfg(test)]
 use colo_proto::frame::Frame;
 use serde::Serialize;
 
@@ -90,20 +91,10 @@ pub enum Verdict {
 /// Where a socket-side filter writes frames (a chardev). Implementations must write a whole
 /// record or nothing.
 pub trait Outdev: Send + Sync {
-    fn send_frame(&self, frame: &Frame, vnet_hdr_support: bool) -> std::io::Result<()>;
     /// Writes one record made of the virtio-net header `hdr` (its length is the record's
-    /// `vnet_hdr_len`; empty for none) and the frame `l2`. The default builds a [`Frame`];
-    /// a socket writes the parts as they are (one `writev`, no copy).
-    fn send_parts(&self, hdr: &[u8], l2: &[u8], vnet_hdr_support: bool) -> std::io::Result<()> {
-        let mut payload = Vec::with_capacity(hdr.len() + l2.len());
-        payload.extend_from_slice(hdr);
-        payload.extend_from_slice(l2);
-        let frame = Frame {
-            vnet_hdr_len: hdr.len() as u32,
-            payload,
-        };
-        self.send_frame(&frame, vnet_hdr_support)
-    }
+    /// `vnet_hdr_len`; empty for none) and the frame `l2`; a socket writes the parts as they
+    /// are (one `writev`, no copy).
+    fn send_parts(&self, hdr: &[u8], l2: &[u8], vnet_hdr_support: bool) -> std::io::Result<()>;
     /// Human-readable name for errors and `query-filters`.
     fn name(&self) -> String;
 }
@@ -789,11 +780,15 @@ pub(crate) mod testutil {
     }
 
     impl Outdev for RecOut {
-        fn send_frame(&self, frame: &Frame, vnet: bool) -> std::io::Result<()> {
+        fn send_parts(&self, hdr: &[u8], l2: &[u8], vnet: bool) -> std::io::Result<()> {
             if self.fail {
                 return Err(std::io::Error::other("broken link"));
             }
-            self.frames.lock().unwrap().push((frame.clone(), vnet));
+            let frame = Frame {
+                vnet_hdr_len: hdr.len() as u32,
+                payload: [hdr, l2].concat(),
+            };
+            self.frames.lock().unwrap().push((frame, vnet));
             Ok(())
         }
         fn name(&self) -> String {
