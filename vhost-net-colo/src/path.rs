@@ -535,7 +535,7 @@ impl NetPath {
         &self,
         id: &str,
         hdr: Option<VnetHdr>,
-        frame: Vec<u8>,
+        mut frame: Vec<u8>,
     ) -> Result<(), FilterError> {
         let mut chain = self.chain();
         let queue = chain
@@ -551,16 +551,22 @@ impl NetPath {
             QueueSel::Rx => &[Direction::Rx],
             QueueSel::All => &[Direction::Tx, Direction::Rx],
         };
-        for &d in dirs {
+        for (k, &d) in dirs.iter().enumerate() {
+            // The last direction takes the frame itself; only `queue=all` copies it.
+            let frame = if k + 1 < dirs.len() {
+                frame.clone()
+            } else {
+                std::mem::take(&mut frame)
+            };
             let Some(h) = hdr else {
-                if let Outcome::Deliver(f) = chain.inject_from(id, d, frame.clone())? {
+                if let Outcome::Deliver(f) = chain.inject_from(id, d, frame)? {
                     self.deliver(d, f);
                 }
                 continue;
             };
             if chain.takes_offloaded_after(id, d)? {
                 let mut h = h;
-                match chain.inject_offloaded_from(id, d, &mut h, frame.clone())? {
+                match chain.inject_offloaded_from(id, d, &mut h, frame)? {
                     Outcome::Deliver(f) => self.deliver_offloaded(0, d, h, f),
                     Outcome::Consumed => {
                         self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
@@ -568,7 +574,7 @@ impl NetPath {
                 }
                 continue;
             }
-            match to_plain(&h.to_bytes(), frame.clone()) {
+            match to_plain(&h.to_bytes(), frame) {
                 Ok(segs) => {
                     self.offload_software.fetch_add(1, Ordering::Relaxed);
                     for s in segs {
