@@ -730,7 +730,7 @@ impl Drop for SwitchPriority {
 }
 
 /// Read calls on the incoming socket: how many, bytes, time inside them (per-pass line).
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct ReadCounts {
     calls: Cell<u64>,
     bytes: Cell<u64>,
@@ -904,11 +904,7 @@ pub fn incoming(
                 in_read.as_micros()
             );
             (last_sync, cpu_at_sync, use_at_sync) = (Instant::now(), cpu, u);
-            reads_at_sync = ReadCounts {
-                calls: Cell::new(counts.calls.get()),
-                bytes: Cell::new(counts.bytes.get()),
-                time: Cell::new(counts.time.get()),
-            };
+            reads_at_sync = (*counts).clone();
             Ok(())
         }
         Marker::Stopped => {
