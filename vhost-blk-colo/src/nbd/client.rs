@@ -141,11 +141,8 @@ struct ReadSide {
     /// A READ reply whose data is still arriving: its waiter, the data so far, the length.
     partial: Option<(Waiter, Vec<u8>, usize)>,
     scratch: Box<[u8]>,
-    /// Spin statistics: waits that spun, and how many got data while spinning (a window
-    /// halved now and then, so the rate follows the recent past).
-    spin_window: u32,
-    spin_hits: u32,
-    spin_tries: u32,
+    /// Recent outcomes of spinning for a reply.
+    spin: super::sock::SpinStats,
 }
 
 /// How long an async request on a direct client waits for its reply.
@@ -261,21 +258,22 @@ impl ReadSide {
     /// the sleep and the wake-up (on this paravirtualised 2-vCPU host, waking a halted vCPU
     /// is the dearest part of a loopback round trip).
     fn spin_recv(&mut self, spin: bool) -> Option<std::io::Result<usize>> {
-        use std::os::fd::AsRawFd;
         if !spin || crate::spin_budget().is_zero() {
             return None;
         }
-        self.spin_tries = self.spin_tries.wrapping_add(1);
         // Adaptive: keep spinning while at least one spin in four succeeds; probe again
         // every 64 waits otherwise.
-        if self.spin_hits * 4 < self.spin_window && !self.spin_tries.is_multiple_of(64) {
+        if !self.spin.should_spin() {
             return None;
         }
-        if self.spin_window >= 256 {
-            self.spin_window /= 2;
-            self.spin_hits /= 2;
-        }
-        self.spin_window += 1;
+        let got = self.spin_poll();
+        self.spin.record(matches!(got, Some(Ok(_))));
+        got
+    }
+
+    /// Polls the socket without sleeping for up to [`crate::spin_budget`].
+    fn spin_poll(&mut self) -> Option<std::io::Result<usize>> {
+        use std::os::fd::AsRawFd;
         let t0 = Instant::now();
         loop {
             // SAFETY: recv into our own scratch buffer of the given length, on our socket.
@@ -288,7 +286,6 @@ impl ReadSide {
                 )
             };
             if n >= 0 {
-                self.spin_hits += 1;
                 return Some(Ok(n as usize));
             }
             let e = std::io::Error::last_os_error();
@@ -574,9 +571,7 @@ impl NbdClient {
                 buf: Vec::with_capacity(64 << 10),
                 partial: None,
                 scratch: vec![0u8; 256 << 10].into_boxed_slice(),
-                spin_window: 0,
-                spin_hits: 0,
-                spin_tries: 0,
+                spin: Default::default(),
             })),
             state: Mutex::new(State::default()),
             next_cookie: AtomicU64::new(1),

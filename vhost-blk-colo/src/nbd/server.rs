@@ -417,9 +417,12 @@ where
     let sem = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
     let size = export.node.size();
     let writable = export.writable && !export.node.read_only();
-    // Adaptive spin before waiting for the next request after a lone inline write (queue
-    // depth 1): see the note above `SpinStats`.
-    let mut spin = SpinStats::default();
+    // After answering a lone small write (queue depth 1), poll for the next request for up to
+    // `crate::spin_budget()` before waiting in the runtime: the primary's next write follows
+    // within tens of µs, and catching it by polling saves the sleep and the wake-up of this
+    // thread (on the paravirtualised bench host, waking a halted vCPU is the dearest part of a
+    // loopback round trip). Yields between polls; stops spinning when it rarely pays off.
+    let mut spin = super::sock::SpinStats::default();
     let mut after_inline = false;
     let result = loop {
         if std::mem::take(&mut after_inline)
@@ -540,38 +543,6 @@ where
         let _ = wr.shutdown().await;
     }
     result
-}
-
-// After answering a lone small write, a connection's task polls for the next request for up
-// to `crate::spin_budget()` before it waits in the runtime. At queue depth 1 the primary's next write follows
-// within tens of µs; catching it by polling saves the sleep and the wake-up of this thread
-// (on the paravirtualised bench host, waking a halted vCPU is the dearest part of a loopback
-// round trip). Yields between polls; stops spinning when it rarely pays off.
-
-/// Recent spin outcomes of one connection.
-#[derive(Default)]
-struct SpinStats {
-    window: u32,
-    hits: u32,
-    tries: u32,
-}
-
-impl SpinStats {
-    /// Spin while at least one spin in four caught a request; probe every 64th time
-    /// otherwise.
-    fn should_spin(&mut self) -> bool {
-        self.tries = self.tries.wrapping_add(1);
-        self.hits * 4 >= self.window || self.tries.is_multiple_of(64)
-    }
-
-    fn record(&mut self, hit: bool) {
-        if self.window >= 256 {
-            self.window /= 2;
-            self.hits /= 2;
-        }
-        self.window += 1;
-        self.hits += u32::from(hit);
-    }
 }
 
 /// Validates a request before running it. Returns the NBD errno to reply with, if refused.

@@ -13,6 +13,34 @@ use std::{
     sync::Mutex,
 };
 
+/// Recent outcomes of a thread's polling before it sleeps (the NBD server after a lone inline
+/// write, the direct client waiting for a reply), halved now and then so the rate follows the
+/// recent past.
+#[derive(Default)]
+pub(crate) struct SpinStats {
+    window: u32,
+    hits: u32,
+    tries: u32,
+}
+
+impl SpinStats {
+    /// Spin while at least one spin in four paid off; probe every 64th time otherwise.
+    pub(crate) fn should_spin(&mut self) -> bool {
+        self.tries = self.tries.wrapping_add(1);
+        self.hits * 4 >= self.window || self.tries.is_multiple_of(64)
+    }
+
+    /// Counts one spin; `hit`: data arrived while spinning.
+    pub(crate) fn record(&mut self, hit: bool) {
+        if self.window >= 256 {
+            self.window /= 2;
+            self.hits /= 2;
+        }
+        self.window += 1;
+        self.hits += u32::from(hit);
+    }
+}
+
 /// A thread-safe frame writer over a duplicated socket fd.
 #[derive(Debug)]
 pub struct SockWriter {
