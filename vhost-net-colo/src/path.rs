@@ -405,21 +405,9 @@ impl NetPath {
         }
     }
 
-    /// A frame with a virtio-net header in front (`buf` = header + frame) from a netdev with
-    /// vnet headers. Goes through the chain whole when the chain takes it so, and to the guest
-    /// with its header when the guest negotiated the offloads it uses; otherwise made plain.
-    pub fn from_netdev_vnet(&self, mut buf: Vec<u8>) {
-        if buf.len() < VNET_HDR_LEN {
-            self.offload_errors.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let mut hdr = [0u8; VNET_HDR_LEN];
-        hdr.copy_from_slice(&buf[..VNET_HDR_LEN]);
-        buf.drain(..VNET_HDR_LEN);
-        self.from_netdev_hdr(hdr, buf)
-    }
-
-    /// As [`NetPath::from_netdev_vnet`], with the header apart from the frame.
+    /// A frame (`buf`) and its virtio-net header from a netdev with vnet headers. Goes through
+    /// the chain whole when the chain takes it so, and to the guest with its header when the
+    /// guest negotiated the offloads it uses; otherwise made plain.
     pub fn from_netdev_hdr(&self, hdr: [u8; VNET_HDR_LEN], buf: Vec<u8>) {
         let Ok(h) = VnetHdr::parse(&hdr) else {
             self.offload_errors.fetch_add(1, Ordering::Relaxed);
