@@ -20,7 +20,7 @@ use crate::offload::VnetHdr;
 /// Length of the virtio 1.0 header (with `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
 /// `flags` bit: the checksum from `csum_start` on still has to be computed.
-pub const F_NEEDS_CSUM: u8 = 1;
+pub use crate::offload::F_NEEDS_CSUM;
 
 /// A frame as a filter with the given `vnet_hdr_support` and header length sends it.
 pub fn to_record(l2: &[u8], vnet_hdr_support: bool, hdr_len: usize) -> Frame {
