@@ -187,7 +187,7 @@ pub struct BlkStats {
 // that submits asynchronously, see `BlockNode::submits_async`; up to `INLINE_MAX_BYTES`) runs
 // on the queue thread itself, which saves the hand-off latency at queue depth 1; a request
 // arriving meanwhile starts when it returns. A worker that finished a request polls the job
-// list for a short while before it sleeps (`worker_spin`), and the queue thread wakes no
+// list for a short while before it sleeps (`Pool::spin_for_job`), and the queue thread wakes no
 // worker while one polls: at queue depth 1 on a replicated disk the next request is then
 // picked up without a wake-up.
 //
@@ -354,23 +354,18 @@ struct Pool {
     spinning: AtomicU64,
 }
 
-/// How long a worker that finished a request polls for the next before it sleeps
-/// ([`crate::spin_budget`]). At queue depth 1 the frontend's next request arrives within this (completion, the frontend's
-/// submission, the kick, the queue thread's hand-off); picking it up saves a futex wake-up,
-/// which on this paravirtualised host also wakes a halted vCPU. Between polls the worker
-/// yields, so other threads of the CPU run first.
-fn worker_spin() -> Duration {
-    crate::spin_budget()
-}
-
 impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Polls for a job for up to [`worker_spin`].
+    /// Polls for a job for up to [`crate::spin_budget`], for a worker that finished a request.
+    /// At queue depth 1 the frontend's next request arrives within this (completion, the
+    /// frontend's submission, the kick, the queue thread's hand-off); picking it up saves a
+    /// futex wake-up, which on this paravirtualised host also wakes a halted vCPU. Between
+    /// polls the worker yields, so other threads of the CPU run first.
     fn spin_for_job(&self) -> Option<Job> {
-        if worker_spin().is_zero() {
+        if crate::spin_budget().is_zero() {
             return None;
         }
         self.spinning.fetch_add(1, Ordering::SeqCst);
@@ -379,7 +374,7 @@ impl Pool {
             if let Some(j) = self.lock().jobs.pop_front() {
                 break Some(j);
             }
-            if t0.elapsed() >= worker_spin() {
+            if t0.elapsed() >= crate::spin_budget() {
                 break None;
             }
             std::thread::yield_now();
