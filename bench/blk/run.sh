@@ -3,6 +3,7 @@
 # driven by the same test frontend (memfd shared memory, no guest), and the cost of replication
 # (primary + NBD secondary on loopback vs local only). Prints a markdown table.
 #   bench/blk/run.sh [--seconds N] [--size-mib M] [--repeat R] [--workers W] [--num-queues Q] [--only WORKLOAD] [--no-qsd] [--no-replication]
+#   (--targets LABEL,..: run only the backends whose label contains one of these, e.g. to profile)
 # Every backend is started first; each workload then runs on each backend in turn (order
 # alternating between repetitions); with --repeat the median run is shown with all runs.
 set -eu

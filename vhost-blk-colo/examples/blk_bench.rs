@@ -386,6 +386,15 @@ fn main() {
         pq_keep = Some((pq, sq));
     }
 
+    // --targets A,B: run only the backends whose label contains one of these (profiling).
+    let only_targets: Vec<String> = get("--targets", "")
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for (i, p) in procs.iter().enumerate() {
+        eprintln!("backend process {i}: pid {}", p.0.id());
+    }
     let mut results: Vec<(&'static str, &'static str, Vec<Result_>)> = Vec::new();
     for rep in 0..repeat {
         for &w in &workloads {
@@ -395,6 +404,11 @@ fn main() {
                 let t = if rep % 2 == 0 { k } else { n - 1 - k };
                 let (label, fe, writes_only) = &mut targets[t];
                 if *writes_only && !w.write {
+                    continue;
+                }
+                if !only_targets.is_empty()
+                    && !only_targets.iter().any(|o| label.contains(o.as_str()))
+                {
                     continue;
                 }
                 settle();

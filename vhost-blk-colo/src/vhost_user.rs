@@ -245,6 +245,9 @@ struct Reorder {
     slots: std::collections::VecDeque<(u16, Option<u32>)>,
     /// The queue thread stopped taking requests at `max_inflight`.
     throttled: bool,
+    /// Threads waiting in `QueueCtx::drain`: a completion signals `drained` (a futex syscall)
+    /// only when there is one.
+    drain_waiters: usize,
 }
 
 /// Per-queue state of one frontend connection.
@@ -293,7 +296,7 @@ impl QueueCtx {
             return;
         }
         let notify = !matches!(self.vring.needs_notification(), Ok(false));
-        if st.slots.is_empty() {
+        if st.slots.is_empty() && st.drain_waiters > 0 {
             self.drained.notify_all();
         }
         if st.throttled && st.slots.len() <= self.max_inflight / 2 {
@@ -317,10 +320,12 @@ impl QueueCtx {
             if left.is_zero() {
                 return false;
             }
+            st.drain_waiters += 1;
             st = match self.drained.wait_timeout(st, left) {
                 Ok((g, _)) => g,
                 Err(p) => p.into_inner().0,
             };
+            st.drain_waiters -= 1;
         }
         true
     }
@@ -352,6 +357,11 @@ struct Pool {
     cv: Condvar,
     /// Workers polling `state` before they sleep: a new job needs no wake-up while > 0.
     spinning: AtomicU64,
+    /// Jobs in `state.jobs` (changed under its lock), so a polling worker takes the lock only
+    /// when there is one: polling under the lock made the queue thread, pushing the job the
+    /// worker waited for, block on the lock and be woken by the worker (two extra context
+    /// switches per request at queue depth 1 in a scheduler trace of the replicated bench).
+    queued: AtomicU64,
 }
 
 impl Pool {
@@ -371,7 +381,9 @@ impl Pool {
         self.spinning.fetch_add(1, Ordering::SeqCst);
         let t0 = Instant::now();
         let job = loop {
-            if let Some(j) = self.lock().jobs.pop_front() {
+            if self.queued.load(Ordering::SeqCst) > 0
+                && let Some(j) = self.pop(&mut self.lock())
+            {
                 break Some(j);
             }
             if t0.elapsed() >= crate::spin_budget() {
@@ -381,6 +393,15 @@ impl Pool {
         };
         self.spinning.fetch_sub(1, Ordering::SeqCst);
         job
+    }
+
+    /// Takes the next job (with `state` locked).
+    fn pop(&self, st: &mut PoolState) -> Option<Job> {
+        let j = st.jobs.pop_front();
+        if j.is_some() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        j
     }
 
     fn run(&self, exec: &Exec) {
@@ -396,7 +417,7 @@ impl Pool {
             } else {
                 let mut st = self.lock();
                 loop {
-                    if let Some(j) = st.jobs.pop_front() {
+                    if let Some(j) = self.pop(&mut st) {
                         break j;
                     }
                     if st.stop {
@@ -597,13 +618,24 @@ impl VhostUserBlk {
             && batch.len() == 1
             && matches!(batch[0].1.rtype, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT)
             && batch[0].1.data_len() <= INLINE_MAX_BYTES
-            && !self.exec.node.submits_async()
+            && (!self.exec.node.submits_async()
+                || (batch[0].1.rtype == VIRTIO_BLK_T_OUT && self.exec.node.responsive()))
         {
-            // Queue depth 1 on a local disk: no hand-off. (A disk with a remote part, whose
-            // requests may take up to the NBD timeout, always goes to the pool, so the queue
-            // keeps taking requests meanwhile. So does a large request: its copy costs far
-            // more than the hand-off, and run here it would hold back the requests the
-            // frontend is about to add, e.g. the rest of a 1 MiB QD4 batch.)
+            // Queue depth 1 on a local disk: no hand-off. A lone write runs here on a
+            // replicated disk too while its secondary is responsive (nothing in flight, no
+            // late reply within the last second: `BlockNode::responsive`): the NBD round trip
+            // overlaps the local write and this thread reads its own reply, so the write costs
+            // no worker wake-up and no contention with a worker for the vring lock (scheduler
+            // trace of the replicated 4k QD1 bench: a worker signalling the used ring was
+            // preempted by the woken frontend while holding the vring's read lock; the
+            // frontend's kick then blocked this thread on that lock: three extra context
+            // switches per write). Otherwise a disk with a remote part, whose requests may
+            // take up to the NBD timeout, goes to the pool, so the queue keeps taking requests
+            // meanwhile. So does a large request: its copy costs far more than the hand-off,
+            // and run here it would hold back the requests the frontend is about to add, e.g.
+            // the rest of a 1 MiB QD4 batch. (A secondary that hangs right after answering
+            // quickly holds this queue for one NBD timeout, after which it is dropped; every
+            // write waits for that timeout anyway.)
             if let Some((seq, req)) = batch.pop() {
                 let len = self.exec.run(&mem, &req, queue);
                 ctx.complete(seq, len);
@@ -622,6 +654,7 @@ impl VhostUserBlk {
                     mem: arc_mem.clone(),
                 });
             }
+            self.pool.queued.fetch_add(n as u64, Ordering::SeqCst);
         }
         // Wake one worker per job (not all of them: idle workers woken for nothing cost
         // context switches on a small host), less the workers polling for jobs.

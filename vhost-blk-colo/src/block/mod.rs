@@ -215,6 +215,15 @@ pub trait BlockNode: Send + Sync {
         false
     }
 
+    /// True when a small write is expected to complete within about a network round trip, so
+    /// that the vhost-user queue thread may run a lone one itself instead of handing it to a
+    /// worker (which keeps the queue taking requests while it waits). Nodes that submit
+    /// asynchronously are not, unless they know better: a replication child whose secondary
+    /// has been answering quickly and has nothing in flight is.
+    fn responsive(&self) -> bool {
+        !self.submits_async()
+    }
+
     /// Reads into several buffers, back to back from `offset` (a scatter list of guest
     /// memory). The default reads once into a bounce buffer; `file` uses `preadv`.
     fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> BlockResult<()> {

@@ -140,6 +140,10 @@ impl BlockNode for NbdNode {
         true
     }
 
+    fn responsive(&self) -> bool {
+        self.client.responsive()
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         check_range("read", offset, buf.len() as u64, self.size())?;
         let mut waits = Vec::new();

@@ -231,6 +231,13 @@ impl BlockNode for QuorumNode {
             .unwrap_or(true)
     }
 
+    fn responsive(&self) -> bool {
+        self.children
+            .read()
+            .map(|c| c.list.iter().all(|x| x.node.responsive()))
+            .unwrap_or(false)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         check_range("read", offset, buf.len() as u64, self.size)?;
         let children = self.children();

@@ -453,6 +453,15 @@ impl BlockNode for ReplicationPrimary {
         true
     }
 
+    fn responsive(&self) -> bool {
+        // Unprotected (no secondary) or not running: writes complete at once.
+        self.shared
+            .child
+            .read()
+            .map(|c| c.as_ref().is_none_or(|n| n.responsive()))
+            .unwrap_or(false)
+    }
+
     fn read_at(&self, _buf: &mut [u8], _offset: u64) -> BlockResult<()> {
         Err(BlockError::Replication(format!(
             "{}: reads are not served by a primary replication node",
@@ -513,6 +522,9 @@ struct RangeLocks {
     /// (id, start, end, held by a primary write)
     held: Mutex<Vec<(u64, u64, u64, bool)>>,
     freed: Condvar,
+    /// Threads waiting on `freed` (changed under `held`): a release wakes nobody, and costs no
+    /// futex syscall, when it is 0, as it is on every request of a queue-depth-1 primary.
+    waiters: AtomicU64,
     next: AtomicU64,
 }
 
@@ -527,6 +539,7 @@ impl RangeLocks {
             align: align.max(1),
             held: Mutex::new(Vec::new()),
             freed: Condvar::new(),
+            waiters: AtomicU64::new(0),
             next: AtomicU64::new(0),
         }
     }
@@ -546,7 +559,10 @@ impl RangeLocks {
             .iter()
             .any(|&(_, s, e, p)| (p || primary) && s < end && start < e)
         {
-            held = self.freed.wait(held).map_err(|_| lock_err())?;
+            self.waiters.fetch_add(1, Ordering::Relaxed);
+            let r = self.freed.wait(held);
+            self.waiters.fetch_sub(1, Ordering::Relaxed);
+            held = r.map_err(|_| lock_err())?;
         }
         held.push((id, start, end, primary));
         Ok(RangeGuard { locks: self, id })
@@ -562,8 +578,12 @@ impl Drop for RangeGuard<'_> {
         if let Some(i) = held.iter().position(|x| x.0 == self.id) {
             held.swap_remove(i);
         }
+        // Read under the lock: a waiter counts itself before it releases `held` in `wait`.
+        let wake = self.locks.waiters.load(Ordering::Relaxed) > 0;
         drop(held);
-        self.locks.freed.notify_all();
+        if wake {
+            self.locks.freed.notify_all();
+        }
     }
 }
 

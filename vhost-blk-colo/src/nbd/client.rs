@@ -132,7 +132,18 @@ struct Inner {
     rside: Option<Mutex<ReadSide>>,
     state: Mutex<State>,
     next_cookie: AtomicU64,
+    /// When the client was made: the origin of `slow_at`.
+    born: Instant,
+    /// Nanoseconds after `born` (plus one; 0: never) at which a waiter last got its reply late
+    /// ([`SLOW_REPLY`] or more after it started waiting).
+    slow_at: AtomicU64,
 }
+
+/// A reply this late counts against [`NbdClient::responsive`] for [`SLOW_MEMORY`].
+const SLOW_REPLY: Duration = Duration::from_millis(2);
+
+/// How long a late reply is remembered.
+const SLOW_MEMORY: Duration = Duration::from_secs(1);
 
 /// Bytes a direct client's reader received and has not consumed yet.
 struct ReadSide {
@@ -153,8 +164,46 @@ const ASYNC_WAIT: Duration = Duration::from_secs(3600);
 const READ_TICK: Duration = Duration::from_millis(50);
 
 impl Inner {
+    fn new(
+        tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+        direct: Option<SockWriter>,
+        rside: Option<Mutex<ReadSide>>,
+    ) -> Inner {
+        Inner {
+            tx,
+            direct,
+            rside,
+            state: Mutex::new(State::default()),
+            next_cookie: AtomicU64::new(1),
+            born: Instant::now(),
+            slow_at: AtomicU64::new(0),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark_slow(&self) {
+        let ns = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.slow_at.store(ns + 1, Ordering::Relaxed);
+    }
+
+    /// No request in flight and no late reply within [`SLOW_MEMORY`].
+    fn responsive(&self) -> bool {
+        let slow = self.slow_at.load(Ordering::Relaxed);
+        if slow != 0 {
+            let since = self
+                .born
+                .elapsed()
+                .as_nanos()
+                .saturating_sub(u128::from(slow - 1));
+            if since < SLOW_MEMORY.as_nanos() {
+                return false;
+            }
+        }
+        let st = self.lock();
+        st.closed.is_some() || st.pending.is_empty()
     }
 
     /// Marks the connection closed and fails every pending request.
@@ -325,6 +374,15 @@ impl ReplyWaiter {
     /// error. On a direct client the calling thread may read replies from the socket meanwhile
     /// (its own and others').
     pub fn wait(self, timeout: Duration) -> Result<Vec<u8>, NbdClientError> {
+        let t0 = Instant::now();
+        let r = self.wait_inner(timeout);
+        if t0.elapsed() >= SLOW_REPLY {
+            self.inner.mark_slow();
+        }
+        r
+    }
+
+    fn wait_inner(&self, timeout: Duration) -> Result<Vec<u8>, NbdClientError> {
         let deadline = Instant::now() + timeout;
         let lost = || NbdClientError::Disconnected("reply lost".into());
         if self.inner.rside.is_none() {
@@ -563,19 +621,17 @@ impl NbdClient {
             .map_err(|e| NbdClientError::Io(format!("setting up the socket: {e}")))?;
         let direct = SockWriter::new(std::os::fd::AsFd::as_fd(&sock))
             .map_err(|e| NbdClientError::Io(format!("duplicating the socket: {e}")))?;
-        let inner = Arc::new(Inner {
-            tx: None,
-            direct: Some(direct),
-            rside: Some(Mutex::new(ReadSide {
+        let inner = Arc::new(Inner::new(
+            None,
+            Some(direct),
+            Some(Mutex::new(ReadSide {
                 sock,
                 buf: Vec::with_capacity(64 << 10),
                 partial: None,
                 scratch: vec![0u8; 256 << 10].into_boxed_slice(),
                 spin: Default::default(),
             })),
-            state: Mutex::new(State::default()),
-            next_cookie: AtomicU64::new(1),
-        });
+        ));
         Ok(NbdClient {
             inner,
             size,
@@ -628,13 +684,7 @@ impl NbdClient {
         let (size, flags) = negotiate(&mut rd, &mut wr, export).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer_task(BufWriter::new(wr), rx));
-        let inner = Arc::new(Inner {
-            tx: Some(tx),
-            direct: None,
-            rside: None,
-            state: Mutex::new(State::default()),
-            next_cookie: AtomicU64::new(1),
-        });
+        let inner = Arc::new(Inner::new(Some(tx), None, None));
         tokio::spawn(reader_task(rd, inner.clone()));
         Ok(NbdClient {
             inner,
@@ -642,6 +692,13 @@ impl NbdClient {
             flags,
             export: export.to_owned(),
         })
+    }
+
+    /// True when a small request is expected to be answered within about a round trip:
+    /// nothing is in flight and no reply came late ([`SLOW_REPLY`]) within the last
+    /// [`SLOW_MEMORY`]. (A closed client fails requests at once, which is quick too.)
+    pub fn responsive(&self) -> bool {
+        self.inner.responsive()
     }
 
     /// Export size in bytes.
