@@ -36,6 +36,12 @@
 # go to the guest and back at once; MiB/s each way), echo round trips of 64-byte lines on one
 # connection (p50/p99), HTTP GET / with a new connection each (busybox httpd, p50/p99).
 # Every process runs under nice and is killed by PID at the end; the namespace is deleted.
+#
+# Profiling (the same for every configuration): PROFILE_DIR=DIR writes, per measurement, the
+# CPU time of every thread of every process this script started (DIR/<cfg>-<chain>.cpu, from
+# /proc, with the MiB moved), and PROFILE_PERF="stat" or "record" runs the measurement under
+# `perf stat -a` (context switches, migrations, cycles) or `perf record -a -g` (DIR/...perf*).
+# Use a large --bulk-mib and small --rtt/--http so the bulk phase dominates.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 here="$root/bench/net"
@@ -194,13 +200,34 @@ results="$work/results"
 measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
     local label=$1 chain=$2 host=$3 echo=$4 http=$5 pre=()
     [ "${6:-}" = ns ] && pre=(ip netns exec "$ns")
-    local j
-    if ! "${pre[@]}" timeout 60 python3 "$here/guestbench.py" wait "$host" "$echo" 50 \
-            2>"$work/err" ||
-        ! j=$("${pre[@]}" timeout 600 python3 "$here/guestbench.py" measure "$host" "$echo" \
-            "$http" --bulk-mib "$bulk_mib" --rtt "$rtt_n" --http "$http_n" 2>"$work/err"); then
+    local j ok=1 ptag="" perf=()
+    "${pre[@]}" timeout 60 python3 "$here/guestbench.py" wait "$host" "$echo" 50 \
+        2>"$work/err" || ok=0
+    if [ $ok = 1 ] && [ -n "${PROFILE_DIR:-}" ]; then
+        mkdir -p "$PROFILE_DIR"
+        ptag="$PROFILE_DIR/$cfg-$chain"
+        python3 "$here/guestbench.py" cpusnap "${pids[@]}" >"$ptag.cpu0"
+        [ -e "$work/be.qmp" ] && QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/be.qmp" \
+            '{"execute":"query-net"}' >"$ptag.net0"
+        case "${PROFILE_PERF:-}" in
+            stat) perf=(perf stat -a -e context-switches,cpu-migrations,cycles,task-clock
+                        -o "$ptag.perfstat" --) ;;
+            record) perf=(perf record -q -a -g -o "$ptag.perf.data" --) ;;
+        esac
+    fi
+    if [ $ok = 0 ] ||
+        ! j=$("${perf[@]}" "${pre[@]}" timeout 600 python3 "$here/guestbench.py" measure \
+            "$host" "$echo" "$http" --bulk-mib "$bulk_mib" --rtt "$rtt_n" --http "$http_n" \
+            2>"$work/err"); then
         j=$(python3 -c 'import json,sys; print(json.dumps({"error": sys.argv[1]}))' \
             "$(tail -n 1 "$work/err" | cut -c1-200)")
+    fi
+    if [ -n "$ptag" ]; then
+        python3 "$here/guestbench.py" cpusnap "${pids[@]}" >"$ptag.cpu1"
+        [ -e "$work/be.qmp" ] && QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/be.qmp" \
+            '{"execute":"query-net"}' >"$ptag.net1"
+        python3 "$here/guestbench.py" cpudiff "$ptag.cpu0" "$ptag.cpu1" "$bulk_mib" >"$ptag.cpu"
+        echo "$j" >>"$ptag.cpu"
     fi
     echo "  $label chain=$chain: $j" >&2
     printf '%s\t%s\t%s\n' "$label" "$chain" "$j" >>"$results"

@@ -13,6 +13,9 @@
       (unbounded buffer), as a comparer queues: a relay that blocks on its write side while
       the other end blocks writing to it deadlocks QEMU, whose chardev writes block
   guestbench.py sink SRC_UNIX                         reads a Unix socket and discards it
+  guestbench.py cpusnap PID...                        JSON: CPU ticks of every thread of PIDs
+  guestbench.py cpudiff BEFORE AFTER MIB              CPU ms (per MiB) of each process and
+      thread between two snapshots, busiest first
 """
 
 import json
@@ -179,6 +182,8 @@ def qmp(argv):
         m = reply()
         if "error" in m:
             die(f"QMP {cmd}: {m['error']}")
+        if m.get("return") and __import__("os").environ.get("QMP_PRINT"):
+            print(json.dumps(m["return"]))
     s.close()
 
 
@@ -215,6 +220,53 @@ def sink(src):
         pass
 
 
+def cpusnap(pids):
+    out = {}
+    for pid in pids:
+        try:
+            exe = open(f"/proc/{pid}/comm").read().strip()
+            tids = __import__("os").listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                st = open(f"/proc/{pid}/task/{tid}/stat").read()
+                vs = open(f"/proc/{pid}/task/{tid}/status").read()
+            except OSError:
+                continue
+            comm = st[st.index("(") + 1:st.rindex(")")]
+            f = st[st.rindex(")") + 2:].split()
+            sw = {k: int(v) for k, v in (ln.split(":\t") for ln in vs.splitlines()
+                                         if ln.endswith(tuple("0123456789")) and "ctxt" in ln)}
+            out[f"{pid}/{tid}"] = {"proc": exe, "thread": comm, "ticks": int(f[11]) + int(f[12]),
+                                   "vcs": sw.get("voluntary_ctxt_switches", 0),
+                                   "ivcs": sw.get("nonvoluntary_ctxt_switches", 0)}
+    print(json.dumps(out))
+
+
+def cpudiff(a, b, mib):
+    import os
+    hz = os.sysconf("SC_CLK_TCK")
+    x, y, mib = json.load(open(a)), json.load(open(b)), float(mib)
+    rows, procs = [], {}
+    for k, v in y.items():
+        u = x.get(k, {"ticks": 0, "vcs": 0, "ivcs": 0})
+        ms = (v["ticks"] - u["ticks"]) * 1000.0 / hz
+        vcs, ivcs = v["vcs"] - u["vcs"], v["ivcs"] - u["ivcs"]
+        rows.append((ms, v["proc"], k, v["thread"], vcs, ivcs))
+        p = procs.setdefault(v["proc"], [0.0, 0, 0])
+        p[0] += ms
+        p[1] += vcs
+        p[2] += ivcs
+    print(f"process: CPU ms, ms/MiB, voluntary/involuntary switches per MiB ({mib:g} MiB each way)")
+    for name, (ms, vcs, ivcs) in sorted(procs.items(), key=lambda p: -p[1][0]):
+        print(f"  {name:20} {ms:8.0f} {ms / mib:7.2f} {vcs / mib:8.1f} {ivcs / mib:8.1f}")
+    print("thread:")
+    for ms, proc, k, th, vcs, ivcs in sorted(rows, reverse=True):
+        if ms or vcs:
+            print(f"  {proc:16} {k:14} {th:18} {ms:8.0f} {ms / mib:7.2f} {vcs / mib:8.1f} {ivcs / mib:8.1f}")
+
+
 def main():
     if len(sys.argv) < 2:
         die(__doc__)
@@ -229,6 +281,10 @@ def main():
         relay(argv[0], argv[1])
     elif cmd == "sink":
         sink(argv[0])
+    elif cmd == "cpusnap":
+        cpusnap(argv)
+    elif cmd == "cpudiff":
+        cpudiff(argv[0], argv[1], argv[2])
     else:
         die(__doc__)
 

@@ -80,6 +80,14 @@ pub struct DevCounters {
     pub rx_dropped_too_big: AtomicU64,
     pub bad_descriptors: AtomicU64,
     pub connections: AtomicU64,
+    /// Interrupts (used-buffer notifications) sent to the guest for its receive queues.
+    pub rx_interrupts: AtomicU64,
+    /// Interrupts sent to the guest for its transmit queues.
+    pub tx_interrupts: AtomicU64,
+    /// Transmit-queue kicks from the guest (events handled).
+    pub tx_kicks: AtomicU64,
+    /// Passes of the receive-ring filler.
+    pub rx_passes: AtomicU64,
     /// Frames from the guest per transmit queue pair.
     pub from_guest_by_pair: [AtomicU64; MAX_QUEUE_PAIRS],
     /// Frames to the guest per receive queue pair.
@@ -108,6 +116,10 @@ impl DevCounters {
             "to_guest_dropped_too_big": l(&self.rx_dropped_too_big),
             "bad_descriptors": l(&self.bad_descriptors),
             "frontend_connections": l(&self.connections),
+            "rx_interrupts": l(&self.rx_interrupts),
+            "tx_interrupts": l(&self.tx_interrupts),
+            "tx_kicks": l(&self.tx_kicks),
+            "rx_passes": l(&self.rx_passes),
         })
     }
 }
@@ -248,8 +260,11 @@ impl NetBackend {
     fn signal(&self, vring: &VringRwLock<GM>) {
         let needs =
             !self.event_idx.load(Ordering::Relaxed) || vring.needs_notification().unwrap_or(true);
-        if needs && let Err(e) = vring.signal_used_queue() {
-            tracing::debug!("signal used queue: {e}");
+        if needs {
+            self.counters.tx_interrupts.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = vring.signal_used_queue() {
+                tracing::debug!("signal used queue: {e}");
+            }
         }
     }
 
@@ -389,11 +404,13 @@ impl NetBackend {
         }
         self.path.guest.put_back(pending);
         self.path.guest.notify_room();
+        self.counters.rx_passes.fetch_add(1, Ordering::Relaxed);
         for ((v, u), before) in rxq.iter().zip(used).zip(used_before) {
-            if u && (!event_idx || rx_needs_interrupt(v, &mem, before))
-                && let Err(e) = v.signal_used_queue()
-            {
-                tracing::debug!("signal used queue: {e}");
+            if u && (!event_idx || rx_needs_interrupt(v, &mem, before)) {
+                self.counters.rx_interrupts.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = v.signal_used_queue() {
+                    tracing::debug!("signal used queue: {e}");
+                }
             }
         }
     }
@@ -659,6 +676,7 @@ impl VhostUserBackend for NetBackend {
         if evset != EventSet::IN {
             return Ok(());
         }
+        crate::sched::data_thread_once();
         let e = device_event as usize;
         if e == guest_rx_event(self.pairs) as usize {
             let _ = self.path.guest.kick.read();
@@ -666,6 +684,7 @@ impl VhostUserBackend for NetBackend {
         } else if e < 2 * self.pairs && e.is_multiple_of(2) {
             self.process_rx(vrings);
         } else if e < 2 * self.pairs {
+            self.counters.tx_kicks.fetch_add(1, Ordering::Relaxed);
             self.process_tx(&vrings[e], e / 2);
         }
         Ok(())

@@ -285,6 +285,7 @@ pub fn spawn_indev(
     std::thread::Builder::new()
         .name(format!("indev-{filter_id}"))
         .spawn(move || {
+            crate::sched::data_thread();
             while !st.load(Ordering::Relaxed) {
                 let stream = if ep.spec().server {
                     match ep.accept(&st, None) {

@@ -35,6 +35,7 @@ pub mod filter;
 pub mod netdev;
 pub mod offload;
 pub mod path;
+pub mod sched;
 pub mod shim;
 pub mod testing;
 pub mod vnet;

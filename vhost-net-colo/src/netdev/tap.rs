@@ -224,6 +224,7 @@ const SHRINK_BELOW: usize = 4096;
 /// (the fd is non-blocking), each straight into the buffer it is handed on in (the vnet header
 /// into its own array, with one `readv`): no copy in between.
 fn reader(file: &File, stop: &AtomicBool, counters: &NetCounters, sink: &Sink) {
+    crate::sched::data_thread();
     let fd = file.as_raw_fd();
     // SAFETY: F_GETFL/F_SETFL on our own tun fd.
     unsafe {
