@@ -358,9 +358,10 @@ struct Pool {
     /// Workers polling `state` before they sleep: a new job needs no wake-up while > 0.
     spinning: AtomicU64,
     /// Jobs in `state.jobs` (changed under its lock), so a polling worker takes the lock only
-    /// when there is one: polling under the lock made the queue thread, pushing the job the
-    /// worker waited for, block on the lock and be woken by the worker (two extra context
-    /// switches per request at queue depth 1 in a scheduler trace of the replicated bench).
+    /// when there is one: polling under the lock can make the queue thread, pushing the job
+    /// the worker waits for, block on the lock and need a wake-up from the worker. (The
+    /// worker-to-queue-thread wake-ups seen in scheduler traces of the replicated bench were
+    /// mostly the vring lock, see `process_queue`; this alone did not measurably change p50.)
     queued: AtomicU64,
 }
 
