@@ -94,31 +94,49 @@ pub enum FrameIoError {
     Io(#[from] io::Error),
 }
 
-/// Appends one record to `out`.
+/// The length fields in front of a record of `payload_len` bytes whose first `vnet_hdr_len`
+/// are a vnet header: the bytes and how many of them to send (8 with `vnet_hdr_support`, 4
+/// without). A writer that sends header and frame from separate buffers (one `writev`) puts
+/// these first.
 ///
-/// With `vnet_hdr_support` the frame's `vnet_hdr_len` is written as the second field; without
-/// it, a frame that carries a vnet header is refused (the peer could not tell it apart).
-pub fn encode(frame: &Frame, vnet_hdr_support: bool, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    let len = frame.payload.len();
-    if len > MAX_PAYLOAD_LEN {
+/// Without `vnet_hdr_support`, a record that carries a vnet header is refused (the peer could
+/// not tell it apart).
+pub fn record_fields(
+    payload_len: usize,
+    vnet_hdr_len: usize,
+    vnet_hdr_support: bool,
+) -> Result<([u8; 2 * FIELD_LEN], usize), FrameError> {
+    if payload_len > MAX_PAYLOAD_LEN {
         return Err(FrameError::Oversize {
             offset: 0,
-            len: len as u64,
+            len: payload_len as u64,
             max: MAX_PAYLOAD_LEN,
         });
     }
-    if frame.vnet_hdr_len as usize > len || (!vnet_hdr_support && frame.vnet_hdr_len != 0) {
+    if vnet_hdr_len > payload_len || (!vnet_hdr_support && vnet_hdr_len != 0) {
         return Err(FrameError::BadVnetHdrLen {
             offset: 0,
-            vnet_hdr_len: frame.vnet_hdr_len,
-            len: len as u32,
+            vnet_hdr_len: vnet_hdr_len as u32,
+            len: payload_len as u32,
         });
     }
-    out.reserve(2 * FIELD_LEN + len);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    if vnet_hdr_support {
-        out.extend_from_slice(&frame.vnet_hdr_len.to_be_bytes());
-    }
+    let mut fields = [0u8; 2 * FIELD_LEN];
+    fields[..FIELD_LEN].copy_from_slice(&(payload_len as u32).to_be_bytes());
+    fields[FIELD_LEN..].copy_from_slice(&(vnet_hdr_len as u32).to_be_bytes());
+    let n = if vnet_hdr_support {
+        2 * FIELD_LEN
+    } else {
+        FIELD_LEN
+    };
+    Ok((fields, n))
+}
+
+/// Appends one record to `out` (see [`record_fields`] for what is refused).
+pub fn encode(frame: &Frame, vnet_hdr_support: bool, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let len = frame.payload.len();
+    let (fields, n) = record_fields(len, frame.vnet_hdr_len as usize, vnet_hdr_support)?;
+    out.reserve(n + len);
+    out.extend_from_slice(&fields[..n]);
     out.extend_from_slice(&frame.payload);
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use colo_proto::chardev::{ChardevEndpoint, ChardevError, ChardevSpec, DEFAULT_RECONNECT, Stream};
 use std::io::Read;
 
-use colo_proto::frame::{FrameError, FrameIoError, MAX_PAYLOAD_LEN};
+use colo_proto::frame::{FrameError, FrameIoError, MAX_PAYLOAD_LEN, record_fields};
 
 use crate::filter::{ChardevLookup, Outdev};
 use crate::path::NetPath;
@@ -135,21 +135,13 @@ impl ChardevOut {
 
 impl Outdev for ChardevOut {
     fn send_parts(&self, hdr: &[u8], l2: &[u8], vnet_hdr_support: bool) -> std::io::Result<()> {
-        let len = hdr.len() + l2.len();
-        if len > MAX_PAYLOAD_LEN || (!vnet_hdr_support && !hdr.is_empty()) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "chardev {}: record of {len} bytes with a {}-byte header cannot be framed",
-                    self.id,
-                    hdr.len()
-                ),
-            ));
-        }
-        let mut fields = [0u8; 8];
-        fields[..4].copy_from_slice(&(len as u32).to_be_bytes());
-        fields[4..].copy_from_slice(&(hdr.len() as u32).to_be_bytes());
-        let nf = if vnet_hdr_support { 8 } else { 4 };
+        let (fields, nf) = record_fields(hdr.len() + l2.len(), hdr.len(), vnet_hdr_support)
+            .map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("chardev {}: {e}", self.id),
+                )
+            })?;
         let parts = [&fields[..nf], hdr, l2];
         self.with_stream(|stream| match stream {
             Stream::Unix(u) => write_all_parts(u, &parts),

@@ -430,7 +430,7 @@ where
     let size = export.node.size();
     let writable = export.writable && !export.node.read_only();
     // After answering a lone small write (queue depth 1), poll for the next request for up to
-    // `crate::spin_budget()` before waiting in the runtime: the primary's next write follows
+    // `NEXT_REQUEST_SPINS` spin budgets before waiting in the runtime: the primary's next write follows
     // within tens of µs, and catching it by polling saves the sleep and the wake-up of this
     // thread (on the paravirtualised bench host, waking a halted vCPU is the dearest part of a
     // loopback round trip). Yields between polls; stops spinning when it rarely pays off.

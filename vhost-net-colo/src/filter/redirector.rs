@@ -44,7 +44,7 @@ impl Filter for FilterRedirector {
         let (h, n) = vnet::record_hdr(None, self.vnet_hdr_support, self.vnet_hdr_len);
         // On a send error the frame is dropped (consumed all the same), as QEMU's is.
         send_record(
-            "filter-redirector",
+            self.kind(),
             out.as_ref(),
             &h[..n],
             frame,
@@ -71,7 +71,7 @@ impl Filter for FilterRedirector {
             return Verdict::Pass;
         };
         let (h, n) = vnet::record_hdr(Some(hdr), true, self.vnet_hdr_len);
-        send_record("filter-redirector", out.as_ref(), &h[..n], frame, true, c);
+        send_record(self.kind(), out.as_ref(), &h[..n], frame, true, c);
         Verdict::Consumed
     }
 
