@@ -1,8 +1,12 @@
-#!/bin/sh
+#!/bin/bash
 # bench/net/guest.sh in the KVM tier, inside the KVM lab (scripts/kvm-lab.sh): vmm-min as the
 # frontend of vhost-net-colo against QEMU 7.2 -accel kvm -M microvm with its own virtio-net on a
 # tap (vhost=off). Builds both release binaries on the host first; arguments go to guest.sh.
 #   bench/net/lab.sh [--configs "ours-user ours-tap qemu-tap"] [--bulk-mib N] ...
+# --vmm BIN runs that vmm-min binary instead of target/release's (e.g. a saved older build, for
+# an A/B in one lab run: the host's file system is visible in the lab). PROFILE_DIR=DIR (shared
+# read-write with the lab) and PROFILE_PERF=kvm: per measurement, KVM exits by reason, MSR and
+# MMIO exits, interrupts, from L1's KVM, for both VMMs (bench/net/kvmprof.sh).
 set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -12,5 +16,12 @@ nice cargo build --release -q -p vmm-min --bin vmm-min
 # One lab run at a time, like the tests (colo_tests::lab takes the same lock).
 lock="${KVM_LAB_DIR:-$root/.cache/kvm-lab}/run.lock"
 mkdir -p "$(dirname "$lock")"
-exec flock "$lock" "$root/scripts/kvm-lab.sh" -t "${NETBENCH_LAB_TIMEOUT:-1500}" -- \
+share=()
+if [ -n "${PROFILE_DIR:-}" ]; then
+    mkdir -p "$PROFILE_DIR"
+    PROFILE_DIR=$(cd "$PROFILE_DIR" && pwd)
+    export PROFILE_DIR
+    share=(-w "$PROFILE_DIR")
+fi
+exec flock "$lock" "$root/scripts/kvm-lab.sh" "${share[@]}" -t "${NETBENCH_LAB_TIMEOUT:-1500}" -- \
     "$root/bench/net/guest.sh" --tier kvm --no-build "$@"

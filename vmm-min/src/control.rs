@@ -85,6 +85,7 @@ pub struct Control {
     inner: Mutex<Inner>,
     cond: Condvar,
     vcpus: usize,
+    exits: std::sync::Arc<crate::exits::ExitStats>,
 }
 
 /// What a vCPU thread does after handling an exit.
@@ -152,7 +153,13 @@ impl Control {
             }),
             cond: Condvar::new(),
             vcpus,
+            exits: Default::default(),
         }
+    }
+
+    /// The VM exit counters (QMP `query-exits`).
+    pub fn exits(&self) -> &std::sync::Arc<crate::exits::ExitStats> {
+        &self.exits
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

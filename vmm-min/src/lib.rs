@@ -14,6 +14,7 @@ pub mod boot;
 pub mod control;
 pub mod devices;
 pub mod dirty_log;
+pub mod exits;
 pub mod machine;
 pub mod memory;
 pub mod migrate;

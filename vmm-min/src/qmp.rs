@@ -1,5 +1,7 @@
 //! vmm-min's QMP commands (`colo_proto::qmp` server): `query-status`, `stop`, `cont`,
-//! `system_powerdown`, `system_reset`, `quit`, and `query-dirty-pages` (ours); events `STOP`,
+//! `system_powerdown`, `system_reset`, `quit`, `query-dirty-pages` and `query-exits` (ours: VM
+//! exits that reached vmm-min by kind and address, and KVM's per-vCPU statistics summed over the
+//! vCPUs, see [`crate::exits`]); events `STOP`,
 //! `RESUME`, `SHUTDOWN`, `RESET`. Migration and snapshot commands: [`crate::migrate`].
 //!
 //! vmm-min does not reboot a guest in place: a reset (the guest's or `system_reset`) stops the
@@ -62,6 +64,14 @@ pub fn registry(live: Arc<LiveVm>) -> (Registry, Arc<Migration>) {
     let dirty: Arc<DirtyTracker> = live.dirty().clone();
     let mig = Migration::new(live.clone(), events.clone());
     crate::migrate::register(&mut r, &mig);
+    {
+        let c = control.clone();
+        r.add("query-exits", move |a| {
+            args::reject_unknown(a, &[])?;
+            serde_json::to_value(c.exits().snapshot())
+                .map_err(|e| generic(format!("query-exits: {e}")))
+        });
+    }
     {
         let c = control.clone();
         r.add("query-status", move |a| {

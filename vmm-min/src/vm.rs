@@ -13,6 +13,7 @@ use crate::arch::cpu::{self, CpuError, StartMode};
 use crate::arch::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use crate::control::{self, Control, ExitReason, Next};
 use crate::devices::bus::Bus;
+use crate::exits::ExitKind;
 use crate::memory::{GuestRam, MemoryError};
 
 /// Errors creating or running the VM.
@@ -142,6 +143,7 @@ impl Vm {
                 .create_vcpu(u64::from(id))
                 .map_err(kerr("KVM_CREATE_VCPU"))?;
             cpu::setup_common(&vm.kvm, &v, id as u8, config.cpus as u8, config.irqchip)?;
+            vm.control.exits().add_kvm_vcpu(&v);
             vm.vcpus.push(v);
         }
         Ok(vm)
@@ -273,27 +275,39 @@ impl RunningVm {
 fn vcpu_loop(mut vcpu: VcpuFd, id: usize, pio: &Bus, mmio: &Bus, ctl: &Control) {
     control::register_kvm_run(vcpu.get_kvm_run());
     ctl.register_thread();
+    let counts = ctl.exits().vcpu();
+    let count = |kind, addr| {
+        counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .count(kind, addr);
+    };
     while ctl.next_vcpu(id, &mut vcpu) == Next::Run {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                count(ExitKind::PioIn, u64::from(port));
                 pio.read(u64::from(port), data);
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                count(ExitKind::PioOut, u64::from(port));
                 if !pio.write(u64::from(port), data) {
                     tracing::trace!(port, "write to unclaimed port");
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                count(ExitKind::MmioRead, addr);
                 if !mmio.read(addr, data) {
                     tracing::debug!(addr, "read of unclaimed MMIO");
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                count(ExitKind::MmioWrite, addr);
                 if !mmio.write(addr, data) {
                     tracing::debug!(addr, "write to unclaimed MMIO");
                 }
             }
             Ok(VcpuExit::Hlt) => {
+                count(ExitKind::Hlt, 0);
                 tracing::info!(cpu = id, "vCPU halted without an in-kernel irqchip");
                 ctl.request_exit(ExitReason::Poweroff);
             }
@@ -309,7 +323,7 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, pio: &Bus, mmio: &Bus, ctl: &Control) 
                 };
                 ctl.request_exit(r);
             }
-            Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Intr) => count(ExitKind::Interrupted, 0),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 ctl.request_exit(ExitReason::Error(format!(
                     "vCPU {id}: KVM entry failed, hardware reason {reason:#x} on cpu {cpu}"
@@ -322,9 +336,11 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, pio: &Bus, mmio: &Bus, ctl: &Control) 
                 )));
             }
             Ok(other) => {
+                count(ExitKind::Other, 0);
                 tracing::debug!(cpu = id, "unhandled exit {other:?}");
             }
             Err(e) if e.errno() == libc::EINTR => {
+                count(ExitKind::Interrupted, 0);
                 vcpu.set_kvm_immediate_exit(0);
             }
             Err(e) if e.errno() == libc::EAGAIN => {}
@@ -486,6 +502,41 @@ mod tests {
         let r = vm.start().unwrap().wait();
         assert_eq!(r, ExitReason::Poweroff);
         assert_eq!(*rec.lock().unwrap(), vec![0x5a]);
+    }
+
+    #[test]
+    fn exits_are_counted_by_kind_and_address() {
+        let mut vm = vm(true, 1);
+        with_platform(&mut vm);
+        // in al,0x10; out 0x10,al; out 0x10,al; mov al,0x34; mov dx,0x3c0; out dx,al (S5)
+        let code = [
+            0xe4, 0x10, 0xe6, 0x10, 0xe6, 0x10, 0xb0, 0x34, 0x66, 0xba, 0xc0, 0x03, 0xee, 0xeb,
+            0xfe,
+        ];
+        vm.ram()
+            .mem()
+            .write_slice(&code, GuestAddress(0x4000))
+            .unwrap();
+        vm.set_boot_cpu(StartMode::Long {
+            rip: 0x4000,
+            rsi: 0,
+            rsp: 0x8ff0,
+        })
+        .unwrap();
+        let exits = vm.control().exits().clone();
+        assert_eq!(vm.start().unwrap().wait(), ExitReason::Poweroff);
+        let s = exits.snapshot();
+        assert_eq!(s.kinds.get("pio-in"), Some(&1), "{s:?}");
+        assert_eq!(s.kinds.get("pio-out"), Some(&3), "{s:?}");
+        let out10 = s
+            .addresses
+            .iter()
+            .find(|a| a.kind == "pio-out" && a.address == "0x10");
+        assert_eq!(out10.map(|a| a.count), Some(2), "{s:?}");
+        // KVM's own statistics (where the kernel has binary stats) count at least these exits.
+        if let Some(&n) = s.kvm.get("exits") {
+            assert!(n >= 4, "{s:?}");
+        }
     }
 
     #[test]

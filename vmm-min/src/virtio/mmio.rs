@@ -115,6 +115,9 @@ pub struct MmioTransport {
     kicks: Vec<EventFd>,
     call: EventFd,
     sticky_vring: bool,
+    /// Eventfds registered by the caller for this window (e.g. the InterruptACK ioeventfd),
+    /// kept open as long as the transport.
+    kept: Vec<EventFd>,
 }
 
 impl MmioTransport {
@@ -142,7 +145,13 @@ impl MmioTransport {
             kicks,
             call,
             sticky_vring,
+            kept: Vec::new(),
         }
+    }
+
+    /// Keeps `fd` (registered with KVM for this window by the caller) open with the transport.
+    pub fn keep_eventfd(&mut self, fd: Option<EventFd>) {
+        self.kept.extend(fd);
     }
 
     /// Transport state.
