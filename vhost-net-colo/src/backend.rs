@@ -88,6 +88,8 @@ pub struct DevCounters {
     pub tx_kicks: AtomicU64,
     /// Passes of the receive-ring filler.
     pub rx_passes: AtomicU64,
+    /// Interrupts held back by the moderation window (sent later, merged, or found unneeded).
+    pub irq_deferred: AtomicU64,
     /// Frames from the guest per transmit queue pair.
     pub from_guest_by_pair: [AtomicU64; MAX_QUEUE_PAIRS],
     /// Frames to the guest per receive queue pair.
@@ -120,6 +122,7 @@ impl DevCounters {
             "tx_interrupts": l(&self.tx_interrupts),
             "tx_kicks": l(&self.tx_kicks),
             "rx_passes": l(&self.rx_passes),
+            "interrupts_deferred": l(&self.irq_deferred),
         })
     }
 }
@@ -135,12 +138,117 @@ pub struct NetBackend {
     counters: Arc<DevCounters>,
     /// Queue pairs: receive queue 2i, transmit queue 2i+1.
     pairs: usize,
+    /// Interrupt moderation state (see [`IrqModeration`]).
+    irq: Mutex<IrqState>,
+    irq_mod: IrqModeration,
+    irq_timer: IrqTimer,
+}
+
+/// Interrupt moderation, as a NIC's adaptive coalescing: while bulk data flows (a pass that
+/// moved at least `bulk` bytes), a queue's interrupt comes at most once per `window`; an
+/// interrupt held back is sent when the window ends, or together with the next one sent for any
+/// queue (they share the guest's interrupt line). A pass with less data, or the first after a
+/// quiet window, interrupts at once, so request/response latency is untouched. Each interrupt
+/// a TCG guest takes costs its vCPU an exit, the virtio-mmio status read and acknowledge, and
+/// often a halt/wake-up; through vhost-user it also costs the frontend's main loop a wake-up.
+/// `COLO_NET_IRQ_US` (default 1000, 0 = off) and `COLO_NET_IRQ_BULK` (bytes, default 16384).
+#[derive(Debug, Clone, Copy)]
+pub struct IrqModeration {
+    pub window: std::time::Duration,
+    pub bulk: usize,
+}
+
+impl IrqModeration {
+    pub const DEFAULT_US: u64 = 1000;
+    pub const DEFAULT_BULK: usize = 16384;
+
+    pub fn from_env() -> Self {
+        let num = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(d)
+        };
+        Self {
+            window: std::time::Duration::from_micros(num("COLO_NET_IRQ_US", Self::DEFAULT_US)),
+            bulk: num("COLO_NET_IRQ_BULK", Self::DEFAULT_BULK as u64) as usize,
+        }
+    }
+}
+
+#[derive(Default)]
+struct IrqState {
+    /// Per queue: when its last interrupt was sent.
+    last: Vec<Option<std::time::Instant>>,
+    /// Per queue: the used index before the first pass whose interrupt is still owed.
+    owed: Vec<Option<u16>>,
+    /// When the timer is armed to fire.
+    armed: Option<std::time::Instant>,
+}
+
+/// A non-blocking one-shot timerfd (the moderation window's end), served by the ring worker.
+struct IrqTimer(std::fs::File);
+
+impl IrqTimer {
+    fn new() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the result is checked before use.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        Ok(Self(unsafe { std::fs::File::from_raw_fd(fd) }))
+    }
+
+    fn arm(&self, after: std::time::Duration) {
+        let after = after.max(std::time::Duration::from_micros(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: our timerfd; `spec` is a valid itimerspec; no old value asked for.
+        let r =
+            unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if r != 0 {
+            tracing::debug!("timerfd_settime: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    /// Clears an expiry (non-blocking).
+    fn clear(&self) {
+        let mut n = 0u64;
+        // SAFETY: reads 8 bytes into `n` from our non-blocking timerfd.
+        let _ = unsafe {
+            libc::read(
+                self.0.as_raw_fd(),
+                (&mut n as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
 }
 
 /// Event id of the "frames for the guest are queued" eventfd (ids 0..=queues are taken by the
 /// queues and the exit event).
 fn guest_rx_event(pairs: usize) -> u16 {
     (2 * pairs + 1) as u16
+}
+
+/// Event id of the interrupt-moderation timer.
+fn irq_timer_event(pairs: usize) -> u16 {
+    (2 * pairs + 2) as u16
 }
 
 impl NetBackend {
@@ -159,7 +267,87 @@ impl NetBackend {
             acked: AtomicU64::new(0),
             exit: Mutex::new(Some(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?)),
             counters,
+            irq: Mutex::new(IrqState {
+                last: vec![None; 2 * pairs],
+                owed: vec![None; 2 * pairs],
+                armed: None,
+            }),
+            irq_mod: IrqModeration::from_env(),
+            irq_timer: IrqTimer::new()?,
         })
+    }
+
+    /// Used entries were published on queue `q` in a pass that started at used index
+    /// `before` and moved `bytes` bytes: interrupts the guest now, or later within the
+    /// moderation window (see [`IrqModeration`]).
+    fn used_published(
+        &self,
+        vrings: &[VringRwLock<GM>],
+        mem: &Mem,
+        q: usize,
+        before: u16,
+        bytes: usize,
+    ) {
+        let Ok(mut st) = self.irq.lock() else { return };
+        let Some(owed) = st.owed.get_mut(q) else {
+            return;
+        };
+        owed.get_or_insert(before);
+        let now = std::time::Instant::now();
+        let m = self.irq_mod;
+        if !m.window.is_zero()
+            && bytes >= m.bulk
+            && let Some(Some(last)) = st.last.get(q)
+            && now < *last + m.window
+        {
+            let due = *last + m.window;
+            self.counters.irq_deferred.fetch_add(1, Ordering::Relaxed);
+            if st.armed.is_none_or(|a| a > due) {
+                st.armed = Some(due);
+                self.irq_timer.arm(due - now);
+            }
+            return;
+        }
+        self.flush_interrupts(&mut st, vrings, mem, now);
+    }
+
+    /// Sends every owed interrupt the guest asked for (EVENT_IDX) and forgets the rest.
+    fn flush_interrupts(
+        &self,
+        st: &mut IrqState,
+        vrings: &[VringRwLock<GM>],
+        mem: &Mem,
+        now: std::time::Instant,
+    ) {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        for (i, v) in vrings.iter().enumerate() {
+            let Some(before) = st.owed.get_mut(i).and_then(|o| o.take()) else {
+                continue;
+            };
+            if event_idx && !needs_interrupt(v, mem, before) {
+                continue;
+            }
+            if i % 2 == 0 {
+                self.counters.rx_interrupts.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.counters.tx_interrupts.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(l) = st.last.get_mut(i) {
+                *l = Some(now);
+            }
+            if let Err(e) = v.signal_used_queue() {
+                tracing::debug!("signal used queue: {e}");
+            }
+        }
+    }
+
+    /// The moderation timer fired: sends what is owed.
+    fn irq_timer_fired(&self, vrings: &[VringRwLock<GM>]) {
+        self.irq_timer.clear();
+        let Some(mem) = self.memory() else { return };
+        let Ok(mut st) = self.irq.lock() else { return };
+        st.armed = None;
+        self.flush_interrupts(&mut st, vrings, &mem, std::time::Instant::now());
     }
 
     fn memory(&self) -> Option<GuestMemoryLoadGuard<Mem>> {
@@ -186,10 +374,14 @@ impl NetBackend {
     }
 
     /// Guest → outside: pops every transmit chain, then runs the frames through the path.
-    fn process_tx(&self, vring: &VringRwLock<GM>, pair: usize) {
+    fn process_tx(&self, vrings: &[VringRwLock<GM>], pair: usize) {
         let Some(mem) = self.memory() else {
             return;
         };
+        let q = 2 * pair + 1;
+        let Some(vring) = vrings.get(q) else { return };
+        let before = vring.get_ref().get_queue().next_used();
+        let mut bytes = 0usize;
         let mut frames = Vec::new();
         let mut sent_direct = 0u64;
         // With an empty chain and a tap with vnet headers, frames go from guest memory to the
@@ -209,7 +401,8 @@ impl NetBackend {
                 let head = chain.head_index();
                 if let Some((_, nd)) = &direct {
                     match send_direct(&mem, &chain, &**nd, pair) {
-                        Some(r) => {
+                        Some((r, len)) => {
+                            bytes += len;
                             self.path.count_direct(&r);
                             sent_direct += 1;
                             if vring.add_used(head, 0).is_err() {
@@ -223,7 +416,10 @@ impl NetBackend {
                     }
                 }
                 match read_chain(&mem, chain) {
-                    Some(Some(f)) => frames.push(f),
+                    Some(Some(f)) => {
+                        bytes += f.1.len();
+                        frames.push(f)
+                    }
                     Some(None) => {}
                     None => {
                         self.counters
@@ -244,8 +440,8 @@ impl NetBackend {
             }
         }
         drop(direct);
-        if !frames.is_empty() || sent_direct > 0 {
-            self.signal(vring);
+        if vring.get_ref().get_queue().next_used() != before {
+            self.used_published(vrings, &mem, q, before, bytes);
         }
         let n = frames.len() as u64 + sent_direct;
         self.counters.tx_frames.fetch_add(n, Ordering::Relaxed);
@@ -254,17 +450,6 @@ impl NetBackend {
         }
         for (hdr, f) in frames {
             self.path.from_guest_vnet_on(pair, &hdr, f);
-        }
-    }
-
-    fn signal(&self, vring: &VringRwLock<GM>) {
-        let needs =
-            !self.event_idx.load(Ordering::Relaxed) || vring.needs_notification().unwrap_or(true);
-        if needs {
-            self.counters.tx_interrupts.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = vring.signal_used_queue() {
-                tracing::debug!("signal used queue: {e}");
-            }
         }
     }
 
@@ -293,6 +478,7 @@ impl NetBackend {
         let mrg = self.mrg_rxbuf();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut used = vec![false; rxq.len()];
+        let mut moved = vec![0usize; rxq.len()];
         // Used index of each receive queue before this pass: the EVENT_IDX decision below
         // needs it, because `add_used_batch` publishes entries without virtio-queue's
         // `num_added` bookkeeping (its `needs_notification` would always say no).
@@ -391,6 +577,7 @@ impl NetBackend {
                     .fetch_add(1, Ordering::Relaxed);
             }
             used[qi] = true;
+            moved[qi] += need;
             pending.pop_front();
             self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
             if let Some(c) = self.counters.to_guest_by_pair.get(rx_pair[qi]) {
@@ -405,21 +592,19 @@ impl NetBackend {
         self.path.guest.put_back(pending);
         self.path.guest.notify_room();
         self.counters.rx_passes.fetch_add(1, Ordering::Relaxed);
-        for ((v, u), before) in rxq.iter().zip(used).zip(used_before) {
-            if u && (!event_idx || rx_needs_interrupt(v, &mem, before)) {
-                self.counters.rx_interrupts.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = v.signal_used_queue() {
-                    tracing::debug!("signal used queue: {e}");
-                }
+        for (k, ((u, before), bytes)) in used.into_iter().zip(used_before).zip(moved).enumerate() {
+            if u {
+                self.used_published(vrings, &mem, 2 * rx_pair[k], before, bytes);
             }
         }
     }
 }
 
-/// EVENT_IDX interrupt decision for a receive queue whose used index moved from `before` to
-/// its current value in one pass: interrupt when the guest's `used_event` lies in that range
-/// (the virtio spec's `vring_need_event`). An unreadable ring means interrupt.
-fn rx_needs_interrupt(vring: &VringRwLock<GM>, mem: &Mem, before: u16) -> bool {
+/// EVENT_IDX interrupt decision for a queue whose used index moved from `before` to its
+/// current value (one pass, or several whose interrupt was held back): interrupt when the
+/// guest's `used_event` lies in that range (the virtio spec's `vring_need_event`). An
+/// unreadable ring means interrupt.
+fn needs_interrupt(vring: &VringRwLock<GM>, mem: &Mem, before: u16) -> bool {
     use vm_memory::{Bytes, GuestAddress};
     let g = vring.get_ref();
     let queue = g.get_queue();
@@ -507,7 +692,7 @@ fn send_direct(
     chain: &DescriptorChain<GuestMemoryLoadGuard<Mem>>,
     nd: &dyn crate::netdev::Netdev,
     q: usize,
-) -> Option<std::io::Result<crate::offload::VnetHdr>> {
+) -> Option<(std::io::Result<crate::offload::VnetHdr>, usize)> {
     use vm_memory::GuestMemoryBackend;
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(4);
     let mut total = 0usize;
@@ -542,7 +727,7 @@ fn send_direct(
         }
     }
     let h = crate::offload::VnetHdr::parse(&hdr).ok()?;
-    Some(nd.send_guest_iov_on(q, &iov)?.map(|()| h))
+    Some((nd.send_guest_iov_on(q, &iov)?.map(|()| h), total))
 }
 
 /// The virtio-net header and the frame of a transmit chain, each read into its own buffer;
@@ -681,11 +866,13 @@ impl VhostUserBackend for NetBackend {
         if e == guest_rx_event(self.pairs) as usize {
             let _ = self.path.guest.kick.read();
             self.process_rx(vrings);
+        } else if e == irq_timer_event(self.pairs) as usize {
+            self.irq_timer_fired(vrings);
         } else if e < 2 * self.pairs && e.is_multiple_of(2) {
             self.process_rx(vrings);
         } else if e < 2 * self.pairs {
             self.counters.tx_kicks.fetch_add(1, Ordering::Relaxed);
-            self.process_tx(&vrings[e], e / 2);
+            self.process_tx(vrings, e / 2);
         }
         Ok(())
     }
@@ -742,6 +929,11 @@ pub fn serve(
                 path.guest.kick.as_raw_fd(),
                 EventSet::IN,
                 u64::from(guest_rx_event(backend.pairs)),
+            )?;
+            h.register_listener(
+                backend.irq_timer.0.as_raw_fd(),
+                EventSet::IN,
+                u64::from(irq_timer_event(backend.pairs)),
             )?;
         }
         counters.connections.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,83 @@
+//! Interrupt moderation (`COLO_NET_IRQ_US`, `COLO_NET_IRQ_BULK`): while bulk data flows, a
+//! queue's interrupts are held back to one per window, but never lost; small frames (request
+//! and response traffic) interrupt at once. One test per binary: the window is set in this
+//! process's environment, which the backend inherits.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use colo_proto::frame::{Frame, write_frame};
+use vhost_net_colo::backend::VIRTIO_RING_F_EVENT_IDX;
+use vhost_net_colo::testing::{NetFrontend, Options};
+
+fn frame(i: usize, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    for (j, b) in f[14..].iter_mut().enumerate() {
+        *b = (i + j * 7) as u8;
+    }
+    f
+}
+
+/// Waits for the next receive interrupt; how long it took.
+fn wait_irq(fe: &mut NetFrontend, what: &str) -> Duration {
+    let t0 = Instant::now();
+    while fe.take_rx_interrupts() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what}: no interrupt"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn bulk_interrupts_are_held_back_within_the_window_and_never_lost() {
+    const WINDOW: Duration = Duration::from_millis(300);
+    // SAFETY: the only test of this binary; no other thread reads the environment now.
+    unsafe {
+        std::env::set_var("COLO_NET_IRQ_US", WINDOW.as_micros().to_string());
+        std::env::set_var("COLO_NET_IRQ_BULK", "16384");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, mut wire) = common::spawn_with_wire(dir.path(), "", &[], false);
+    let mut fe = backend.frontend(&Options::default());
+    assert_ne!(fe.features() & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+    let _ = fe.take_rx_interrupts();
+    let mut send = |i: usize, len: usize| {
+        let f = frame(i, len);
+        write_frame(&mut wire, &Frame::ethernet(f.clone()), false).unwrap();
+        f
+    };
+    let mut check = |fe: &mut NetFrontend, want: Vec<u8>| {
+        let (got, _) = fe
+            .recv(Duration::from_secs(10))
+            .expect("frame reaches the guest");
+        assert_eq!(got, want);
+    };
+    // A first bulk frame after a quiet time interrupts at once.
+    let f = send(0, 20000);
+    let t = wait_irq(&mut fe, "first bulk frame");
+    assert!(t < WINDOW / 2, "first bulk frame's interrupt took {t:?}");
+    check(&mut fe, f);
+    // The next bulk frame within the window waits for the window's end, but its interrupt
+    // comes (the driver sleeps until it does).
+    let f = send(1, 20000);
+    let t = wait_irq(&mut fe, "second bulk frame");
+    assert!(
+        t > WINDOW / 3,
+        "second bulk frame's interrupt came after {t:?}: not held back"
+    );
+    check(&mut fe, f);
+    // A small frame right after is not held back (request/response latency).
+    let f = send(2, 200);
+    let t = wait_irq(&mut fe, "small frame");
+    assert!(t < WINDOW / 2, "small frame's interrupt took {t:?}");
+    check(&mut fe, f);
+}
