@@ -41,6 +41,9 @@
 # CPU time of every thread of every process this script started (DIR/<cfg>-<chain>.cpu, from
 # /proc, with the MiB moved), and PROFILE_PERF="stat" or "record" runs the measurement under
 # `perf stat -a` (context switches, migrations, cycles) or `perf record -a -g` (DIR/...perf*).
+# In the KVM tier, DIR/<cfg>-<chain>.cpu also gets L1's KVM counts per MiB (debugfs per-VM stats;
+# with PROFILE_PERF=kvm: exits by SVM exit code, MSR and MMIO exits, interrupts; see
+# bench/net/kvmprof.sh), the same for vmm-min and QEMU.
 # Use a large --bulk-mib and small --rtt/--http so the bulk phase dominates.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -209,10 +212,19 @@ measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
         python3 "$here/guestbench.py" cpusnap "${pids[@]}" >"$ptag.cpu0"
         [ -e "$work/be.qmp" ] && QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/be.qmp" \
             '{"execute":"query-net"}' >"$ptag.net0"
+        if [ "$tier" = kvm ]; then
+            "$here/kvmprof.sh" mount || true
+            "$here/kvmprof.sh" snap >"$ptag.kvm0" || true
+        fi
         case "${PROFILE_PERF:-}" in
             stat) perf=(perf stat -a -e context-switches,cpu-migrations,cycles,task-clock
                         -o "$ptag.perfstat" --) ;;
             record) perf=(perf record -q -a -g -o "$ptag.perf.data" --) ;;
+            kvm) # KVM tier: exits by reason, MSRs, MMIO, interrupts (bench/net/kvmprof.sh)
+                local kargs
+                kargs=$("$here/kvmprof.sh" perf-args "$ptag.kvmperf")
+                mapfile -t perf <<<"$kargs"
+                perf=(perf "${perf[@]}" --) ;;
         esac
     fi
     if [ $ok = 0 ] ||
@@ -227,6 +239,11 @@ measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
         [ -e "$work/be.qmp" ] && QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/be.qmp" \
             '{"execute":"query-net"}' >"$ptag.net1"
         python3 "$here/guestbench.py" cpudiff "$ptag.cpu0" "$ptag.cpu1" "$bulk_mib" >"$ptag.cpu"
+        if [ "$tier" = kvm ]; then
+            "$here/kvmprof.sh" snap >"$ptag.kvm1" || true
+            "$here/kvmprof.sh" report "$ptag.kvm0" "$ptag.kvm1" "$ptag.kvmperf" "$bulk_mib" \
+                >>"$ptag.cpu" || true
+        fi
         echo "$j" >>"$ptag.cpu"
     fi
     echo "  $label chain=$chain: $j" >&2
