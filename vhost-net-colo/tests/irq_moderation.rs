@@ -55,7 +55,7 @@ fn bulk_interrupts_are_held_back_within_the_window_and_never_lost() {
         write_frame(&mut wire, &Frame::ethernet(f.clone()), false).unwrap();
         f
     };
-    let mut check = |fe: &mut NetFrontend, want: Vec<u8>| {
+    let check = |fe: &mut NetFrontend, want: Vec<u8>| {
         let (got, _) = fe
             .recv(Duration::from_secs(10))
             .expect("frame reaches the guest");
