@@ -44,6 +44,8 @@
 # In the KVM tier, DIR/<cfg>-<chain>.cpu also gets L1's KVM counts per MiB (debugfs per-VM stats;
 # with PROFILE_PERF=kvm: exits by SVM exit code, MSR and MMIO exits, interrupts; see
 # bench/net/kvmprof.sh), the same for vmm-min and QEMU.
+# PROFILE_TRACE=1 (TCG tier) adds DIR/...trace0/1: the guest's virtio-mmio interrupts and
+# QEMU-handled queue notifies before/after, from QEMU's trace log (costs QEMU some CPU).
 # Use a large --bulk-mib and small --rtt/--http so the bulk phase dominates.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -145,8 +147,14 @@ base_append() {
 # QEMU microvm with the guest; $1 name, $2 extra kernel args, rest: netdev/device args.
 qemu_guest() {
     local name=$1 extra=$2; shift 2
-    local pre=()
+    local pre=() trace=()
     [ "${QEMU_IN_NS:-0}" = 1 ] && pre=(ip netns exec "$ns")
+    # PROFILE_TRACE=1: the virtio-mmio interrupts raised and the queue notifies (guest kicks)
+    # QEMU's device handled, counted per measurement from QEMU's trace log (interrupts: both
+    # configurations; kicks: QEMU's own virtio-net only, a vhost-user kick goes to the
+    # backend's eventfd, see query-net tx_kicks)
+    [ "${PROFILE_TRACE:-0}" = 1 ] && trace=(-trace enable=virtio_mmio_setting_irq
+        -trace enable=virtio_mmio_write_offset -D "$work/trace.log")
     start "$name" "${pre[@]}" qemu-system-x86_64 "${accel[@]}" -m 256M \
         -nodefaults -no-user-config -display none \
         -object memory-backend-memfd,id=mem,size=256M,share=on \
@@ -154,7 +162,7 @@ qemu_guest() {
         -kernel "$gdir/vmlinuz" -initrd "$gdir/initramfs.cpio.gz" \
         -append "$(base_append) $extra" \
         -serial "file:$work/$name.serial" \
-        -qmp "unix:$work/$name.qmp,server=on,wait=off" "$@"
+        -qmp "unix:$work/$name.qmp,server=on,wait=off" "${trace[@]}" "$@"
 }
 # The frontend of ours: QEMU (tcg) or vmm-min (kvm); $1 name, $2 extra kernel args.
 ours_guest() {
@@ -198,6 +206,10 @@ add_chain() { # QMP_SOCKET EXTRA_JSON_FIELDS
         "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-redirector\",\"id\":\"redire0\",\"netdev\":\"hn0\",\"queue\":\"rx\",\"indev\":\"compare_out\"$x}}" \
         "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-redirector\",\"id\":\"redire1\",\"netdev\":\"hn0\",\"queue\":\"rx\",\"outdev\":\"compare0\"$x}}"
 }
+trace_counts() { # guest interrupts raised and queue notifies so far (PROFILE_TRACE)
+    awk '/virtio_mmio_setting_irq/ && / 1$/ {irq++} /virtio_mmio_write_offset/ && /offset 0x50/ {kick++}
+         END {printf "irq_raised %d\nqueue_notify %d\n", irq, kick}' "$work/trace.log"
+}
 results="$work/results"
 : >"$results"
 measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
@@ -210,6 +222,7 @@ measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
         mkdir -p "$PROFILE_DIR"
         ptag="$PROFILE_DIR/$cfg-$chain"
         python3 "$here/guestbench.py" cpusnap "${pids[@]}" >"$ptag.cpu0"
+        [ -e "$work/trace.log" ] && trace_counts >"$ptag.trace0"
         [ -e "$work/be.qmp" ] && QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/be.qmp" \
             '{"execute":"query-net"}' >"$ptag.net0"
         if [ "$tier" = kvm ]; then
@@ -236,6 +249,7 @@ measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
     fi
     if [ -n "$ptag" ]; then
         python3 "$here/guestbench.py" cpusnap "${pids[@]}" >"$ptag.cpu1"
+        [ -e "$work/trace.log" ] && trace_counts >"$ptag.trace1"
         [ -e "$work/be.qmp" ] && QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/be.qmp" \
             '{"execute":"query-net"}' >"$ptag.net1"
         python3 "$here/guestbench.py" cpudiff "$ptag.cpu0" "$ptag.cpu1" "$bulk_mib" >"$ptag.cpu"
