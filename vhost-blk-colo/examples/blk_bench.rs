@@ -439,6 +439,40 @@ fn main() {
         "|---|---|---:|---:|---:|---:|{}",
         if repeat > 1 { "---|" } else { "" }
     );
+    // Replication cost per repetition: the two cells of one repetition ran back to back, so
+    // their p50 ratio is the figure to compare with the 1.5x target (the local-only cell alone
+    // swings by 2x between repetitions on a small host).
+    let mut ratio_lines = Vec::new();
+    for &w in &workloads {
+        let cell = |label: &str| {
+            results
+                .iter()
+                .find(|x| x.0 == label && x.1 == w.name)
+                .map(|x| x.2.iter().map(|r| r.p50_us).collect::<Vec<_>>())
+        };
+        if let (Some(local), Some(repl)) =
+            (cell("primary, local only"), cell("primary + NBD secondary"))
+        {
+            let mut ratios: Vec<f64> = local
+                .iter()
+                .zip(&repl)
+                .filter(|(l, _)| **l > 0.0)
+                .map(|(l, r)| r / l)
+                .collect();
+            let all = ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            ratios.sort_by(f64::total_cmp);
+            if let Some(m) = ratios.get(ratios.len() / 2) {
+                ratio_lines.push(format!(
+                    "replication p50 / local-only p50, {}: per repetition {all}; median {m:.2}",
+                    w.name
+                ));
+            }
+        }
+    }
     // Per backend, the run with the median IOPS; with --repeat, every run's IOPS too.
     for (b, w, mut rs) in results {
         rs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
@@ -460,5 +494,8 @@ fn main() {
                 String::new()
             }
         );
+    }
+    for l in ratio_lines {
+        println!("\n{l}");
     }
 }

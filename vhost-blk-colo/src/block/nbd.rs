@@ -25,7 +25,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct NbdNode {
     client: NbdClient,
     timeout: Duration,
-    desc: String,
+    /// Shared with each request's completion (no copy per request).
+    desc: std::sync::Arc<str>,
 }
 
 fn remote(e: NbdClientError) -> BlockError {
@@ -64,7 +65,7 @@ impl NbdNode {
         Ok(NbdNode {
             client,
             timeout,
-            desc: format!("nbd://{addr}/{export}"),
+            desc: format!("nbd://{addr}/{export}").into(),
         })
     }
 
@@ -73,7 +74,7 @@ impl NbdNode {
         NbdNode {
             client,
             timeout,
-            desc,
+            desc: desc.into(),
         }
     }
 

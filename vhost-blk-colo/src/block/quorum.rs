@@ -50,13 +50,15 @@ pub struct Child {
 }
 
 struct Children {
-    list: Vec<Child>,
+    /// Shared with the writes in flight: a write takes a snapshot without copying the list
+    /// (no allocation per write); a change makes a new list.
+    list: Arc<Vec<Child>>,
     next_index: usize,
 }
 
 /// The quorum node.
 pub struct QuorumNode {
-    id: String,
+    id: Arc<str>,
     threshold: usize,
     pattern: ReadPattern,
     size: u64,
@@ -114,11 +116,14 @@ impl QuorumNode {
         }
         let next_index = list.len();
         Ok(QuorumNode {
-            id: id.to_owned(),
+            id: id.into(),
             threshold,
             pattern,
             size,
-            children: RwLock::new(Children { list, next_index }),
+            children: RwLock::new(Children {
+                list: Arc::new(list),
+                next_index,
+            }),
             events,
         })
     }
@@ -140,6 +145,11 @@ impl QuorumNode {
 
     /// A snapshot of the children.
     pub fn children(&self) -> Vec<Child> {
+        self.snapshot().to_vec()
+    }
+
+    /// The current children without copying them.
+    fn snapshot(&self) -> Arc<Vec<Child>> {
         self.children
             .read()
             .map(|c| c.list.clone())
@@ -165,7 +175,7 @@ impl QuorumNode {
         }
         let name = format!("children.{}", c.next_index);
         c.next_index += 1;
-        c.list.push(Child {
+        Arc::make_mut(&mut c.list).push(Child {
             name: name.clone(),
             node_name: node_name.to_owned(),
             node,
@@ -189,7 +199,7 @@ impl QuorumNode {
                 self.id, self.threshold
             )));
         }
-        let child = c.list.remove(pos);
+        let child = Arc::make_mut(&mut c.list).remove(pos);
         // Only the last index may be reused (as QEMU does).
         if format!("children.{}", c.next_index - 1) == name {
             c.next_index -= 1;
@@ -240,12 +250,12 @@ impl BlockNode for QuorumNode {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         check_range("read", offset, buf.len() as u64, self.size)?;
-        let children = self.children();
+        let children = self.snapshot();
         let len = buf.len() as u64;
         match self.pattern {
             ReadPattern::Fifo => {
                 let mut last = None;
-                for c in &children {
+                for c in children.iter() {
                     match c.node.read_at(buf, offset) {
                         Ok(()) => return Ok(()),
                         Err(e) => {
@@ -264,7 +274,7 @@ impl BlockNode for QuorumNode {
             ReadPattern::Quorum => {
                 let mut results: Vec<(usize, Vec<u8>)> = Vec::new();
                 let mut bufs = Vec::new();
-                for c in &children {
+                for c in children.iter() {
                     let mut b = vec![0u8; buf.len()];
                     match c.node.read_at(&mut b, offset) {
                         Ok(()) => bufs.push((c, b)),
@@ -317,16 +327,18 @@ impl BlockNode for QuorumNode {
         {
             return Pending::Ready(Err(e));
         }
-        let children = self.children();
+        let children = self.snapshot();
         // Children whose submit only sends the request (NBD, replication) start first, so the
-        // network round trip overlaps the local write instead of following it.
-        let (remote, local): (Vec<&Child>, Vec<&Child>) =
-            children.iter().partition(|c| c.node.submits_async());
-        let started: Vec<(String, Pending)> = remote
-            .into_iter()
-            .chain(local)
-            .map(|c| (c.node_name.clone(), c.node.submit(op)))
-            .collect();
+        // network round trip overlaps the local write instead of following it. Started
+        // requests are kept by child index: no per-write copy of names.
+        let mut started: Vec<(usize, Pending)> = Vec::with_capacity(children.len());
+        for remote in [true, false] {
+            for (i, c) in children.iter().enumerate() {
+                if c.node.submits_async() == remote {
+                    started.push((i, c.node.submit(op)));
+                }
+            }
+        }
         let threshold = self.threshold;
         let events = self.events.clone();
         let id = self.id.clone();
@@ -339,11 +351,12 @@ impl BlockNode for QuorumNode {
         Pending::Wait(Box::new(move || {
             let mut ok = 0;
             let mut errors: Vec<BlockError> = Vec::new();
-            for (node_name, p) in started {
+            for (i, p) in started {
                 match p.wait() {
                     Ok(()) => ok += 1,
                     Err(e) => {
-                        QuorumNode::report_bad(&events, kind, &node_name, &e, offset, len);
+                        let node_name = children.get(i).map_or("", |c| c.node_name.as_str());
+                        QuorumNode::report_bad(&events, kind, node_name, &e, offset, len);
                         errors.push(e);
                     }
                 }
@@ -353,7 +366,7 @@ impl BlockNode for QuorumNode {
             } else {
                 events(
                     "QUORUM_FAILURE",
-                    json!({"reference": id, "sector": offset / 512, "sectors-count": len.div_ceil(512)}),
+                    json!({"reference": &*id, "sector": offset / 512, "sectors-count": len.div_ceil(512)}),
                 );
                 Err(errors.into_iter().next().unwrap_or_else(|| {
                     BlockError::Quorum(format!(
@@ -369,7 +382,7 @@ impl QuorumNode {
     fn events(&self, name: &str, offset: u64, len: u64) {
         (self.events)(
             name,
-            json!({"reference": self.id, "sector": offset / 512, "sectors-count": len.div_ceil(512)}),
+            json!({"reference": &*self.id, "sector": offset / 512, "sectors-count": len.div_ceil(512)}),
         );
     }
 }

@@ -253,7 +253,7 @@ fn lock_err() -> BlockError {
 /// Shared pieces of the primary node that a pending forward needs when it fails.
 #[derive(Clone)]
 struct PrimaryShared {
-    node_name: String,
+    node_name: Arc<str>,
     child: Arc<RwLock<Option<NodeRef>>>,
     error: Arc<Mutex<Option<String>>>,
     events: EventSink,
@@ -273,7 +273,7 @@ impl PrimaryShared {
             tracing::warn!(node = %self.node_name, "secondary lost, running unprotected: {why}");
             (self.events)(
                 "COLO_BLK_SECONDARY_LOST",
-                json!({"node-name": self.node_name, "error": why}),
+                json!({"node-name": &*self.node_name, "error": why}),
             );
         }
     }
@@ -319,7 +319,7 @@ impl ReplicationPrimary {
         ReplicationPrimary {
             size: child.size(),
             shared: PrimaryShared {
-                node_name: node_name.to_owned(),
+                node_name: node_name.into(),
                 child: Arc::new(RwLock::new(Some(child))),
                 error: Arc::new(Mutex::new(None)),
                 events,
@@ -429,7 +429,7 @@ impl ReplicationPrimary {
     /// Status for `colo-blk-status`.
     pub fn status(&self) -> Value {
         json!({
-            "node-name": self.shared.node_name,
+            "node-name": &*self.shared.node_name,
             "mode": "primary",
             "stage": self.stage().as_str(),
             "secondary-connected": self.connected(),
