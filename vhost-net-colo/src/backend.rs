@@ -152,10 +152,16 @@ pub struct NetBackend {
 /// a TCG guest takes costs its vCPU an exit, the virtio-mmio status read and acknowledge, and
 /// often a halt/wake-up; through vhost-user it also costs the frontend's main loop a wake-up.
 /// `COLO_NET_IRQ_US` (default 1000, 0 = off) and `COLO_NET_IRQ_BULK` (bytes, default 16384).
+///
+/// `kick_window` (`COLO_NET_KICK_US`, default 0 = off) does the same for the guest's transmit
+/// kicks: after a bulk transmit pass the worker leaves kicks off (EVENT_IDX: `avail_event` not
+/// moved) and looks at the ring again when the window ends; a pass that finds little turns
+/// kicks back on.
 #[derive(Debug, Clone, Copy)]
 pub struct IrqModeration {
     pub window: std::time::Duration,
     pub bulk: usize,
+    pub kick_window: std::time::Duration,
 }
 
 impl IrqModeration {
@@ -172,6 +178,7 @@ impl IrqModeration {
         Self {
             window: std::time::Duration::from_micros(num("COLO_NET_IRQ_US", Self::DEFAULT_US)),
             bulk: num("COLO_NET_IRQ_BULK", Self::DEFAULT_BULK as u64) as usize,
+            kick_window: std::time::Duration::from_micros(num("COLO_NET_KICK_US", 0)),
         }
     }
 }
@@ -184,6 +191,8 @@ struct IrqState {
     owed: Vec<Option<u16>>,
     /// When the timer is armed to fire.
     armed: Option<std::time::Instant>,
+    /// Per queue pair: its transmit ring is to be looked at when the timer fires (kicks off).
+    tx_poll: Vec<bool>,
 }
 
 /// A non-blocking one-shot timerfd (the moderation window's end), served by the ring worker.
@@ -271,6 +280,7 @@ impl NetBackend {
                 last: vec![None; 2 * pairs],
                 owed: vec![None; 2 * pairs],
                 armed: None,
+                tx_poll: vec![false; pairs],
             }),
             irq_mod: IrqModeration::from_env(),
             irq_timer: IrqTimer::new()?,
@@ -302,10 +312,7 @@ impl NetBackend {
         {
             let due = *last + m.window;
             self.counters.irq_deferred.fetch_add(1, Ordering::Relaxed);
-            if st.armed.is_none_or(|a| a > due) {
-                st.armed = Some(due);
-                self.irq_timer.arm(due - now);
-            }
+            self.arm_timer(&mut st, due, now);
             return;
         }
         self.flush_interrupts(&mut st, vrings, mem, now);
@@ -341,13 +348,46 @@ impl NetBackend {
         }
     }
 
-    /// The moderation timer fired: sends what is owed.
+    fn arm_timer(&self, st: &mut IrqState, due: std::time::Instant, now: std::time::Instant) {
+        if st.armed.is_none_or(|a| a > due) {
+            st.armed = Some(due);
+            self.irq_timer.arm(due.saturating_duration_since(now));
+        }
+    }
+
+    /// Transmit queue pair `pair` is to be looked at when the kick window ends.
+    fn schedule_tx_poll(&self, pair: usize) {
+        let Ok(mut st) = self.irq.lock() else { return };
+        let Some(p) = st.tx_poll.get_mut(pair) else {
+            return;
+        };
+        *p = true;
+        let now = std::time::Instant::now();
+        self.arm_timer(&mut st, now + self.irq_mod.kick_window, now);
+    }
+
+    /// The moderation timer fired: sends what is owed, then looks at the transmit rings whose
+    /// kicks are off.
     fn irq_timer_fired(&self, vrings: &[VringRwLock<GM>]) {
         self.irq_timer.clear();
         let Some(mem) = self.memory() else { return };
-        let Ok(mut st) = self.irq.lock() else { return };
-        st.armed = None;
-        self.flush_interrupts(&mut st, vrings, &mem, std::time::Instant::now());
+        let polls: Vec<usize> = {
+            let Ok(mut st) = self.irq.lock() else { return };
+            st.armed = None;
+            self.flush_interrupts(&mut st, vrings, &mem, std::time::Instant::now());
+            let polls = st
+                .tx_poll
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &p)| p.then_some(i))
+                .collect();
+            st.tx_poll.iter_mut().for_each(|p| *p = false);
+            polls
+        };
+        drop(mem);
+        for pair in polls {
+            self.process_tx(vrings, pair);
+        }
     }
 
     fn memory(&self) -> Option<GuestMemoryLoadGuard<Mem>> {
@@ -433,9 +473,16 @@ impl NetBackend {
                         .fetch_add(1, Ordering::Relaxed);
                 }
             }
-            if !self.event_idx.load(Ordering::Relaxed)
-                || !vring.enable_notification().unwrap_or(false)
-            {
+            if !self.event_idx.load(Ordering::Relaxed) {
+                break;
+            }
+            if !self.irq_mod.kick_window.is_zero() && bytes >= self.irq_mod.bulk {
+                // Bulk: leave the guest's kicks off and look at the ring again after the
+                // window (see `IrqModeration::kick_window`).
+                self.schedule_tx_poll(pair);
+                break;
+            }
+            if !vring.enable_notification().unwrap_or(false) {
                 break;
             }
         }
