@@ -153,10 +153,11 @@ pub struct NetBackend {
 /// often a halt/wake-up; through vhost-user it also costs the frontend's main loop a wake-up.
 /// `COLO_NET_IRQ_US` (default 1000, 0 = off) and `COLO_NET_IRQ_BULK` (bytes, default 16384).
 ///
-/// `kick_window` (`COLO_NET_KICK_US`, default 0 = off) does the same for the guest's transmit
-/// kicks: after a bulk transmit pass the worker leaves kicks off (EVENT_IDX: `avail_event` not
-/// moved) and looks at the ring again when the window ends; a pass that finds little turns
-/// kicks back on.
+/// `kick_window` (`COLO_NET_KICK_US`, default 1000, 0 = off) does the same for the guest's
+/// transmit kicks: after a bulk transmit pass the worker leaves kicks off (EVENT_IDX:
+/// `avail_event` not moved) and looks at the ring again when the window ends; a pass that
+/// finds little turns kicks back on. On by default since an alternated A/B (7 runs each of
+/// `bench/net/guest.sh`, TCG tier) raised bulk throughput without filters by about a third.
 #[derive(Debug, Clone, Copy)]
 pub struct IrqModeration {
     pub window: std::time::Duration,
@@ -178,7 +179,10 @@ impl IrqModeration {
         Self {
             window: std::time::Duration::from_micros(num("COLO_NET_IRQ_US", Self::DEFAULT_US)),
             bulk: num("COLO_NET_IRQ_BULK", Self::DEFAULT_BULK as u64) as usize,
-            kick_window: std::time::Duration::from_micros(num("COLO_NET_KICK_US", 0)),
+            kick_window: std::time::Duration::from_micros(num(
+                "COLO_NET_KICK_US",
+                Self::DEFAULT_US,
+            )),
         }
     }
 }
