@@ -466,6 +466,20 @@ mod tests {
         }
     }
 
+    /// Puts `code` at 0x4000 and starts the boot vCPU there in long mode (stack below 0x9000).
+    fn load_long_mode(vm: &Vm, code: &[u8]) {
+        vm.ram()
+            .mem()
+            .write_slice(code, GuestAddress(0x4000))
+            .unwrap();
+        vm.set_boot_cpu(StartMode::Long {
+            rip: 0x4000,
+            rsi: 0,
+            rsp: 0x8ff0,
+        })
+        .unwrap();
+    }
+
     fn with_platform(vm: &mut Vm) -> Arc<Mutex<Vec<u8>>> {
         let rec = Arc::new(Mutex::new(Vec::new()));
         vm.pio
@@ -489,16 +503,7 @@ mod tests {
         let code = [
             0xe4, 0x10, 0xe6, 0x10, 0xb0, 0x34, 0x66, 0xba, 0xc0, 0x03, 0xee, 0xeb, 0xfe,
         ];
-        vm.ram()
-            .mem()
-            .write_slice(&code, GuestAddress(0x4000))
-            .unwrap();
-        vm.set_boot_cpu(StartMode::Long {
-            rip: 0x4000,
-            rsi: 0,
-            rsp: 0x8ff0,
-        })
-        .unwrap();
+        load_long_mode(&vm, &code);
         let r = vm.start().unwrap().wait();
         assert_eq!(r, ExitReason::Poweroff);
         assert_eq!(*rec.lock().unwrap(), vec![0x5a]);
@@ -513,16 +518,7 @@ mod tests {
             0xe4, 0x10, 0xe6, 0x10, 0xe6, 0x10, 0xb0, 0x34, 0x66, 0xba, 0xc0, 0x03, 0xee, 0xeb,
             0xfe,
         ];
-        vm.ram()
-            .mem()
-            .write_slice(&code, GuestAddress(0x4000))
-            .unwrap();
-        vm.set_boot_cpu(StartMode::Long {
-            rip: 0x4000,
-            rsi: 0,
-            rsp: 0x8ff0,
-        })
-        .unwrap();
+        load_long_mode(&vm, &code);
         let exits = vm.control().exits().clone();
         assert_eq!(vm.start().unwrap().wait(), ExitReason::Poweroff);
         let s = exits.snapshot();
@@ -545,16 +541,7 @@ mod tests {
         with_platform(&mut vm);
         // mov al,0xfe; out 0x64,al; jmp $
         let code = [0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe];
-        vm.ram()
-            .mem()
-            .write_slice(&code, GuestAddress(0x4000))
-            .unwrap();
-        vm.set_boot_cpu(StartMode::Long {
-            rip: 0x4000,
-            rsi: 0,
-            rsp: 0x8ff0,
-        })
-        .unwrap();
+        load_long_mode(&vm, &code);
         assert_eq!(vm.start().unwrap().wait(), ExitReason::Reset);
     }
 
@@ -562,16 +549,7 @@ mod tests {
     fn spinning_guest_can_be_paused_resumed_and_stopped() {
         let vm = vm(true, 2);
         // jmp $
-        vm.ram()
-            .mem()
-            .write_slice(&[0xeb, 0xfe], GuestAddress(0x4000))
-            .unwrap();
-        vm.set_boot_cpu(StartMode::Long {
-            rip: 0x4000,
-            rsi: 0,
-            rsp: 0x8ff0,
-        })
-        .unwrap();
+        load_long_mode(&vm, &[0xeb, 0xfe]);
         let running = vm.start().unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert!(running.control().pause(Duration::from_secs(10)));
