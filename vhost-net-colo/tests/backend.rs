@@ -32,23 +32,14 @@ fn start(extra: &[&str]) -> Setup {
     }
 }
 
-fn frame(i: usize, len: usize) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
-    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
-    f[12..14].copy_from_slice(&[0x88, 0xb5]);
-    for (j, b) in f[14..].iter_mut().enumerate() {
-        *b = (i + j * 3) as u8;
-    }
-    f
-}
-
 const SIZES: [usize; 8] = [60, 61, 128, 500, 1514, 1000, 4000, 9014];
 
 fn exchange(s: &Setup, o: &Options) {
     let mut fe = s.backend.frontend(o);
     // Guest -> netdev, in order.
-    let out: Vec<Vec<u8>> = (0..200).map(|i| frame(i, SIZES[i % SIZES.len()])).collect();
+    let out: Vec<Vec<u8>> = (0..200)
+        .map(|i| common::numbered_frame(i, SIZES[i % SIZES.len()]))
+        .collect();
     fe.send_batch(&out[..100]).unwrap();
     for f in &out[100..] {
         fe.send(f).unwrap();
@@ -64,7 +55,7 @@ fn exchange(s: &Setup, o: &Options) {
     // Netdev -> guest, in order; large frames span several buffers with MRG_RXBUF.
     let mut w = s.wire.try_clone().unwrap();
     let inbound: Vec<Vec<u8>> = (0..200)
-        .map(|i| frame(i + 7, SIZES[(i + 3) % SIZES.len()]))
+        .map(|i| common::numbered_frame(i + 7, SIZES[(i + 3) % SIZES.len()]))
         .collect();
     let mut max_bufs = 0;
     let mut next = 0;
@@ -145,7 +136,7 @@ fn serves_again_after_the_frontend_disconnects() {
     let s = start(&[]);
     for round in 0..3 {
         let mut fe = s.backend.frontend(&Options::default());
-        let f = frame(round, 100);
+        let f = common::numbered_frame(round, 100);
         fe.send(&f).unwrap();
         let mut r = FrameReader::new(s.wire.try_clone().unwrap(), false);
         s.wire
@@ -153,11 +144,20 @@ fn serves_again_after_the_frontend_disconnects() {
             .unwrap();
         assert_eq!(r.read_frame().unwrap().unwrap().payload, f, "round {round}");
         let mut w = s.wire.try_clone().unwrap();
-        write_frame(&mut w, &Frame::ethernet(frame(round + 50, 200)), false).unwrap();
+        write_frame(
+            &mut w,
+            &Frame::ethernet(common::numbered_frame(round + 50, 200)),
+            false,
+        )
+        .unwrap();
         let (got, _) = fe
             .recv(Duration::from_secs(10))
             .expect("frame to the guest");
-        assert_eq!(got, frame(round + 50, 200), "round {round}");
+        assert_eq!(
+            got,
+            common::numbered_frame(round + 50, 200),
+            "round {round}"
+        );
         drop(fe);
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -208,7 +208,7 @@ fn receive_interrupts_are_sent_with_event_idx() {
     let _ = fe.take_rx_interrupts();
     let mut w = s.wire.try_clone().unwrap();
     for i in 0..5 {
-        let f = frame(i, 200);
+        let f = common::numbered_frame(i, 200);
         write_frame(&mut w, &Frame::ethernet(f.clone()), false).unwrap();
         // Wait for the interrupt before taking the frame, as a driver asleep would: taking it
         // first moves `used_event` on, and a device that reads it after that rightly stays

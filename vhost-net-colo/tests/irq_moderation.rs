@@ -13,17 +13,6 @@ use colo_proto::frame::{Frame, FrameReader, write_frame};
 use vhost_net_colo::backend::VIRTIO_RING_F_EVENT_IDX;
 use vhost_net_colo::testing::{NetFrontend, Options};
 
-fn frame(i: usize, len: usize) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
-    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
-    f[12..14].copy_from_slice(&[0x88, 0xb5]);
-    for (j, b) in f[14..].iter_mut().enumerate() {
-        *b = (i + j * 7) as u8;
-    }
-    f
-}
-
 /// Waits for the next receive interrupt; how long it took.
 fn wait_irq(fe: &mut NetFrontend, what: &str) -> Duration {
     let t0 = Instant::now();
@@ -52,7 +41,7 @@ fn bulk_interrupts_are_held_back_within_the_window_and_never_lost() {
     assert_ne!(fe.features() & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
     let _ = fe.take_rx_interrupts();
     let mut send = |i: usize, len: usize| {
-        let f = frame(i, len);
+        let f = common::numbered_frame(i, len);
         write_frame(&mut wire, &Frame::ethernet(f.clone()), false).unwrap();
         f
     };
@@ -84,7 +73,7 @@ fn bulk_interrupts_are_held_back_within_the_window_and_never_lost() {
     // Transmit with kick moderation (COLO_NET_KICK_US): after bulk passes the worker looks at
     // the ring on its timer; every frame leaves, in order, small ones after bulk ones too.
     let out: Vec<Vec<u8>> = (0..60)
-        .map(|i| frame(100 + i, if i % 3 == 2 { 300 } else { 30000 }))
+        .map(|i| common::numbered_frame(100 + i, if i % 3 == 2 { 300 } else { 30000 }))
         .collect();
     fe.send_batch(&out[..20]).unwrap();
     for f in &out[20..] {

@@ -186,3 +186,16 @@ pub fn rx_packets(ns: &NetNs, ifname: &str) -> u64 {
         .as_u64()
         .unwrap()
 }
+
+/// An Ethernet frame of `len` bytes (experimental EtherType 0x88b5) whose payload is derived
+/// from `i`, so each frame of a test sequence differs from its neighbours.
+pub fn numbered_frame(i: usize, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    for (j, b) in f[14..].iter_mut().enumerate() {
+        *b = (i + j * 3) as u8;
+    }
+    f
+}
