@@ -188,16 +188,12 @@ pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
         let qn = dev.queue_max_sizes().len();
         let mut kicks = Vec::new();
         for q in 0..qn {
-            let k = EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| MachineError::Device(format!("kick eventfd: {e}")))?;
-            vm.fd()
-                .register_ioevent(
-                    &k,
-                    &IoEventAddress::Mmio(base + crate::virtio::mmio::reg::QUEUE_NOTIFY),
-                    q as u32,
-                )
-                .map_err(|e| MachineError::Device(format!("ioeventfd for queue {q}: {e}")))?;
-            kicks.push(k);
+            kicks.push(mmio_ioevent(
+                &vm,
+                base + crate::virtio::mmio::reg::QUEUE_NOTIFY,
+                q as u32,
+                &format!("queue {q}"),
+            )?);
         }
         let call = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| MachineError::Device(format!("call eventfd: {e}")))?;
@@ -215,16 +211,12 @@ pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
         // instead of a return to vmm-min per interrupt. Acknowledgements with the
         // configuration bit still reach the transport.
         let ack = if dev.signals_call_directly() {
-            let a = EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| MachineError::Device(format!("ack eventfd: {e}")))?;
-            vm.fd()
-                .register_ioevent(
-                    &a,
-                    &IoEventAddress::Mmio(base + crate::virtio::mmio::reg::INTERRUPT_ACK),
-                    crate::virtio::mmio::INT_VRING,
-                )
-                .map_err(|e| MachineError::Device(format!("ioeventfd for InterruptACK: {e}")))?;
-            Some(a)
+            Some(mmio_ioevent(
+                &vm,
+                base + crate::virtio::mmio::reg::INTERRUPT_ACK,
+                crate::virtio::mmio::INT_VRING,
+                "InterruptACK",
+            )?)
         } else {
             None
         };
@@ -269,6 +261,17 @@ pub fn build_with_log(cfg: &MachineConfig) -> Result<Built, MachineError> {
         devices: devset,
         console_input,
     })
+}
+
+/// A new eventfd that KVM signals when the guest writes `datamatch` to MMIO address `addr`
+/// (an ioeventfd: no exit to vmm-min); `what` names it in errors.
+fn mmio_ioevent(vm: &Vm, addr: u64, datamatch: u32, what: &str) -> Result<EventFd, MachineError> {
+    let fd = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| MachineError::Device(format!("eventfd for {what}: {e}")))?;
+    vm.fd()
+        .register_ioevent(&fd, &IoEventAddress::Mmio(addr), datamatch)
+        .map_err(|e| MachineError::Device(format!("ioeventfd for {what}: {e}")))?;
+    Ok(fd)
 }
 
 static TERM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
