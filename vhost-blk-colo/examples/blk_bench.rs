@@ -181,6 +181,15 @@ fn main() {
             .join(" ")
     };
     eprintln!("load average at start: {}", loadavg());
+    let direct = args.iter().any(|a| a == "--direct");
+    eprintln!(
+        "images opened with O_DIRECT: {}",
+        if direct {
+            "yes (--direct)"
+        } else {
+            "no (page cache)"
+        }
+    );
     eprintln!(
         "COLO_BLK_SPIN_US={} (our backends' polling before sleeping; default 50)",
         std::env::var("COLO_BLK_SPIN_US").unwrap_or_else(|_| "unset".into())
@@ -242,9 +251,15 @@ fn main() {
     let workers = get("--workers", "16");
     let nq: usize = get("--num-queues", "1").parse().unwrap();
     let nqs = nq.to_string();
-    let file_drive = format!("driver=raw,id=d0,file.filename={}", file.display());
+    // --direct: every backend opens its image with O_DIRECT (QEMU's cache=none, what
+    // production set-ups use), the page cache out of the picture.
+    let onoff = if direct { "on" } else { "off" };
+    let file_drive = format!(
+        "driver=raw,id=d0,file.filename={},file.cache.direct={onoff}",
+        file.display()
+    );
     let quorum_drive = format!(
-        "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw",
+        "driver=quorum,id=colo-disk0,read-pattern=fifo,vote-threshold=1,children.0.file.filename={},children.0.driver=raw,children.0.file.cache.direct={onoff}",
         file.display()
     );
     // Every backend is started and connected first; then each workload runs on each backend in
@@ -275,7 +290,7 @@ fn main() {
     if !skip_qsd {
         let sock = dir.path().join("qsd.sock");
         let p = Command::new("qemu-storage-daemon")
-            .args(["--blockdev", &format!("driver=file,node-name=file0,filename={},cache.direct=off", file.display())])
+            .args(["--blockdev", &format!("driver=file,node-name=file0,filename={},cache.direct={onoff}", file.display())])
             .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
             .args([
                 "--export",
@@ -320,7 +335,10 @@ fn main() {
                 .arg("--qmp")
                 .arg(format!("unix:{}", sq_path.display()))
                 .arg("--drive")
-                .arg(format!("if=none,id=colo-disk0,driver=raw,file.filename={}", sec_img.display()))
+                .arg(format!(
+                    "if=none,id=colo-disk0,driver=raw,file.filename={},file.cache.direct={onoff}",
+                    sec_img.display()
+                ))
                 .arg("--drive")
                 .arg("id=active-disk0,driver=replication,mode=secondary,file.driver=overlay,file.backing.driver=overlay,file.backing.backing=colo-disk0")
                 .stderr(Stdio::null())
