@@ -91,13 +91,7 @@ impl App {
                 source,
             })?;
         }
-        let p = path.clone();
-        let pv = path.clone();
-        let nd = netdev::open_with(
-            netdev_spec,
-            Arc::new(move |f| p.from_netdev(f)),
-            Some(Arc::new(move |h, f| pv.from_netdev_hdr(h, f))),
-        )?;
+        let nd = netdev::open_for_path(netdev_spec, path.clone())?;
         path.set_netdev(nd);
         Ok(Arc::new(Self {
             path,

@@ -499,9 +499,8 @@ impl NetBackend {
         if let Some(c) = self.counters.from_guest_by_pair.get(pair) {
             c.fetch_add(n, Ordering::Relaxed);
         }
-        for (hdr, f) in frames {
-            self.path.from_guest_vnet_on(pair, &hdr, f);
-        }
+        // One batch: records the chain sends to socket outdevs leave together at its end.
+        self.path.from_guest_batch(pair, frames);
     }
 
     /// Outside → guest: fills receive buffers with queued frames. With several queue pairs,

@@ -15,7 +15,7 @@ use std::io::Read;
 
 use colo_proto::frame::{FrameError, FrameIoError, MAX_PAYLOAD_LEN, record_fields};
 
-use crate::filter::{ChardevLookup, Outdev};
+use crate::filter::{ChardevLookup, FlushError, Outdev};
 use crate::path::NetPath;
 use crate::vnet;
 
@@ -79,18 +79,42 @@ impl ChardevLookup for Chardevs {
         Some(Arc::new(ChardevOut {
             id: id.to_string(),
             ep,
-            stream: Mutex::new(None),
+            state: Mutex::new(OutState::default()),
             last_try: Mutex::new(None),
         }))
     }
 }
 
-/// A filter's `outdev`.
+/// Records an outdev keeps in one batch before it writes them early.
+pub const BATCH_RECORDS: u64 = 64;
+/// Bytes an outdev keeps in one batch before it writes them early.
+pub const BATCH_BYTES: usize = 256 * 1024;
+/// Records longer than this (GSO frames of tens of KiB) are never copied into the batch: they
+/// are written from the frame itself, in the same `writev` as the records kept before them.
+pub const COPY_MAX: usize = 16 * 1024;
+
+/// A filter's `outdev`. Outside a batch every record is one `writev`; inside one (see
+/// [`Outdev::begin_batch`]) small records are kept, in order, and written together by
+/// [`Outdev::flush`], or earlier when [`BATCH_RECORDS`] or [`BATCH_BYTES`] is reached or a
+/// large record comes.
 pub struct ChardevOut {
     id: String,
     ep: Arc<ChardevEndpoint>,
-    stream: Mutex<Option<Stream>>,
+    state: Mutex<OutState>,
     last_try: Mutex<Option<Instant>>,
+}
+
+#[derive(Default)]
+struct OutState {
+    stream: Option<Stream>,
+    batching: bool,
+    /// Whole records (length fields, header, frame) accepted and not yet written.
+    pending: Vec<u8>,
+    /// How many records `pending` holds.
+    records: u64,
+    /// Records of this batch lost by an early write, with the last error (reported by `flush`).
+    lost: u64,
+    lost_error: Option<std::io::Error>,
 }
 
 impl ChardevOut {
@@ -109,27 +133,46 @@ impl ChardevOut {
         self.ep.connect_once().ok()
     }
 
-    /// Runs `write` on the connected stream (connecting first if there is none); a failed
-    /// write drops the stream, so the next record reconnects.
-    fn with_stream(
-        &self,
-        write: impl FnOnce(&mut Stream) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-        if s.is_none() {
-            *s = self.connect();
+    fn state(&self) -> std::sync::MutexGuard<'_, OutState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the kept records followed by `parts` (one record, or nothing) in as few `writev`
+    /// calls as the socket allows. On failure the stream is dropped (the next record
+    /// reconnects) and the kept records are counted lost; the error is returned.
+    fn write_out(&self, st: &mut OutState, parts: &[&[u8]]) -> std::io::Result<()> {
+        let kept = std::mem::take(&mut st.records);
+        if kept == 0 && parts.iter().all(|p| p.is_empty()) {
+            return Ok(());
         }
-        let Some(stream) = s.as_mut() else {
-            return Err(std::io::Error::new(
+        let r = match st.stream.as_mut() {
+            None => Err(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
-                format!("chardev {}: no peer", self.id),
-            ));
+                "no peer",
+            )),
+            Some(stream) => {
+                let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+                all.push(&st.pending);
+                all.extend_from_slice(parts);
+                match stream {
+                    Stream::Unix(u) => write_all_parts(u, &all),
+                    Stream::Tcp(t) => write_all_parts(t, &all),
+                }
+            }
         };
-        if let Err(e) = write(stream) {
-            *s = None;
-            return Err(std::io::Error::other(format!("chardev {}: {e}", self.id)));
+        st.pending.clear();
+        if st.pending.capacity() > 2 * BATCH_BYTES {
+            st.pending = Vec::new();
         }
-        Ok(())
+        r.map_err(|e| {
+            st.stream = None;
+            let e = std::io::Error::new(e.kind(), format!("chardev {}: {e}", self.id));
+            if kept > 0 {
+                st.lost += kept;
+                st.lost_error = Some(std::io::Error::new(e.kind(), e.to_string()));
+            }
+            e
+        })
     }
 }
 
@@ -142,15 +185,64 @@ impl Outdev for ChardevOut {
                     format!("chardev {}: {e}", self.id),
                 )
             })?;
-        let parts = [&fields[..nf], hdr, l2];
-        self.with_stream(|stream| match stream {
-            Stream::Unix(u) => write_all_parts(u, &parts),
-            Stream::Tcp(t) => write_all_parts(t, &parts),
-        })
+        let mut guard = self.state();
+        let st = &mut *guard;
+        if st.stream.is_none() {
+            st.stream = self.connect();
+        }
+        if st.stream.is_none() {
+            // Nothing can be kept without a stream (a failed write drops what was kept).
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                format!("chardev {}: no peer", self.id),
+            ));
+        }
+        if st.batching && hdr.len() + l2.len() <= COPY_MAX {
+            st.pending.extend_from_slice(&fields[..nf]);
+            st.pending.extend_from_slice(hdr);
+            st.pending.extend_from_slice(l2);
+            st.records += 1;
+            if st.records >= BATCH_RECORDS || st.pending.len() >= BATCH_BYTES {
+                // Counted by `flush` (this record included).
+                let _ = self.write_out(st, &[]);
+            }
+            return Ok(());
+        }
+        // Outside a batch, or a large record: what is kept first, then this one, zero-copy.
+        self.write_out(st, &[&fields[..nf], hdr, l2])
     }
 
     fn name(&self) -> String {
         self.id.clone()
+    }
+
+    fn begin_batch(&self) {
+        self.state().batching = true;
+    }
+
+    fn flush(&self) -> Result<(), FlushError> {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        st.batching = false;
+        let r = self.write_out(st, &[]);
+        let lost = std::mem::take(&mut st.lost);
+        let last = st.lost_error.take();
+        if lost == 0 {
+            return Ok(());
+        }
+        let error = match (r, last) {
+            (Err(e), _) | (Ok(()), Some(e)) => e,
+            (Ok(()), None) => std::io::Error::other(format!("chardev {}: write failed", self.id)),
+        };
+        Err(FlushError { lost, error })
+    }
+}
+
+impl Drop for ChardevOut {
+    fn drop(&mut self) {
+        // A filter removed outside a batch keeps nothing; this is a safety net.
+        let mut guard = self.state();
+        let _ = self.write_out(&mut guard, &[]);
     }
 }
 
@@ -331,7 +423,166 @@ pub fn spawn_indev(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use colo_proto::frame::{Frame, encode};
+    use crate::filter::{Chain, Counters, Direction, Entry, FilterMirror, Insert, Position};
+    use colo_proto::frame::{Frame, FrameReader, encode};
+    use std::os::unix::net::UnixStream;
+
+    /// A listening outdev chardev in `dir`, its peer (the test's end, read timeout 10 s), and
+    /// a chain with one mirror (`queue=all`) writing to it.
+    fn mirror_chain(dir: &std::path::Path) -> (Chain, UnixStream) {
+        let devs = Chardevs::default();
+        let path = dir.join("out.sock");
+        devs.add(&format!("socket,id=out0,path={},server=on", path.display()))
+            .unwrap();
+        let peer = UnixStream::connect(&path).unwrap();
+        let out = devs.outdev("out0").unwrap();
+        let mut c = Chain::new();
+        c.insert(
+            Entry {
+                id: "m0".into(),
+                queue: crate::filter::QueueSel::All,
+                status: true,
+                counters: Counters::default(),
+                filter: Box::new(FilterMirror::new(out, false)),
+            },
+            &Position::Tail,
+            Insert::Behind,
+        )
+        .unwrap();
+        (c, peer)
+    }
+
+    fn frame(i: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|j| (i * 7 + j * 3) as u8).collect()
+    }
+
+    /// Reads `peer`'s records on a thread of its own (so the writer never blocks on a full
+    /// socket): their payloads, in order.
+    fn records(peer: UnixStream) -> std::sync::mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = FrameReader::new(peer, false);
+            while let Ok(Some(f)) = r.read_frame() {
+                if tx.send(f.payload).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
+    fn next(rx: &std::sync::mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a record at the outdev's peer")
+    }
+
+    /// True when no record arrives within 200 ms.
+    fn nothing_arrives(rx: &std::sync::mpsc::Receiver<Vec<u8>>) -> bool {
+        rx.recv_timeout(Duration::from_millis(200)).is_err()
+    }
+
+    #[test]
+    fn a_batch_writes_its_records_at_its_end_in_order_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, peer) = mirror_chain(dir.path());
+        let rx = records(peer);
+        // Outside a batch a record is written at once, as before.
+        c.process(Direction::Tx, frame(0, 60));
+        assert_eq!(next(&rx), frame(0, 60));
+        // Small and 64 KiB frames mixed in one pass: small ones are kept until the batch ends
+        // (or a large one comes), and everything leaves in the order it came.
+        let sizes = [60, 1514, 60, 65536, 9014, 60, 65536, 65536, 128, 60];
+        c.begin_batch();
+        c.process(Direction::Tx, frame(1, 60));
+        c.process(Direction::Rx, frame(2, 1514));
+        assert!(nothing_arrives(&rx), "small records are kept in the batch");
+        for (i, &len) in sizes.iter().enumerate().skip(2) {
+            c.process(Direction::Tx, frame(i + 1, len));
+        }
+        c.end_batch();
+        for (i, &len) in sizes.iter().enumerate() {
+            assert_eq!(next(&rx), frame(i + 1, len), "record {i}");
+        }
+        assert!(nothing_arrives(&rx));
+        let m = &c.get("m0").unwrap().counters;
+        assert_eq!((m.sent, m.errors), (11, 0));
+        // A batch of one frame still leaves at the batch's end.
+        c.begin_batch();
+        c.process(Direction::Tx, frame(99, 61));
+        c.end_batch();
+        assert_eq!(next(&rx), frame(99, 61));
+    }
+
+    #[test]
+    fn a_long_batch_is_written_early_every_batch_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, peer) = mirror_chain(dir.path());
+        let rx = records(peer);
+        c.begin_batch();
+        for i in 0..BATCH_RECORDS as usize {
+            c.process(Direction::Tx, frame(i, 100));
+        }
+        // The cap was reached: the first BATCH_RECORDS are out before the batch ends.
+        for i in 0..BATCH_RECORDS as usize {
+            assert_eq!(next(&rx), frame(i, 100));
+        }
+        c.process(Direction::Tx, frame(1000, 100));
+        assert!(nothing_arrives(&rx));
+        c.end_batch();
+        assert_eq!(next(&rx), frame(1000, 100));
+        assert_eq!(c.get("m0").unwrap().counters.sent, BATCH_RECORDS + 1);
+    }
+
+    #[test]
+    fn a_peer_that_leaves_mid_batch_gives_error_counts_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, peer) = mirror_chain(dir.path());
+        c.begin_batch();
+        for i in 0..5 {
+            c.process(Direction::Tx, frame(i, 200));
+        }
+        peer.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(peer);
+        for i in 5..8 {
+            c.process(Direction::Tx, frame(i, 200));
+        }
+        c.end_batch();
+        let m = c.get("m0").unwrap().counters.clone();
+        assert_eq!(
+            (m.sent, m.errors),
+            (0, 8),
+            "every record of the failed write"
+        );
+        // The stream was dropped; with no new peer, the next record is an error at once.
+        c.begin_batch();
+        c.process(Direction::Tx, frame(9, 200));
+        c.end_batch();
+        let m = c.get("m0").unwrap().counters.clone();
+        assert_eq!((m.sent, m.errors), (0, 9));
+        // A new peer is taken on the next record.
+        let peer = UnixStream::connect(dir.path().join("out.sock")).unwrap();
+        let rx = records(peer);
+        c.begin_batch();
+        c.process(Direction::Tx, frame(10, 200));
+        c.process(Direction::Tx, frame(11, 65_536));
+        c.end_batch();
+        assert_eq!(next(&rx), frame(10, 200));
+        assert_eq!(next(&rx), frame(11, 65_536));
+        let m = c.get("m0").unwrap().counters.clone();
+        assert_eq!((m.sent, m.errors), (2, 9));
+    }
+
+    #[test]
+    fn a_filter_removed_during_a_batch_takes_no_record_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, peer) = mirror_chain(dir.path());
+        let rx = records(peer);
+        c.begin_batch();
+        c.process(Direction::Tx, frame(1, 60));
+        let e = c.remove("m0").unwrap();
+        assert_eq!(e.counters.sent, 1);
+        assert_eq!(next(&rx), frame(1, 60));
+    }
 
     #[test]
     fn records_are_read_in_place_and_bad_streams_are_errors() {

@@ -114,9 +114,58 @@ impl GuestRx {
             .wait_timeout_while(q, timeout, |q| q.len() >= self.cap);
     }
 
+    /// True when a frame queued now would not have to wait for room (see [`GuestRx::wait_room`]).
+    pub fn has_room(&self) -> bool {
+        self.queue
+            .lock()
+            .map(|q| q.len() < self.cap)
+            .unwrap_or(true)
+    }
+
     /// Called by the ring filler after taking frames.
     pub fn notify_room(&self) {
+        // Through the lock: a reader that found the queue full is waiting by now, not between
+        // its check and its wait (where the notification would be lost).
+        drop(self.queue.lock());
         self.room.notify_all();
+    }
+}
+
+/// Frames one batch takes through the chain before it lets go of the chain's lock (and writes
+/// what its outdevs kept), so the other direction never waits long.
+pub const BATCH_FRAMES: usize = 64;
+
+/// A frame from the netdev: plain, or with its virtio-net header (a tap with vnet headers).
+pub enum FromNetdev {
+    Plain(Vec<u8>),
+    Vnet([u8; VNET_HDR_LEN], Vec<u8>),
+}
+
+/// The chain's lock held for a batch of frames (one transmit pass, one netdev read): socket
+/// outdevs keep the records of the batch and write them together when it ends, in order, with
+/// the lock still held (so a filter removed after the batch has nothing kept, and the records
+/// of one outdev leave in the order its frames came). Dropping the batch ends it.
+pub struct Batch<'a> {
+    chain: MutexGuard<'a, Chain>,
+    frames: usize,
+}
+
+impl std::ops::Deref for Batch<'_> {
+    type Target = Chain;
+    fn deref(&self) -> &Chain {
+        &self.chain
+    }
+}
+
+impl std::ops::DerefMut for Batch<'_> {
+    fn deref_mut(&mut self) -> &mut Chain {
+        &mut self.chain
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.chain.end_batch();
     }
 }
 
@@ -348,6 +397,15 @@ impl NetPath {
             return;
         }
         let mut chain = self.chain();
+        self.guest_plain_locked(&mut chain, q, frame);
+    }
+
+    /// As [`NetPath::from_guest_on`] with the chain's lock held.
+    fn guest_plain_locked(&self, chain: &mut Chain, q: usize, frame: Vec<u8>) {
+        if !self.link_is_up() {
+            self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if let Outcome::Deliver(f) = chain.process(Direction::Rx, frame) {
             self.deliver_on(q, Direction::Rx, f);
         }
@@ -378,24 +436,79 @@ impl NetPath {
             self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        {
-            let mut chain = self.chain();
-            if chain.takes_offloaded(Direction::Rx) {
-                let mut h = h;
-                match chain.process_offloaded(Direction::Rx, &mut h, frame) {
-                    Outcome::Deliver(f) => self.deliver_offloaded(q, Direction::Rx, h, f),
-                    Outcome::Consumed => {
-                        self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                return;
+        self.guest_offloaded_locked(&mut self.chain(), q, h, hdr, frame);
+    }
+
+    /// The frames of one transmit pass from queue pair `q`, each with its virtio-net header,
+    /// in order: as [`NetPath::from_guest_vnet_on`] one by one, but in batches of up to
+    /// [`BATCH_FRAMES`] under one hold of the chain's lock, so socket outdevs write the
+    /// records of a batch together when it ends. One frame goes alone, as before.
+    pub fn from_guest_batch(&self, q: usize, frames: Vec<([u8; VNET_HDR_LEN], Vec<u8>)>) {
+        if frames.len() <= 1 {
+            for (hdr, f) in frames {
+                self.from_guest_vnet_on(q, &hdr, f);
             }
+            return;
+        }
+        let mut batch: Option<Batch<'_>> = None;
+        for (hdr, f) in frames {
+            let b = self.batch_slot(&mut batch);
+            match VnetHdr::parse(&hdr) {
+                Ok(h) if h.is_plain() => self.guest_plain_locked(b, q, f),
+                Ok(h) => self.guest_offloaded_locked(b, q, h, &hdr, f),
+                Err(_) => {
+                    self.offload_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Opens a batch: the chain's lock, held until the batch is dropped (see [`Batch`]).
+    pub fn batch(&self) -> Batch<'_> {
+        let mut chain = self.chain();
+        chain.begin_batch();
+        Batch { chain, frames: 0 }
+    }
+
+    /// The open batch for one more frame (a new one when there is none or the open one has
+    /// taken [`BATCH_FRAMES`]).
+    fn batch_slot<'a, 'b>(&'a self, batch: &'b mut Option<Batch<'a>>) -> &'b mut Chain {
+        if batch.as_ref().is_some_and(|b| b.frames >= BATCH_FRAMES) {
+            *batch = None;
+        }
+        let b = batch.get_or_insert_with(|| self.batch());
+        b.frames += 1;
+        &mut b.chain
+    }
+
+    /// An offloaded frame from the guest (header `h`, raw `hdr`), with the chain's lock held.
+    fn guest_offloaded_locked(
+        &self,
+        chain: &mut Chain,
+        q: usize,
+        h: VnetHdr,
+        hdr: &[u8],
+        frame: Vec<u8>,
+    ) {
+        if !self.link_is_up() {
+            self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if chain.takes_offloaded(Direction::Rx) {
+            let mut h = h;
+            match chain.process_offloaded(Direction::Rx, &mut h, frame) {
+                Outcome::Deliver(f) => self.deliver_offloaded(q, Direction::Rx, h, f),
+                Outcome::Consumed => {
+                    self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return;
         }
         match to_plain(hdr, frame) {
             Ok(segs) => {
                 self.offload_software.fetch_add(1, Ordering::Relaxed);
                 for s in segs {
-                    self.from_guest_on(q, s);
+                    self.guest_plain_locked(chain, q, s);
                 }
             }
             Err(e) => {
@@ -403,6 +516,91 @@ impl NetPath {
                 tracing::debug!("frame from the guest dropped: {e}");
             }
         }
+    }
+
+    /// Frames from the netdev that came together (one socket read, one drain of a tap), in
+    /// order: as [`NetPath::from_netdev`] / [`NetPath::from_netdev_hdr`] one by one, but in
+    /// batches under one hold of the chain's lock (see [`NetPath::from_guest_batch`]). When
+    /// the guest's queue is full the batch ends (its records are written) before the wait for
+    /// room. One frame goes alone, as before.
+    pub fn from_netdev_batch(&self, frames: Vec<FromNetdev>) {
+        if frames.len() <= 1 {
+            for f in frames {
+                match f {
+                    FromNetdev::Plain(f) => self.from_netdev(f),
+                    FromNetdev::Vnet(h, f) => self.from_netdev_hdr(h, f),
+                }
+            }
+            return;
+        }
+        let mut batch: Option<Batch<'_>> = None;
+        for f in frames {
+            let (hdr, buf) = match f {
+                FromNetdev::Plain(f) => {
+                    self.netdev_plain_batched(&mut batch, f);
+                    continue;
+                }
+                FromNetdev::Vnet(h, f) => (h, f),
+            };
+            let Ok(h) = VnetHdr::parse(&hdr) else {
+                self.offload_errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if h.is_plain() {
+                self.netdev_plain_batched(&mut batch, buf);
+                continue;
+            }
+            if !self.link_is_up() {
+                self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let chain = self.ingress_slot(&mut batch);
+            if chain.takes_offloaded(Direction::Tx) {
+                let mut h = h;
+                match chain.process_offloaded(Direction::Tx, &mut h, buf) {
+                    Outcome::Deliver(f) => self.deliver_offloaded(0, Direction::Tx, h, f),
+                    Outcome::Consumed => {
+                        self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                continue;
+            }
+            match to_plain(&hdr, buf) {
+                Ok(segs) => {
+                    self.offload_software.fetch_add(1, Ordering::Relaxed);
+                    for s in segs {
+                        self.netdev_plain_batched(&mut batch, s);
+                    }
+                }
+                Err(e) => {
+                    self.offload_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("frame to the guest dropped: {e}");
+                }
+            }
+        }
+    }
+
+    /// A plain frame from the netdev in a batch (see [`NetPath::from_netdev`]).
+    fn netdev_plain_batched<'a>(&'a self, batch: &mut Option<Batch<'a>>, frame: Vec<u8>) {
+        if !self.link_is_up() {
+            self.link_down_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let chain = self.ingress_slot(batch);
+        if let Outcome::Deliver(f) = chain.process(Direction::Tx, frame) {
+            self.deliver(Direction::Tx, f);
+        }
+    }
+
+    /// As [`NetPath::batch_slot`] for a frame towards the guest: when the guest's queue is
+    /// full, the open batch ends (its records written, the lock let go) before the wait for
+    /// room, as [`NetPath::from_netdev`] waits.
+    fn ingress_slot<'a, 'b>(&'a self, batch: &'b mut Option<Batch<'a>>) -> &'b mut Chain {
+        if self.guest_connected.load(Ordering::Relaxed) && !self.guest.has_room() {
+            *batch = None;
+            self.guest.wait_room(std::time::Duration::from_secs(1));
+        }
+        self.batch_slot(batch)
     }
 
     /// A frame (`buf`) and its virtio-net header from a netdev with vnet headers. Goes through

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Counters, Direction, Filter, Outdev, Verdict, send_record};
+use super::{Counters, Direction, Filter, Outdev, Verdict, flush_outdev, send_record};
 use crate::offload::VnetHdr;
 use crate::vnet;
 
@@ -63,6 +63,14 @@ impl Filter for FilterMirror {
         let (h, n) = vnet::record_hdr(Some(hdr), true, self.vnet_hdr_len);
         send_record(self.kind(), self.outdev.as_ref(), &h[..n], frame, true, c);
         Verdict::Pass
+    }
+
+    fn begin_batch(&mut self) {
+        self.outdev.begin_batch();
+    }
+
+    fn end_batch(&mut self, c: &mut Counters) {
+        flush_outdev(self.kind(), self.outdev.as_ref(), c);
     }
 
     fn describe(&self) -> serde_json::Value {

@@ -97,6 +97,39 @@ pub trait Outdev: Send + Sync {
     fn send_parts(&self, hdr: &[u8], l2: &[u8], vnet_hdr_support: bool) -> std::io::Result<()>;
     /// Human-readable name for errors and `query-filters`.
     fn name(&self) -> String;
+    /// A batch opens (the path holds the chain's lock for a whole pass): until
+    /// [`Outdev::flush`], the outdev may keep records that [`Outdev::send_parts`] accepted
+    /// (`Ok`) and write them together, in the same order. Default: every record is written at
+    /// once.
+    fn begin_batch(&self) {}
+    /// Writes every record kept since [`Outdev::begin_batch`] and ends the batch. On failure,
+    /// how many records that `send_parts` had accepted were lost (the filter counts them as
+    /// errors instead of sent).
+    fn flush(&self) -> Result<(), FlushError> {
+        Ok(())
+    }
+}
+
+/// Records an outdev had accepted in a batch and could not write.
+#[derive(Debug)]
+pub struct FlushError {
+    /// Records lost (accepted by `send_parts`, never written whole).
+    pub lost: u64,
+    pub error: std::io::Error,
+}
+
+/// Ends `out`'s batch for the filter `kind`: records lost by the flush move from `sent` to
+/// `errors` in its counters.
+fn flush_outdev(kind: &str, out: &dyn Outdev, c: &mut Counters) {
+    if let Err(FlushError { lost, error }) = out.flush() {
+        let lost = lost.min(c.sent);
+        c.sent -= lost;
+        c.errors += lost;
+        tracing::debug!(
+            "{kind}: flush to {}: {lost} records lost: {error}",
+            out.name()
+        );
+    }
 }
 
 /// Writes one record (header `hdr`, frame `l2`) to `out` for the filter `kind`, counting it as
@@ -159,6 +192,11 @@ pub trait Filter: Send {
     ) -> Verdict {
         self.receive(dir, frame, counters)
     }
+    /// A batch opens: see [`Outdev::begin_batch`]. Default: nothing.
+    fn begin_batch(&mut self) {}
+    /// The batch ends: records kept since [`Filter::begin_batch`] are written now, and the
+    /// filter's counters are corrected for those lost. Default: nothing.
+    fn end_batch(&mut self, _counters: &mut Counters) {}
     /// COLO checkpoint event.
     fn checkpoint(&mut self) {}
     /// COLO failover event; returns whether the filter stays on (QEMU's default turns it off).
@@ -344,7 +382,27 @@ impl Chain {
     /// no frame is between filters while this runs).
     pub fn remove(&mut self, id: &str) -> Result<Entry, FilterError> {
         let i = self.index(id)?;
-        Ok(self.entries.remove(i))
+        let mut e = self.entries.remove(i);
+        // Nothing is kept outside a batch, and the path ends its batch before it lets go of
+        // the lock; this is only a safety net so a removed filter never takes records with it.
+        e.filter.end_batch(&mut e.counters);
+        Ok(e)
+    }
+
+    /// Opens a batch: socket outdevs may keep records until [`Chain::end_batch`], which the
+    /// caller must call before it lets go of the chain's lock (see [`crate::path`]).
+    pub fn begin_batch(&mut self) {
+        for e in &mut self.entries {
+            e.filter.begin_batch();
+        }
+    }
+
+    /// Ends a batch: every record kept is written, in order, and counters are corrected for
+    /// records a failed write lost.
+    pub fn end_batch(&mut self) {
+        for e in &mut self.entries {
+            e.filter.end_batch(&mut e.counters);
+        }
     }
 
     pub fn set_status(&mut self, id: &str, on: bool) -> Result<(), FilterError> {

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{Counters, Direction, Filter, Outdev, Verdict, send_record};
+use super::{Counters, Direction, Filter, Outdev, Verdict, flush_outdev, send_record};
 use crate::offload::VnetHdr;
 use crate::vnet;
 
@@ -73,6 +73,18 @@ impl Filter for FilterRedirector {
         let (h, n) = vnet::record_hdr(Some(hdr), true, self.vnet_hdr_len);
         send_record(self.kind(), out.as_ref(), &h[..n], frame, true, c);
         Verdict::Consumed
+    }
+
+    fn begin_batch(&mut self) {
+        if let Some(out) = self.outdev.as_ref() {
+            out.begin_batch();
+        }
+    }
+
+    fn end_batch(&mut self, c: &mut Counters) {
+        if let Some(out) = self.outdev.as_ref() {
+            flush_outdev(self.kind(), out.as_ref(), c);
+        }
     }
 
     fn describe(&self) -> serde_json::Value {

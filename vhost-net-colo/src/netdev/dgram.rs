@@ -2,6 +2,7 @@
 //! sockets, as QEMU's `-netdev dgram` with `local.*` and `remote.*` addresses.
 
 use std::net::{ToSocketAddrs, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,12 +11,28 @@ use std::time::Duration;
 
 use colo_proto::chardev::SocketAddress;
 
-use super::{Deliver, NetCounters, Netdev, NetdevError, socket_address};
+use super::{FromNetdev, NetCounters, Netdev, NetdevError, Sinks, socket_address};
 use crate::filter::ObjectSpec;
 
 enum Sock {
     Udp(UdpSocket, std::net::SocketAddr),
     Unix(UnixDatagram, PathBuf, PathBuf),
+}
+
+/// Datagrams one read takes at most (the first, then those already waiting).
+const DRAIN_MAX: usize = 64;
+
+impl Sock {
+    /// A datagram already waiting (`MSG_DONTWAIT`), or `None`.
+    fn recv_now(&self, buf: &mut [u8]) -> Option<usize> {
+        let fd = match self {
+            Sock::Udp(s, _) => s.as_raw_fd(),
+            Sock::Unix(s, _, _) => s.as_raw_fd(),
+        };
+        // SAFETY: `buf` is ours and writable for its length; the fd is our open socket.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        (n >= 0).then_some(n as usize)
+    }
 }
 
 pub struct DgramNetdev {
@@ -26,7 +43,7 @@ pub struct DgramNetdev {
 }
 
 impl DgramNetdev {
-    pub fn open(mut spec: ObjectSpec, deliver: Deliver) -> Result<Arc<Self>, NetdevError> {
+    pub fn open(mut spec: ObjectSpec, sinks: Sinks) -> Result<Arc<Self>, NetdevError> {
         let id = spec.id.clone();
         let local = socket_address(&mut spec, "local")?;
         let remote = socket_address(&mut spec, "remote")?;
@@ -87,8 +104,18 @@ impl DgramNetdev {
                     };
                     match r {
                         Ok(n) => {
-                            counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                            deliver(buf[..n].to_vec());
+                            // Datagrams already waiting go with this one, as one batch.
+                            let mut frames = vec![FromNetdev::Plain(buf[..n].to_vec())];
+                            while frames.len() < DRAIN_MAX {
+                                match sock.recv_now(&mut buf) {
+                                    Some(n) => frames.push(FromNetdev::Plain(buf[..n].to_vec())),
+                                    None => break,
+                                }
+                            }
+                            counters
+                                .rx_frames
+                                .fetch_add(frames.len() as u64, Ordering::Relaxed);
+                            sinks.deliver_many(frames);
                         }
                         Err(e)
                             if matches!(

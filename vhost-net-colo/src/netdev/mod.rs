@@ -32,6 +32,56 @@ pub type Deliver = Arc<dyn Fn(Vec<u8>) + Send + Sync>;
 /// Called with every frame a netdev with vnet headers receives, with its virtio-net header.
 pub type DeliverVnet = Arc<dyn Fn([u8; crate::vnet::VNET_HDR_LEN], Vec<u8>) + Send + Sync>;
 
+/// Called with frames that came together (one socket read, one drain of a tap), in order; the
+/// path takes them through the chain as one batch ([`crate::path::NetPath::from_netdev_batch`]).
+pub type DeliverBatch = Arc<dyn Fn(Vec<FromNetdev>) + Send + Sync>;
+
+pub use crate::path::FromNetdev;
+
+/// Where a netdev hands the frames it receives.
+#[derive(Clone)]
+pub struct Sinks {
+    /// One plain frame.
+    pub one: Deliver,
+    /// One frame with its virtio-net header (netdevs with vnet headers); without it such
+    /// frames are made plain and go to `one`.
+    pub vnet: Option<DeliverVnet>,
+    /// Several frames at once; without it they go one by one.
+    pub batch: Option<DeliverBatch>,
+}
+
+impl Sinks {
+    /// Hands over frames that came together: as one batch when there are several and a batch
+    /// sink exists, else one by one.
+    pub fn deliver_many(&self, frames: Vec<FromNetdev>) {
+        if let Some(b) = &self.batch
+            && frames.len() > 1
+        {
+            return b(frames);
+        }
+        for f in frames {
+            self.deliver_one(f);
+        }
+    }
+
+    /// Hands over one frame.
+    pub fn deliver_one(&self, f: FromNetdev) {
+        match f {
+            FromNetdev::Plain(f) => (self.one)(f),
+            FromNetdev::Vnet(h, f) => match &self.vnet {
+                Some(v) => v(h, f),
+                None => {
+                    if let Ok(segs) = crate::offload::to_plain(&h, f) {
+                        for s in segs {
+                            (self.one)(s);
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
 /// Errors of netdev creation and I/O.
 #[derive(Debug, thiserror::Error)]
 pub enum NetdevError {
@@ -120,16 +170,45 @@ pub fn open_with(
     deliver: Deliver,
     deliver_vnet: Option<DeliverVnet>,
 ) -> Result<Arc<dyn Netdev>, NetdevError> {
+    open_sinks(
+        spec,
+        Sinks {
+            one: deliver,
+            vnet: deliver_vnet,
+            batch: None,
+        },
+    )
+}
+
+/// Opens the netdev of `path`: its frames go to the path, several that came together as one
+/// batch ([`crate::path::NetPath::from_netdev_batch`]).
+pub fn open_for_path(
+    spec: &str,
+    path: Arc<crate::path::NetPath>,
+) -> Result<Arc<dyn Netdev>, NetdevError> {
+    let (p, pv, pb) = (path.clone(), path.clone(), path);
+    open_sinks(
+        spec,
+        Sinks {
+            one: Arc::new(move |f| p.from_netdev(f)),
+            vnet: Some(Arc::new(move |h, f| pv.from_netdev_hdr(h, f))),
+            batch: Some(Arc::new(move |frames| pb.from_netdev_batch(frames))),
+        },
+    )
+}
+
+/// As [`open_with`], with every sink given.
+pub fn open_sinks(spec: &str, sinks: Sinks) -> Result<Arc<dyn Netdev>, NetdevError> {
     let mut spec = ObjectSpec::parse_cli(spec)?;
     if spec.qom_type != "tap" {
         // One netdev fed by all queue pairs.
         take_queues(&mut spec)?;
     }
     match spec.qom_type.as_str() {
-        "tap" => Ok(tap::Tap::open(spec, deliver, deliver_vnet)?),
-        "stream" => Ok(stream::StreamNetdev::open(spec, deliver)?),
-        "dgram" => Ok(dgram::DgramNetdev::open(spec, deliver)?),
-        "user" => Ok(user::UserNetdev::open(spec, deliver)?),
+        "tap" => Ok(tap::Tap::open(spec, sinks)?),
+        "stream" => Ok(stream::StreamNetdev::open(spec, sinks)?),
+        "dgram" => Ok(dgram::DgramNetdev::open(spec, sinks)?),
+        "user" => Ok(user::UserNetdev::open(spec, sinks.one)?),
         other => Err(NetdevError::Config {
             id: spec.id.clone(),
             msg: format!("unknown netdev type {other:?} (tap, stream, dgram, user)"),

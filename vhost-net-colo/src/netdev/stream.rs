@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use colo_proto::chardev::{ChardevEndpoint, ChardevSpec, Stream};
-use colo_proto::frame::{Frame, FrameReader, write_frame};
+use colo_proto::frame::{Frame, FrameDecoder, write_frame};
+use std::io::Read;
 
-use super::{Deliver, NetCounters, Netdev, NetdevError, socket_address};
+use super::{FromNetdev, NetCounters, Netdev, NetdevError, Sinks, socket_address};
 use crate::filter::{ObjectSpec, parse_bool};
 
 pub struct StreamNetdev {
@@ -22,7 +23,7 @@ pub struct StreamNetdev {
 }
 
 impl StreamNetdev {
-    pub fn open(mut spec: ObjectSpec, deliver: Deliver) -> Result<Arc<Self>, NetdevError> {
+    pub fn open(mut spec: ObjectSpec, sinks: Sinks) -> Result<Arc<Self>, NetdevError> {
         let id = spec.id.clone();
         let server = match spec.take("server") {
             Some(v) => parse_bool("server", &v)?,
@@ -75,20 +76,7 @@ impl StreamNetdev {
                     if let Ok(mut w) = writer.lock() {
                         *w = s.try_clone().ok();
                     }
-                    let mut r = FrameReader::new(s, false);
-                    loop {
-                        match r.read_frame() {
-                            Ok(Some(f)) => {
-                                counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                                deliver(f.payload);
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::warn!("netdev stream: {e}");
-                                break;
-                            }
-                        }
-                    }
+                    read_frames(s, &counters, &sinks);
                     if let Ok(mut w) = writer.lock() {
                         *w = None;
                     }
@@ -100,6 +88,46 @@ impl StreamNetdev {
                 source: e,
             })?;
         Ok(me)
+    }
+}
+
+/// Reads records from `s` until it ends: the frames of one socket read go to the path
+/// together (one batch).
+fn read_frames(mut s: Stream, counters: &NetCounters, sinks: &Sinks) {
+    let mut dec = FrameDecoder::new(false);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match s.read(&mut chunk) {
+            Ok(0) => {
+                if let Err(e) = dec.finish() {
+                    tracing::warn!("netdev stream: {e}");
+                }
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!("netdev stream: {e}");
+                return;
+            }
+        };
+        dec.push(&chunk[..n]);
+        let mut frames = Vec::new();
+        let bad = loop {
+            match dec.next_frame() {
+                Ok(Some(f)) => frames.push(FromNetdev::Plain(f.payload)),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        counters
+            .rx_frames
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        sinks.deliver_many(frames);
+        if let Some(e) = bad {
+            tracing::warn!("netdev stream: {e}");
+            return;
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Deliver, DeliverVnet, NetCounters, Netdev, NetdevError};
+use super::{FromNetdev, NetCounters, Netdev, NetdevError, Sinks};
 use crate::filter::ObjectSpec;
 use crate::vnet::VNET_HDR_LEN;
 
@@ -60,11 +60,7 @@ fn run_script(id: &str, script: &str, ifname: &str) -> Result<(), NetdevError> {
 }
 
 impl Tap {
-    pub fn open(
-        mut spec: ObjectSpec,
-        deliver: Deliver,
-        deliver_vnet: Option<DeliverVnet>,
-    ) -> Result<Arc<Self>, NetdevError> {
+    pub fn open(mut spec: ObjectSpec, sinks: Sinks) -> Result<Arc<Self>, NetdevError> {
         let id = spec.id.clone();
         let ifname = spec.take("ifname").unwrap_or_default();
         let script = spec.take("script").filter(|s| s != "no" && !s.is_empty());
@@ -118,27 +114,16 @@ impl Tap {
             stop: Arc::new(AtomicBool::new(false)),
             counters: Arc::default(),
         });
-        let sink = match (vnet_hdr, deliver_vnet) {
-            (false, _) => Sink::Plain(deliver),
-            (true, Some(v)) => Sink::Vnet(v),
-            (true, None) => Sink::Vnet(Arc::new(move |h: [u8; VNET_HDR_LEN], f: Vec<u8>| {
-                if let Ok(segs) = crate::offload::to_plain(&h, f) {
-                    for s in segs {
-                        deliver(s);
-                    }
-                }
-            })),
-        };
         for (q, file) in tap.files.iter().enumerate() {
-            let (file, stop, counters, sink) = (
+            let (file, stop, counters, sinks) = (
                 file.clone(),
                 tap.stop.clone(),
                 tap.counters.clone(),
-                sink.clone(),
+                sinks.clone(),
             );
             std::thread::Builder::new()
                 .name(format!("tap-{id}-{q}"))
-                .spawn(move || reader(&file, &stop, &counters, &sink))
+                .spawn(move || reader(&file, vnet_hdr, &stop, &counters, &sinks))
                 .map_err(|e| io_err("spawn reader", e))?;
         }
         Ok(tap)
@@ -208,22 +193,22 @@ fn open_queue(
     Ok((file, name))
 }
 
-/// Where a tap reader hands its frames.
-#[derive(Clone)]
-enum Sink {
-    Plain(Deliver),
-    Vnet(DeliverVnet),
-}
-
 /// The largest frame a tap hands over (a 64 KiB GSO frame with its Ethernet header).
 const MAX_FRAME: usize = 65536 + 4096;
 /// Frames shorter than this give back the rest of their receive buffer.
 const SHRINK_BELOW: usize = 4096;
 
-/// One tap queue's reader: waits for the fd, then reads frames until the kernel has no more
-/// (the fd is non-blocking), each straight into the buffer it is handed on in (the vnet header
-/// into its own array, with one `readv`): no copy in between.
-fn reader(file: &File, stop: &AtomicBool, counters: &NetCounters, sink: &Sink) {
+/// Frames one drain of the tap takes at most before it hands them over.
+const DRAIN_FRAMES: usize = 64;
+/// Bytes after which a drain hands its frames over (so a run of 64 KiB GSO frames does not
+/// hold back the first for long).
+const DRAIN_BYTES: usize = 256 * 1024;
+
+/// One tap queue's reader: waits for the fd, then reads the frames the kernel has (the fd is
+/// non-blocking), each straight into the buffer it is handed on in (the vnet header into its
+/// own array, with one `readv`): no copy in between. The frames of one drain (at most
+/// [`DRAIN_FRAMES`] / [`DRAIN_BYTES`]) go to the path together, as one batch.
+fn reader(file: &File, vnet_hdr: bool, stop: &AtomicBool, counters: &NetCounters, sinks: &Sinks) {
     crate::sched::data_thread();
     let fd = file.as_raw_fd();
     // SAFETY: F_GETFL/F_SETFL on our own tun fd.
@@ -233,8 +218,10 @@ fn reader(file: &File, stop: &AtomicBool, counters: &NetCounters, sink: &Sink) {
             libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
     }
+    let hlen = if vnet_hdr { VNET_HDR_LEN } else { 0 };
     let mut frame: Vec<u8> = Vec::with_capacity(MAX_FRAME);
     let mut hdr = [0u8; VNET_HDR_LEN];
+    let mut got: Vec<FromNetdev> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let mut pfd = libc::pollfd {
             fd,
@@ -246,15 +233,22 @@ fn reader(file: &File, stop: &AtomicBool, counters: &NetCounters, sink: &Sink) {
         if r <= 0 {
             continue;
         }
+        let mut bytes = 0usize;
+        let mut end = false;
         loop {
+            if got.len() >= DRAIN_FRAMES || bytes >= DRAIN_BYTES {
+                counters
+                    .rx_frames
+                    .fetch_add(got.len() as u64, Ordering::Relaxed);
+                sinks.deliver_many(std::mem::take(&mut got));
+                bytes = 0;
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
             if frame.capacity() < MAX_FRAME {
                 frame = Vec::with_capacity(MAX_FRAME);
             }
-            let hlen = if matches!(sink, Sink::Vnet(_)) {
-                VNET_HDR_LEN
-            } else {
-                0
-            };
             let iov = [
                 libc::iovec {
                     iov_base: hdr.as_mut_ptr().cast(),
@@ -275,13 +269,15 @@ fn reader(file: &File, stop: &AtomicBool, counters: &NetCounters, sink: &Sink) {
                     std::io::ErrorKind::WouldBlock => break,
                     _ => {
                         tracing::warn!("tap read: {e}");
-                        return;
+                        end = true;
+                        break;
                     }
                 }
             }
             let n = n as usize;
             if n == 0 {
-                return;
+                end = true;
+                break;
             }
             if n < hlen {
                 continue;
@@ -291,15 +287,20 @@ fn reader(file: &File, stop: &AtomicBool, counters: &NetCounters, sink: &Sink) {
             if frame.len() < SHRINK_BELOW {
                 frame.shrink_to_fit();
             }
-            counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+            bytes += frame.len();
             let f = std::mem::take(&mut frame);
-            match sink {
-                Sink::Plain(d) => d(f),
-                Sink::Vnet(d) => d(hdr, f),
-            }
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
+            got.push(if vnet_hdr {
+                FromNetdev::Vnet(hdr, f)
+            } else {
+                FromNetdev::Plain(f)
+            });
+        }
+        counters
+            .rx_frames
+            .fetch_add(got.len() as u64, Ordering::Relaxed);
+        sinks.deliver_many(std::mem::take(&mut got));
+        if end {
+            return;
         }
     }
 }
