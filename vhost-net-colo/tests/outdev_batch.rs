@@ -251,3 +251,56 @@ fn a_filter_added_and_removed_during_traffic_takes_nothing_from_the_others() {
     let f = filters(&mut b.qmp());
     assert_eq!(counters(&f, "m0"), (u64::from(FRAMES), 0), "{f}");
 }
+
+/// A `dgram` netdev hands the datagrams it finds waiting over as one batch: the mirror's
+/// records and the guest's frames are still every datagram, in order, byte for byte.
+#[test]
+fn datagrams_read_together_are_mirrored_in_order() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let (local, remote) = (dir.path().join("nd.sock"), dir.path().join("peer.sock"));
+    let mirror = dir.path().join("m.sock");
+    let peer = UnixDatagram::bind(&remote).unwrap();
+    let netdev = format!(
+        "dgram,id=d0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+        local.display(),
+        remote.display()
+    );
+    let m_dev = format!("socket,id=mirror0,path={},server=on", mirror.display());
+    let b = common::spawn_backend(
+        dir.path(),
+        &netdev,
+        &[
+            "--chardev",
+            &m_dev,
+            "--object",
+            "filter-mirror,id=m0,netdev=d0,queue=tx,outdev=mirror0",
+        ],
+        true,
+        None,
+    );
+    let mirrored = records(connect(&mirror));
+    let mut fe = b.frontend(&Options {
+        queue_size: 1024,
+        ..Options::default()
+    });
+    common::wait_for(Duration::from_secs(10), "dgram netdev socket", || {
+        local.exists()
+    });
+    let sizes = [60, 1514, 300, 9014, 61];
+    let frames: Vec<Vec<u8>> = (0..300)
+        .map(|i| common::numbered_frame(i, sizes[i % sizes.len()]))
+        .collect();
+    for f in &frames {
+        peer.send_to(f, &local).unwrap();
+    }
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(&next(&mirrored, "record at mirror0"), f, "datagram {i}");
+        let (g, _) = fe
+            .recv(Duration::from_secs(10))
+            .expect("frame to the guest");
+        assert_eq!(&g, f, "guest frame {i}");
+    }
+    let f = filters(&mut b.qmp());
+    assert_eq!(counters(&f, "m0"), (300, 0), "{f}");
+}
