@@ -555,16 +555,9 @@ impl NetPath {
                 continue;
             }
             let chain = self.ingress_slot(&mut batch);
-            if chain.takes_offloaded(Direction::Tx) {
-                let mut h = h;
-                match chain.process_offloaded(Direction::Tx, &mut h, buf) {
-                    Outcome::Deliver(f) => self.deliver_offloaded(0, Direction::Tx, h, f),
-                    Outcome::Consumed => {
-                        self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+            let Some(buf) = self.offloaded_to_guest(chain, h, buf) else {
                 continue;
-            }
+            };
             match to_plain(&hdr, buf) {
                 Ok(segs) => {
                     self.offload_software.fetch_add(1, Ordering::Relaxed);
@@ -578,6 +571,23 @@ impl NetPath {
                 }
             }
         }
+    }
+
+    /// An offloaded frame from the netdev through `chain` whole, when the chain takes it so
+    /// (then on to the guest with its header, or consumed). Otherwise hands `buf` back, to be
+    /// made plain by the caller.
+    fn offloaded_to_guest(&self, chain: &mut Chain, h: VnetHdr, buf: Vec<u8>) -> Option<Vec<u8>> {
+        if !chain.takes_offloaded(Direction::Tx) {
+            return Some(buf);
+        }
+        let mut h = h;
+        match chain.process_offloaded(Direction::Tx, &mut h, buf) {
+            Outcome::Deliver(f) => self.deliver_offloaded(0, Direction::Tx, h, f),
+            Outcome::Consumed => {
+                self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        None
     }
 
     /// A plain frame from the netdev in a batch (see [`NetPath::from_netdev`]).
@@ -621,19 +631,9 @@ impl NetPath {
         if self.guest_connected.load(Ordering::Relaxed) {
             self.guest.wait_room(std::time::Duration::from_secs(1));
         }
-        {
-            let mut chain = self.chain();
-            if chain.takes_offloaded(Direction::Tx) {
-                let mut h = h;
-                match chain.process_offloaded(Direction::Tx, &mut h, buf) {
-                    Outcome::Deliver(f) => self.deliver_offloaded(0, Direction::Tx, h, f),
-                    Outcome::Consumed => {
-                        self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                return;
-            }
-        }
+        let Some(buf) = self.offloaded_to_guest(&mut self.chain(), h, buf) else {
+            return;
+        };
         match to_plain(&hdr, buf) {
             Ok(segs) => {
                 self.offload_software.fetch_add(1, Ordering::Relaxed);
