@@ -40,10 +40,19 @@
 # Profiling (the same for every configuration): PROFILE_DIR=DIR writes, per measurement, the
 # CPU time of every thread of every process this script started (DIR/<cfg>-<chain>.cpu, from
 # /proc, with the MiB moved), and PROFILE_PERF="stat" or "record" runs the measurement under
-# `perf stat -a` (context switches, migrations, cycles) or `perf record -a -g` (DIR/...perf*).
+# `perf stat -a` (context switches, migrations, cycles) or `perf record -a -g` (DIR/...perf*);
+# "sched" records every context switch (DIR/...sched.data: who preempts the vCPU thread).
 # In the KVM tier, DIR/<cfg>-<chain>.cpu also gets L1's KVM counts per MiB (debugfs per-VM stats;
 # with PROFILE_PERF=kvm: exits by SVM exit code, MSR and MMIO exits, interrupts; see
 # bench/net/kvmprof.sh), the same for vmm-min and QEMU.
+# PROFILE_ALL=1 (with PROFILE_DIR): the CPU snapshot covers every process and thread on the host
+# (kernel threads such as ksoftirqd included) and /proc/stat per CPU (idle, softirq...).
+# CHAIN=full|mirror|redirect (default full): the chain measured second, for every
+# configuration: the seed's three filters, only filter-mirror m0, or only the two redirectors
+# (redire0, redire1 with the relay), to tell what each part costs.
+# PIN=1 (TCG tier, a diagnostic): after boot the guest's vCPU thread (QMP query-cpus-fast) is
+# pinned to CPU 0 and every other thread this script starts (QEMU's other threads, the backend,
+# the sink, the relay, the client) to CPU 1, the same for every configuration.
 # PROFILE_TRACE=1 (TCG tier) adds DIR/...trace0/1: the guest's virtio-mmio interrupts and
 # QEMU-handled queue notifies before/after, from QEMU's trace log (costs QEMU some CPU).
 # Use a large --bulk-mib and small --rtt/--http so the bulk phase dominates.
@@ -199,12 +208,25 @@ consumers() { # the mirror sink and the compare0 -> compare_out relay
     start relay python3 "$here/guestbench.py" relay "$work/compare0.sock" "$work/compare_out.sock"
     sleep 0.5
 }
-add_chain() { # QMP_SOCKET EXTRA_JSON_FIELDS
-    local x=${2:-}
-    python3 "$here/guestbench.py" qmp "$1" \
-        "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-mirror\",\"id\":\"m0\",\"netdev\":\"hn0\",\"queue\":\"tx\",\"outdev\":\"mirror0\"$x}}" \
-        "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-redirector\",\"id\":\"redire0\",\"netdev\":\"hn0\",\"queue\":\"rx\",\"indev\":\"compare_out\"$x}}" \
-        "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-redirector\",\"id\":\"redire1\",\"netdev\":\"hn0\",\"queue\":\"rx\",\"outdev\":\"compare0\"$x}}"
+chain=${CHAIN:-full}
+case "$chain" in full|mirror|redirect) ;; *) echo "guest.sh: CHAIN=full|mirror|redirect" >&2; exit 2 ;; esac
+add_chain() { # QMP_SOCKET EXTRA_JSON_FIELDS (the filters CHAIN names)
+    local x=${2:-} cmds=()
+    [ "$chain" = redirect ] ||
+        cmds+=("{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-mirror\",\"id\":\"m0\",\"netdev\":\"hn0\",\"queue\":\"tx\",\"outdev\":\"mirror0\"$x}}")
+    [ "$chain" = mirror ] ||
+        cmds+=("{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-redirector\",\"id\":\"redire0\",\"netdev\":\"hn0\",\"queue\":\"rx\",\"indev\":\"compare_out\"$x}}"
+               "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-redirector\",\"id\":\"redire1\",\"netdev\":\"hn0\",\"queue\":\"rx\",\"outdev\":\"compare0\"$x}}")
+    python3 "$here/guestbench.py" qmp "$1" "${cmds[@]}"
+}
+pin_guest() { # NAME: PIN=1, see the header
+    [ "${PIN:-0}" = 1 ] || return 0
+    local p tid
+    for p in "${pids[@]}"; do taskset -a -p -c 1 "$p" >/dev/null 2>&1 || true; done
+    tid=$(QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/$1.qmp" '{"execute":"query-cpus-fast"}' |
+        python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[0]["thread-id"])')
+    taskset -p -c 0 "$tid" >/dev/null
+    echo "  pinned vCPU thread $tid to CPU 0, the rest to CPU 1" >&2
 }
 trace_counts() { # guest interrupts raised and queue notifies so far (PROFILE_TRACE)
     awk '/virtio_mmio_setting_irq/ && / 1$/ {irq++} /virtio_mmio_write_offset/ && /offset 0x50/ {kick++}
@@ -216,12 +238,15 @@ measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
     local label=$1 chain=$2 host=$3 echo=$4 http=$5 pre=()
     [ "${6:-}" = ns ] && pre=(ip netns exec "$ns")
     local j ok=1 ptag="" perf=()
+    [ "${PIN:-0}" = 1 ] && pre=(taskset -c 1 "${pre[@]}")
     "${pre[@]}" timeout 60 python3 "$here/guestbench.py" wait "$host" "$echo" 50 \
         2>"$work/err" || ok=0
     if [ $ok = 1 ] && [ -n "${PROFILE_DIR:-}" ]; then
         mkdir -p "$PROFILE_DIR"
         ptag="$PROFILE_DIR/$cfg-$chain"
-        python3 "$here/guestbench.py" cpusnap "${pids[@]}" >"$ptag.cpu0"
+        snap=("${pids[@]}")
+        [ "${PROFILE_ALL:-0}" = 1 ] && snap=(all)
+        python3 "$here/guestbench.py" cpusnap "${snap[@]}" >"$ptag.cpu0"
         [ -e "$work/trace.log" ] && trace_counts >"$ptag.trace0"
         [ -e "$work/be.qmp" ] && QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/be.qmp" \
             '{"execute":"query-net"}' >"$ptag.net0"
@@ -233,6 +258,7 @@ measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
             stat) perf=(perf stat -a -e context-switches,cpu-migrations,cycles,task-clock
                         -o "$ptag.perfstat" --) ;;
             record) perf=(perf record -q -a -g -o "$ptag.perf.data" --) ;;
+            sched) perf=(perf record -q -a -e sched:sched_switch -o "$ptag.sched.data" --) ;;
             kvm) # KVM tier: exits by reason, MSRs, MMIO, interrupts (bench/net/kvmprof.sh)
                 local kargs
                 kargs=$("$here/kvmprof.sh" perf-args "$ptag.kvmperf")
@@ -248,7 +274,7 @@ measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
             "$(tail -n 1 "$work/err" | cut -c1-200)")
     fi
     if [ -n "$ptag" ]; then
-        python3 "$here/guestbench.py" cpusnap "${pids[@]}" >"$ptag.cpu1"
+        python3 "$here/guestbench.py" cpusnap "${snap[@]}" >"$ptag.cpu1"
         [ -e "$work/trace.log" ] && trace_counts >"$ptag.trace1"
         [ -e "$work/be.qmp" ] && QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/be.qmp" \
             '{"execute":"query-net"}' >"$ptag.net1"
@@ -281,6 +307,7 @@ for cfg in $configs; do
             consumers
             ours_guest g-ours-user ""
             wait_ready g-ours-user
+            pin_guest g-ours-user
             measure "vhost-net-colo, user (hostfwd)$ours_label" no 127.0.0.1 "$e" "$h"
             add_chain "$work/be.qmp"
             measure "vhost-net-colo, user (hostfwd)$ours_label" yes 127.0.0.1 "$e" "$h"
@@ -295,6 +322,7 @@ for cfg in $configs; do
             consumers
             ours_guest g-ours-tap "colo.ip=10.0.5.15/24 colo.gw=10.0.5.1"
             wait_ready g-ours-tap
+            pin_guest g-ours-tap
             measure "vhost-net-colo, tap on a bridge$ours_label" no 10.0.5.15 7 80 ns
             add_chain "$work/be.qmp" ',"vnet_hdr_support":true'
             measure "vhost-net-colo, tap on a bridge$ours_label" yes 10.0.5.15 7 80 ns
@@ -307,6 +335,7 @@ for cfg in $configs; do
                 -device virtio-net-device,netdev=hn0,mac=52:54:00:12:34:56 "${cd[@]}"
             consumers
             wait_ready g-qemu-user
+            pin_guest g-qemu-user
             measure "QEMU virtio-net, user (slirp, hostfwd)" no 127.0.0.1 "$e" "$h"
             add_chain "$work/g-qemu-user.qmp"
             measure "QEMU virtio-net, user (slirp, hostfwd)" yes 127.0.0.1 "$e" "$h"
@@ -323,6 +352,7 @@ for cfg in $configs; do
                 -device virtio-net-device,netdev=hn0,mac=52:54:00:12:34:56 "${cd[@]}"
             consumers
             wait_ready "g-$cfg"
+            pin_guest "g-$cfg"
             measure "$label" no 10.0.5.15 7 80 ns
             add_chain "$work/g-$cfg.qmp" "$x"
             measure "$label" yes 10.0.5.15 7 80 ns
@@ -335,12 +365,13 @@ for cfg in $configs; do
 done
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
 
-python3 - "$results" "$load0" "$load1" "$((SECONDS - t_start))" "$bulk_mib" "$rtt_n" "$http_n" "$tier_name" <<'EOF'
+python3 - "$results" "$load0" "$load1" "$((SECONDS - t_start))" "$bulk_mib" "$rtt_n" "$http_n" "$tier_name" "$chain" <<'EOF'
 import json, sys
-path, l0, l1, secs, mib, nr, nh, tier = sys.argv[1:]
+path, l0, l1, secs, mib, nr, nh, tier, chain = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 print(f"Tier: {tier}; 1 vCPU, 256 MiB, the same guest everywhere. Load average {l0} before, "
       f"{l1} after; {secs} s in all.")
+print(f"COLO chain: {chain}.") if chain != "full" else None
 print(f"Bulk echo {mib} MiB (each way at once); echo round trips: {nr} x 64 B; HTTP GET /: {nh}.")
 print()
 print("| frontend / netdev | COLO chain | bulk echo (MiB/s) | echo RTT p50 / p99 (µs) | HTTP GET p50 / p99 (ms) |")

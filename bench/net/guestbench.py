@@ -14,6 +14,7 @@
       the other end blocks writing to it deadlocks QEMU, whose chardev writes block
   guestbench.py sink SRC_UNIX                         reads a Unix socket and discards it
   guestbench.py cpusnap PID...                        JSON: CPU ticks of every thread of PIDs
+      ("all": every process on the host, kernel threads included, and /proc/stat per CPU)
   guestbench.py cpudiff BEFORE AFTER MIB              CPU ms (per MiB) of each process and
       thread between two snapshots, busiest first
 """
@@ -231,7 +232,15 @@ def sink(src):
 
 
 def cpusnap(pids):
+    import os
     out = {}
+    if pids == ["all"]:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        for ln in open("/proc/stat"):
+            if ln.startswith("cpu"):
+                f = ln.split()
+                # user nice system idle iowait irq softirq steal
+                out["stat/" + f[0]] = [int(v) for v in f[1:9]]
     for pid in pids:
         try:
             exe = open(f"/proc/{pid}/comm").read().strip()
@@ -259,7 +268,13 @@ def cpudiff(a, b, mib):
     hz = os.sysconf("SC_CLK_TCK")
     x, y, mib = json.load(open(a)), json.load(open(b)), float(mib)
     rows, procs = [], {}
+    names = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"]
+    for k in sorted(k for k in y if k.startswith("stat/")):
+        d = [(v - u) * 1000.0 / hz for u, v in zip(x.get(k, [0] * 8), y[k])]
+        print(f"{k[5:]:6} ms: " + " ".join(f"{n} {v:.0f}" for n, v in zip(names, d)))
     for k, v in y.items():
+        if k.startswith("stat/"):
+            continue
         u = x.get(k, {"ticks": 0, "vcs": 0, "ivcs": 0})
         ms = (v["ticks"] - u["ticks"]) * 1000.0 / hz
         vcs, ivcs = v["vcs"] - u["vcs"], v["ivcs"] - u["ivcs"]
@@ -270,6 +285,8 @@ def cpudiff(a, b, mib):
         p[2] += ivcs
     print(f"process: CPU ms, ms/MiB, voluntary/involuntary switches per MiB ({mib:g} MiB each way)")
     for name, (ms, vcs, ivcs) in sorted(procs.items(), key=lambda p: -p[1][0]):
+        if not ms and vcs < mib:
+            continue
         print(f"  {name:20} {ms:8.0f} {ms / mib:7.2f} {vcs / mib:8.1f} {ivcs / mib:8.1f}")
     print("thread:")
     for ms, proc, k, th, vcs, ivcs in sorted(rows, reverse=True):
