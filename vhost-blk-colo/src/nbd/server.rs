@@ -437,56 +437,84 @@ where
     let mut spin = super::sock::SpinStats::default();
     let mut after_inline = false;
     let result = loop {
+        let mut taken = None;
         if std::mem::take(&mut after_inline)
             && rd.buffer().is_empty()
             && let Replies::Direct(w, _) = &replies
             && !crate::spin_budget().is_zero()
             && spin.should_spin()
         {
-            spin.record(w.spin_until_readable(crate::spin_budget() * NEXT_REQUEST_SPINS));
-        }
-        let mut hdr = [0u8; REQUEST_LEN];
-        match rd.read_exact(&mut hdr).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
-            Err(e) => {
-                break Err(NbdServerError::Io {
-                    context: "reading a request".into(),
-                    source: e,
-                });
-            }
-        }
-        let req = match Request::parse(&hdr) {
-            Ok(r) => r,
-            Err(e) => break Err(NbdServerError::Protocol(e.to_string())),
-        };
-        let mut payload = None;
-        if req.cmd == CMD_WRITE {
-            if req.len > MAX_REQUEST {
-                break Err(NbdServerError::Protocol(format!(
-                    "WRITE of {} bytes exceeds the {MAX_REQUEST}-byte limit",
-                    req.len
-                )));
-            }
-            // Read into spare capacity: no zero-filling of a buffer about to be overwritten
-            // (a memset of every write payload showed in profiles of 1 MiB writes).
-            let mut d = Vec::with_capacity(req.len as usize);
-            let got = (&mut rd).take(u64::from(req.len)).read_to_end(&mut d).await;
-            let got = got.and_then(|n| {
-                if n == req.len as usize {
-                    Ok(())
-                } else {
-                    Err(std::io::ErrorKind::UnexpectedEof.into())
+            let hit = w.spin_until_readable(crate::spin_budget() * NEXT_REQUEST_SPINS);
+            spin.record(hit);
+            // Caught by the poll and complete (and alone): taken straight off the socket with
+            // one recvmsg. Through the runtime, the read after the poll found the socket's
+            // readiness cleared, so the task went back to the scheduler and the runtime's
+            // epoll before the request was read: 5 µs of the secondary's share of a
+            // replicated 4k QD1 write, and with it a scheduler pass whose wake-ups landed on
+            // the primary's CPU (its local pwrite took 16 µs instead of 23-28 while they ran).
+            // Temporary per-stage timestamps, blk_bench, 2 runs each, alternated.
+            if hit {
+                match w.take_request(INLINE_MAX) {
+                    Ok(t) => taken = t,
+                    Err(e) => {
+                        break Err(NbdServerError::Io {
+                            context: "reading a request".into(),
+                            source: e,
+                        });
+                    }
                 }
-            });
-            if let Err(e) = got {
-                break Err(NbdServerError::Io {
-                    context: "reading WRITE data".into(),
-                    source: e,
-                });
             }
-            payload = Some(d);
         }
+        let (req, payload) = if let Some((hdr, payload)) = taken {
+            match Request::parse(&hdr) {
+                Ok(r) => (r, payload),
+                Err(e) => break Err(NbdServerError::Protocol(e.to_string())),
+            }
+        } else {
+            let mut hdr = [0u8; REQUEST_LEN];
+            match rd.read_exact(&mut hdr).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => {
+                    break Err(NbdServerError::Io {
+                        context: "reading a request".into(),
+                        source: e,
+                    });
+                }
+            }
+            let req = match Request::parse(&hdr) {
+                Ok(r) => r,
+                Err(e) => break Err(NbdServerError::Protocol(e.to_string())),
+            };
+            let mut payload = None;
+            if req.cmd == CMD_WRITE {
+                if req.len > MAX_REQUEST {
+                    break Err(NbdServerError::Protocol(format!(
+                        "WRITE of {} bytes exceeds the {MAX_REQUEST}-byte limit",
+                        req.len
+                    )));
+                }
+                // Read into spare capacity: no zero-filling of a buffer about to be overwritten
+                // (a memset of every write payload showed in profiles of 1 MiB writes).
+                let mut d = Vec::with_capacity(req.len as usize);
+                let got = (&mut rd).take(u64::from(req.len)).read_to_end(&mut d).await;
+                let got = got.and_then(|n| {
+                    if n == req.len as usize {
+                        Ok(())
+                    } else {
+                        Err(std::io::ErrorKind::UnexpectedEof.into())
+                    }
+                });
+                if let Err(e) = got {
+                    break Err(NbdServerError::Io {
+                        context: "reading WRITE data".into(),
+                        source: e,
+                    });
+                }
+                payload = Some(d);
+            }
+            (req, payload)
+        };
         if req.cmd == CMD_DISC {
             break Ok(());
         }
