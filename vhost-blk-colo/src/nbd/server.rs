@@ -447,12 +447,13 @@ where
             let hit = w.spin_until_readable(crate::spin_budget() * NEXT_REQUEST_SPINS);
             spin.record(hit);
             // Caught by the poll and complete (and alone): taken straight off the socket with
-            // one recvmsg. Through the runtime, the read after the poll found the socket's
-            // readiness cleared, so the task went back to the scheduler and the runtime's
-            // epoll before the request was read: 5 µs of the secondary's share of a
-            // replicated 4k QD1 write, and with it a scheduler pass whose wake-ups landed on
-            // the primary's CPU (its local pwrite took 16 µs instead of 23-28 while they ran).
-            // Temporary per-stage timestamps, blk_bench, 2 runs each, alternated.
+            // one recvmsg. Through the runtime, the read after the poll finds the socket's
+            // readiness cleared (the last read drained it), so the task goes back to the
+            // scheduler and the runtime's epoll before the request is read: 5 µs of the
+            // secondary's share of a replicated 4k QD1 write (temporary per-stage timestamps,
+            // blk_bench, 2 runs each, alternated; the primary's own stages were faster too,
+            // for reasons not traced: send 9.5 µs instead of 10-14, local pwrite 16 instead
+            // of 23-28).
             if hit {
                 match w.take_request(INLINE_MAX) {
                     Ok(t) => taken = t,
