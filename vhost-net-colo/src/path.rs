@@ -3,6 +3,8 @@
 //! One lock covers the chain and the hand-off at its end, so frames leave in the order they
 //! entered, and a filter added or removed at run time sees a frame entirely or not at all
 //! (swapping a filter never drops or reorders a frame that was not in the removed filter).
+//! One exception: frames an indev injects towards the netdev are written after the lock is let
+//! go (see [`NetPath::inject_vnet`]); one reader thread per indev keeps them in order.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -717,11 +719,38 @@ impl NetPath {
     /// offloads (`hdr`): the frame goes on whole while the filters after `id` take it so, and
     /// leaves with its header (a tap with vnet headers segments it); otherwise it is made
     /// plain first.
+    ///
+    /// What leaves towards the netdev is sent after the chain's lock is let go: a netdev write
+    /// can take long (a tap write runs the host's network stack up to the receiving socket; a
+    /// stream netdev blocks while its peer does not read), and the other direction (netdev to
+    /// guest, through the mirror) must not wait for it. Each indev has one reader thread, so
+    /// its frames still leave in the order it read them.
     pub fn inject_vnet(
         &self,
         id: &str,
         hdr: Option<VnetHdr>,
+        frame: Vec<u8>,
+    ) -> Result<(), FilterError> {
+        let mut to_netdev = Vec::new();
+        let r = self.inject_locked(id, hdr, frame, &mut to_netdev);
+        for (h, f) in to_netdev {
+            match h {
+                None => self.deliver(Direction::Rx, f),
+                Some(h) => self.deliver_offloaded(0, Direction::Rx, h, f),
+            }
+        }
+        r
+    }
+
+    /// The chain part of [`NetPath::inject_vnet`], under the chain's lock: frames for the
+    /// guest are queued at once, frames for the netdev (with their header when offloaded)
+    /// collected into `to_netdev`, in order.
+    fn inject_locked(
+        &self,
+        id: &str,
+        hdr: Option<VnetHdr>,
         mut frame: Vec<u8>,
+        to_netdev: &mut Vec<(Option<VnetHdr>, Vec<u8>)>,
     ) -> Result<(), FilterError> {
         let mut chain = self.chain();
         let queue = chain
@@ -737,6 +766,11 @@ impl NetPath {
             QueueSel::Rx => &[Direction::Rx],
             QueueSel::All => &[Direction::Tx, Direction::Rx],
         };
+        let mut out = |d: Direction, h: Option<VnetHdr>, f: Vec<u8>| match (d, h) {
+            (Direction::Rx, h) => to_netdev.push((h, f)),
+            (Direction::Tx, None) => self.deliver(d, f),
+            (Direction::Tx, Some(h)) => self.deliver_offloaded(0, d, h, f),
+        };
         for (k, &d) in dirs.iter().enumerate() {
             // The last direction takes the frame itself; only `queue=all` copies it.
             let frame = if k + 1 < dirs.len() {
@@ -746,14 +780,14 @@ impl NetPath {
             };
             let Some(h) = hdr else {
                 if let Outcome::Deliver(f) = chain.inject_from(id, d, frame)? {
-                    self.deliver(d, f);
+                    out(d, None, f);
                 }
                 continue;
             };
             if chain.takes_offloaded_after(id, d)? {
                 let mut h = h;
                 match chain.inject_offloaded_from(id, d, &mut h, frame)? {
-                    Outcome::Deliver(f) => self.deliver_offloaded(0, d, h, f),
+                    Outcome::Deliver(f) => out(d, Some(h), f),
                     Outcome::Consumed => {
                         self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
                     }
@@ -765,7 +799,7 @@ impl NetPath {
                     self.offload_software.fetch_add(1, Ordering::Relaxed);
                     for s in segs {
                         if let Outcome::Deliver(f) = chain.inject_from(id, d, s)? {
-                            self.deliver(d, f);
+                            out(d, None, f);
                         }
                     }
                 }
