@@ -101,9 +101,9 @@ impl SockWriter {
     /// Takes the next request off the socket without waiting, if the whole of it (header and,
     /// for a WRITE of at most `max_payload` bytes, its data) and nothing more has arrived;
     /// None leaves the socket as it was (nothing or a partial request arrived, more than one
-    /// request, a larger write or a bad header: the caller's normal read path handles those). For a connection's reader that
-    /// just saw bytes arrive while polling and has nothing buffered: one `recvmsg` instead of a
-    /// trip through the runtime's readiness (an `epoll_wait`, a task wake-up and the reads),
+    /// request, a larger write or a bad header: the caller's normal read path handles those).
+    /// For a connection's reader that just saw bytes arrive while polling and has nothing
+    /// buffered: one `recvmsg` instead of a trip through the runtime's readiness (an `epoll_wait`, a task wake-up and the reads),
     /// which on the bench host was 3-5 µs of the secondary's share of a replicated write.
     /// Only the connection's reader may call this (it consumes bytes).
     pub fn take_request(&self, max_payload: u32) -> io::Result<Option<TakenRequest>> {
@@ -155,7 +155,8 @@ impl SockWriter {
             ];
             let first = usize::from(got_hdr == REQUEST_LEN);
             let live = &mut iov[first..];
-            let msg = libc::msghdr {
+            // Mutable: the kernel writes `msg_flags` (and the lengths) back into it.
+            let mut msg = libc::msghdr {
                 msg_name: std::ptr::null_mut(),
                 msg_namelen: 0,
                 msg_iov: live.as_mut_ptr(),
@@ -167,8 +168,7 @@ impl SockWriter {
             // SAFETY: the iovecs point into `hdr` past what was read and into the unused
             // capacity of `payload`, both live and writable for this call; recvmsg writes at
             // most their lengths.
-            let n =
-                unsafe { libc::recvmsg(self.raw, (&raw const msg).cast_mut(), libc::MSG_DONTWAIT) };
+            let n = unsafe { libc::recvmsg(self.raw, &mut msg, libc::MSG_DONTWAIT) };
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
