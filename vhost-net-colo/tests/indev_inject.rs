@@ -8,32 +8,10 @@
 mod common;
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
 use colo_proto::frame::{Frame, FrameReader, encode};
 use vhost_net_colo::testing::Options;
-
-/// Reads the records arriving on `s` on a thread of its own: their payloads, in order.
-fn records(s: UnixStream) -> Receiver<Vec<u8>> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        let mut r = FrameReader::new(s, false);
-        while let Ok(Some(f)) = r.read_frame() {
-            if tx.send(f.payload).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn connect(path: &Path) -> UnixStream {
-    common::wait_for(Duration::from_secs(10), "chardev socket", || path.exists());
-    UnixStream::connect(path).unwrap()
-}
 
 /// More than the socket buffers between the backend and the wire hold, so the backend's
 /// netdev write blocks until the test reads the wire.
@@ -61,7 +39,7 @@ fn indev_frames_to_a_stalled_netdev_do_not_hold_up_the_mirror_and_arrive_in_orde
         ],
         false,
     );
-    let mirrored = records(connect(&mirror));
+    let mirrored = common::records(common::connect_chardev(&mirror));
     let mut fe = b.frontend(&Options::default());
 
     // Towards the netdev through the indev: far more than the wire's buffers take while the
@@ -77,7 +55,7 @@ fn indev_frames_to_a_stalled_netdev_do_not_hold_up_the_mirror_and_arrive_in_orde
     for f in &injected {
         encode(&Frame::ethernet(f.clone()), false, &mut bytes).unwrap();
     }
-    let indev = connect(&back);
+    let indev = common::connect_chardev(&back);
     let feeder = std::thread::spawn(move || (&indev).write_all(&bytes).map(|()| indev));
     // Let the backend fill the wire's buffers and block in its write.
     std::thread::sleep(Duration::from_millis(500));

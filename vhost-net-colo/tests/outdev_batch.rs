@@ -9,9 +9,8 @@ mod common;
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,29 +18,9 @@ use colo_proto::frame::{Frame, FrameReader, encode};
 use serde_json::json;
 use vhost_net_colo::testing::Options;
 
-/// Reads the records arriving on `s` on a thread of its own: their payloads, in order.
-fn records(s: UnixStream) -> Receiver<Vec<u8>> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        let mut r = FrameReader::new(s, false);
-        while let Ok(Some(f)) = r.read_frame() {
-            if tx.send(f.payload).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 fn next(rx: &Receiver<Vec<u8>>, what: &str) -> Vec<u8> {
     rx.recv_timeout(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
-/// Connects to a listening chardev's Unix socket.
-fn connect(path: &Path) -> UnixStream {
-    common::wait_for(Duration::from_secs(10), "chardev socket", || path.exists());
-    UnixStream::connect(path).unwrap()
 }
 
 fn filters(q: &mut common::QmpClient) -> serde_json::Value {
@@ -76,8 +55,8 @@ fn records_of_a_pass_reach_the_outdev_sockets_whole_and_in_order() {
         ],
         true,
     );
-    let mirrored = records(connect(&mirror));
-    let compared = records(connect(&compare));
+    let mirrored = common::records(common::connect_chardev(&mirror));
+    let compared = common::records(common::connect_chardev(&compare));
     let mut qmp = b.qmp();
     let mut fe = b.frontend(&Options::default());
     let sizes = [60, 1514, 65536, 60, 9014, 128, 65536, 61, 60, 1000];
@@ -159,7 +138,7 @@ fn a_filter_added_and_removed_during_traffic_takes_nothing_from_the_others() {
         ],
         true,
     );
-    let mirrored = records(connect(&mirror));
+    let mirrored = common::records(common::connect_chardev(&mirror));
     let mut fe = b.frontend(&Options {
         queue_size: 1024,
         ..Options::default()
@@ -279,7 +258,7 @@ fn datagrams_read_together_are_mirrored_in_order() {
         true,
         None,
     );
-    let mirrored = records(connect(&mirror));
+    let mirrored = common::records(common::connect_chardev(&mirror));
     let mut fe = b.frontend(&Options {
         queue_size: 1024,
         ..Options::default()

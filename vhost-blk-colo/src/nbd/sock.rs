@@ -288,34 +288,34 @@ pub fn set_buffers(fd: BorrowedFd<'_>, bytes: libc::c_int) {
     }
 }
 
-/// Waits up to a second for `fd` to become readable.
+/// Waits up to a second for `fd` to become readable; a timeout is an error (the caller was
+/// told the data had arrived).
 fn wait_readable(fd: libc::c_int) -> io::Result<()> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut p, 1, 1000) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+    match poll_once(fd, libc::POLLIN)? {
+        None => Err(io::Error::from(io::ErrorKind::TimedOut)),
+        Some(rev) if rev & (libc::POLLERR | libc::POLLNVAL) != 0 => {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
         }
+        Some(_) => Ok(()),
     }
-    if r == 0 {
-        return Err(io::Error::from(io::ErrorKind::TimedOut));
-    }
-    if p.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
-        return Err(io::Error::from(io::ErrorKind::BrokenPipe));
-    }
-    Ok(())
 }
 
+/// Waits up to a second for room to write on `fd`; the caller retries after a timeout.
 fn wait_writable(fd: libc::c_int) -> io::Result<()> {
+    match poll_once(fd, libc::POLLOUT)? {
+        Some(rev) if rev & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 => {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// One `poll` of `fd` for `events`, up to a second: the returned events (none when a signal
+/// interrupted it: the caller's retry polls again), None on a timeout.
+fn poll_once(fd: libc::c_int, events: libc::c_short) -> io::Result<Option<libc::c_short>> {
     let mut p = libc::pollfd {
         fd,
-        events: libc::POLLOUT,
+        events,
         revents: 0,
     };
     // SAFETY: one valid pollfd for the duration of the call.
@@ -325,11 +325,9 @@ fn wait_writable(fd: libc::c_int) -> io::Result<()> {
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+        return Ok(Some(0));
     }
-    if p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-        return Err(io::Error::from(io::ErrorKind::BrokenPipe));
-    }
-    Ok(())
+    Ok((r > 0).then_some(p.revents))
 }
 
 #[cfg(test)]

@@ -199,3 +199,23 @@ pub fn numbered_frame(i: usize, len: usize) -> Vec<u8> {
     }
     f
 }
+
+/// Connects to a listening chardev's Unix socket once it exists.
+pub fn connect_chardev(path: &Path) -> UnixStream {
+    wait_for(Duration::from_secs(10), "chardev socket", || path.exists());
+    UnixStream::connect(path).unwrap()
+}
+
+/// Reads the records arriving on `s` on a thread of its own: their payloads, in order.
+pub fn records(s: UnixStream) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = colo_proto::frame::FrameReader::new(s, false);
+        while let Ok(Some(f)) = r.read_frame() {
+            if tx.send(f.payload).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
