@@ -45,6 +45,8 @@
 # In the KVM tier, DIR/<cfg>-<chain>.cpu also gets L1's KVM counts per MiB (debugfs per-VM stats;
 # with PROFILE_PERF=kvm: exits by SVM exit code, MSR and MMIO exits, interrupts; see
 # bench/net/kvmprof.sh), the same for vmm-min and QEMU.
+# With PROFILE_DIR, DIR/<cfg>-<chain>.guest0/1 also hold the guest kernel's own counters before
+# and after (TCP/IP statistics, CPU time by kind, softirqs, interrupts: GET /cgi-bin/kstat).
 # PROFILE_ALL=1 (with PROFILE_DIR): the CPU snapshot covers every process and thread on the host
 # (kernel threads such as ksoftirqd included) and /proc/stat per CPU (idle, softirq...).
 # CHAIN=full|mirror|redirect (default full): the chain measured second, for every
@@ -247,6 +249,7 @@ measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
         snap=("${pids[@]}")
         [ "${PROFILE_ALL:-0}" = 1 ] && snap=(all)
         python3 "$here/guestbench.py" cpusnap "${snap[@]}" >"$ptag.cpu0"
+        "${pre[@]}" python3 "$here/guestbench.py" get "$host" "$http" /cgi-bin/kstat >"$ptag.guest0" || true
         [ -e "$work/trace.log" ] && trace_counts >"$ptag.trace0"
         [ -e "$work/be.qmp" ] && QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/be.qmp" \
             '{"execute":"query-net"}' >"$ptag.net0"
@@ -275,6 +278,7 @@ measure() { # LABEL CHAIN HOST ECHO HTTP [in_ns]
     fi
     if [ -n "$ptag" ]; then
         python3 "$here/guestbench.py" cpusnap "${snap[@]}" >"$ptag.cpu1"
+        "${pre[@]}" python3 "$here/guestbench.py" get "$host" "$http" /cgi-bin/kstat >"$ptag.guest1" || true
         [ -e "$work/trace.log" ] && trace_counts >"$ptag.trace1"
         [ -e "$work/be.qmp" ] && QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/be.qmp" \
             '{"execute":"query-net"}' >"$ptag.net1"

@@ -13,6 +13,7 @@
       (unbounded buffer), as a comparer queues: a relay that blocks on its write side while
       the other end blocks writing to it deadlocks QEMU, whose chardev writes block
   guestbench.py sink SRC_UNIX                         reads a Unix socket and discards it
+  guestbench.py get HOST PORT PATH                    prints the body of an HTTP GET (guest counters)
   guestbench.py cpusnap PID...                        JSON: CPU ticks of every thread of PIDs
       ("all": every process on the host, kernel threads included, and /proc/stat per CPU)
   guestbench.py cpudiff BEFORE AFTER MIB              CPU ms (per MiB) of each process and
@@ -145,6 +146,20 @@ def http(host, port, n):
             die(f"HTTP answer without the page: {body[:200]!r}")
         out.append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+def get(host, port, path):
+    """Print the body of GET path (HTTP/1.0) from the guest."""
+    with socket.create_connection((host, int(port)), timeout=IO_TIMEOUT) as s:
+        s.settimeout(IO_TIMEOUT)
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n".encode())
+        data = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            data += b
+    sys.stdout.write(data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace"))
 
 
 def measure(argv):
@@ -308,6 +323,8 @@ def main():
         relay(argv[0], argv[1])
     elif cmd == "sink":
         sink(argv[0])
+    elif cmd == "get":
+        get(argv[0], argv[1], argv[2])
     elif cmd == "cpusnap":
         cpusnap(argv)
     elif cmd == "cpudiff":
