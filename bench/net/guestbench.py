@@ -13,6 +13,7 @@
       (unbounded buffer), as a comparer queues: a relay that blocks on its write side while
       the other end blocks writing to it deadlocks QEMU, whose chardev writes block
   guestbench.py sink SRC_UNIX                         reads a Unix socket and discards it
+  guestbench.py bulk HOST PORT MIB                    prints the MiB/s of one bulk echo
   guestbench.py get HOST PORT PATH                    prints the body of an HTTP GET (guest counters)
   guestbench.py cpusnap PID...                        JSON: CPU ticks of every thread of PIDs
       ("all": every process on the host, kernel threads included, and /proc/stat per CPU)
@@ -323,6 +324,8 @@ def main():
         relay(argv[0], argv[1])
     elif cmd == "sink":
         sink(argv[0])
+    elif cmd == "bulk":
+        print(f"{bulk(argv[0], int(argv[1]), int(argv[2])):.2f}")
     elif cmd == "get":
         get(argv[0], argv[1], argv[2])
     elif cmd == "cpusnap":
