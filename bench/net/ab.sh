@@ -18,6 +18,8 @@
 # both sides, outdevs consumed by guestbench.py sink and relay as in guest.sh) and the rounds
 # run again.
 #
+# PIN=1: both guests' vCPU threads on CPU 0 and every other thread (QEMU's other threads, the
+# backend, the sinks and relays, the client) on CPU 1, the same for both sides.
 # The bulk is guestbench.py's echo bulk (port 7, busybox `nc -e cat`, each way at once), a
 # new connection per slice. Every process runs under nice and is killed by PID at the end; the
 # namespaces are deleted.
@@ -123,8 +125,21 @@ add_chain() { # QMP_SOCKET
         "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-redirector\",\"id\":\"redire0\",\"netdev\":\"hn0\",\"queue\":\"rx\",\"indev\":\"compare_out\"$x}}" \
         "{\"execute\":\"object-add\",\"arguments\":{\"qom-type\":\"filter-redirector\",\"id\":\"redire1\",\"netdev\":\"hn0\",\"queue\":\"rx\",\"outdev\":\"compare0\"$x}}"
 }
+client=()
 slice() { # SIDE: MiB/s of one bulk echo slice
-    ip netns exec "colob$1$$" python3 "$here/guestbench.py" bulk 10.0.5.15 7 "$slice_mib"
+    "${client[@]}" ip netns exec "colob$1$$" python3 "$here/guestbench.py" bulk 10.0.5.15 7 "$slice_mib"
+}
+pin() { # PIN=1: both vCPU threads on CPU 0, every other thread this script starts on CPU 1
+    [ "${PIN:-0}" = 1 ] || return 0
+    local p side tid
+    for p in "${pids[@]}"; do taskset -a -p -c 1 "$p" >/dev/null 2>&1 || true; done
+    for side in O Q; do
+        tid=$(QMP_PRINT=1 python3 "$here/guestbench.py" qmp "$work/g-$side.qmp" '{"execute":"query-cpus-fast"}' |
+            python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[0]["thread-id"])')
+        taskset -p -c 0 "$tid" >/dev/null
+    done
+    client=(taskset -c 1)
+    echo "  pinned both vCPU threads to CPU 0, the rest to CPU 1" >&2
 }
 
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -147,6 +162,7 @@ qemu_guest Q -netdev "tap,id=hn0,ifname=cbq$$,script=$work/ifup.sh,downscript=no
 consumers Q
 wait_ready O
 wait_ready Q
+pin
 
 results="$work/results"
 : >"$results"
