@@ -172,14 +172,7 @@ pub fn load(ram: &GuestRam, spec: &BootSpec, rsdp: Option<u64>) -> Result<StartM
     params.hdr.cmdline_size = cmdline_len as u32;
 
     if let Some(ipath) = &spec.initrd {
-        let mut f = open("initrd", ipath)?;
-        let mut data = Vec::new();
-        f.read_to_end(&mut data).map_err(|source| BootError::File {
-            what: "initrd",
-            path: ipath.clone(),
-            source,
-        })?;
-        let size = data.len() as u64;
+        let f = open("initrd", ipath)?;
         let max = if params.hdr.initrd_addr_max != 0 {
             u64::from(params.hdr.initrd_addr_max)
         } else {
@@ -187,6 +180,20 @@ pub fn load(ram: &GuestRam, spec: &BootSpec, rsdp: Option<u64>) -> Result<StartM
         };
         let limit = ram.low_end().min(max + 1);
         let kernel_end = res.kernel_end;
+        // Read at most what could fit: a larger file is refused without being read whole.
+        let mut data = Vec::new();
+        (&f).take(limit.saturating_add(1))
+            .read_to_end(&mut data)
+            .map_err(|source| BootError::File {
+                what: "initrd",
+                path: ipath.clone(),
+                source,
+            })?;
+        let mut size = data.len() as u64;
+        if size > limit {
+            // Cut short: say how large the file is.
+            size = f.metadata().map_or(size, |m| m.len().max(size));
+        }
         let addr = limit
             .checked_sub(size)
             .map(|a| a & !0xfff)
@@ -275,6 +282,65 @@ mod tests {
         };
         let e = load(&ram, &spec, None).unwrap_err().to_string();
         assert!(e.contains("kernel /nonexistent/vmlinuz"), "{e}");
+    }
+
+    /// An ELF64 vmlinux-like image: one 4 KiB PT_LOAD at 2 MiB (`hlt`s), entry at its start.
+    fn tiny_elf() -> Vec<u8> {
+        let mut e = vec![0u8; 0x2000];
+        e[..4].copy_from_slice(b"\x7fELF");
+        e[4..7].copy_from_slice(&[2, 1, 1]); // 64-bit, little endian, version 1
+        e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        e[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+        e[20..24].copy_from_slice(&1u32.to_le_bytes());
+        e[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // entry
+        e[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        e[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        e[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        e[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+        e[58..60].copy_from_slice(&64u16.to_le_bytes()); // shentsize
+        let ph = &mut e[64..120];
+        ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+        ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+        ph[16..24].copy_from_slice(&0x20_0000u64.to_le_bytes()); // vaddr
+        ph[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // paddr
+        ph[32..40].copy_from_slice(&0x1000u64.to_le_bytes()); // filesz
+        ph[40..48].copy_from_slice(&0x1000u64.to_le_bytes()); // memsz
+        ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // align
+        e[0x1000..].fill(0xf4);
+        e
+    }
+
+    /// A huge initrd is refused as too big without being read into memory whole (found while
+    /// writing the kernel_load fuzz target: the file was read to its end before the check).
+    #[test]
+    fn oversized_initrd_is_refused_without_reading_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        std::fs::write(&k, tiny_elf()).unwrap();
+        let i = dir.path().join("initrd");
+        // 2 GiB, sparse: reading it whole would allocate 2 GiB.
+        std::fs::File::create(&i).unwrap().set_len(2 << 30).unwrap();
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let mut spec = BootSpec {
+            kernel: k,
+            initrd: Some(i),
+            cmdline: "console=ttyS0".into(),
+        };
+        let t = std::time::Instant::now();
+        let e = load(&ram, &spec, None).unwrap_err();
+        assert!(
+            matches!(e, BootError::InitrdTooBig { size, .. } if size == 2 << 30),
+            "{e}"
+        );
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t.elapsed()
+        );
+        // A small one still loads, below the end of low RAM.
+        std::fs::write(spec.initrd.as_ref().unwrap(), b"initrd").unwrap();
+        assert!(load(&ram, &spec, None).is_ok());
     }
 
     #[test]
