@@ -37,6 +37,8 @@ pub const MAGIC: &[u8; 8] = b"COLOVMST";
 pub const FORMAT_VERSION: u32 = 2;
 /// Largest JSON state accepted (guards allocations on corrupt input).
 pub const MAX_STATE_LEN: u64 = 64 << 20;
+/// Largest single read of a length-prefixed section (see `Reader::get_vec`).
+pub const READ_CHUNK: usize = 1 << 20;
 /// Page size of the memory section.
 pub const PAGE_SIZE: u64 = 4096;
 /// Memory record kind: page content follows.
@@ -381,6 +383,21 @@ impl<R: Read> Reader<R> {
         self.sum.update(buf);
         Ok(())
     }
+
+    /// Reads a section of `len` bytes (`len` at most [`MAX_STATE_LEN`], checked by the caller)
+    /// in pieces of at most [`READ_CHUNK`]: memory grows with the bytes that arrive, not with
+    /// what a corrupt or hostile length field claims.
+    pub(super) fn get_vec(&mut self, len: u64, what: &'static str) -> Result<Vec<u8>, FormatError> {
+        let len = usize::try_from(len).map_err(|_| FormatError::StateTooLarge(len))?;
+        let mut v = Vec::with_capacity(len.min(READ_CHUNK));
+        while v.len() < len {
+            let at = v.len();
+            v.resize(at + (len - at).min(READ_CHUNK), 0);
+            self.get(&mut v[at..], what)?;
+        }
+        Ok(v)
+    }
+
     pub(super) fn u64(&mut self, what: &'static str) -> Result<u64, FormatError> {
         let mut b = [0u8; 8];
         self.get(&mut b, what)?;
@@ -506,8 +523,7 @@ pub fn read_snapshot<R: Read>(
     if len > MAX_STATE_LEN {
         return Err(FormatError::StateTooLarge(len));
     }
-    let mut json = vec![0u8; len as usize];
-    r.get(&mut json, "the state section")?;
+    let json = r.get_vec(len, "the state section")?;
     let snap: VmSnapshot = serde_json::from_slice(&json)?;
     if snap.shape != *ours {
         return Err(FormatError::Shape {

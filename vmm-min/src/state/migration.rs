@@ -577,7 +577,5 @@ fn read_blob<R: Read>(r: &mut Reader<R>, what: &'static str) -> Result<Vec<u8>, 
     if len > MAX_STATE_LEN {
         return Err(FormatError::StateTooLarge(len));
     }
-    let mut b = vec![0u8; len as usize];
-    r.get(&mut b, what)?;
-    Ok(b)
+    r.get_vec(len, what)
 }

@@ -806,3 +806,64 @@ fn state_migration_zero_records_clear_written_and_data_pages_but_skip_holes() {
         "page S was not in the stream"
     );
 }
+
+/// A reader that remembers the largest buffer it was asked to fill.
+struct LargestRead<'a> {
+    data: &'a [u8],
+    largest: usize,
+}
+
+impl std::io::Read for LargestRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.largest = self.largest.max(buf.len());
+        self.data.read(buf)
+    }
+}
+
+/// A length field claiming the largest state (64 MiB) in front of a few bytes: refused as
+/// truncated, and the readers never ask for (so never allocate) more than a read chunk (the
+/// migration reader: its 2 MiB buffer) at once. Found while writing the vmm-min fuzz targets:
+/// the whole claimed length was allocated before the first byte of it was read.
+#[test]
+fn state_length_fields_do_not_allocate_what_they_claim() {
+    let shape = VmShape {
+        memory: crate::memory::MIN_MEMORY,
+        cpus: 1,
+        irqchip: true,
+        devices: Vec::new(),
+    };
+    let ram = crate::memory::GuestRam::new(shape.memory).unwrap();
+    let mut file = Vec::new();
+    file.extend_from_slice(MAGIC);
+    file.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    file.extend_from_slice(&format::MAX_STATE_LEN.to_le_bytes());
+    file.extend_from_slice(b"{\"shape\":");
+    let mut r = LargestRead {
+        data: &file,
+        largest: 0,
+    };
+    let e = format::read_snapshot(&mut r, &shape, &ram).unwrap_err();
+    assert!(matches!(e, FormatError::Truncated { .. }), "{e}");
+    assert!(r.largest <= format::READ_CHUNK, "{}", r.largest);
+
+    let json = serde_json::to_vec(&shape).unwrap();
+    let mut stream = Vec::new();
+    stream.extend_from_slice(super::migration::MIGRATION_MAGIC);
+    stream.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    stream.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    stream.extend_from_slice(&json);
+    stream.push(2); // STATE
+    stream.extend_from_slice(&format::MAX_STATE_LEN.to_le_bytes());
+    stream.extend_from_slice(b"{\"shape\":");
+    let mut r = LargestRead {
+        data: &stream,
+        largest: 0,
+    };
+    let e = super::migration::receive(&mut r, &shape, &ram).unwrap_err();
+    assert!(matches!(e, FormatError::Truncated { .. }), "{e}");
+    assert!(
+        r.largest <= super::migration::IO_BUFFER,
+        "{} bytes asked at once",
+        r.largest
+    );
+}
