@@ -12,6 +12,13 @@
 //!   rewriter; see [`crate::filter`]) and leave whole to a tap with vnet headers or a guest
 //!   that negotiated the offload; wherever that does not hold they are made plain in software
 //!   ([`crate::offload`]).
+//! - ECN with TSO (`HOST_ECN`, `GUEST_ECN`: `VIRTIO_NET_HDR_GSO_ECN` frames, CWR kept on the
+//!   first segment only where cut in software) and UDP fragmentation (`HOST_UFO`,
+//!   `GUEST_UFO`: QEMU 7.2 offers both on a tap that takes `TUN_F_UFO`; Linux guests since 4.14
+//!   never send UFO, but a frontend may), and USO from the guest (`HOST_USO`, virtio 1.2): the
+//!   same rule as TSO, offered whatever the netdev, whole where the far side takes them,
+//!   made plain in software elsewhere. `GUEST_USO4/6` are not offered (the tap is not asked
+//!   for USO frames).
 //! - `VIRTIO_NET_F_MAC` with the MAC from the command line and `VIRTIO_NET_F_STATUS` in config
 //!   space (`VHOST_USER_PROTOCOL_F_CONFIG`); `set_link` changes the status and sends
 //!   `CONFIG_CHANGE_MSG` when the frontend gave a backend-request channel
@@ -55,6 +62,11 @@ pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 7;
 pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 8;
 pub const VIRTIO_NET_F_HOST_TSO4: u64 = 11;
 pub const VIRTIO_NET_F_HOST_TSO6: u64 = 12;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 9;
+pub const VIRTIO_NET_F_GUEST_UFO: u64 = 10;
+pub const VIRTIO_NET_F_HOST_ECN: u64 = 13;
+pub const VIRTIO_NET_F_HOST_UFO: u64 = 14;
+pub const VIRTIO_NET_F_HOST_USO: u64 = 56;
 pub const VIRTIO_NET_F_MAC: u64 = 5;
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 15;
 pub const VIRTIO_NET_F_STATUS: u64 = 16;
@@ -846,6 +858,11 @@ impl VhostUserBackend for NetBackend {
             | (1 << VIRTIO_NET_F_GUEST_TSO6)
             | (1 << VIRTIO_NET_F_HOST_TSO4)
             | (1 << VIRTIO_NET_F_HOST_TSO6)
+            | (1 << VIRTIO_NET_F_GUEST_ECN)
+            | (1 << VIRTIO_NET_F_GUEST_UFO)
+            | (1 << VIRTIO_NET_F_HOST_ECN)
+            | (1 << VIRTIO_NET_F_HOST_UFO)
+            | (1 << VIRTIO_NET_F_HOST_USO)
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_MRG_RXBUF)
             | (1 << VIRTIO_NET_F_STATUS)

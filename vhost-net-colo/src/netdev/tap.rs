@@ -21,6 +21,16 @@ const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+const TUN_F_UFO: libc::c_uint = 0x10;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
+/// The offloads asked of a tap with vnet headers: checksum, TSO with ECN (GSO frames whose
+/// CWR the segmenter must keep on the first segment only, `VIRTIO_NET_HDR_GSO_ECN`), and UFO
+/// (QEMU asks for it too; kernels since 4.14 accept it but never hand UFO frames out).
+const OFFLOADS: libc::c_uint = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_UFO;
+/// `gso_type` of a USO frame (`VIRTIO_NET_HDR_GSO_UDP_L4`), without the ECN bit.
+const GSO_UDP_L4: u8 = crate::offload::GSO_UDP_L4;
 
 #[repr(C)]
 struct IfReq {
@@ -35,6 +45,9 @@ pub struct Tap {
     /// One descriptor per queue (`queues=N`, `IFF_MULTI_QUEUE`), else one.
     files: Vec<Arc<File>>,
     vnet_hdr: bool,
+    /// The kernel takes USO frames written to the tap (it knows `TUN_F_USO4/6`, Linux 6.2+);
+    /// otherwise they are cut in software first.
+    uso: bool,
     downscript: Option<String>,
     down_done: AtomicBool,
     stop: Arc<AtomicBool>,
@@ -95,10 +108,12 @@ impl Tap {
         };
         let mut files = Vec::with_capacity(queues);
         let mut ifname = ifname;
+        let mut uso = vnet_hdr;
         for q in 0..queues {
             let file = open_queue(&ifname, vnet_hdr, queues > 1)
                 .map_err(|(what, e)| io_err(&format!("queue {q}: {what}"), e))?;
             ifname = file.1;
+            uso &= file.2;
             files.push(Arc::new(file.0));
         }
         if let Some(s) = &script {
@@ -109,6 +124,7 @@ impl Tap {
             ifname,
             files,
             vnet_hdr,
+            uso,
             downscript,
             down_done: AtomicBool::new(false),
             stop: Arc::new(AtomicBool::new(false)),
@@ -135,12 +151,13 @@ impl Tap {
 }
 
 /// Opens one queue of tap `ifname` (created when it does not exist; the kernel names it when
-/// `ifname` is empty) and returns it with the interface's name.
+/// `ifname` is empty) and returns it with the interface's name and whether the kernel takes
+/// USO frames.
 fn open_queue(
     ifname: &str,
     vnet_hdr: bool,
     multi_queue: bool,
-) -> Result<(File, String), (&'static str, std::io::Error)> {
+) -> Result<(File, String, bool), (&'static str, std::io::Error)> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -177,20 +194,29 @@ fn open_queue(
             return Err(("TUNSETVNETHDRSZ", std::io::Error::last_os_error()));
         }
         // We can take every frame: whatever the guest or the chain cannot take is made
-        // plain in software (see crate::offload).
-        // SAFETY: TUNSETOFFLOAD takes the flags by value; the fd is our tun device.
-        let r = unsafe {
-            libc::ioctl(
-                file.as_raw_fd(),
-                TUNSETOFFLOAD,
-                (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) as libc::c_ulong,
-            )
+        // plain in software (see crate::offload). A kernel that knows USO (it refuses
+        // unknown flags) also takes USO frames written to it; it is asked for them only for
+        // that probe, then set to OFFLOADS. Older kernels get fewer flags, down to QEMU's
+        // basic set.
+        let set = |flags: libc::c_uint| {
+            // SAFETY: TUNSETOFFLOAD takes the flags by value; the fd is our tun device.
+            let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) };
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
         };
-        if r < 0 {
-            return Err(("TUNSETOFFLOAD", std::io::Error::last_os_error()));
+        let uso = set(OFFLOADS | TUN_F_USO4 | TUN_F_USO6).is_ok();
+        let r = set(OFFLOADS)
+            .or_else(|_| set(OFFLOADS & !TUN_F_UFO))
+            .or_else(|_| set(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6));
+        if let Err(e) = r {
+            return Err(("TUNSETOFFLOAD", e));
         }
+        return Ok((file, name, uso));
     }
-    Ok((file, name))
+    Ok((file, name, false))
 }
 
 /// The largest frame a tap hands over (a 64 KiB GSO frame with its Ethernet header).
@@ -335,7 +361,7 @@ impl Netdev for Tap {
         hdr: &[u8; VNET_HDR_LEN],
         frame: &[u8],
     ) -> std::io::Result<()> {
-        if !self.vnet_hdr {
+        if !self.vnet_hdr || (!self.uso && hdr[1] & !crate::offload::GSO_ECN == GSO_UDP_L4) {
             let segs = crate::offload::to_plain(hdr, frame.to_vec())
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
             for s in segs {
@@ -354,6 +380,19 @@ impl Netdev for Tap {
         if !self.vnet_hdr {
             return None;
         }
+        if !self.uso {
+            // A USO frame goes the copying way (cut in software): its gso_type is byte 1.
+            let first = iov.iter().find(|v| v.iov_len > 0)?;
+            let gso_type = if first.iov_len > 1 {
+                // SAFETY: as below, the iovec covers readable guest memory of iov_len bytes.
+                unsafe { *(first.iov_base as *const u8).add(1) }
+            } else {
+                GSO_UDP_L4
+            };
+            if gso_type & !crate::offload::GSO_ECN == GSO_UDP_L4 {
+                return None;
+            }
+        }
         let f = self.files.get(q % self.files.len().max(1))?;
         // SAFETY: the caller hands iovecs over guest memory mapped for the duration of the call
         // (readable; the tap only reads them); the fd is our tun device.
@@ -366,7 +405,7 @@ impl Netdev for Tap {
     }
 
     fn describe(&self) -> serde_json::Value {
-        serde_json::json!({"ifname": self.ifname, "vnet_hdr": self.vnet_hdr, "queues": self.files.len(), "counters": self.counters.json()})
+        serde_json::json!({"ifname": self.ifname, "vnet_hdr": self.vnet_hdr, "uso": self.uso, "queues": self.files.len(), "counters": self.counters.json()})
     }
 
     fn shutdown(&self) {
