@@ -322,7 +322,7 @@ mod tests {
         // 2 GiB, sparse: reading it whole would allocate 2 GiB.
         std::fs::File::create(&i).unwrap().set_len(2 << 30).unwrap();
         let ram = GuestRam::new(64 << 20).unwrap();
-        let mut spec = BootSpec {
+        let spec = BootSpec {
             kernel: k,
             initrd: Some(i),
             cmdline: "console=ttyS0".into(),
