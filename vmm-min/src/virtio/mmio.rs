@@ -200,6 +200,19 @@ impl MmioTransport {
                 sizes(&self.state)
             ));
         }
+        // A ready queue goes to the backend as it is (`SET_VRING_NUM`): only sizes the guest
+        // could have set (non-zero, at most the maximum, a power of 2 or the maximum itself).
+        if let Some((i, q)) = state.queues.iter().enumerate().find(|(_, q)| {
+            q.ready
+                && (q.size == 0
+                    || q.size > q.max_size
+                    || !(q.size.is_power_of_two() || q.size == q.max_size))
+        }) {
+            return Err(format!(
+                "saved virtio-mmio queue {i} is ready with size {} (max {}): not a valid ring size",
+                q.size, q.max_size
+            ));
+        }
         if state.driver_features & !self.device_features != 0 {
             return Err(format!(
                 "saved driver features {:#x} are not all offered by this backend ({:#x})",
@@ -636,6 +649,43 @@ mod tests {
         assert_eq!(t.state().queues[0].desc, 0x10_0000);
         // vhost-user devices signal the irqfd themselves: the used-buffer cause is reported.
         assert_eq!(r(&mut t, reg::INTERRUPT_STATUS) & INT_VRING, INT_VRING);
+    }
+
+    /// A saved state (snapshot file, migration stream) whose ready queue has a size the guest
+    /// could never have set is refused before the backend sees it (found by the vmm-min
+    /// `mmio_transport` fuzz target: a ready queue of size 0 reached `activate`).
+    #[test]
+    fn restore_refuses_ring_sizes_a_guest_cannot_set() {
+        let (mut t, _, _, _) = transport(false);
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | (1 << 9));
+        setup_queue(&mut t, 0, 0x10_0000);
+        setup_queue(&mut t, 1, 0x20_0000);
+        w(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        let saved = t.state().clone();
+        for bad in [0u16, 100, 512] {
+            let (mut t2, seen, _, _) = transport(false);
+            let mut s = saved.clone();
+            s.queues[0].size = bad;
+            let e = t2.restore(&s, &[0, 0]).unwrap_err();
+            assert!(e.contains("queue 0 is ready with size"), "{e}");
+            assert!(seen.lock().unwrap().activated.is_none());
+            assert!(!t2.state().activated);
+        }
+        // The state as saved restores and starts the rings; a queue that is not ready may
+        // keep any size (the backend never sees it).
+        let (mut t2, seen, _, _) = transport(false);
+        let mut s = saved.clone();
+        s.queues[1].ready = false;
+        s.queues[1].size = 0;
+        t2.restore(&s, &[0, 0]).unwrap();
+        assert_eq!(
+            seen.lock().unwrap().activated.clone().unwrap().1[0].size,
+            64
+        );
     }
 
     #[test]
