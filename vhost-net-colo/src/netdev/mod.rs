@@ -14,13 +14,15 @@
 //! - `dgram,id=d0,local.type=inet,local.host=H,local.port=N,remote.type=inet,remote.host=H,
 //!   remote.port=N` (or `*.type=unix,*.path=P`): one frame per datagram, as QEMU's `-netdev dgram`.
 //! - `user,id=n0[,net=10.0.2.0/24][,host=10.0.2.2][,guest=10.0.2.15][,hostfwd=tcp:ADDR:PORT-:GPORT]...`:
-//!   a userspace network on smoltcp (see [`user`]).
+//!   a userspace network on smoltcp (see [`user`]); outbound NAT and DNS (`dns=`,
+//!   `restrict=on|off`, ours: `x-dns-upstream=IP:PORT`, `x-connect-timeout=SECS`) in [`user_nat`].
 
 pub mod dgram;
 pub mod dhcp;
 pub mod stream;
 pub mod tap;
 pub mod user;
+pub mod user_nat;
 
 use std::sync::Arc;
 

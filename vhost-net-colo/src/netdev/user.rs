@@ -7,9 +7,12 @@
 //! connection, opens a TCP connection from `host=` to `guest=` (default 10.0.2.15) port 80 and
 //! relays bytes both ways (half-closes included). The guest is configured statically or by DHCP:
 //! a DHCP server ([`super::dhcp`]) offers `guest=` (alias `dhcpstart=`), the netmask of `net=`,
-//! `host=` as router and `dns=` (default the network's .3, 10.0.2.3) as QEMU does. There is no
-//! DNS resolver at that address and no outbound NAT (connections the guest opens are not
-//! forwarded).
+//! `host=` as router and `dns=` (default the network's .3, 10.0.2.3) as QEMU does.
+//!
+//! Connections and datagrams the guest sends out are made from the host with ordinary sockets
+//! (outbound NAT, `host=` standing for the host's 127.0.0.1), and DNS queries to `dns=` go to
+//! the host's resolver (or `x-dns-upstream=IP:PORT`); `restrict=on` turns both off. See
+//! [`super::user_nat`].
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -28,6 +31,7 @@ use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, Ipv4Cidr};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::dhcp::{Dhcp, DhcpServer};
+use super::user_nat::{Nat, NatConfig, NatCounters, TcpKey, Verdict};
 use super::{Deliver, NetCounters, Netdev, NetdevError};
 use crate::filter::ObjectSpec;
 
@@ -92,6 +96,7 @@ pub struct UserNetdev {
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
     counters: Arc<NetCounters>,
+    nat_counters: Arc<NatCounters>,
     forwards: Vec<(HostFwd, SocketAddr)>,
 }
 
@@ -127,6 +132,36 @@ impl UserNetdev {
                 let mask = u32::from(net.netmask());
                 Ipv4Addr::from((u32::from(net.address()) & mask) | 3)
             }
+        };
+        let restrict = match spec.take("restrict").as_deref() {
+            None | Some("off" | "no" | "false") => false,
+            Some("on" | "yes" | "true") => true,
+            Some(v) => return Err(cfg(format!("restrict={v}: expected on or off"))),
+        };
+        let dns_upstream = match spec.take("x-dns-upstream") {
+            Some(v) => Some(
+                v.parse::<std::net::SocketAddrV4>()
+                    .map_err(|_| cfg(format!("x-dns-upstream={v}: expected IPV4:PORT")))?,
+            ),
+            None => std::fs::read_to_string("/etc/resolv.conf")
+                .ok()
+                .and_then(|t| super::user_nat::resolv_conf_nameserver(&t)),
+        };
+        if dns_upstream.is_none() && !restrict {
+            tracing::warn!(
+                "netdev {id}: no IPv4 nameserver in /etc/resolv.conf: DNS at {dns} will not answer"
+            );
+        }
+        let connect_timeout = match spec.take("x-connect-timeout") {
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if (1..=3600).contains(&n) => Duration::from_secs(n),
+                _ => {
+                    return Err(cfg(format!(
+                        "x-connect-timeout={v}: expected 1 to 3600 seconds"
+                    )));
+                }
+            },
+            None => super::user_nat::DEFAULT_CONNECT_TIMEOUT,
         };
         // ObjectSpec keeps one value per key: several rules are given as hostfwd=, hostfwd1=, ...
         let mut rules = Vec::new();
@@ -173,8 +208,21 @@ impl UserNetdev {
             wake: Arc::new(wake),
             stop: Arc::new(AtomicBool::new(false)),
             counters: Arc::default(),
+            nat_counters: Arc::default(),
             forwards,
         });
+        let nat = Nat::new(
+            NatConfig {
+                host,
+                dns,
+                net,
+                host_mac: HOST_MAC,
+                dns_upstream,
+                restrict,
+                connect_timeout,
+            },
+            me.nat_counters.clone(),
+        );
         let dhcp = DhcpServer {
             host_mac: HOST_MAC,
             host,
@@ -184,6 +232,8 @@ impl UserNetdev {
         };
         let stack = Stack {
             dhcp,
+            dns,
+            nat,
             net: Ipv4Cidr::new(host, net.prefix_len()),
             guest,
             listeners,
@@ -246,7 +296,11 @@ impl Netdev for UserNetdev {
                 )
             })
             .collect();
-        serde_json::json!({"hostfwd": fwd, "counters": self.counters.json()})
+        serde_json::json!({
+            "hostfwd": fwd,
+            "counters": self.counters.json(),
+            "nat": self.nat_counters.json(),
+        })
     }
 }
 
@@ -312,10 +366,24 @@ struct Fwd {
     host_eof: bool,
     fin_sent: bool,
     host_write_shut: bool,
+    /// An outbound (NAT) connection: its key and when its smoltcp socket took the SYN.
+    nat: Option<(TcpKey, std::time::Instant)>,
+}
+
+/// A smoltcp TCP socket for one relayed connection.
+fn relay_socket() -> tcp::Socket<'static> {
+    let mut sock = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; BUF]),
+        tcp::SocketBuffer::new(vec![0; BUF]),
+    );
+    sock.set_nagle_enabled(false);
+    sock
 }
 
 struct Stack {
     dhcp: DhcpServer,
+    dns: Ipv4Addr,
+    nat: Nat,
     net: Ipv4Cidr,
     guest: Ipv4Addr,
     listeners: Vec<(TcpListener, HostFwd)>,
@@ -333,6 +401,7 @@ impl Stack {
     /// re-checks everything anyway.
     fn wait_ready(&self, fwds: &[Fwd], wait: Duration) {
         let mut fds = Vec::with_capacity(1 + self.listeners.len() + fwds.len());
+        self.nat.poll_fds(&mut fds);
         let entry = |fd, events| libc::pollfd {
             fd,
             events,
@@ -370,10 +439,19 @@ impl Stack {
         };
     }
 
-    /// A frame from the guest: DHCP is answered here, the rest goes to smoltcp.
-    fn take_frame(&self, dev: &mut Wire, f: Vec<u8>) {
+    /// A frame from the guest: DHCP is answered here, outbound traffic goes to the NAT, the
+    /// rest to smoltcp.
+    fn take_frame(&mut self, dev: &mut Wire, f: Vec<u8>) {
         match self.dhcp.handle(&f) {
-            Dhcp::NotDhcp => dev.rx.push_back(f),
+            Dhcp::NotDhcp => {
+                let out = |fr: Vec<u8>| {
+                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    (self.deliver)(fr);
+                };
+                if let Verdict::Stack(f) = self.nat.guest_frame(f, &out) {
+                    dev.rx.push_back(f);
+                }
+            }
             Dhcp::Handled(Some(reply)) => {
                 self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
                 (self.deliver)(reply);
@@ -382,7 +460,7 @@ impl Stack {
         }
     }
 
-    fn run(self) {
+    fn run(mut self) {
         let start = std::time::Instant::now();
         let now = || Instant::from_micros(start.elapsed().as_micros() as i64);
         let mut dev = Wire {
@@ -397,7 +475,12 @@ impl Stack {
         );
         iface.update_ip_addrs(|a| {
             let _ = a.push(IpCidr::Ipv4(self.net));
+            if self.dns != self.net.address() {
+                let _ = a.push(IpCidr::Ipv4(Ipv4Cidr::new(self.dns, self.net.prefix_len())));
+            }
         });
+        // Outbound NAT: smoltcp accepts TCP for every address (the NAT decides what reaches it).
+        iface.set_any_ip(self.nat.any_ip());
         let mut sockets = SocketSet::new(Vec::new());
         let mut fwds: Vec<Fwd> = Vec::new();
         let mut next_port: u16 = 49152;
@@ -420,6 +503,34 @@ impl Stack {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
+            // Outbound connects that completed: a socket listening on their destination takes
+            // the held SYN.
+            let out = |fr: Vec<u8>| {
+                self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                (self.deliver)(fr);
+            };
+            for c in self.nat.poll_host(&out) {
+                let mut sock = relay_socket();
+                sock.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
+                let ep = (IpAddress::Ipv4(c.key.2), c.key.3);
+                if let Err(e) = sock.listen(ep) {
+                    tracing::warn!("user netdev NAT: listen on {}:{}: {e}", c.key.2, c.key.3);
+                    self.nat.forget(&c.key);
+                    continue;
+                }
+                let _ = c.host.set_nonblocking(true);
+                fwds.push(Fwd {
+                    host: c.host,
+                    handle: sockets.add(sock),
+                    to_guest: Vec::new(),
+                    to_host: Vec::new(),
+                    host_eof: false,
+                    fin_sent: false,
+                    host_write_shut: false,
+                    nat: Some((c.key, std::time::Instant::now())),
+                });
+                dev.rx.push_back(c.syn);
+            }
             iface.poll(now(), &mut dev, &mut sockets);
 
             // New host connections.
@@ -427,11 +538,7 @@ impl Stack {
                 while let Ok((s, _)) = l.accept() {
                     let _ = s.set_nonblocking(true);
                     let _ = s.set_nodelay(true);
-                    let mut sock = tcp::Socket::new(
-                        tcp::SocketBuffer::new(vec![0; BUF]),
-                        tcp::SocketBuffer::new(vec![0; BUF]),
-                    );
-                    sock.set_nagle_enabled(false);
+                    let mut sock = relay_socket();
                     next_port = if next_port >= 65000 {
                         49152
                     } else {
@@ -452,11 +559,13 @@ impl Stack {
                         host_eof: false,
                         fin_sent: false,
                         host_write_shut: false,
+                        nat: None,
                     });
                 }
             }
 
             // Relay.
+            let mut finished = Vec::new();
             fwds.retain_mut(|f| {
                 let sock = sockets.get_mut::<tcp::Socket>(f.handle);
                 // host -> guest
@@ -501,19 +610,34 @@ impl Stack {
                 if f.to_host.is_empty()
                     && !sock.may_recv()
                     && !f.host_write_shut
-                    && sock.state() != tcp::State::SynSent
+                    && !matches!(
+                        sock.state(),
+                        tcp::State::SynSent | tcp::State::Listen | tcp::State::SynReceived
+                    )
                 {
                     let _ = f.host.shutdown(std::net::Shutdown::Write);
                     f.host_write_shut = true;
                 }
-                let done = matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait)
-                    && f.to_host.is_empty();
+                // An outbound connection whose socket is back to listening: the guest reset it
+                // during the handshake (or never took it).
+                let reset = f.nat.is_some_and(|(_, t)| {
+                    sock.state() == tcp::State::Listen && t.elapsed() > Duration::from_secs(1)
+                });
+                let done = reset
+                    || matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait)
+                        && f.to_host.is_empty();
                 if done {
                     let _ = f.host.shutdown(std::net::Shutdown::Both);
                     sockets.remove(f.handle);
+                    if let Some((k, _)) = f.nat {
+                        finished.push(k);
+                    }
                 }
                 !done
             });
+            for k in &finished {
+                self.nat.forget(k);
+            }
             iface.poll(now(), &mut dev, &mut sockets);
         }
     }

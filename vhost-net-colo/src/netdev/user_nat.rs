@@ -1,0 +1,711 @@
+//! Outbound NAT and DNS forwarding of the `user` netdev (what QEMU's slirp gives a guest).
+//!
+//! Every IPv4 frame from the guest is classified here before smoltcp sees it:
+//!
+//! - **TCP**: a SYN the guest sends to any address starts a non-blocking `connect` from the host
+//!   to that address (`host=` stands for the host's 127.0.0.1, `dns=`:53 for the DNS upstream).
+//!   The SYN is held until the connect completes: then a smoltcp socket listening on exactly
+//!   that address and port takes the held SYN and the stack relays bytes both ways as it does
+//!   for `hostfwd` (half-closes included). A refused connect becomes a RST to the guest, any
+//!   other failure or no answer within [`DEFAULT_CONNECT_TIMEOUT`] (`x-connect-timeout=SECS`)
+//!   an ICMP host unreachable. Retransmitted SYNs of a pending connect are dropped.
+//! - **UDP**: one host UDP socket per guest flow (source address and port); datagrams go out
+//!   from it, replies come back to the guest from the address the guest sent to (127.0.0.1 as
+//!   `host=`, the DNS upstream as `dns=`:53). A flow idle for [`UDP_IDLE`] (DNS-only flows:
+//!   [`UDP_DNS_IDLE`]) is closed. Replies larger than the link MTU are IPv4-fragmented.
+//! - **DNS**: UDP (and TCP) to `dns=` (default 10.0.2.3) port 53 goes to the first IPv4
+//!   `nameserver` of /etc/resolv.conf (read once when the netdev opens), or to
+//!   `x-dns-upstream=IP:PORT` (ours, for tests and for hosts whose resolver is elsewhere).
+//! - **`restrict=on`**: nothing of the above; the guest reaches only the netdev itself (ARP,
+//!   ping, DHCP) and whatever `hostfwd` brings in. Datagrams and connections that would leave
+//!   are dropped and counted (a SYN to `host=` gets smoltcp's RST as before).
+//!
+//! Frames smoltcp must not see are dropped here: ARP for addresses other than `host=`/`dns=`
+//! and IPv6 (smoltcp's any-IP mode, which lets it accept TCP for every address, would otherwise
+//! answer them all), ICMP to outside addresses (there is no ICMP NAT: a ping to the outside
+//! gets no answer rather than a false one), fragments of UDP datagrams (not reassembled).
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr,
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
+    TcpPacket, TcpSeqNumber, UdpPacket, UdpRepr,
+};
+
+/// How long a guest's connection waits for the host's `connect` (slirp leaves it to the host
+/// kernel; a bounded wait keeps pending state small). `x-connect-timeout=SECS` changes it.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A UDP flow with no datagram either way for this long is closed (slirp: 240 s).
+pub const UDP_IDLE: Duration = Duration::from_secs(120);
+/// A flow that only ever talked to the DNS address is closed sooner (slirp: 10 s).
+pub const UDP_DNS_IDLE: Duration = Duration::from_secs(10);
+/// At most this many connects pending and UDP flows open at once; more are dropped.
+pub const MAX_PENDING: usize = 256;
+pub const MAX_UDP_FLOWS: usize = 1024;
+const MTU: usize = 1500;
+
+/// A guest TCP connection: guest address and port, destination address and port (as the guest
+/// sees them).
+pub type TcpKey = (Ipv4Addr, u16, Ipv4Addr, u16);
+
+/// How the NAT maps the guest's view to the host's.
+#[derive(Clone, Debug)]
+pub struct NatConfig {
+    pub host: Ipv4Addr,
+    pub dns: Ipv4Addr,
+    pub net: smoltcp::wire::Ipv4Cidr,
+    pub host_mac: [u8; 6],
+    /// Where DNS queries go; `None`: no resolver known, queries are dropped (counted).
+    pub dns_upstream: Option<SocketAddrV4>,
+    pub restrict: bool,
+    pub connect_timeout: Duration,
+}
+
+/// The first IPv4 `nameserver` of a resolv.conf text, port 53.
+pub fn resolv_conf_nameserver(text: &str) -> Option<SocketAddrV4> {
+    text.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        (w.next() == Some("nameserver"))
+            .then(|| w.next()?.parse::<Ipv4Addr>().ok())
+            .flatten()
+            .map(|ip| SocketAddrV4::new(ip, 53))
+    })
+}
+
+/// Counters of the NAT, reported in `describe()`.
+#[derive(Debug, Default)]
+pub struct NatCounters {
+    pub tcp_connects: AtomicU64,
+    pub tcp_refused: AtomicU64,
+    pub tcp_unreachable: AtomicU64,
+    pub tcp_timeouts: AtomicU64,
+    pub udp_to_host: AtomicU64,
+    pub udp_to_guest: AtomicU64,
+    pub udp_flows_expired: AtomicU64,
+    pub dns_queries: AtomicU64,
+    pub dropped_restricted: AtomicU64,
+    pub dropped_other: AtomicU64,
+}
+
+impl NatCounters {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tcp_connects": self.tcp_connects.load(Relaxed),
+            "tcp_refused": self.tcp_refused.load(Relaxed),
+            "tcp_unreachable": self.tcp_unreachable.load(Relaxed),
+            "tcp_timeouts": self.tcp_timeouts.load(Relaxed),
+            "udp_to_host": self.udp_to_host.load(Relaxed),
+            "udp_to_guest": self.udp_to_guest.load(Relaxed),
+            "udp_flows_expired": self.udp_flows_expired.load(Relaxed),
+            "dns_queries": self.dns_queries.load(Relaxed),
+            "dropped_restricted": self.dropped_restricted.load(Relaxed),
+            "dropped_other": self.dropped_other.load(Relaxed),
+        })
+    }
+}
+
+/// What to do with a frame from the guest.
+pub enum Verdict {
+    /// Give it to smoltcp.
+    Stack(Vec<u8>),
+    /// Handled (or dropped) here.
+    Done,
+}
+
+struct PendingTcp {
+    key: TcpKey,
+    sock: OwnedFd,
+    syn: Vec<u8>,
+    started: Instant,
+}
+
+/// A connect that completed: the stack makes a smoltcp socket listen on `key`'s destination,
+/// feeds it `syn` and relays between it and `host`.
+pub struct Connected {
+    pub key: TcpKey,
+    pub host: TcpStream,
+    pub syn: Vec<u8>,
+}
+
+struct UdpFlow {
+    sock: UdpSocket,
+    guest_mac: [u8; 6],
+    last: Instant,
+    dns_only: bool,
+}
+
+/// The NAT state, owned by the stack thread.
+pub struct Nat {
+    cfg: NatConfig,
+    pending: Vec<PendingTcp>,
+    active: HashSet<TcpKey>,
+    udp: HashMap<(Ipv4Addr, u16), UdpFlow>,
+    last_sweep: Instant,
+    ident: u16,
+    buf: Vec<u8>,
+    pub counters: Arc<NatCounters>,
+}
+
+enum Conn {
+    Pending,
+    Connected,
+    Failed(std::io::Error),
+}
+
+impl Nat {
+    pub fn new(cfg: NatConfig, counters: Arc<NatCounters>) -> Self {
+        Self {
+            cfg,
+            pending: Vec::new(),
+            active: HashSet::new(),
+            udp: HashMap::new(),
+            last_sweep: Instant::now(),
+            ident: 1,
+            buf: Vec::new(),
+            counters,
+        }
+    }
+
+    /// True when smoltcp may accept TCP for any address (outbound NAT on).
+    pub fn any_ip(&self) -> bool {
+        !self.cfg.restrict
+    }
+
+    /// Forgets a finished connection (its relay ended).
+    pub fn forget(&mut self, key: &TcpKey) {
+        self.active.remove(key);
+    }
+
+    /// The host address the guest means by `ip:port`, `None` when it is not reachable.
+    fn map_dst(&self, ip: Ipv4Addr, port: u16) -> Option<SocketAddr> {
+        if ip == self.cfg.dns {
+            return (port == 53)
+                .then_some(self.cfg.dns_upstream)
+                .flatten()
+                .map(SocketAddr::V4);
+        }
+        if ip == self.cfg.host {
+            return Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
+        }
+        if ip.is_broadcast()
+            || ip.is_multicast()
+            || ip.is_unspecified()
+            || ip.is_loopback()
+            || self.cfg.net.contains_addr(&ip)
+        {
+            return None;
+        }
+        Some(SocketAddr::new(ip.into(), port))
+    }
+
+    /// The guest's view of a host address replies come from.
+    fn unmap_src(&self, from: SocketAddr) -> Option<(Ipv4Addr, u16)> {
+        let SocketAddr::V4(v4) = from else {
+            return None;
+        };
+        if Some(v4) == self.cfg.dns_upstream {
+            return Some((self.cfg.dns, 53));
+        }
+        if v4.ip().is_loopback() {
+            return Some((self.cfg.host, v4.port()));
+        }
+        Some((*v4.ip(), v4.port()))
+    }
+
+    fn own(&self, ip: Ipv4Addr) -> bool {
+        ip == self.cfg.host || ip == self.cfg.dns
+    }
+
+    fn drop_frame(&self) -> Verdict {
+        self.counters.dropped_other.fetch_add(1, Relaxed);
+        Verdict::Done
+    }
+
+    /// Looks at one frame from the guest (DHCP already taken out); `out` sends frames to it.
+    pub fn guest_frame(&mut self, frame: Vec<u8>, out: &dyn Fn(Vec<u8>)) -> Verdict {
+        let Ok(eth) = EthernetFrame::new_checked(&frame[..]) else {
+            return Verdict::Stack(frame);
+        };
+        match eth.ethertype() {
+            EthernetProtocol::Ipv4 => {}
+            EthernetProtocol::Arp => {
+                let target = ArpPacket::new_checked(eth.payload())
+                    .ok()
+                    .and_then(|p| ArpRepr::parse(&p).ok());
+                return match target {
+                    Some(ArpRepr::EthernetIpv4 {
+                        target_protocol_addr,
+                        ..
+                    }) if self.own(target_protocol_addr) => Verdict::Stack(frame),
+                    _ => Verdict::Done,
+                };
+            }
+            // smoltcp has no IPv6 address here; with any-IP on it would answer neighbour
+            // solicitations for every address (and fail the guest's duplicate address check).
+            EthernetProtocol::Ipv6 => return Verdict::Done,
+            _ => return Verdict::Stack(frame),
+        }
+        let src_mac = eth.src_addr().0;
+        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            return Verdict::Stack(frame);
+        };
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        let own = self.own(dst);
+        match ip.next_header() {
+            IpProtocol::Tcp => {
+                let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+                    return self.drop_frame();
+                };
+                let key = (src, tcp.src_port(), dst, tcp.dst_port());
+                if self.active.contains(&key) {
+                    return Verdict::Stack(frame);
+                }
+                let syn = tcp.syn() && !tcp.ack() && !tcp.rst();
+                if !syn {
+                    // Hostfwd traffic (to `host=`) or stray segments: smoltcp answers them (RST
+                    // for a connection it does not know), unless restricted.
+                    if !own && self.cfg.restrict {
+                        self.counters.dropped_restricted.fetch_add(1, Relaxed);
+                        return Verdict::Done;
+                    }
+                    return Verdict::Stack(frame);
+                }
+                if self.pending.iter().any(|p| p.key == key) {
+                    return Verdict::Done; // a retransmitted SYN while the host connects
+                }
+                if self.cfg.restrict {
+                    if own {
+                        return Verdict::Stack(frame); // smoltcp refuses it, as without NAT
+                    }
+                    self.counters.dropped_restricted.fetch_add(1, Relaxed);
+                    return Verdict::Done;
+                }
+                let Some(to) = self.map_dst(dst, tcp.dst_port()) else {
+                    return if own {
+                        Verdict::Stack(frame) // e.g. dns= on another port: smoltcp's RST
+                    } else {
+                        self.drop_frame()
+                    };
+                };
+                if self.pending.len() >= MAX_PENDING {
+                    return self.drop_frame();
+                }
+                match start_connect(to) {
+                    Ok(sock) => {
+                        tracing::debug!("user netdev NAT: {src}:{} -> {to}", tcp.src_port());
+                        self.pending.push(PendingTcp {
+                            key,
+                            sock,
+                            syn: frame,
+                            started: Instant::now(),
+                        });
+                    }
+                    Err(e) => self.fail_connect(&frame, &e, out),
+                }
+                Verdict::Done
+            }
+            IpProtocol::Udp => {
+                if self.cfg.restrict {
+                    self.counters.dropped_restricted.fetch_add(1, Relaxed);
+                    return Verdict::Done;
+                }
+                if ip.more_frags() || ip.frag_offset() != 0 {
+                    return self.drop_frame();
+                }
+                let Ok(udp) = UdpPacket::new_checked(ip.payload()) else {
+                    return self.drop_frame();
+                };
+                let Some(to) = self.map_dst(dst, udp.dst_port()) else {
+                    return self.drop_frame();
+                };
+                let dns = dst == self.cfg.dns;
+                self.udp_out(src_mac, src, udp.src_port(), to, dns, udp.payload());
+                Verdict::Done
+            }
+            _ if own => Verdict::Stack(frame),
+            _ => self.drop_frame(),
+        }
+    }
+
+    fn udp_out(
+        &mut self,
+        mac: [u8; 6],
+        src: Ipv4Addr,
+        sport: u16,
+        to: SocketAddr,
+        dns: bool,
+        payload: &[u8],
+    ) {
+        let key = (src, sport);
+        if !self.udp.contains_key(&key) {
+            if self.udp.len() >= MAX_UDP_FLOWS {
+                self.drop_frame();
+                return;
+            }
+            let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("user netdev NAT: UDP socket: {e}");
+                    self.drop_frame();
+                    return;
+                }
+            };
+            self.udp.insert(
+                key,
+                UdpFlow {
+                    sock,
+                    guest_mac: mac,
+                    last: Instant::now(),
+                    dns_only: true,
+                },
+            );
+        }
+        let Some(flow) = self.udp.get_mut(&key) else {
+            return;
+        };
+        flow.last = Instant::now();
+        flow.guest_mac = mac;
+        flow.dns_only &= dns;
+        match flow.sock.send_to(payload, to) {
+            Ok(_) => {
+                self.counters.udp_to_host.fetch_add(1, Relaxed);
+                if dns {
+                    self.counters.dns_queries.fetch_add(1, Relaxed);
+                }
+            }
+            Err(e) => {
+                tracing::debug!("user netdev NAT: UDP to {to}: {e}");
+                self.counters.dropped_other.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Pending connects and UDP flows for the stack's poll(2).
+    pub fn poll_fds(&self, fds: &mut Vec<libc::pollfd>) {
+        for p in &self.pending {
+            fds.push(libc::pollfd {
+                fd: p.sock.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            });
+        }
+        for f in self.udp.values() {
+            fds.push(libc::pollfd {
+                fd: f.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+    }
+
+    /// Host-side progress: completed, failed and timed-out connects, UDP replies, idle flows.
+    /// Returns the connections ready for smoltcp.
+    pub fn poll_host(&mut self, out: &dyn Fn(Vec<u8>)) -> Vec<Connected> {
+        let mut ready = Vec::new();
+        if !self.pending.is_empty() {
+            let timeout = self.cfg.connect_timeout;
+            let pending = std::mem::take(&mut self.pending);
+            for p in pending {
+                match connect_state(&p.sock) {
+                    Conn::Connected => {
+                        self.counters.tcp_connects.fetch_add(1, Relaxed);
+                        self.active.insert(p.key);
+                        let host = TcpStream::from(p.sock);
+                        let _ = host.set_nodelay(true);
+                        ready.push(Connected {
+                            key: p.key,
+                            host,
+                            syn: p.syn,
+                        });
+                    }
+                    Conn::Failed(e) => self.fail_connect(&p.syn, &e, out),
+                    Conn::Pending if p.started.elapsed() >= timeout => {
+                        self.counters.tcp_timeouts.fetch_add(1, Relaxed);
+                        let e = std::io::Error::from(std::io::ErrorKind::TimedOut);
+                        self.fail_connect(&p.syn, &e, out);
+                    }
+                    Conn::Pending => self.pending.push(p),
+                }
+            }
+        }
+        self.udp_in(out);
+        if self.last_sweep.elapsed() >= Duration::from_secs(1) {
+            self.last_sweep = Instant::now();
+            let before = self.udp.len();
+            self.udp.retain(|_, f| {
+                let idle = if f.dns_only { UDP_DNS_IDLE } else { UDP_IDLE };
+                f.last.elapsed() < idle
+            });
+            let gone = (before - self.udp.len()) as u64;
+            self.counters.udp_flows_expired.fetch_add(gone, Relaxed);
+        }
+        ready
+    }
+
+    fn udp_in(&mut self, out: &dyn Fn(Vec<u8>)) {
+        if self.udp.is_empty() {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(65536, 0);
+        let mut frames = Vec::new();
+        for (&(gip, gport), f) in self.udp.iter_mut() {
+            // A bounded number per flow and round, so one busy flow cannot starve the rest.
+            for _ in 0..64 {
+                let (n, from) = match f.sock.recv_from(&mut buf) {
+                    Ok(r) => r,
+                    Err(_) => break, // WouldBlock, or an ICMP error queued on the socket
+                };
+                f.last = Instant::now();
+                frames.push((gip, gport, f.guest_mac, from, buf[..n].to_vec()));
+            }
+        }
+        self.buf = buf;
+        for (gip, gport, mac, from, data) in frames {
+            let Some((sip, sport)) = self.unmap_src(from) else {
+                self.counters.dropped_other.fetch_add(1, Relaxed);
+                continue;
+            };
+            self.counters.udp_to_guest.fetch_add(1, Relaxed);
+            for fr in self.udp_frames(mac, (sip, sport), (gip, gport), &data) {
+                out(fr);
+            }
+        }
+    }
+
+    /// A UDP datagram to the guest as Ethernet frames (IPv4 fragments when it exceeds the MTU).
+    fn udp_frames(
+        &mut self,
+        mac: [u8; 6],
+        src: (Ipv4Addr, u16),
+        dst: (Ipv4Addr, u16),
+        data: &[u8],
+    ) -> Vec<Vec<u8>> {
+        let udp_len = 8 + data.len();
+        let mut udp_buf = vec![0u8; udp_len];
+        UdpRepr {
+            src_port: src.1,
+            dst_port: dst.1,
+        }
+        .emit(
+            &mut UdpPacket::new_unchecked(&mut udp_buf[..]),
+            &IpAddress::Ipv4(src.0),
+            &IpAddress::Ipv4(dst.0),
+            data.len(),
+            |p| p.copy_from_slice(data),
+            &ChecksumCapabilities::default(),
+        );
+        let max = (MTU - 20) & !7;
+        let ident = self.ident;
+        self.ident = self.ident.wrapping_add(1);
+        let mut frames = Vec::new();
+        let mut off = 0;
+        while off < udp_len || off == 0 {
+            let end = (off + max).min(udp_len);
+            let more = end < udp_len;
+            let mut f = self.ipv4_frame(mac, src.0, dst.0, IpProtocol::Udp, end - off, |p| {
+                p.copy_from_slice(&udp_buf[off..end])
+            });
+            let mut ip = Ipv4Packet::new_unchecked(&mut f[14..]);
+            ip.set_ident(ident);
+            ip.set_dont_frag(false);
+            ip.set_more_frags(more);
+            ip.set_frag_offset(off as u16);
+            ip.fill_checksum();
+            frames.push(f);
+            off = end;
+            if !more {
+                break;
+            }
+        }
+        frames
+    }
+
+    fn ipv4_frame(
+        &self,
+        mac: [u8; 6],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        proto: IpProtocol,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Vec<u8> {
+        let mut buf = vec![0u8; 14 + 20 + len];
+        let mut eth = EthernetFrame::new_unchecked(&mut buf[..]);
+        EthernetRepr {
+            src_addr: EthernetAddress(self.cfg.host_mac),
+            dst_addr: EthernetAddress(mac),
+            ethertype: EthernetProtocol::Ipv4,
+        }
+        .emit(&mut eth);
+        let mut ip = Ipv4Packet::new_unchecked(eth.payload_mut());
+        Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: proto,
+            payload_len: len,
+            hop_limit: 64,
+        }
+        .emit(&mut ip, &ChecksumCapabilities::default());
+        fill(ip.payload_mut());
+        buf
+    }
+
+    /// Tells the guest that its connection (held SYN `syn`) failed: RST when refused, ICMP
+    /// host unreachable otherwise.
+    fn fail_connect(&self, syn: &[u8], e: &std::io::Error, out: &dyn Fn(Vec<u8>)) {
+        tracing::debug!("user netdev NAT: connect failed: {e}");
+        let Ok(eth) = EthernetFrame::new_checked(syn) else {
+            return;
+        };
+        let mac = eth.src_addr().0;
+        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            return;
+        };
+        let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+            return;
+        };
+        let (gip, sip) = (ip.src_addr(), ip.dst_addr());
+        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            self.counters.tcp_refused.fetch_add(1, Relaxed);
+            let f = self.ipv4_frame(mac, sip, gip, IpProtocol::Tcp, 20, |p| {
+                let mut t = TcpPacket::new_unchecked(p);
+                t.set_src_port(tcp.dst_port());
+                t.set_dst_port(tcp.src_port());
+                t.set_seq_number(TcpSeqNumber(0));
+                t.set_ack_number(tcp.seq_number() + 1);
+                t.set_header_len(20);
+                t.clear_flags();
+                t.set_rst(true);
+                t.set_ack(true);
+                t.set_window_len(0);
+                t.set_urgent_at(0);
+                t.fill_checksum(&IpAddress::Ipv4(sip), &IpAddress::Ipv4(gip));
+            });
+            out(f);
+            return;
+        }
+        if e.kind() != std::io::ErrorKind::TimedOut {
+            self.counters.tcp_unreachable.fetch_add(1, Relaxed);
+        }
+        let Ok(header) = Ipv4Repr::parse(&ip, &ChecksumCapabilities::ignored()) else {
+            return;
+        };
+        let Some(data) = ip.payload().get(..8) else {
+            return;
+        };
+        let icmp = Icmpv4Repr::DstUnreachable {
+            reason: Icmpv4DstUnreachable::HostUnreachable,
+            header,
+            data,
+        };
+        let f = self.ipv4_frame(mac, sip, gip, IpProtocol::Icmp, icmp.buffer_len(), |p| {
+            icmp.emit(
+                &mut Icmpv4Packet::new_unchecked(p),
+                &ChecksumCapabilities::default(),
+            )
+        });
+        out(f);
+    }
+}
+
+/// Starts a non-blocking TCP connect to `to`.
+fn start_connect(to: SocketAddr) -> std::io::Result<OwnedFd> {
+    let SocketAddr::V4(v4) = to else {
+        return Err(std::io::ErrorKind::Unsupported.into());
+    };
+    // SAFETY: plain socket(2); the result is checked before use.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `sa` is a valid sockaddr_in of the given length, `fd` our socket.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw const sa).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return Ok(fd);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINPROGRESS) {
+        Ok(fd)
+    } else {
+        Err(e)
+    }
+}
+
+/// Where a non-blocking connect stands: `SO_ERROR` set = failed; a peer name = connected.
+fn connect_state(fd: &OwnedFd) -> Conn {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a c_int of the stated length on our socket.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Conn::Failed(std::io::Error::last_os_error());
+    }
+    if err != 0 {
+        return Conn::Failed(std::io::Error::from_raw_os_error(err));
+    }
+    // SAFETY: a zeroed sockaddr_storage is a valid out-buffer for getpeername.
+    let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut sl = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getpeername into a sockaddr_storage of the stated length on our socket.
+    let r = unsafe { libc::getpeername(fd.as_raw_fd(), (&raw mut sa).cast(), &raw mut sl) };
+    if r == 0 {
+        Conn::Connected
+    } else {
+        Conn::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_first_ipv4_nameserver() {
+        let t = "# c\nsearch x\nnameserver fe80::1\nnameserver 127.0.0.53\nnameserver 9.9.9.9\n";
+        assert_eq!(
+            resolv_conf_nameserver(t),
+            Some("127.0.0.53:53".parse().unwrap())
+        );
+        assert_eq!(resolv_conf_nameserver("search x\n"), None);
+    }
+}

@@ -1,0 +1,476 @@
+//! The `user` netdev's outbound NAT and DNS forwarding against a real TCP/IP stack: a tap in a
+//! network namespace the test creates stands for the guest's NIC (address 10.0.2.15/24, default
+//! route via 10.0.2.2), and the test relays its frames to and from the device's rings through
+//! the test frontend. The test's "guest" programs are sockets opened inside the namespace (the
+//! Linux stack makes the frames); the "outside" is listeners the test opens on the host's
+//! 127.0.0.1, reached through the `host=` alias 10.0.2.2, and a DNS responder the test runs,
+//! named by `x-dns-upstream=127.0.0.1:PORT`. No traffic goes anywhere but loopback: the path
+//! for other destinations is the same code with another address, exercised here only through
+//! the alias. Needs root and /dev/net/tun; otherwise it says SKIPPED.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{Backend, NetNs};
+use vhost_net_colo::testing::Options;
+
+const HOST_ALIAS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Creates tap `name` inside namespace `ns` (from a thread that enters it) and returns its fd.
+fn tap_in(ns: &NetNs, name: &str) -> File {
+    let name = name.to_string();
+    common::in_netns(ns, move || {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0x0002 | 0x1000, // IFF_TAP | IFF_NO_PI
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF with an ifreq-sized struct on our tun fd.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, &mut req as *mut IfReq) };
+        assert!(r >= 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        // SAFETY: F_SETFL on our own fd.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        f
+    })
+}
+
+/// The "guest": a namespace whose tap is relayed to the backend's rings by a thread.
+struct Guest {
+    ns: NetNs,
+    stop: Arc<AtomicBool>,
+    relay: Option<JoinHandle<()>>,
+    backend: Backend,
+    _dir: tempfile::TempDir,
+}
+
+impl Guest {
+    /// Starts the backend on `netdev` and a namespace `prefix` configured as QEMU's default
+    /// guest; `None` (SKIPPED printed) where this host cannot.
+    fn start(prefix: &str, netdev: &str) -> Option<Guest> {
+        let ns = common::netns_with_tun(prefix)?;
+        let dir = tempfile::tempdir().unwrap();
+        let backend = common::spawn_backend(dir.path(), netdev, &[], true, None);
+        let mut fe = backend.frontend(&Options::default());
+        let tap_name = format!("{prefix}0");
+        let mut tap = tap_in(&ns, &tap_name);
+        ns.ip(&["link", "set", "lo", "up"]).unwrap();
+        ns.ip(&["addr", "add", "10.0.2.15/24", "dev", &tap_name])
+            .unwrap();
+        ns.ip(&["link", "set", &tap_name, "up"]).unwrap();
+        ns.ip(&["route", "add", "default", "via", "10.0.2.2"])
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let relay = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop2.load(Ordering::Relaxed) {
+                let mut idle = true;
+                for _ in 0..64 {
+                    match tap.read(&mut buf) {
+                        Ok(n) if n > 0 => {
+                            fe.send(&buf[..n]).unwrap();
+                            idle = false;
+                        }
+                        _ => break,
+                    }
+                }
+                while let Some((f, _)) = fe.try_recv() {
+                    let _ = tap.write(&f);
+                    idle = false;
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        Some(Guest {
+            ns,
+            stop,
+            relay: Some(relay),
+            backend,
+            _dir: dir,
+        })
+    }
+
+    /// Runs `f` on a thread inside the guest's namespace.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        common::in_netns(&self.ns, f)
+    }
+
+    /// The netdev's NAT counters (`query-net`).
+    fn nat_counters(&self) -> serde_json::Value {
+        let mut q = self.backend.qmp();
+        let v = q.execute("query-net", serde_json::json!({})).unwrap();
+        v["netdev"]["state"]["nat"].clone()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(r) = self.relay.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// A TCP server on 127.0.0.1: per connection it reads until the peer half-closes, then writes
+/// back `b"got N from ADDR\n"` followed by the data reversed, and closes.
+fn reversing_server() -> (u16, JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let peer = s.peer_addr().unwrap();
+                let mut data = Vec::new();
+                if s.read_to_end(&mut data).is_err() {
+                    return;
+                }
+                let mut reply = format!("got {} from {}\n", data.len(), peer.ip()).into_bytes();
+                data.reverse();
+                reply.extend_from_slice(&data);
+                let _ = s.write_all(&reply);
+            });
+        }
+    });
+    (port, h)
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// A UDP server on 127.0.0.1 answering each datagram with `b"echo:"` + the datagram, and a
+/// datagram of `b"big:"` + 4000 bytes to one starting with `b"big"` (larger than the MTU).
+fn udp_echo() -> (u16, Arc<AtomicBool>) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let port = s.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop2.load(Ordering::Relaxed) {
+            let Ok((n, from)) = s.recv_from(&mut buf) else {
+                continue;
+            };
+            let reply = if buf[..n].starts_with(b"big") {
+                [b"big:".as_slice(), &payload(4000)].concat()
+            } else {
+                [b"echo:".as_slice(), &buf[..n]].concat()
+            };
+            let _ = s.send_to(&reply, from);
+        }
+    });
+    (port, stop)
+}
+
+/// A DNS query for `name`, type A, id `id`.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// A tiny DNS responder on 127.0.0.1: every A query gets one answer, 10.9.8.7, TTL 60.
+fn dns_responder() -> (u16, Arc<AtomicBool>) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let port = s.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while !stop2.load(Ordering::Relaxed) {
+            let Ok((n, from)) = s.recv_from(&mut buf) else {
+                continue;
+            };
+            if n < 12 {
+                continue;
+            }
+            let mut r = buf[..n].to_vec();
+            r[2] = 0x81; // response, recursion desired
+            r[3] = 0x80; // recursion available, no error
+            r[6..8].copy_from_slice(&1u16.to_be_bytes()); // one answer
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 9, 8, 7]);
+            let _ = s.send_to(&r, from);
+        }
+    });
+    (port, stop)
+}
+
+#[test]
+fn guest_reaches_host_services_through_nat_and_dns() {
+    let (tcp_port, _srv) = reversing_server();
+    let (udp_port, udp_stop) = udp_echo();
+    let (dns_port, dns_stop) = dns_responder();
+    let netdev = format!("user,id=n0,x-dns-upstream=127.0.0.1:{dns_port},x-connect-timeout=3");
+    let Some(g) = Guest::start("vnnat", &netdev) else {
+        return;
+    };
+
+    // TCP both ways with a half-close: the guest sends 300 KB and shuts its write side; the
+    // server (which sees the connection come from 127.0.0.1) answers after that EOF.
+    let sent = payload(300_000);
+    let sent2 = sent.clone();
+    let reply = g.run(move || {
+        let to = SocketAddr::from((HOST_ALIAS, tcp_port));
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(&sent2).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut r = Vec::new();
+        s.read_to_end(&mut r).unwrap();
+        r
+    });
+    let head = b"got 300000 from 127.0.0.1\n";
+    assert!(
+        reply.starts_with(head),
+        "reply: {:?}",
+        String::from_utf8_lossy(&reply[..reply.len().min(80)])
+    );
+    let mut back = reply[head.len()..].to_vec();
+    back.reverse();
+    assert!(
+        back == sent,
+        "relayed data differs ({} bytes back)",
+        back.len()
+    );
+
+    // Refused on the host: the guest's connect is refused (a RST), promptly.
+    let closed = closed_port();
+    let (err, took) = g.run(move || {
+        let t = Instant::now();
+        let to = SocketAddr::from((HOST_ALIAS, closed));
+        let e = TcpStream::connect_timeout(&to, Duration::from_secs(10)).unwrap_err();
+        (e.kind(), t.elapsed())
+    });
+    assert_eq!(err, ErrorKind::ConnectionRefused);
+    assert!(took < Duration::from_secs(3), "refusal took {took:?}");
+
+    // A host listener whose accept queue is full drops SYNs: the netdev's connect gets no
+    // answer. The stack keeps serving other connections meanwhile, and after
+    // x-connect-timeout=3 the guest gets host unreachable (ICMP).
+    let full = TcpListener::bind("127.0.0.1:0").unwrap();
+    let full_port = full.local_addr().unwrap().port();
+    // SAFETY: listen(2) again on our listening socket, to shrink its backlog to 0.
+    assert_eq!(unsafe { libc::listen(full.as_raw_fd(), 0) }, 0);
+    let mut fillers = Vec::new();
+    for _ in 0..3 {
+        if let Ok(s) = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], full_port)),
+            Duration::from_millis(300),
+        ) {
+            fillers.push(s);
+        }
+    }
+    let stalled = std::thread::spawn({
+        let nsname = g.ns.name().to_string();
+        move || {
+            let file = File::open(format!("/run/netns/{nsname}")).unwrap();
+            // SAFETY: setns on this thread only, with a namespace fd we opened.
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let t = Instant::now();
+            let to = SocketAddr::from((HOST_ALIAS, full_port));
+            let r = TcpStream::connect_timeout(&to, Duration::from_secs(20));
+            (r.map(|_| ()).map_err(|e| e.kind()), t.elapsed())
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let quick = g.run(move || {
+        let to = SocketAddr::from((HOST_ALIAS, tcp_port));
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"abc").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    });
+    assert_eq!(quick, "got 3 from 127.0.0.1\ncba");
+    let (res, took) = stalled.join().unwrap();
+    assert_eq!(res, Err(ErrorKind::HostUnreachable), "after {took:?}");
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(10),
+        "unreachable after {took:?}"
+    );
+    drop(fillers);
+
+    // UDP: the reply comes back from the address the guest sent to; one larger than the MTU
+    // arrives whole (IPv4 fragments, reassembled by the guest's stack).
+    let (small, big) = g.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let to = SocketAddr::from((HOST_ALIAS, udp_port));
+        s.send_to(b"hello", to).unwrap();
+        let mut buf = [0u8; 8192];
+        let (n, from) = s.recv_from(&mut buf).unwrap();
+        let small = (buf[..n].to_vec(), from);
+        s.send_to(b"big please", to).unwrap();
+        let (n, from) = s.recv_from(&mut buf).unwrap();
+        (small, (buf[..n].to_vec(), from))
+    });
+    assert_eq!(small.0, b"echo:hello");
+    assert_eq!(small.1, SocketAddr::from((HOST_ALIAS, udp_port)));
+    assert_eq!(big.0, [b"big:".as_slice(), &payload(4000)].concat());
+    assert_eq!(big.1, SocketAddr::from((HOST_ALIAS, udp_port)));
+
+    // DNS at 10.0.2.3:53, answered by the test's responder, the answer from 10.0.2.3:53.
+    let (answer, from) = g.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.send_to(&dns_query(0x4242, "colo.test"), (DNS, 53))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let (n, from) = s.recv_from(&mut buf).unwrap();
+        (buf[..n].to_vec(), from)
+    });
+    assert_eq!(from, SocketAddr::V4(SocketAddrV4::new(DNS, 53)));
+    assert_eq!(&answer[..2], &[0x42, 0x42]);
+    assert_eq!(&answer[answer.len() - 4..], &[10, 9, 8, 7]);
+
+    // busybox nslookup, a real resolver client, when there is one.
+    if colo_tests::host::tool("busybox").is_ok() {
+        let out =
+            g.ns.command("busybox")
+                .args(["nslookup", "colo.test", "10.0.2.3"])
+                .output()
+                .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("10.9.8.7"), "nslookup: {text}");
+    }
+
+    let c = g.nat_counters();
+    assert!(c["tcp_connects"].as_u64().unwrap() >= 2, "{c}");
+    assert!(c["tcp_refused"].as_u64().unwrap() >= 1, "{c}");
+    assert!(c["tcp_timeouts"].as_u64().unwrap() >= 1, "{c}");
+    assert!(c["dns_queries"].as_u64().unwrap() >= 1, "{c}");
+    assert!(c["udp_to_guest"].as_u64().unwrap() >= 3, "{c}");
+    udp_stop.store(true, Ordering::Relaxed);
+    dns_stop.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn restrict_on_lets_nothing_out_but_hostfwd_still_works() {
+    let (tcp_port, _srv) = reversing_server();
+    let (udp_port, udp_stop) = udp_echo();
+    let (dns_port, dns_stop) = dns_responder();
+    // hostfwd to the guest's port 7000, where the test listens inside the namespace.
+    let netdev = format!(
+        "user,id=n0,restrict=on,x-dns-upstream=127.0.0.1:{dns_port},hostfwd=tcp:127.0.0.1:0-:7000"
+    );
+    let Some(g) = Guest::start("vnrst", &netdev) else {
+        return;
+    };
+    let (err, udp, dns) = g.run(move || {
+        let to = SocketAddr::from((HOST_ALIAS, tcp_port));
+        let e = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .map(|_| ())
+            .map_err(|e| e.kind());
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        s.send_to(b"hello", (HOST_ALIAS, udp_port)).unwrap();
+        let udp = s.recv_from(&mut buf).is_ok();
+        s.send_to(&dns_query(7, "colo.test"), (DNS, 53)).unwrap();
+        let dns = s.recv_from(&mut buf).is_ok();
+        (e, udp, dns)
+    });
+    // The SYN to the host alias meets the netdev's own stack, which refuses it.
+    assert_eq!(err, Err(ErrorKind::ConnectionRefused));
+    assert!(!udp, "a UDP reply came through restrict=on");
+    assert!(!dns, "a DNS answer came through restrict=on");
+
+    // hostfwd still brings connections in.
+    let l = g.run(|| TcpListener::bind("10.0.2.15:7000").unwrap());
+    let mut q = g.backend.qmp();
+    let v = q.execute("query-net", serde_json::json!({})).unwrap();
+    let fwd = v["netdev"]["state"]["hostfwd"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let host: SocketAddr = fwd
+        .strip_prefix("tcp:")
+        .unwrap()
+        .split('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut c = TcpStream::connect(host).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"in").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "hostfwd brought no connection");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut two = [0u8; 2];
+    s.read_exact(&mut two).unwrap();
+    assert_eq!(&two, b"in");
+    s.write_all(b"ok").unwrap();
+    c.read_exact(&mut two).unwrap();
+    assert_eq!(&two, b"ok");
+
+    let c = g.nat_counters();
+    assert!(c["dropped_restricted"].as_u64().unwrap() >= 2, "{c}");
+    assert_eq!(c["tcp_connects"].as_u64().unwrap(), 0, "{c}");
+    udp_stop.store(true, Ordering::Relaxed);
+    dns_stop.store(true, Ordering::Relaxed);
+}
