@@ -388,7 +388,12 @@ impl MmioTransport {
         match offset {
             reg::DEVICE_FEATURES_SEL => self.state.device_features_sel = v,
             reg::DRIVER_FEATURES => {
-                if self.state.status & FEATURES_OK != 0 || self.state.status & DRIVER == 0 {
+                // Frozen once the device runs: a driver that cleared FEATURES_OK with FAILED
+                // must not change what the rings are restarted with (pause/resume).
+                if self.state.activated
+                    || self.state.status & FEATURES_OK != 0
+                    || self.state.status & DRIVER == 0
+                {
                     tracing::debug!("driver features written outside the DRIVER phase: ignored");
                     return;
                 }
@@ -686,6 +691,31 @@ mod tests {
             seen.lock().unwrap().activated.clone().unwrap().1[0].size,
             64
         );
+    }
+
+    /// A driver that sets FAILED may clear FEATURES_OK while the device runs; the driver
+    /// features it writes then must not reach the backend when the rings are restarted
+    /// (found by the vmm-min `mmio_transport` fuzz target: features never offered were passed
+    /// to `resume_rings`).
+    #[test]
+    fn driver_features_are_frozen_while_the_device_runs() {
+        let (mut t, seen, _, _) = transport(false);
+        let features = VIRTIO_F_VERSION_1 | (1 << 9);
+        negotiate(&mut t, features);
+        setup_queue(&mut t, 0, 0x10_0000);
+        w(
+            &mut t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.state().activated);
+        w(&mut t, reg::STATUS, FAILED | ACKNOWLEDGE | DRIVER);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, reg::DRIVER_FEATURES, 1 << 29);
+        assert_eq!(t.state().driver_features, features);
+        let bases = t.pause_device().unwrap();
+        t.resume_device(&bases).unwrap();
+        assert_eq!(seen.lock().unwrap().activated.clone().unwrap().0, features);
     }
 
     #[test]
