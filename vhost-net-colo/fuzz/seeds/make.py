@@ -84,6 +84,30 @@ for v6 in (False, True):
         for hl in (10, 12):
             write("offload", "gso_v%d_%d_%d_%d" % (6 if v6 else 4, n, mss, hl),
                   bytes([hl]) + hdr[:hl] + frame)
+# UFO (gso_type 3) and USO (gso_type 5) datagrams as offload::udp_gso_frame builds them.
+def udp_gso(v6, payload, gso_type, gso_size):
+    mac_a, mac_b = [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]
+    udp_len = 8 + len(payload)
+    if v6:
+        src, dst = bytes.fromhex("fd00" + "00" * 13 + "01"), bytes.fromhex("fd00" + "00" * 13 + "02")
+        ph = csum(bytes(src) + bytes(dst) + struct.pack("!IxxxB", udp_len, 17))
+        frame = eth(mac_a, mac_b, 0x86DD) + ipv6(src, dst, 17, udp_len)
+    else:
+        src, dst = [10, 0, 2, 15], [10, 0, 2, 2]
+        ph = csum(bytes(src) + bytes(dst) + struct.pack("!BBH", 0, 17, udp_len))
+        frame = eth(mac_a, mac_b, 0x0800) + ipv4(src, dst, 17, udp_len, 0x1234)
+    l4 = len(frame)
+    frame += struct.pack("!HHHH", 40000, 9, udp_len, ph) + payload
+    hdr = struct.pack("<BBHHHHH", 1, gso_type, l4 + 8, gso_size, l4, 6, 0)
+    return hdr, frame
+
+
+for v6 in (False, True):
+    for gso_type, size in ((3, 1400), (3, 13), (5, 1000), (5, 0)):
+        hdr, frame = udp_gso(v6, bytes((i * 3) & 0xFF for i in range(3000)), gso_type, size)
+        write("offload", "udp_v%d_gso%d_%d" % (6 if v6 else 4, gso_type, size),
+              bytes([12]) + hdr + frame)
+
 # A partial UDP checksum (no GSO).
 udp = struct.pack("!HHHH", 5000, 53, 8 + 4, csum(pseudo4([10, 0, 2, 15], [10, 0, 2, 3], 12)[:-3] + b"\x11" + struct.pack("!H", 12))) + b"abcd"
 f = eth([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], 0x0800) + ipv4([10, 0, 2, 15], [10, 0, 2, 3], 17, 12) + udp
