@@ -46,9 +46,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const UDP_IDLE: Duration = Duration::from_secs(120);
 /// A flow that only ever talked to the DNS address is closed sooner (slirp: 10 s).
 pub const UDP_DNS_IDLE: Duration = Duration::from_secs(10);
-/// At most this many connects pending and UDP flows open at once; more are dropped.
-pub const MAX_PENDING: usize = 256;
-pub const MAX_UDP_FLOWS: usize = 1024;
+/// At most this many connects pending, outbound connections and UDP flows open at once (each
+/// holds a host descriptor; the process's default limit is 1024); more are dropped (counted).
+pub const MAX_PENDING: usize = 128;
+pub const MAX_TCP: usize = 512;
+pub const MAX_UDP_FLOWS: usize = 256;
 const MTU: usize = 1500;
 
 /// A guest TCP connection: guest address and port, destination address and port (as the guest
@@ -264,7 +266,7 @@ impl Nat {
                     return self.drop_frame();
                 };
                 let key = (src, tcp.src_port(), dst, tcp.dst_port());
-                if self.active.contains(&key) {
+                if !self.active.is_empty() && self.active.contains(&key) {
                     return Verdict::Stack(frame);
                 }
                 let syn = tcp.syn() && !tcp.ack() && !tcp.rst();
@@ -294,7 +296,7 @@ impl Nat {
                         self.drop_frame()
                     };
                 };
-                if self.pending.len() >= MAX_PENDING {
+                if self.pending.len() >= MAX_PENDING || self.active.len() >= MAX_TCP {
                     return self.drop_frame();
                 }
                 match start_connect(to) {
