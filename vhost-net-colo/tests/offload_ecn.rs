@@ -624,3 +624,70 @@ fn ufo_and_uso_frames_from_the_guest_reach_a_real_udp_socket() {
     assert_eq!(net["offload"]["errors"], 0, "{net}");
     assert!(net["offload"]["software"].as_u64().unwrap() >= 2, "{net}");
 }
+
+/// A netdev without vnet headers (`stream`): the guest's GSO_ECN frame arrives as plain
+/// segments with CWR on the first only, its UFO datagram as IP fragments (3 of 1480 bytes of
+/// IP payload, MF on all but the last, one identification) and its USO frame as datagrams.
+#[test]
+fn ecn_ufo_and_uso_frames_are_cut_in_software_for_a_stream_netdev() {
+    use colo_proto::frame::FrameReader;
+    use smoltcp::wire::UdpPacket;
+    use vhost_net_colo::offload::tcp_gso_frame;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, wire) = common::spawn_with_wire(dir.path(), "", &["--mac", GUEST_MAC_STR], true);
+    let mut r = FrameReader::new(wire, false);
+    let mut fe = b.frontend(&Options::default());
+    for bit in [9, 10, 13, 14, 56] {
+        assert_ne!(
+            fe.features() & (1 << bit),
+            0,
+            "feature {bit} offered on a stream netdev"
+        );
+    }
+    let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 5 + i / 300) as u8).collect();
+    let (mut h, f) = tcp_gso_frame(false, &payload, false, 1448);
+    h.gso_type |= GSO_ECN;
+    fe.send_vnet(&h.to_bytes(), &f).unwrap();
+    let mut joined = Vec::new();
+    for i in 0..payload.len().div_ceil(1448) {
+        let s = r.read_frame().unwrap().unwrap().payload;
+        let ip = Ipv4Packet::new_checked(&s[14..]).unwrap();
+        let t = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!(t.cwr(), i == 0, "CWR on segment {i}");
+        assert!(checksums_ok(&s), "checksums of segment {i}");
+        joined.extend_from_slice(t.payload());
+    }
+    assert_eq!(joined, payload);
+
+    let (h, f) = udp_gso_frame(false, &payload[..4000], GSO_UDP, 1480);
+    fe.send_vnet(&h.to_bytes(), &f).unwrap();
+    let mut dgram = Vec::new();
+    let mut ident = None;
+    for i in 0..3 {
+        let s = r.read_frame().unwrap().unwrap().payload;
+        let ip = Ipv4Packet::new_checked(&s[14..]).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!(usize::from(ip.frag_offset()), dgram.len(), "offset {i}");
+        assert_eq!(ip.more_frags(), i < 2);
+        assert_eq!(*ident.get_or_insert(ip.ident()), ip.ident());
+        dgram.extend_from_slice(ip.payload());
+    }
+    let u = UdpPacket::new_checked(&dgram[..]).unwrap();
+    assert!(u.verify_checksum(&IpAddress::Ipv4(GUEST_IP), &IpAddress::Ipv4(NS_IP)));
+    assert_eq!(u.payload(), &payload[..4000]);
+
+    let (h, f) = udp_gso_frame(false, &payload[..1000], GSO_UDP_L4, 300);
+    fe.send_vnet(&h.to_bytes(), &f).unwrap();
+    let mut joined = Vec::new();
+    for _ in 0..4 {
+        let s = r.read_frame().unwrap().unwrap().payload;
+        let ip = Ipv4Packet::new_checked(&s[14..]).unwrap();
+        let u = UdpPacket::new_checked(ip.payload()).unwrap();
+        assert!(u.verify_checksum(&IpAddress::Ipv4(GUEST_IP), &IpAddress::Ipv4(NS_IP)));
+        joined.extend_from_slice(u.payload());
+    }
+    assert_eq!(joined, &payload[..1000]);
+    let net = b.qmp().execute("query-net", json!({})).unwrap();
+    assert_eq!(net["offload"]["errors"], 0, "{net}");
+    assert_eq!(net["offload"]["software"], 3, "{net}");
+}
