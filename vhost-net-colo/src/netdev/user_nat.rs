@@ -710,4 +710,160 @@ mod tests {
         );
         assert_eq!(resolv_conf_nameserver("search x\n"), None);
     }
+
+    fn nat() -> Nat {
+        Nat::new(
+            NatConfig {
+                host: Ipv4Addr::new(10, 0, 2, 2),
+                dns: Ipv4Addr::new(10, 0, 2, 3),
+                net: "10.0.2.0/24".parse().unwrap(),
+                host_mac: [0x52, 0x55, 10, 0, 2, 2],
+                dns_upstream: Some("127.0.0.1:9".parse().unwrap()),
+                restrict: false,
+                connect_timeout: Duration::from_secs(2),
+            },
+            Arc::default(),
+        )
+    }
+
+    /// A frame from the guest 10.0.2.15:40000 to `dst`: a TCP SYN or a UDP datagram.
+    fn guest_frame(n: &Nat, dst: (Ipv4Addr, u16), syn: bool) -> Vec<u8> {
+        let g = Ipv4Addr::new(10, 0, 2, 15);
+        let (proto, len) = if syn {
+            (IpProtocol::Tcp, 20)
+        } else {
+            (IpProtocol::Udp, 12)
+        };
+        let mut f = n.ipv4_frame([2, 0, 0, 0, 0, 15], g, dst.0, proto, len, |p| {
+            if syn {
+                let mut t = TcpPacket::new_unchecked(p);
+                t.set_src_port(40000);
+                t.set_dst_port(dst.1);
+                t.set_seq_number(TcpSeqNumber(1000));
+                t.set_header_len(20);
+                t.clear_flags();
+                t.set_syn(true);
+                t.set_window_len(1000);
+                t.fill_checksum(&IpAddress::Ipv4(g), &IpAddress::Ipv4(dst.0));
+            } else {
+                let mut u = UdpPacket::new_unchecked(p);
+                u.set_src_port(40000);
+                u.set_dst_port(dst.1);
+                u.set_len(12);
+                u.payload_mut().copy_from_slice(b"ping");
+                u.fill_checksum(&IpAddress::Ipv4(g), &IpAddress::Ipv4(dst.0));
+            }
+        });
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 15]);
+        f
+    }
+
+    #[test]
+    fn malformed_and_truncated_frames_are_dropped_without_panic() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut n = nat();
+        let out = |_f: Vec<u8>| {};
+        let host = Ipv4Addr::new(10, 0, 2, 2);
+        for f in [
+            guest_frame(&n, (host, closed), true),
+            guest_frame(&n, (host, 9), false),
+            guest_frame(&n, (Ipv4Addr::new(10, 0, 2, 3), 53), false),
+        ] {
+            for len in 0..f.len() {
+                let _ = n.guest_frame(f[..len].to_vec(), &out);
+            }
+        }
+        // Random bytes behind an IPv4 Ethernet header and an IPv4 version/length byte.
+        let mut x: u64 = 0x1234_5678;
+        for _ in 0..5000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let len = (x >> 33) as usize % 120;
+            let mut f: Vec<u8> = (0..len)
+                .map(|i| (x.rotate_left(i as u32 % 64) >> 7) as u8)
+                .collect();
+            if f.len() > 15 {
+                f[12..14].copy_from_slice(&[0x08, 0x00]);
+                f[14] = 0x45;
+            }
+            let _ = n.guest_frame(f, &out);
+        }
+        let _ = n.poll_host(&out);
+    }
+
+    #[test]
+    fn a_refused_connect_becomes_a_valid_rst_to_the_guest() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut n = nat();
+        let got = std::cell::RefCell::new(Vec::new());
+        let out = |f: Vec<u8>| got.borrow_mut().push(f);
+        let host = Ipv4Addr::new(10, 0, 2, 2);
+        let syn = guest_frame(&n, (host, closed), true);
+        assert!(matches!(n.guest_frame(syn.clone(), &out), Verdict::Done));
+        // A retransmitted SYN while the connect is pending is dropped.
+        assert!(matches!(n.guest_frame(syn, &out), Verdict::Done));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while got.borrow().is_empty() && Instant::now() < deadline {
+            assert!(n.poll_host(&out).is_empty());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let frames = got.borrow();
+        assert_eq!(frames.len(), 1);
+        let eth = EthernetFrame::new_checked(&frames[0][..]).unwrap();
+        assert_eq!(eth.dst_addr().0, [2, 0, 0, 0, 0, 15]);
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!(ip.src_addr(), host);
+        let t = TcpPacket::new_checked(ip.payload()).unwrap();
+        let (src, dst) = (IpAddress::Ipv4(host), IpAddress::Ipv4(ip.dst_addr()));
+        assert!(t.verify_checksum(&src, &dst));
+        assert!(t.rst() && t.ack());
+        assert_eq!((t.src_port(), t.dst_port()), (closed, 40000));
+        assert_eq!(t.ack_number(), TcpSeqNumber(1001));
+        assert_eq!(n.counters.tcp_refused.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn outside_icmp_ipv6_and_foreign_arp_never_reach_smoltcp() {
+        let mut n = nat();
+        let out = |_f: Vec<u8>| {};
+        let mut icmp = guest_frame(&n, (Ipv4Addr::new(192, 0, 2, 1), 9), false);
+        Ipv4Packet::new_unchecked(&mut icmp[14..]).set_next_header(IpProtocol::Icmp);
+        assert!(matches!(n.guest_frame(icmp, &out), Verdict::Done));
+        let mut v6 = vec![0u8; 60];
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert!(matches!(n.guest_frame(v6, &out), Verdict::Done));
+        // ARP who-has 10.0.2.9 (not ours) and who-has 10.0.2.3 (ours).
+        let arp = |target: [u8; 4]| {
+            let mut f = vec![0xff; 6];
+            f.extend_from_slice(&[2, 0, 0, 0, 0, 15, 0x08, 0x06]);
+            f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 15, 10, 0, 2, 15]);
+            f.extend_from_slice(&[0; 6]);
+            f.extend_from_slice(&target);
+            f
+        };
+        assert!(matches!(
+            n.guest_frame(arp([10, 0, 2, 9]), &out),
+            Verdict::Done
+        ));
+        assert!(matches!(
+            n.guest_frame(arp([10, 0, 2, 3]), &out),
+            Verdict::Stack(_)
+        ));
+        // Hostfwd traffic (not a SYN) to the host goes to smoltcp.
+        let mut ack = guest_frame(&n, (Ipv4Addr::new(10, 0, 2, 2), 49153), true);
+        let mut t = TcpPacket::new_unchecked(&mut ack[34..]);
+        t.set_syn(false);
+        t.set_ack(true);
+        assert!(matches!(n.guest_frame(ack, &out), Verdict::Stack(_)));
+    }
 }
