@@ -12,7 +12,10 @@
 //!   and reaches a guest that negotiated `GUEST_ECN` whole, and one that did not as plain
 //!   segments (CWR on the first only), nothing dropped;
 //! - a UFO datagram reaches a UDP socket whole through the tap and as IP fragments cut in
-//!   software that the kernel reassembles; a USO frame arrives as separate datagrams.
+//!   software that the kernel reassembles; a USO frame arrives as separate datagrams;
+//! - with a filter-mirror (`vnet_hdr_support=on`) and a filter-rewriter in, ECN and UFO frames
+//!   cross the chain whole both ways, the mirror's records carrying their header;
+//! - a `stream` netdev (no vnet headers) gets all of them cut in software.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -690,4 +693,116 @@ fn ecn_ufo_and_uso_frames_are_cut_in_software_for_a_stream_netdev() {
     let net = b.qmp().execute("query-net", json!({})).unwrap();
     assert_eq!(net["offload"]["errors"], 0, "{net}");
     assert_eq!(net["offload"]["software"], 3, "{net}");
+}
+
+/// The records a filter with `vnet_hdr_support=on` sends on `s`: header and frame of each.
+fn vnet_records(s: std::os::unix::net::UnixStream) -> mpsc::Receiver<(Vec<u8>, Vec<u8>)> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = colo_proto::frame::FrameReader::new(s, true);
+        while let Ok(Some(f)) = r.read_frame() {
+            if tx.send((f.vnet_hdr().to_vec(), f.l2().to_vec())).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A filter-mirror with `vnet_hdr_support=on` (both directions) and a filter-rewriter on a tap
+/// with vnet headers: the guest's GSO_ECN TSO frame and UFO datagram, and the kernel's GSO_ECN
+/// frame towards a GUEST_ECN guest, cross the chain whole, the mirror's records carry their
+/// header, and they arrive whole (one packet for the tap; the datagram at a real socket).
+#[test]
+fn ecn_and_ufo_frames_cross_mirror_and_rewriter_whole_with_vnet_hdr_support() {
+    use vhost_net_colo::offload::tcp_gso_frame;
+    let Some(ns) = common::netns_with_tun("ecnch") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tap = "ecnchtap0";
+    let b = common::spawn_with_tap(dir.path(), &ns, tap, "", &["--mac", GUEST_MAC_STR]);
+    let mut qmp = b.qmp();
+    let tap_mac = setup_ns(&ns, tap);
+    let mpath = dir.path().join("mirror.sock");
+    qmp.execute(
+        "chardev-add",
+        json!({"id": "mc0", "spec": format!("socket,path={},server=on,wait=off", mpath.display())}),
+    )
+    .unwrap();
+    qmp.execute(
+        "object-add",
+        json!({"qom-type": "filter-mirror", "id": "m0", "netdev": "t0", "queue": "all",
+               "outdev": "mc0", "vnet_hdr_support": "on"}),
+    )
+    .unwrap();
+    qmp.execute(
+        "object-add",
+        json!({"qom-type": "filter-rewriter", "id": "rw0", "netdev": "t0", "queue": "all"}),
+    )
+    .unwrap();
+    let records = vnet_records(common::connect_chardev(&mpath));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fe = b.frontend(&Options::default());
+
+    // Guest -> tap.
+    let (mut h, mut f) = tcp_gso_frame(false, &vec![0x61; 30_000], false, 1448);
+    h.gso_type |= GSO_ECN;
+    f[..6].copy_from_slice(&tap_mac);
+    let sink = udp_sink(&ns, Duration::from_millis(1500));
+    let before = common::rx_packets(&ns, tap);
+    fe.send_vnet(&h.to_bytes(), &f).unwrap();
+    let (uh, uf) = udp_gso_frame(false, &[0x62; 5000], GSO_UDP, 1480);
+    let mut uf2 = uf.clone();
+    uf2[..6].copy_from_slice(&tap_mac);
+    fe.send_vnet(&uh.to_bytes(), &uf2).unwrap();
+    let got = sink.join().unwrap();
+    assert_eq!(
+        got,
+        vec![vec![0x62; 5000]],
+        "the UFO datagram at the socket"
+    );
+    assert_eq!(
+        common::rx_packets(&ns, tap),
+        before + 2,
+        "both frames whole"
+    );
+    // The mirror also copies what the namespace sends (IPv6 solicitations...): pick ours.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 2 && Instant::now() < deadline {
+        if let Ok((hdr, l2)) = records.recv_timeout(Duration::from_millis(500))
+            && (l2.len() == f.len() || l2.len() == uf2.len())
+        {
+            seen.push((VnetHdr::parse(&hdr).unwrap(), l2));
+        }
+    }
+    assert_eq!(seen.len(), 2, "two mirror records of ours");
+    assert_eq!(seen[0].0, h, "the GSO_ECN header in the record");
+    assert_eq!(seen[0].1, f, "the whole TSO frame");
+    assert_eq!(seen[1].0, uh, "the UFO header in the record");
+    assert_eq!(seen[1].1, uf2, "the whole datagram");
+    drop(fe);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Tap -> a GUEST_ECN guest: the kernel's CWR frame through the chain whole, mirrored
+    // with its GSO_ECN header.
+    let (segs, _, net) = kernel_ecn_sender(&b, &ns, tap_mac, &Options::default());
+    let cwr: Vec<&Seg> = segs.iter().filter(|s| s.flags & CWR != 0).collect();
+    assert_eq!(cwr.len(), 1);
+    assert_eq!(cwr[0].hdr.gso_type, GSO_TCPV4 | GSO_ECN, "{:?}", cwr[0].hdr);
+    let mut mirrored_ecn = 0;
+    while let Ok((hdr, l2)) = records.recv_timeout(Duration::from_millis(500)) {
+        let h = VnetHdr::parse(&hdr).unwrap();
+        if h.gso_type == GSO_TCPV4 | GSO_ECN {
+            mirrored_ecn += 1;
+            assert_eq!(l2, cwr[0].frame, "the mirrored frame is the guest's");
+        }
+    }
+    assert_eq!(
+        mirrored_ecn, 1,
+        "the CWR frame mirrored whole with its header"
+    );
+    assert_eq!(net["offload"]["errors"], 0, "{net}");
+    assert_eq!(net["offload"]["software"], 0, "nothing cut: {net}");
 }
