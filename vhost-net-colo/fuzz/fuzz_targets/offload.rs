@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
     let parsed = VnetHdr::parse(hdr);
     if hdr.len() < 10 {
         assert_eq!(parsed, Err(OffloadError::ShortHeader));
-        assert_eq!(to_plain(hdr, frame.to_vec()), Err(OffloadError::ShortHeader));
+        assert_eq!(
+            to_plain(hdr, frame.to_vec()),
+            Err(OffloadError::ShortHeader)
+        );
         return;
     }
     let h = parsed.expect("10+ bytes parse");

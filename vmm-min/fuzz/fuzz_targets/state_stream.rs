@@ -43,9 +43,8 @@ fn shape() -> VmShape {
 }
 
 fn snapshot() -> VmSnapshot {
-    let (out, _input) =
-        vmm_min::devices::serial::open(&vmm_min::devices::serial::SerialSpec::Null)
-            .expect("null serial");
+    let (out, _input) = vmm_min::devices::serial::open(&vmm_min::devices::serial::SerialSpec::Null)
+        .expect("null serial");
     let irq = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
     let mut serial = vmm_min::devices::serial::SerialDevice::new(irq, out);
     serial.enqueue(b"abc");
