@@ -474,3 +474,100 @@ fn restrict_on_lets_nothing_out_but_hostfwd_still_works() {
     udp_stop.store(true, Ordering::Relaxed);
     dns_stop.store(true, Ordering::Relaxed);
 }
+
+#[test]
+fn dhcp_pool_gives_two_clients_distinct_leases_from_dhcpstart() {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(why) = colo_tests::host::tool("busybox") {
+        common::skipped(&format!("{why} (udhcpc)"));
+        return;
+    }
+    let Some(ns) = common::netns_with_tun("vnpool") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let backend = common::spawn_backend(
+        dir.path(),
+        "user,id=n0,dhcpstart=10.0.2.20",
+        &[],
+        false,
+        None,
+    );
+    let mut fe = backend.frontend(&Options::default());
+    // Two NICs on the same link (a hub): every frame from the netdev goes to both.
+    let names = ["vnpool0", "vnpool1"];
+    let mut taps: Vec<File> = names.iter().map(|n| tap_in(&ns, n)).collect();
+    let mut clients = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        ns.ip(&["link", "set", n, "up"]).unwrap();
+        let out = dir.path().join(format!("lease{i}.txt"));
+        let script = dir.path().join(format!("udhcpc{i}.sh"));
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$1 ip=$ip router=$router\" >> {}\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let c = common::ChildGuard::spawn(
+            &format!("udhcpc{i}"),
+            ns.command("busybox")
+                .args(["udhcpc", "-i", n, "-f", "-q", "-n", "-t", "5", "-T", "1"])
+                .arg("-s")
+                .arg(&script),
+            dir.path(),
+        )
+        .unwrap();
+        clients.push((c, out));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = vec![0u8; 65536];
+    let mut done = [None, None];
+    while done.iter().any(Option::is_none) {
+        assert!(Instant::now() < deadline, "udhcpc did not finish");
+        for (i, (c, _)) in clients.iter_mut().enumerate() {
+            if done[i].is_none() {
+                done[i] = c.try_wait();
+            }
+        }
+        let mut idle = true;
+        for t in taps.iter_mut() {
+            if let Ok(n) = t.read(&mut buf)
+                && n > 0
+            {
+                fe.send(&buf[..n]).unwrap();
+                idle = false;
+            }
+        }
+        while let Some((f, _)) = fe.try_recv() {
+            for t in taps.iter_mut() {
+                let _ = t.write(&f);
+            }
+            idle = false;
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let leases: Vec<String> = clients
+        .iter()
+        .map(|(_, out)| std::fs::read_to_string(out).unwrap_or_default())
+        .collect();
+    for (i, st) in done.iter().enumerate() {
+        assert!(st.unwrap().success(), "udhcpc{i} failed: {leases:?}");
+    }
+    let mut ips: Vec<&str> = leases
+        .iter()
+        .map(|l| {
+            l.lines()
+                .find(|x| x.starts_with("bound "))
+                .and_then(|x| x.split_whitespace().nth(1))
+                .unwrap_or("")
+        })
+        .collect();
+    ips.sort();
+    assert_eq!(ips, ["ip=10.0.2.20", "ip=10.0.2.21"], "{leases:?}");
+    drop(backend);
+}

@@ -232,6 +232,7 @@ impl UserNetdev {
         };
         let stack = Stack {
             dhcp,
+            leases: Vec::new(),
             dns,
             nat,
             net: Ipv4Cidr::new(host, net.prefix_len()),
@@ -370,6 +371,36 @@ struct Fwd {
     nat: Option<(TcpKey, std::time::Instant)>,
 }
 
+/// DHCP clients with an address at once (slirp's NB_BOOTP_CLIENTS).
+const DHCP_POOL: usize = 16;
+
+/// The client hardware address of a DHCP message to the server port, `None` for other frames.
+fn dhcp_client(f: &[u8]) -> Option<[u8; 6]> {
+    use smoltcp::wire::{DhcpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
+    // Cheap checks first: every guest frame passes here.
+    if f.len() < 14 + 20 + 8 || f[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let eth = EthernetFrame::new_checked(f).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Udp {
+        return None;
+    }
+    let udp = smoltcp::wire::UdpPacket::new_checked(ip.payload()).ok()?;
+    if udp.dst_port() != smoltcp::wire::DHCP_SERVER_PORT {
+        return None;
+    }
+    // A DHCP-port datagram too short to be DHCP still goes to the server, which drops it.
+    Some(
+        DhcpPacket::new_checked(udp.payload())
+            .map(|d| d.client_hardware_address().0)
+            .unwrap_or(eth.src_addr().0),
+    )
+}
+
 /// A smoltcp TCP socket for one relayed connection.
 fn relay_socket() -> tcp::Socket<'static> {
     let mut sock = tcp::Socket::new(
@@ -382,6 +413,8 @@ fn relay_socket() -> tcp::Socket<'static> {
 
 struct Stack {
     dhcp: DhcpServer,
+    /// DHCP clients by MAC and their addresses, in the order they came.
+    leases: Vec<([u8; 6], Ipv4Addr)>,
     dns: Ipv4Addr,
     nat: Nat,
     net: Ipv4Cidr,
@@ -439,10 +472,51 @@ impl Stack {
         };
     }
 
+    /// The address for DHCP client `mac`: its lease, else the next free one from `guest=`
+    /// (`dhcpstart=`) up, skipping `host=` and `dns=` (at most [`DHCP_POOL`] clients, as slirp).
+    fn lease_for(&self, mac: [u8; 6]) -> Option<Ipv4Addr> {
+        if let Some((_, ip)) = self.leases.iter().find(|(m, _)| *m == mac) {
+            return Some(*ip);
+        }
+        if self.leases.len() >= DHCP_POOL {
+            return None;
+        }
+        let bcast = self.net.broadcast();
+        (u32::from(self.guest)..)
+            .take(256)
+            .map(Ipv4Addr::from)
+            .take_while(|ip| self.net.contains_addr(ip) && Some(*ip) != bcast)
+            .find(|ip| {
+                *ip != self.net.address()
+                    && *ip != self.dns
+                    && !self.leases.iter().any(|(_, l)| l == ip)
+            })
+    }
+
     /// A frame from the guest: DHCP is answered here, outbound traffic goes to the NAT, the
     /// rest to smoltcp.
     fn take_frame(&mut self, dev: &mut Wire, f: Vec<u8>) {
-        match self.dhcp.handle(&f) {
+        let verdict = match dhcp_client(&f) {
+            None => Dhcp::NotDhcp,
+            Some(mac) => match self.lease_for(mac) {
+                None => {
+                    tracing::debug!("user netdev DHCP: pool full, no lease for {mac:02x?}");
+                    Dhcp::Handled(None)
+                }
+                Some(ip) => {
+                    let mut server = self.dhcp.clone();
+                    server.guest = ip;
+                    let v = server.handle(&f);
+                    if matches!(v, Dhcp::Handled(Some(_)))
+                        && !self.leases.iter().any(|(m, _)| *m == mac)
+                    {
+                        self.leases.push((mac, ip));
+                    }
+                    v
+                }
+            },
+        };
+        match verdict {
             Dhcp::NotDhcp => {
                 let out = |fr: Vec<u8>| {
                     self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
