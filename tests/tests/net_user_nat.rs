@@ -1,0 +1,173 @@
+//! The `user` netdev's outbound NAT and DNS for a real guest: QEMU 7.2 under TCG (`-M microvm`,
+//! `-netdev vhost-user`) boots the stock test guest on vhost-net-colo's `user` netdev, and the
+//! guest's busybox `nc` fetches a page from an HTTP server the test runs on the host's 127.0.0.1
+//! (through the `host=` alias 10.0.2.2), `nslookup` asks 10.0.2.3 and gets the answer of a DNS
+//! responder the test runs on 127.0.0.1 (`x-dns-upstream=`), and `nc` to a closed port is
+//! refused. (The guest's static busybox `wget` crashes before it connects, so `nc` it is.) All traffic stays on loopback. One boot (~15-50 s under TCG).
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use colo_tests::guest::{READY_MARKER, tcg_append};
+use colo_tests::{ChildGuard, TestDir, cargo_bin, require, secs};
+
+/// An HTTP/1.0 server on 127.0.0.1 that answers every request with `body`.
+fn http_server(body: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// A DNS responder on 127.0.0.1: A queries get 10.9.8.7 (TTL 60), other types no answer.
+fn dns_responder() -> (u16, Arc<AtomicBool>) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let port = s.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while !stop2.load(Ordering::Relaxed) {
+            let Ok((n, from)) = s.recv_from(&mut buf) else {
+                continue;
+            };
+            // The question: labels from byte 12 to a zero byte, then type and class.
+            let mut at = 12;
+            while at < n && buf[at] != 0 {
+                at += 1 + buf[at] as usize;
+            }
+            let end = at + 5;
+            if n < 12 || end > n {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([buf[at + 1], buf[at + 2]]);
+            let mut r = buf[..end].to_vec();
+            r[2] = 0x81;
+            r[3] = 0x80;
+            r[6..12].copy_from_slice(&[0, 0, 0, 0, 0, 0]);
+            if qtype == 1 {
+                r[7] = 1;
+                r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 9, 8, 7]);
+            }
+            let _ = s.send_to(&r, from);
+        }
+    });
+    (port, stop)
+}
+
+#[test]
+fn guest_nc_and_nslookup_reach_the_host_through_the_user_netdev() {
+    let img = require!(colo_tests::guest_image());
+    let dir = TestDir::new().unwrap();
+    let http = http_server("NAT-BODY-from-the-host");
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (dns, dns_stop) = dns_responder();
+
+    let sock = dir.join("vu.sock");
+    let mut be_cmd = Command::new(cargo_bin("vhost-net-colo").unwrap());
+    be_cmd
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--netdev")
+        .arg(format!("user,id=n0,x-dns-upstream=127.0.0.1:{dns}"));
+    let _be = ChildGuard::spawn("backend", &mut be_cmd, dir.path()).unwrap();
+    colo_tests::wait_for_unix_socket(&sock, secs(30)).unwrap();
+
+    let mut q = Command::new("qemu-system-x86_64");
+    q.args([
+        "-M",
+        "microvm,memory-backend=mem",
+        "-accel",
+        "tcg",
+        "-m",
+        "256M",
+    ])
+    .args(["-nodefaults", "-no-user-config", "-display", "none"])
+    .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+    .args(["-global", "virtio-mmio.force-legacy=false"])
+    .arg("-kernel")
+    .arg(&img.kernel)
+    .arg("-initrd")
+    .arg(&img.initrd)
+    .arg("-append")
+    .arg(tcg_append("colo.services=none colo.shell=1"))
+    .args(["-serial", "stdio"])
+    .arg("-chardev")
+    .arg(format!("socket,id=c1,path={}", sock.display()))
+    .args(["-netdev", "vhost-user,id=n1,chardev=c1"])
+    .args([
+        "-device",
+        "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56",
+    ]);
+    let mut guest = ChildGuard::spawn_with_stdin("guest", &mut q, dir.path()).unwrap();
+    let mut stdin = guest.take_stdin().unwrap();
+    guest.wait_for_output(READY_MARKER, secs(300)).unwrap();
+
+    // Markers are split in the typed commands so their echo does not match.
+    writeln!(
+        stdin,
+        "printf 'GET /x HTTP/1.0\\r\\n\\r\\n' | timeout 20 nc 10.0.2.2 {http}; echo; echo HTTP1\"\"-DONE"
+    )
+    .unwrap();
+    guest.wait_for_output("HTTP1-DONE", secs(60)).unwrap();
+    let out = guest.stdout_text();
+    assert!(
+        out.contains("NAT-BODY-from-the-host"),
+        "{}",
+        guest.log_tail(20)
+    );
+
+    writeln!(stdin, "nslookup colo.test 10.0.2.3; echo NSLOOKUP\"\"-DONE").unwrap();
+    guest.wait_for_output("NSLOOKUP-DONE", secs(60)).unwrap();
+    assert!(
+        guest.stdout_text().contains("10.9.8.7"),
+        "{}",
+        guest.log_tail(20)
+    );
+
+    writeln!(
+        stdin,
+        "echo x | timeout 20 nc 10.0.2.2 {closed}; echo NC2\"\"-RC=$?"
+    )
+    .unwrap();
+    guest.wait_for_output("NC2-RC=1", secs(60)).unwrap();
+    assert!(
+        guest.stdout_text().contains("Connection refused"),
+        "{}",
+        guest.log_tail(20)
+    );
+
+    writeln!(stdin, "poweroff -f").unwrap();
+    let _ = guest.wait_until(secs(30));
+    dns_stop.store(true, Ordering::Relaxed);
+}
