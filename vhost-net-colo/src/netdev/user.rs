@@ -7,7 +7,11 @@
 //! connection, opens a TCP connection from `host=` to `guest=` (default 10.0.2.15) port 80 and
 //! relays bytes both ways (half-closes included). The guest is configured statically or by DHCP:
 //! a DHCP server ([`super::dhcp`]) offers `guest=` (alias `dhcpstart=`), the netmask of `net=`,
-//! `host=` as router and `dns=` (default the network's .3, 10.0.2.3) as QEMU does.
+//! `host=` as router and `dns=` (default the network's .3, 10.0.2.3) as QEMU does. Like slirp it
+//! keeps a pool: each client MAC gets its own address, the first `guest=`, the next ones counting
+//! up from there (skipping `dns=`), at most 16 clients; a client keeps its address while the
+//! netdev runs. `hostfwd` rules without a guest address go to `guest=`. ARP and ping are also
+//! answered at `dns=`.
 //!
 //! Connections and datagrams the guest sends out are made from the host with ordinary sockets
 //! (outbound NAT, `host=` standing for the host's 127.0.0.1), and DNS queries to `dns=` go to
