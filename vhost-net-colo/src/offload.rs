@@ -14,8 +14,10 @@
 //!
 //! ECN (`VIRTIO_NET_HDR_GSO_ECN`, negotiated as `HOST_ECN` / `GUEST_ECN`): the flag says the
 //! frame's TCP header may carry CWR and the segmenter must keep it on the first segment only,
-//! which is what Linux's `tcp_gso_segment` does for classic ECN; the frame is otherwise cut as
-//! any TCP GSO frame.
+//! which is what Linux's `tcp_gso_segment` does for classic ECN (it keeps CWR on every segment
+//! only for Accurate ECN, `SKB_GSO_TCP_ACCECN`, which has no virtio GSO type: such frames are
+//! segmented before they reach a virtio device or a tap); the frame is otherwise cut as any
+//! TCP GSO frame.
 //!
 //! UDP: a `GSO_UDP` (UFO, `HOST_UFO` / `GUEST_UFO`) frame is one UDP datagram of up to 64 KiB
 //! to be sent as IP fragments ([`to_plain`] fragments it: IPv4 fragments with the datagram's
