@@ -571,3 +571,33 @@ fn dhcp_pool_gives_two_clients_distinct_leases_from_dhcpstart() {
     assert_eq!(ips, ["ip=10.0.2.20", "ip=10.0.2.21"], "{leases:?}");
     drop(backend);
 }
+
+#[test]
+fn bad_nat_options_are_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("x.sock");
+    for (netdev, says) in [
+        ("user,id=n0,restrict=maybe", "restrict=maybe"),
+        (
+            "user,id=n0,x-dns-upstream=10.0.2.3",
+            "x-dns-upstream=10.0.2.3",
+        ),
+        (
+            "user,id=n0,x-dns-upstream=nohost:53",
+            "x-dns-upstream=nohost:53",
+        ),
+        ("user,id=n0,x-connect-timeout=0", "x-connect-timeout=0"),
+        ("user,id=n0,x-connect-timeout=abc", "x-connect-timeout=abc"),
+    ] {
+        let out = std::process::Command::new(common::BIN)
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--netdev", netdev])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{netdev} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{netdev}: {err}");
+        assert!(!err.contains("panicked"), "{netdev}: {err}");
+    }
+}
