@@ -375,6 +375,33 @@ fn guest_reaches_host_services_through_nat_and_dns() {
     assert_eq!(&answer[..2], &[0x42, 0x42]);
     assert_eq!(&answer[answer.len() - 4..], &[10, 9, 8, 7]);
 
+    // DNS over TCP: 10.0.2.3:53 reaches the upstream's port over TCP too (a TCP listener on the
+    // responder's port number, when that port is free for TCP).
+    match TcpListener::bind(("127.0.0.1", dns_port)) {
+        Ok(l) => {
+            let srv = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut q = [0u8; 4];
+                s.read_exact(&mut q).unwrap();
+                s.write_all(b"tcp-dns:").unwrap();
+                s.write_all(&q).unwrap();
+            });
+            let got = g.run(|| {
+                let to = SocketAddr::from((DNS, 53));
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.write_all(b"q123").unwrap();
+                let mut r = Vec::new();
+                s.read_to_end(&mut r).unwrap();
+                r
+            });
+            srv.join().unwrap();
+            assert_eq!(got, b"tcp-dns:q123");
+        }
+        Err(e) => eprintln!("note: DNS over TCP not checked, port {dns_port} busy for TCP: {e}"),
+    }
+
     // busybox nslookup, a real resolver client, when there is one.
     if colo_tests::host::tool("busybox").is_ok() {
         let out =
