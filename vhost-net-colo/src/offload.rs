@@ -651,6 +651,26 @@ mod tests {
     use super::*;
     use smoltcp::wire::TcpSeqNumber;
 
+    /// The addresses and the payload of a parsed IPv4 packet (checksums need the addresses).
+    fn v4_parts(ip: &Ipv4Packet<&[u8]>) -> (IpAddress, IpAddress, Vec<u8>) {
+        let (s, d) = (ip.src_addr(), ip.dst_addr());
+        (
+            IpAddress::Ipv4(s),
+            IpAddress::Ipv4(d),
+            ip.payload().to_vec(),
+        )
+    }
+
+    /// As [`v4_parts`] for IPv6.
+    fn v6_parts(ip: &Ipv6Packet<&[u8]>) -> (IpAddress, IpAddress, Vec<u8>) {
+        let (s, d) = (ip.src_addr(), ip.dst_addr());
+        (
+            IpAddress::Ipv6(s),
+            IpAddress::Ipv6(d),
+            ip.payload().to_vec(),
+        )
+    }
+
     const MSS: usize = 1448;
 
     fn check_segments(v6: bool, total: usize, fin: bool) {
@@ -666,21 +686,13 @@ mod tests {
             let (src, dst, tcp_bytes) = if v6 {
                 let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
                 assert_eq!(ip.payload_len() as usize, ip.payload().len());
-                (
-                    IpAddress::Ipv6(ip.src_addr()),
-                    IpAddress::Ipv6(ip.dst_addr()),
-                    ip.payload().to_vec(),
-                )
+                v6_parts(&ip)
             } else {
                 let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
                 assert!(ip.verify_checksum(), "IPv4 header checksum of segment {i}");
                 assert_eq!(ip.total_len() as usize, eth.payload().len());
                 assert_eq!(ip.ident(), 0xfff0u16.wrapping_add(i as u16));
-                (
-                    IpAddress::Ipv4(ip.src_addr()),
-                    IpAddress::Ipv4(ip.dst_addr()),
-                    ip.payload().to_vec(),
-                )
+                v4_parts(&ip)
             };
             let t = TcpPacket::new_checked(&tcp_bytes[..]).unwrap();
             assert!(t.verify_checksum(&src, &dst), "TCP checksum of segment {i}");
@@ -866,19 +878,11 @@ mod tests {
                     if v6 {
                         let ip = Ipv6Packet::new_checked(&p[14..]).unwrap();
                         assert_eq!(ip.next_header(), IpProtocol::Udp);
-                        let a = (
-                            IpAddress::Ipv6(ip.src_addr()),
-                            IpAddress::Ipv6(ip.dst_addr()),
-                        );
-                        (a.0, a.1, ip.payload().to_vec())
+                        v6_parts(&ip)
                     } else {
                         let ip = Ipv4Packet::new_checked(&p[14..]).unwrap();
                         assert!(ip.verify_checksum() && !ip.more_frags());
-                        let a = (
-                            IpAddress::Ipv4(ip.src_addr()),
-                            IpAddress::Ipv4(ip.dst_addr()),
-                        );
-                        (a.0, a.1, ip.payload().to_vec())
+                        v4_parts(&ip)
                     }
                 } else {
                     reassemble(&frags, v6, unit)
@@ -913,21 +917,13 @@ mod tests {
                 let (s, d, l4) = if v6 {
                     let ip = Ipv6Packet::new_checked(&p[14..]).unwrap();
                     assert_eq!(usize::from(ip.payload_len()), p.len() - 54);
-                    let a = (
-                        IpAddress::Ipv6(ip.src_addr()),
-                        IpAddress::Ipv6(ip.dst_addr()),
-                    );
-                    (a.0, a.1, ip.payload().to_vec())
+                    v6_parts(&ip)
                 } else {
                     let ip = Ipv4Packet::new_checked(&p[14..]).unwrap();
                     assert!(ip.verify_checksum());
                     assert_eq!(ip.ident(), 0x1234u16.wrapping_add(i as u16));
                     assert!(!ip.more_frags() && ip.frag_offset() == 0);
-                    let a = (
-                        IpAddress::Ipv4(ip.src_addr()),
-                        IpAddress::Ipv4(ip.dst_addr()),
-                    );
-                    (a.0, a.1, ip.payload().to_vec())
+                    v4_parts(&ip)
                 };
                 let u = UdpPacket::new_checked(&l4[..]).unwrap();
                 assert!(u.verify_checksum(&s, &d), "segment {i}");
