@@ -316,14 +316,8 @@ fn capture_in(
     len: usize,
     ready: std::sync::mpsc::Sender<()>,
 ) -> std::thread::JoinHandle<Option<Vec<u8>>> {
-    let path = format!("/run/netns/{}", ns.name());
     let ifname = std::ffi::CString::new(ifname).unwrap();
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(path).unwrap();
-        // SAFETY: setns on this thread only, with a namespace fd we opened.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns");
+    common::spawn_in_netns(ns, move || {
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2) call; the fd is closed below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };

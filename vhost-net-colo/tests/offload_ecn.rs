@@ -22,7 +22,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -77,21 +76,6 @@ fn setup_ns(ns: &common::NetNs, tap: &str) -> [u8; 6] {
         .map(|x| u8::from_str_radix(x, 16).unwrap())
         .collect();
     b.try_into().unwrap()
-}
-
-/// Runs `f` on a thread inside namespace `name` (not joined).
-fn spawn_in_netns<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = format!("/run/netns/{name}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(path).unwrap();
-        // SAFETY: setns on this thread only, with a namespace fd we opened.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns");
-        f()
-    })
 }
 
 /// A TCP segment of the guest (10.0.2.15:`sport` → 10.0.2.2:`dport`), ECT(0) when `ect`,
@@ -248,7 +232,7 @@ fn ecn_tso_frames_from_the_guest_reach_a_real_socket_whole_or_cut_with_cwr_on_th
     let data: Vec<u8> = (0..2 * CHUNK).map(|i| (i * 31 + i / 509) as u8).collect();
     let expect = data.clone();
     let (ptx, prx) = mpsc::channel();
-    let server = spawn_in_netns(ns.name(), move || {
+    let server = common::spawn_in_netns(&ns, move || {
         let l = std::net::TcpListener::bind("10.0.2.2:0").unwrap();
         ptx.send(l.local_addr().unwrap().port()).unwrap();
         let (mut s, _) = l.accept().unwrap();
@@ -382,7 +366,7 @@ fn kernel_ecn_sender(
     const PORT: u16 = 5001;
     let mut fe = b.frontend(o);
     let features = fe.features();
-    let client = spawn_in_netns(ns.name(), move || {
+    let client = common::spawn_in_netns(ns, move || {
         let mut s = std::net::TcpStream::connect_timeout(
             &"10.0.2.15:5001".parse().unwrap(),
             Duration::from_secs(10),
@@ -555,7 +539,7 @@ fn kernel_gso_frames_with_ecn_reach_the_guest_whole_with_guest_ecn_and_cut_witho
 /// datagrams it gets within `wait`.
 fn udp_sink(ns: &common::NetNs, wait: Duration) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
     let (tx, rx) = mpsc::channel();
-    let h = spawn_in_netns(ns.name(), move || {
+    let h = common::spawn_in_netns(ns, move || {
         let s = std::net::UdpSocket::bind("10.0.2.2:9").unwrap();
         tx.send(()).unwrap();
         s.set_read_timeout(Some(wait)).unwrap();
@@ -695,20 +679,6 @@ fn ecn_ufo_and_uso_frames_are_cut_in_software_for_a_stream_netdev() {
     assert_eq!(net["offload"]["software"], 3, "{net}");
 }
 
-/// The records a filter with `vnet_hdr_support=on` sends on `s`: header and frame of each.
-fn vnet_records(s: std::os::unix::net::UnixStream) -> mpsc::Receiver<(Vec<u8>, Vec<u8>)> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = colo_proto::frame::FrameReader::new(s, true);
-        while let Ok(Some(f)) = r.read_frame() {
-            if tx.send((f.vnet_hdr().to_vec(), f.l2().to_vec())).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 /// A filter-mirror with `vnet_hdr_support=on` (both directions) and a filter-rewriter on a tap
 /// with vnet headers: the guest's GSO_ECN TSO frame and UFO datagram, and the kernel's GSO_ECN
 /// frame towards a GUEST_ECN guest, cross the chain whole, the mirror's records carry their
@@ -741,7 +711,7 @@ fn ecn_and_ufo_frames_cross_mirror_and_rewriter_whole_with_vnet_hdr_support() {
         json!({"qom-type": "filter-rewriter", "id": "rw0", "netdev": "t0", "queue": "all"}),
     )
     .unwrap();
-    let records = vnet_records(common::connect_chardev(&mpath));
+    let records = common::vnet_records(common::connect_chardev(&mpath));
     std::thread::sleep(Duration::from_millis(200));
     let mut fe = b.frontend(&Options::default());
 

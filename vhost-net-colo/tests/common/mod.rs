@@ -159,6 +159,14 @@ pub fn netns_with_tun(prefix: &str) -> Option<NetNs> {
 
 /// Runs `f` on a thread that has entered `ns` (setns), and returns what it returns.
 pub fn in_netns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(ns, f).join().unwrap()
+}
+
+/// Runs `f` on a thread that has entered `ns` (setns); not joined.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &NetNs,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let path = format!("/run/netns/{}", ns.name());
     std::thread::spawn(move || {
         let file = std::fs::File::open(path).unwrap();
@@ -167,8 +175,6 @@ pub fn in_netns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 's
         assert_eq!(r, 0, "setns");
         f()
     })
-    .join()
-    .unwrap()
 }
 
 /// `ip -n NS -d -s -j link show dev IFNAME`: the interface's JSON object.
@@ -208,11 +214,25 @@ pub fn connect_chardev(path: &Path) -> UnixStream {
 
 /// Reads the records arriving on `s` on a thread of its own: their payloads, in order.
 pub fn records(s: UnixStream) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    record_stream(s, false, |f| f.payload)
+}
+
+/// As [`records`] for QEMU's framing with `vnet_hdr_support`: each record's virtio-net header
+/// and frame.
+pub fn vnet_records(s: UnixStream) -> std::sync::mpsc::Receiver<(Vec<u8>, Vec<u8>)> {
+    record_stream(s, true, |f| (f.vnet_hdr().to_vec(), f.l2().to_vec()))
+}
+
+fn record_stream<T: Send + 'static>(
+    s: UnixStream,
+    vnet_hdr: bool,
+    take: fn(colo_proto::frame::Frame) -> T,
+) -> std::sync::mpsc::Receiver<T> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut r = colo_proto::frame::FrameReader::new(s, false);
+        let mut r = colo_proto::frame::FrameReader::new(s, vnet_hdr);
         while let Ok(Some(f)) = r.read_frame() {
-            if tx.send(f.payload).is_err() {
+            if tx.send(take(f)).is_err() {
                 break;
             }
         }
