@@ -39,6 +39,8 @@ use smoltcp::wire::{
     TcpPacket, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
+use crate::offload::{GSO_UDP, VnetHdr, to_plain};
+
 /// How long a guest's connection waits for the host's `connect` (slirp leaves it to the host
 /// kernel; a bounded wait keeps pending state small). `x-connect-timeout=SECS` changes it.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -484,7 +486,8 @@ impl Nat {
         }
     }
 
-    /// A UDP datagram to the guest as Ethernet frames (IPv4 fragments when it exceeds the MTU).
+    /// A UDP datagram to the guest as Ethernet frames: IPv4 fragments when it exceeds the MTU,
+    /// cut by the same code that cuts a guest's UFO frames ([`crate::offload::to_plain`]).
     fn udp_frames(
         &mut self,
         mac: [u8; 6],
@@ -492,44 +495,43 @@ impl Nat {
         dst: (Ipv4Addr, u16),
         data: &[u8],
     ) -> Vec<Vec<u8>> {
-        let udp_len = 8 + data.len();
-        let mut udp_buf = vec![0u8; udp_len];
-        UdpRepr {
-            src_port: src.1,
-            dst_port: dst.1,
-        }
-        .emit(
-            &mut UdpPacket::new_unchecked(&mut udp_buf[..]),
-            &IpAddress::Ipv4(src.0),
-            &IpAddress::Ipv4(dst.0),
-            data.len(),
-            |p| p.copy_from_slice(data),
-            &ChecksumCapabilities::default(),
-        );
-        let max = (MTU - 20) & !7;
-        let ident = self.ident;
+        let mut f = self.ipv4_frame(mac, src.0, dst.0, IpProtocol::Udp, 8 + data.len(), |p| {
+            UdpRepr {
+                src_port: src.1,
+                dst_port: dst.1,
+            }
+            .emit(
+                &mut UdpPacket::new_unchecked(p),
+                &IpAddress::Ipv4(src.0),
+                &IpAddress::Ipv4(dst.0),
+                data.len(),
+                |payload| payload.copy_from_slice(data),
+                &ChecksumCapabilities::default(),
+            )
+        });
+        let mut ip = Ipv4Packet::new_unchecked(&mut f[14..]);
+        ip.set_ident(self.ident);
+        ip.fill_checksum();
         self.ident = self.ident.wrapping_add(1);
-        let mut frames = Vec::new();
-        let mut off = 0;
-        while off < udp_len || off == 0 {
-            let end = (off + max).min(udp_len);
-            let more = end < udp_len;
-            let mut f = self.ipv4_frame(mac, src.0, dst.0, IpProtocol::Udp, end - off, |p| {
-                p.copy_from_slice(&udp_buf[off..end])
-            });
-            let mut ip = Ipv4Packet::new_unchecked(&mut f[14..]);
-            ip.set_ident(ident);
-            ip.set_dont_frag(false);
-            ip.set_more_frags(more);
-            ip.set_frag_offset(off as u16);
-            ip.fill_checksum();
-            frames.push(f);
-            off = end;
-            if !more {
-                break;
+        let ufo = VnetHdr {
+            flags: 0,
+            gso_type: GSO_UDP,
+            hdr_len: 0,
+            gso_size: ((MTU - 20) & !7) as u16,
+            csum_start: 0,
+            csum_offset: 0,
+        };
+        match to_plain(&ufo.to_bytes(), f) {
+            Ok(frames) => frames,
+            Err(e) => {
+                tracing::debug!(
+                    "user netdev: UDP reply of {} bytes dropped: {e}",
+                    data.len()
+                );
+                self.counters.dropped_other.fetch_add(1, Relaxed);
+                Vec::new()
             }
         }
-        frames
     }
 
     fn ipv4_frame(
