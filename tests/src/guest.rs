@@ -55,3 +55,29 @@ pub fn tcg_append(extra: &str) -> String {
         format!("{base} {extra}")
     }
 }
+
+/// `qemu-system-x86_64` booting the test guest under TCG on `-M microvm` with 256 MiB of memfd
+/// shared memory (what a vhost-user backend maps) and modern virtio-MMIO (vhost-user backends
+/// refuse legacy virtio), kernel command line `tcg_append(extra_append)`. The caller adds the
+/// serial console and the devices.
+pub fn qemu_tcg_guest(img: &GuestImage, extra_append: &str) -> Command {
+    let mut q = Command::new("qemu-system-x86_64");
+    q.args([
+        "-M",
+        "microvm,memory-backend=mem",
+        "-accel",
+        "tcg",
+        "-m",
+        "256M",
+    ])
+    .args(["-nodefaults", "-no-user-config", "-display", "none"])
+    .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+    .args(["-global", "virtio-mmio.force-legacy=false"])
+    .arg("-kernel")
+    .arg(&img.kernel)
+    .arg("-initrd")
+    .arg(&img.initrd)
+    .arg("-append")
+    .arg(tcg_append(extra_append));
+    q
+}

@@ -16,18 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use colo_tests::guest::qemu_tcg_guest;
 use colo_tests::{ChildGuard, TestDir, cargo_bin, free_tcp_port, guest_image, skipped};
 
 const READY: &str = "COLO-GUEST-READY";
-
-fn host_tsc_khz() -> u64 {
-    // SAFETY: RDTSC only reads the time-stamp counter.
-    let tsc = || unsafe { std::arch::x86_64::_rdtsc() };
-    let (t0, c0) = (Instant::now(), tsc());
-    std::thread::sleep(Duration::from_millis(200));
-    let (c1, dt) = (tsc(), t0.elapsed());
-    u64::try_from(u128::from(c1.wrapping_sub(c0)) * 1000 / dt.as_micros().max(1)).unwrap()
-}
 
 fn wait_file_contains(path: &Path, marker: &str, deadline: Instant, qemu: &mut ChildGuard) {
     loop {
@@ -90,30 +82,9 @@ fn guest_journal_writes_land_in_the_image_through_our_backend() {
     let serial = dir.join("serial.log");
     let mut qemu = ChildGuard::spawn(
         "qemu",
-        Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "microvm,memory-backend=mem",
-                "-accel",
-                "tcg",
-                "-m",
-                "256M",
-                "-nodefaults",
-            ])
-            .args(["-no-user-config", "-display", "none"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-            .arg("-kernel")
-            .arg(&guest.kernel)
-            .arg("-initrd")
-            .arg(&guest.initrd)
-            .arg("-append")
-            .arg(format!(
-                "console=ttyS0 quiet tsc_early_khz={} colo.services=journal",
-                host_tsc_khz()
-            ))
+        qemu_tcg_guest(&guest, "colo.services=journal")
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
-            .args(["-global", "virtio-mmio.force-legacy=false"])
             .args([
                 "-netdev",
                 &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{journal}-:5000"),

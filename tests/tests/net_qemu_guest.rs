@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use colo_proto::frame::FrameReader;
 use colo_proto::packet::parse_ethernet;
-use colo_tests::guest::{READY_MARKER, tcg_append};
+use colo_tests::guest::{READY_MARKER, qemu_tcg_guest};
 use colo_tests::{
     Bridge, ChildGuard, GuestImage, NetNs, QmpClient, TestDir, cargo_bin, free_tcp_port, require,
     require_root, secs, unique_name,
@@ -69,26 +69,7 @@ fn boot_guest(
     let serial = dir.join(format!("{name}.serial.log"));
     let g = ChildGuard::spawn(
         name,
-        Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "microvm,memory-backend=mem",
-                "-accel",
-                "tcg",
-                "-m",
-                "256M",
-            ])
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-            .args(["-global", "virtio-mmio.force-legacy=false"])
-            .arg("-kernel")
-            .arg(&img.kernel)
-            .arg("-initrd")
-            .arg(&img.initrd)
-            .arg("-append")
-            .arg(tcg_append(&format!(
-                "colo.services=http,echo {extra_append}"
-            )))
+        qemu_tcg_guest(img, &format!("colo.services=http,echo {extra_append}"))
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .arg("-chardev")
@@ -857,35 +838,19 @@ fn stream_survives_a_backend_restart() {
     let serial = dir.join("guest.serial.log");
     let mut guest = ChildGuard::spawn(
         "guest",
-        Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "microvm,memory-backend=mem",
-                "-accel",
-                "tcg",
-                "-m",
-                "256M",
-            ])
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-            .args(["-global", "virtio-mmio.force-legacy=false"])
-            .arg("-kernel")
-            .arg(&img.kernel)
-            .arg("-initrd")
-            .arg(&img.initrd)
-            .arg("-append")
-            .arg(tcg_append(
-                "colo.services=echo colo.ip=10.0.4.15/24 colo.gw=10.0.4.1",
-            ))
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .arg("-chardev")
-            .arg(format!("socket,id=c1,path={},reconnect=1", sock.display()))
-            .args(["-netdev", "vhost-user,id=n1,chardev=c1"])
-            .args([
-                "-device",
-                "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56",
-            ]),
+        qemu_tcg_guest(
+            &img,
+            "colo.services=echo colo.ip=10.0.4.15/24 colo.gw=10.0.4.1",
+        )
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-chardev")
+        .arg(format!("socket,id=c1,path={},reconnect=1", sock.display()))
+        .args(["-netdev", "vhost-user,id=n1,chardev=c1"])
+        .args([
+            "-device",
+            "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56",
+        ]),
         dir.path(),
     )
     .unwrap();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use colo_tests::guest::{READY_MARKER, tcg_append};
+use colo_tests::guest::{READY_MARKER, qemu_tcg_guest};
 use colo_tests::{ChildGuard, TestDir, cargo_bin, require, secs};
 
 /// An HTTP/1.0 server on 127.0.0.1 that answers every request with `body`.
@@ -103,32 +103,15 @@ fn guest_nc_and_nslookup_reach_the_host_through_the_user_netdev() {
     let _be = ChildGuard::spawn("backend", &mut be_cmd, dir.path()).unwrap();
     colo_tests::wait_for_unix_socket(&sock, secs(30)).unwrap();
 
-    let mut q = Command::new("qemu-system-x86_64");
-    q.args([
-        "-M",
-        "microvm,memory-backend=mem",
-        "-accel",
-        "tcg",
-        "-m",
-        "256M",
-    ])
-    .args(["-nodefaults", "-no-user-config", "-display", "none"])
-    .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-    .args(["-global", "virtio-mmio.force-legacy=false"])
-    .arg("-kernel")
-    .arg(&img.kernel)
-    .arg("-initrd")
-    .arg(&img.initrd)
-    .arg("-append")
-    .arg(tcg_append("colo.services=none colo.shell=1"))
-    .args(["-serial", "stdio"])
-    .arg("-chardev")
-    .arg(format!("socket,id=c1,path={}", sock.display()))
-    .args(["-netdev", "vhost-user,id=n1,chardev=c1"])
-    .args([
-        "-device",
-        "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56",
-    ]);
+    let mut q = qemu_tcg_guest(&img, "colo.services=none colo.shell=1");
+    q.args(["-serial", "stdio"])
+        .arg("-chardev")
+        .arg(format!("socket,id=c1,path={}", sock.display()))
+        .args(["-netdev", "vhost-user,id=n1,chardev=c1"])
+        .args([
+            "-device",
+            "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56",
+        ]);
     let mut guest = ChildGuard::spawn_with_stdin("guest", &mut q, dir.path()).unwrap();
     let mut stdin = guest.take_stdin().unwrap();
     guest.wait_for_output(READY_MARKER, secs(300)).unwrap();
