@@ -7,45 +7,12 @@
 
 mod common;
 
-use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, NetNs};
+use common::ChildGuard;
 use vhost_net_colo::testing::Options;
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-/// Creates tap `name` inside namespace `ns` (from a thread that enters it) and returns its fd.
-fn tap_in(ns: &NetNs, name: &str) -> File {
-    let name = name.to_string();
-    common::in_netns(ns, move || {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .unwrap();
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: 0x0002 | 0x1000, // IFF_TAP | IFF_NO_PI
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF with an ifreq-sized struct on our tun fd.
-        let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, &mut req as *mut IfReq) };
-        assert!(r >= 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-        // SAFETY: F_SETFL on our own fd.
-        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        f
-    })
-}
 
 #[test]
 fn udhcpc_gets_qemus_default_lease_from_the_user_netdev() {
@@ -61,7 +28,7 @@ fn udhcpc_gets_qemus_default_lease_from_the_user_netdev() {
     let mut fe = backend.frontend(&Options::default());
 
     let tap_name = "vndhcp0";
-    let mut tap = tap_in(&ns, tap_name);
+    let mut tap = common::tap_in(&ns, tap_name);
     ns.ip(&["link", "set", tap_name, "up"]).unwrap();
     let out = dir.path().join("lease.txt");
     let script = dir.path().join("udhcpc.sh");

@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -26,37 +26,6 @@ use vhost_net_colo::testing::Options;
 
 const HOST_ALIAS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-/// Creates tap `name` inside namespace `ns` (from a thread that enters it) and returns its fd.
-fn tap_in(ns: &NetNs, name: &str) -> File {
-    let name = name.to_string();
-    common::in_netns(ns, move || {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .unwrap();
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: 0x0002 | 0x1000, // IFF_TAP | IFF_NO_PI
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF with an ifreq-sized struct on our tun fd.
-        let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, &mut req as *mut IfReq) };
-        assert!(r >= 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-        // SAFETY: F_SETFL on our own fd.
-        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        f
-    })
-}
 
 /// The "guest": a namespace whose tap is relayed to the backend's rings by a thread.
 struct Guest {
@@ -76,7 +45,7 @@ impl Guest {
         let backend = common::spawn_backend(dir.path(), netdev, &[], true, None);
         let mut fe = backend.frontend(&Options::default());
         let tap_name = format!("{prefix}0");
-        let mut tap = tap_in(&ns, &tap_name);
+        let mut tap = common::tap_in(&ns, &tap_name);
         ns.ip(&["link", "set", "lo", "up"]).unwrap();
         ns.ip(&["addr", "add", "10.0.2.15/24", "dev", &tap_name])
             .unwrap();
@@ -523,7 +492,7 @@ fn dhcp_pool_gives_two_clients_distinct_leases_from_dhcpstart() {
     let mut fe = backend.frontend(&Options::default());
     // Two NICs on the same link (a hub): every frame from the netdev goes to both.
     let names = ["vnpool0", "vnpool1"];
-    let mut taps: Vec<File> = names.iter().map(|n| tap_in(&ns, n)).collect();
+    let mut taps: Vec<File> = names.iter().map(|n| common::tap_in(&ns, n)).collect();
     let mut clients = Vec::new();
     for (i, n) in names.iter().enumerate() {
         ns.ip(&["link", "set", n, "up"]).unwrap();

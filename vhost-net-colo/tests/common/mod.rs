@@ -239,3 +239,35 @@ fn record_stream<T: Send + 'static>(
     });
     rx
 }
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Creates tap `name` inside namespace `ns` (from a thread that enters it), non-blocking, and
+/// returns its fd: the test plays the far end of a link whose other end is a real stack.
+pub fn tap_in(ns: &NetNs, name: &str) -> std::fs::File {
+    let name = name.to_string();
+    in_netns(ns, move || {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0x0002 | 0x1000, // IFF_TAP | IFF_NO_PI
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF with an ifreq-sized struct on our tun fd.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, &mut req as *mut IfReq) };
+        assert!(r >= 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        // SAFETY: F_SETFL on our own fd.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        f
+    })
+}
