@@ -51,30 +51,17 @@ tsc_khz=$(awk '/^cpu MHz/ {printf "%d", $4*1000; exit}' /proc/cpuinfo)
 
 work=$(mktemp -d /tmp/colo-netab.XXXXXX)
 nss=() pids=()
+# shellcheck source=lib.sh
+. "$here/lib.sh"
 cleanup() {
-    local p n
-    for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-    sleep 0.5
-    for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-    for p in "${pids[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+    local n
+    stop_pids
     for n in "${nss[@]:-}"; do [ -n "$n" ] && ip netns del "$n" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-start() { # NAME CMD...: runs CMD in the background, logs in $work/NAME.log
-    local name=$1; shift
-    $NICE "$@" >"$work/$name.log" 2>&1 &
-    pids+=($!)
-}
-wait_path() { # PATH SECONDS
-    local end=$((SECONDS + $2))
-    until [ -e "$1" ]; do
-        [ $SECONDS -lt $end ] || { echo "ab.sh: $1 did not appear" >&2; exit 1; }
-        sleep 0.1
-    done
-}
 make_ns() { # SIDE: namespace colobSIDE$$ with bridge cbbr0 10.0.5.1/24 and an ifup script
     local ns="colob$1$$"
     ip netns add "$ns"

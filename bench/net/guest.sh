@@ -106,34 +106,16 @@ tsc_khz=$(awk '/^cpu MHz/ {printf "%d", $4*1000; exit}' /proc/cpuinfo)
 work=$(mktemp -d /tmp/colo-netbench.XXXXXX)
 ns=""
 pids=()
-stop_all() {
-    local p
-    for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-    sleep 0.5
-    for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-    for p in "${pids[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
-    pids=()
-}
+# shellcheck source=lib.sh
+. "$here/lib.sh"
 cleanup() {
-    stop_all
+    stop_pids
     [ -n "$ns" ] && ip netns del "$ns" 2>/dev/null || true
     if [ "${KEEP:-0}" = 1 ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-start() { # NAME CMD...: runs CMD in the background, logs in $work/NAME.log
-    local name=$1; shift
-    $NICE "$@" >"$work/$name.log" 2>&1 &
-    pids+=($!)
-}
-wait_path() { # PATH SECONDS
-    local end=$((SECONDS + $2))
-    until [ -e "$1" ]; do
-        [ $SECONDS -lt $end ] || { echo "guest.sh: $1 did not appear" >&2; exit 1; }
-        sleep 0.1
-    done
-}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 in_ns() { ip netns exec "$ns" "$@"; }
 make_ns() {
@@ -363,7 +345,7 @@ for cfg in $configs; do
             ;;
         *) echo "guest.sh: unknown config $cfg" >&2; exit 2 ;;
     esac
-    stop_all
+    stop_pids
     del_ns
     rm -f "$work"/*.sock "$work"/*.qmp
 done
