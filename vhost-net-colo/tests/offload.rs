@@ -99,7 +99,8 @@ fn gso_frames_from_the_guest_are_segmented_in_software_for_a_stream_netdev() {
             .collect();
         check_plain_tcp(&segs, &payload);
     }
-    // An unsupported GSO type is dropped and counted; the next frame still passes.
+    // A frame whose GSO type does not fit its contents (TCP marked UFO) is dropped and counted;
+    // the next frame still passes.
     let (mut h, f) = tcp_gso_frame(false, &[7; 3000], false, MSS);
     h.gso_type = GSO_UDP;
     fe.send_vnet(&h.to_bytes(), &f).unwrap();
