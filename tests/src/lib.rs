@@ -26,7 +26,7 @@ pub mod vmm;
 
 pub use colo_proto::qmp;
 pub use colo_proto::qmp::{Event as QmpEvent, QmpClient, QmpClientError};
-pub use net::{Bridge, NetNs, Tap, Veth};
+pub use net::{Bridge, NetNs, Tap, UdpServer, Veth};
 pub use process::{ChildGuard, MarkerScan};
 
 use std::collections::HashSet;

@@ -272,3 +272,68 @@ impl Drop for Tap {
         );
     }
 }
+
+/// A UDP server on 127.0.0.1 (port picked free) that answers each datagram with what its
+/// `reply` function returns for it (nothing for `None`); the thread stops when this is dropped.
+pub struct UdpServer {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UdpServer {
+    pub fn start(reply: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static) -> Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").context("bind a UDP server")?;
+        s.set_read_timeout(Some(std::time::Duration::from_millis(100)))?;
+        let port = s.local_addr()?.port();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((n, from)) = s.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Some(r) = reply(&buf[..n]) {
+                    let _ = s.send_to(&r, from);
+                }
+            }
+        });
+        Ok(Self { port, stop })
+    }
+
+    /// A DNS responder: every A query gets one answer, 10.9.8.7 (TTL 60); other query types
+    /// get an answer with no record.
+    pub fn dns() -> Result<Self> {
+        Self::start(dns_answer)
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The answer [`UdpServer::dns`] gives to `query` (None for what is not a DNS question).
+fn dns_answer(q: &[u8]) -> Option<Vec<u8>> {
+    // The question: labels from byte 12 to a zero byte, then type and class.
+    let mut at = 12;
+    while at < q.len() && q[at] != 0 {
+        at += 1 + q[at] as usize;
+    }
+    let end = at + 5;
+    if q.len() < 12 || end > q.len() {
+        return None;
+    }
+    let qtype = u16::from_be_bytes([q[at + 1], q[at + 2]]);
+    let mut r = q[..end].to_vec();
+    r[2] = 0x81; // response, recursion desired
+    r[3] = 0x80; // recursion available, no error
+    r[6..12].copy_from_slice(&[0, 0, 0, 0, 0, 0]);
+    if qtype == 1 {
+        r[7] = 1; // one answer
+        r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 9, 8, 7]);
+    }
+    Some(r)
+}

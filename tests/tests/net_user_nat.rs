@@ -8,10 +8,8 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, UdpSocket};
+use std::net::TcpListener;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use colo_tests::guest::{READY_MARKER, qemu_tcg_guest};
@@ -43,44 +41,6 @@ fn http_server(body: &'static str) -> u16 {
     port
 }
 
-/// A DNS responder on 127.0.0.1: A queries get 10.9.8.7 (TTL 60), other types no answer.
-fn dns_responder() -> (u16, Arc<AtomicBool>) {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let port = s.local_addr().unwrap().port();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while !stop2.load(Ordering::Relaxed) {
-            let Ok((n, from)) = s.recv_from(&mut buf) else {
-                continue;
-            };
-            // The question: labels from byte 12 to a zero byte, then type and class.
-            let mut at = 12;
-            while at < n && buf[at] != 0 {
-                at += 1 + buf[at] as usize;
-            }
-            let end = at + 5;
-            if n < 12 || end > n {
-                continue;
-            }
-            let qtype = u16::from_be_bytes([buf[at + 1], buf[at + 2]]);
-            let mut r = buf[..end].to_vec();
-            r[2] = 0x81;
-            r[3] = 0x80;
-            r[6..12].copy_from_slice(&[0, 0, 0, 0, 0, 0]);
-            if qtype == 1 {
-                r[7] = 1;
-                r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 9, 8, 7]);
-            }
-            let _ = s.send_to(&r, from);
-        }
-    });
-    (port, stop)
-}
-
 #[test]
 fn guest_nc_and_nslookup_reach_the_host_through_the_user_netdev() {
     let img = require!(colo_tests::guest_image());
@@ -91,7 +51,8 @@ fn guest_nc_and_nslookup_reach_the_host_through_the_user_netdev() {
         .local_addr()
         .unwrap()
         .port();
-    let (dns, dns_stop) = dns_responder();
+    let dns_server = colo_tests::UdpServer::dns().unwrap();
+    let dns = dns_server.port;
 
     let sock = dir.join("vu.sock");
     let mut be_cmd = Command::new(cargo_bin("vhost-net-colo").unwrap());
@@ -152,5 +113,4 @@ fn guest_nc_and_nslookup_reach_the_host_through_the_user_netdev() {
 
     writeln!(stdin, "poweroff -f").unwrap();
     let _ = guest.wait_until(secs(30));
-    dns_stop.store(true, Ordering::Relaxed);
 }

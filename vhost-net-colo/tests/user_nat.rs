@@ -147,28 +147,15 @@ fn payload(n: usize) -> Vec<u8> {
 
 /// A UDP server on 127.0.0.1 answering each datagram with `b"echo:"` + the datagram, and a
 /// datagram of `b"big:"` + 4000 bytes to one starting with `b"big"` (larger than the MTU).
-fn udp_echo() -> (u16, Arc<AtomicBool>) {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let port = s.local_addr().unwrap().port();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while !stop2.load(Ordering::Relaxed) {
-            let Ok((n, from)) = s.recv_from(&mut buf) else {
-                continue;
-            };
-            let reply = if buf[..n].starts_with(b"big") {
-                [b"big:".as_slice(), &payload(4000)].concat()
-            } else {
-                [b"echo:".as_slice(), &buf[..n]].concat()
-            };
-            let _ = s.send_to(&reply, from);
-        }
-    });
-    (port, stop)
+fn udp_echo() -> colo_tests::UdpServer {
+    colo_tests::UdpServer::start(|d| {
+        Some(if d.starts_with(b"big") {
+            [b"big:".as_slice(), &payload(4000)].concat()
+        } else {
+            [b"echo:".as_slice(), d].concat()
+        })
+    })
+    .unwrap()
 }
 
 /// A DNS query for `name`, type A, id `id`.
@@ -183,39 +170,12 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
     q
 }
 
-/// A tiny DNS responder on 127.0.0.1: every A query gets one answer, 10.9.8.7, TTL 60.
-fn dns_responder() -> (u16, Arc<AtomicBool>) {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let port = s.local_addr().unwrap().port();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while !stop2.load(Ordering::Relaxed) {
-            let Ok((n, from)) = s.recv_from(&mut buf) else {
-                continue;
-            };
-            if n < 12 {
-                continue;
-            }
-            let mut r = buf[..n].to_vec();
-            r[2] = 0x81; // response, recursion desired
-            r[3] = 0x80; // recursion available, no error
-            r[6..8].copy_from_slice(&1u16.to_be_bytes()); // one answer
-            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 9, 8, 7]);
-            let _ = s.send_to(&r, from);
-        }
-    });
-    (port, stop)
-}
-
 #[test]
 fn guest_reaches_host_services_through_nat_and_dns() {
     let (tcp_port, _srv) = reversing_server();
-    let (udp_port, udp_stop) = udp_echo();
-    let (dns_port, dns_stop) = dns_responder();
+    let udp = udp_echo();
+    let dns = colo_tests::UdpServer::dns().unwrap();
+    let (udp_port, dns_port) = (udp.port, dns.port);
     let netdev = format!("user,id=n0,x-dns-upstream=127.0.0.1:{dns_port},x-connect-timeout=3");
     let Some(g) = Guest::start("vnnat", &netdev) else {
         return;
@@ -388,15 +348,14 @@ fn guest_reaches_host_services_through_nat_and_dns() {
     assert!(c["tcp_timeouts"].as_u64().unwrap() >= 1, "{c}");
     assert!(c["dns_queries"].as_u64().unwrap() >= 1, "{c}");
     assert!(c["udp_to_guest"].as_u64().unwrap() >= 3, "{c}");
-    udp_stop.store(true, Ordering::Relaxed);
-    dns_stop.store(true, Ordering::Relaxed);
 }
 
 #[test]
 fn restrict_on_lets_nothing_out_but_hostfwd_still_works() {
     let (tcp_port, _srv) = reversing_server();
-    let (udp_port, udp_stop) = udp_echo();
-    let (dns_port, dns_stop) = dns_responder();
+    let udp = udp_echo();
+    let dns = colo_tests::UdpServer::dns().unwrap();
+    let (udp_port, dns_port) = (udp.port, dns.port);
     // hostfwd to the guest's port 7000, where the test listens inside the namespace.
     let netdev = format!(
         "user,id=n0,restrict=on,x-dns-upstream=127.0.0.1:{dns_port},hostfwd=tcp:127.0.0.1:0-:7000"
@@ -467,8 +426,6 @@ fn restrict_on_lets_nothing_out_but_hostfwd_still_works() {
     let c = g.nat_counters();
     assert!(c["dropped_restricted"].as_u64().unwrap() >= 2, "{c}");
     assert_eq!(c["tcp_connects"].as_u64().unwrap(), 0, "{c}");
-    udp_stop.store(true, Ordering::Relaxed);
-    dns_stop.store(true, Ordering::Relaxed);
 }
 
 #[test]
