@@ -123,23 +123,7 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
     let mut qmp = b.qmp();
     let net = qmp.execute("query-net", json!({})).unwrap();
     assert_eq!(net["netdev"]["state"]["vnet_hdr"], true, "{net}");
-    let ns_ip = |args: &[&str]| {
-        ns.ip(args).unwrap();
-    };
-    ns_ip(&["addr", "add", "10.0.2.2/24", "dev", tap]);
-    ns_ip(&["link", "set", tap, "up"]);
-    ns_ip(&["link", "set", "lo", "up"]);
-    ns_ip(&[
-        "neigh",
-        "add",
-        "10.0.2.15",
-        "lladdr",
-        GUEST_MAC,
-        "dev",
-        tap,
-        "nud",
-        "permanent",
-    ]);
+    common::tap_as_peer(&ns, tap, Some(GUEST_MAC));
     let mut fe = b.frontend(&Options::default());
     assert_ne!(fe.features() & (1 << 1), 0, "GUEST_CSUM negotiated");
 
@@ -385,13 +369,7 @@ fn gso_frame_crosses_the_colo_chain_whole_with_vnet_hdr_support() {
     let tap = "vngsotap0";
     let b = common::spawn_with_tap(dir.path(), &ns, tap, "", &["--mac", GUEST_MAC]);
     let mut qmp = b.qmp();
-    for args in [
-        &["addr", "add", "10.0.2.2/24", "dev", tap][..],
-        &["link", "set", tap, "up"],
-        &["link", "set", "lo", "up"],
-    ] {
-        ns.ip(args).unwrap();
-    }
+    common::tap_as_peer(&ns, tap, None);
     let (out_path, in_path) = (dir.path().join("out.sock"), dir.path().join("in.sock"));
     for (id, p) in [("compare0", &out_path), ("compare_out", &in_path)] {
         qmp.execute(

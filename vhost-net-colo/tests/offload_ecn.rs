@@ -47,22 +47,7 @@ const GUEST_ECN: u64 = 1 << 9;
 /// The namespace with the backend's tap `tap` at 10.0.2.2/24 and the guest's address
 /// (10.0.2.15) resolved statically; returns the tap's MAC.
 fn setup_ns(ns: &common::NetNs, tap: &str) -> [u8; 6] {
-    let ip = |args: &[&str]| {
-        ns.ip(args).unwrap();
-    };
-    ip(&["addr", "add", "10.0.2.2/24", "dev", tap]);
-    ip(&["link", "set", tap, "up"]);
-    ip(&[
-        "neigh",
-        "add",
-        "10.0.2.15",
-        "lladdr",
-        GUEST_MAC_STR,
-        "dev",
-        tap,
-        "nud",
-        "permanent",
-    ]);
+    common::tap_as_peer(ns, tap, Some(GUEST_MAC_STR));
     // This namespace's TCP asks for ECN on connections it opens (per-netns sysctl).
     common::in_netns(ns, || {
         std::fs::write("/proc/sys/net/ipv4/tcp_ecn", "1").unwrap();

@@ -271,3 +271,25 @@ pub fn tap_in(ns: &NetNs, name: &str) -> std::fs::File {
         f
     })
 }
+
+/// Makes the backend's tap `tap` in `ns` the guest's peer: 10.0.2.2/24, up (and `lo` up), and,
+/// with `guest_mac`, the guest's 10.0.2.15 resolved to that MAC statically (no ARP needed).
+pub fn tap_as_peer(ns: &NetNs, tap: &str, guest_mac: Option<&str>) {
+    ns.ip(&["addr", "add", "10.0.2.2/24", "dev", tap]).unwrap();
+    ns.ip(&["link", "set", tap, "up"]).unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    if let Some(mac) = guest_mac {
+        let neigh = [
+            "neigh",
+            "add",
+            "10.0.2.15",
+            "lladdr",
+            mac,
+            "dev",
+            tap,
+            "nud",
+            "permanent",
+        ];
+        ns.ip(&neigh).unwrap();
+    }
+}
