@@ -29,8 +29,12 @@ const TUN_F_USO6: libc::c_uint = 0x40;
 /// CWR the segmenter must keep on the first segment only, `VIRTIO_NET_HDR_GSO_ECN`), and UFO
 /// (QEMU asks for it too; kernels since 4.14 accept it but never hand UFO frames out).
 const OFFLOADS: libc::c_uint = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_UFO;
-/// `gso_type` of a USO frame (`VIRTIO_NET_HDR_GSO_UDP_L4`), without the ECN bit.
-const GSO_UDP_L4: u8 = crate::offload::GSO_UDP_L4;
+
+/// Whether a frame of this virtio-net `gso_type` is USO (`VIRTIO_NET_HDR_GSO_UDP_L4`, with or
+/// without the ECN bit): what a kernel without `TUN_F_USO4/6` cannot take whole.
+fn is_uso(gso_type: u8) -> bool {
+    gso_type & !crate::offload::GSO_ECN == crate::offload::GSO_UDP_L4
+}
 
 #[repr(C)]
 struct IfReq {
@@ -361,7 +365,7 @@ impl Netdev for Tap {
         hdr: &[u8; VNET_HDR_LEN],
         frame: &[u8],
     ) -> std::io::Result<()> {
-        if !self.vnet_hdr || (!self.uso && hdr[1] & !crate::offload::GSO_ECN == GSO_UDP_L4) {
+        if !self.vnet_hdr || (!self.uso && is_uso(hdr[1])) {
             let segs = crate::offload::to_plain(hdr, frame.to_vec())
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
             for s in segs {
@@ -383,13 +387,11 @@ impl Netdev for Tap {
         if !self.uso {
             // A USO frame goes the copying way (cut in software): its gso_type is byte 1.
             let first = iov.iter().find(|v| v.iov_len > 0)?;
-            let gso_type = if first.iov_len > 1 {
+            // A header split after its first byte is taken as USO too (the copying way).
+            let uso = first.iov_len <= 1
                 // SAFETY: as below, the iovec covers readable guest memory of iov_len bytes.
-                unsafe { *(first.iov_base as *const u8).add(1) }
-            } else {
-                GSO_UDP_L4
-            };
-            if gso_type & !crate::offload::GSO_ECN == GSO_UDP_L4 {
+                || is_uso(unsafe { *(first.iov_base as *const u8).add(1) });
+            if uso {
                 return None;
             }
         }
