@@ -1,9 +1,10 @@
 //! The `user` netdev's DHCP server: answers a guest's DISCOVER with an OFFER and its REQUEST
 //! with an ACK (or a NAK for an address that is not the guest's), giving QEMU's user-network
 //! defaults: the guest address (10.0.2.15), the netmask of `net=`, the host (10.0.2.2) as
-//! router and server, the DNS address (10.0.2.3) and a 24-hour lease. One guest per netdev:
-//! every client gets the guest address. Replies are broadcast (Ethernet and IPv4), which every
-//! client accepts before it has an address.
+//! router and server, the DNS address (10.0.2.3) and a 24-hour lease. [`DhcpServer::handle`]
+//! gives every client the guest address; [`DhcpServer::handle_pool`] asks the caller for each
+//! client's (the user netdev keeps slirp's pool of 16). Replies are broadcast (Ethernet and
+//! IPv4), which every client accepts before it has an address.
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -35,49 +36,67 @@ pub struct DhcpServer {
 }
 
 impl DhcpServer {
-    /// Looks at one frame from the guest.
+    /// Looks at one frame from the guest; every client is offered `guest`.
     pub fn handle(&self, frame: &[u8]) -> Dhcp {
+        self.handle_pool(frame, |_| Some(self.guest)).0
+    }
+
+    /// As [`DhcpServer::handle`], with the address for a client chosen by `lease` from its
+    /// hardware address (`None`: no address left, no answer). Also returns the client and its
+    /// address when it was answered, so that the caller keeps the lease.
+    pub fn handle_pool(
+        &self,
+        frame: &[u8],
+        lease: impl FnOnce([u8; 6]) -> Option<Ipv4Address>,
+    ) -> (Dhcp, Option<([u8; 6], Ipv4Address)>) {
+        const NOT_DHCP: (Dhcp, Option<([u8; 6], Ipv4Address)>) = (Dhcp::NotDhcp, None);
+        const DROPPED: (Dhcp, Option<([u8; 6], Ipv4Address)>) = (Dhcp::Handled(None), None);
         let Ok(eth) = EthernetFrame::new_checked(frame) else {
-            return Dhcp::NotDhcp;
+            return NOT_DHCP;
         };
         if eth.ethertype() != EthernetProtocol::Ipv4 {
-            return Dhcp::NotDhcp;
+            return NOT_DHCP;
         }
         let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
-            return Dhcp::NotDhcp;
+            return NOT_DHCP;
         };
         if ip.next_header() != IpProtocol::Udp {
-            return Dhcp::NotDhcp;
+            return NOT_DHCP;
         }
         let Ok(udp) = UdpPacket::new_checked(ip.payload()) else {
-            return Dhcp::NotDhcp;
+            return NOT_DHCP;
         };
         if udp.dst_port() != DHCP_SERVER_PORT {
-            return Dhcp::NotDhcp;
+            return NOT_DHCP;
         }
         let Ok(pkt) = DhcpPacket::new_checked(udp.payload()) else {
-            return Dhcp::Handled(None);
+            return DROPPED;
+        };
+        let client = pkt.client_hardware_address().0;
+        let Some(yours) = lease(client) else {
+            tracing::debug!("DHCP: no address left for {client:02x?}");
+            return DROPPED;
         };
         let Ok(req) = DhcpRepr::parse(&pkt) else {
-            return Dhcp::Handled(None);
+            return DROPPED;
         };
         // Addressed to another server (a REQUEST naming a different server identifier).
         if let Some(sid) = req.server_identifier
             && sid != self.host
         {
-            return Dhcp::Handled(None);
+            return DROPPED;
         }
         let reply_type = match req.message_type {
             DhcpMessageType::Discover => DhcpMessageType::Offer,
             DhcpMessageType::Request => {
                 let asked = req.requested_ip.unwrap_or(req.client_ip);
-                if asked == self.guest || asked.is_unspecified() {
+                if asked == yours || asked.is_unspecified() {
                     DhcpMessageType::Ack
                 } else {
                     DhcpMessageType::Nak
                 }
             }
-            _ => return Dhcp::Handled(None),
+            _ => return DROPPED,
         };
         tracing::debug!(
             "DHCP {:?} from {} -> {:?}",
@@ -85,10 +104,16 @@ impl DhcpServer {
             req.client_hardware_address,
             reply_type
         );
-        Dhcp::Handled(Some(self.reply(&req, reply_type)))
+        let reply = self.reply(&req, reply_type, yours);
+        (Dhcp::Handled(Some(reply)), Some((client, yours)))
     }
 
-    fn reply(&self, req: &DhcpRepr<'_>, message_type: DhcpMessageType) -> Vec<u8> {
+    fn reply(
+        &self,
+        req: &DhcpRepr<'_>,
+        message_type: DhcpMessageType,
+        yours: Ipv4Address,
+    ) -> Vec<u8> {
         let nak = message_type == DhcpMessageType::Nak;
         let dns = [self.dns].into_iter().collect();
         let repr = DhcpRepr {
@@ -97,11 +122,7 @@ impl DhcpServer {
             secs: 0,
             client_hardware_address: req.client_hardware_address,
             client_ip: Ipv4Address::UNSPECIFIED,
-            your_ip: if nak {
-                Ipv4Address::UNSPECIFIED
-            } else {
-                self.guest
-            },
+            your_ip: if nak { Ipv4Address::UNSPECIFIED } else { yours },
             server_ip: self.host,
             router: (!nak).then_some(self.host),
             subnet_mask: (!nak).then_some(self.netmask),

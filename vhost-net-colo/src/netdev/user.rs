@@ -378,33 +378,6 @@ struct Fwd {
 /// DHCP clients with an address at once (slirp's NB_BOOTP_CLIENTS).
 const DHCP_POOL: usize = 16;
 
-/// The client hardware address of a DHCP message to the server port, `None` for other frames.
-fn dhcp_client(f: &[u8]) -> Option<[u8; 6]> {
-    use smoltcp::wire::{DhcpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
-    // Cheap checks first: every guest frame passes here.
-    if f.len() < 14 + 20 + 8 || f[12..14] != [0x08, 0x00] {
-        return None;
-    }
-    let eth = EthernetFrame::new_checked(f).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
-    }
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Udp {
-        return None;
-    }
-    let udp = smoltcp::wire::UdpPacket::new_checked(ip.payload()).ok()?;
-    if udp.dst_port() != smoltcp::wire::DHCP_SERVER_PORT {
-        return None;
-    }
-    // A DHCP-port datagram too short to be DHCP still goes to the server, which drops it.
-    Some(
-        DhcpPacket::new_checked(udp.payload())
-            .map(|d| d.client_hardware_address().0)
-            .unwrap_or(eth.src_addr().0),
-    )
-}
-
 /// A smoltcp TCP socket for one relayed connection.
 fn relay_socket() -> tcp::Socket<'static> {
     let mut sock = tcp::Socket::new(
@@ -500,26 +473,12 @@ impl Stack {
     /// A frame from the guest: DHCP is answered here, outbound traffic goes to the NAT, the
     /// rest to smoltcp.
     fn take_frame(&mut self, dev: &mut Wire, f: Vec<u8>) {
-        let verdict = match dhcp_client(&f) {
-            None => Dhcp::NotDhcp,
-            Some(mac) => match self.lease_for(mac) {
-                None => {
-                    tracing::debug!("user netdev DHCP: pool full, no lease for {mac:02x?}");
-                    Dhcp::Handled(None)
-                }
-                Some(ip) => {
-                    let mut server = self.dhcp.clone();
-                    server.guest = ip;
-                    let v = server.handle(&f);
-                    if matches!(v, Dhcp::Handled(Some(_)))
-                        && !self.leases.iter().any(|(m, _)| *m == mac)
-                    {
-                        self.leases.push((mac, ip));
-                    }
-                    v
-                }
-            },
-        };
+        let (verdict, leased) = self.dhcp.handle_pool(&f, |mac| self.lease_for(mac));
+        if let Some(lease) = leased
+            && !self.leases.iter().any(|(m, _)| *m == lease.0)
+        {
+            self.leases.push(lease);
+        }
         match verdict {
             Dhcp::NotDhcp => {
                 let out = |fr: Vec<u8>| {
