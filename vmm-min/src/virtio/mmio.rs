@@ -204,8 +204,7 @@ impl MmioTransport {
         // driver makes ready after the restore): only sizes the guest could have set
         // (non-zero, at most the maximum, a power of 2 or the maximum itself).
         if let Some((i, q)) = state.queues.iter().enumerate().find(|(_, q)| {
-            q.size != q.max_size
-                && (q.size == 0 || q.size > q.max_size || !q.size.is_power_of_two())
+            q.size != q.max_size && !ring_size_settable(u32::from(q.size), q.max_size)
         }) {
             return Err(format!(
                 "saved virtio-mmio queue {i} has size {} (max {}): not a valid ring size",
@@ -406,8 +405,7 @@ impl MmioTransport {
             reg::QUEUE_SEL => self.state.queue_sel = v,
             reg::QUEUE_NUM => {
                 if let Some(q) = self.queue_mut() {
-                    // A size must be a power of 2 no larger than the maximum.
-                    if v == 0 || v > u32::from(q.max_size) || !v.is_power_of_two() {
+                    if !ring_size_settable(v, q.max_size) {
                         tracing::warn!(size = v, max = q.max_size, "bad queue size ignored");
                     } else {
                         q.size = v as u16;
@@ -499,6 +497,12 @@ impl BusDevice for MmioTransport {
         }
         self.write_u32(offset, u32::from_le_bytes(b));
     }
+}
+
+/// Whether the guest may set a ring of `size` entries (`QueueNum`): a power of 2, not zero,
+/// at most the device's maximum.
+fn ring_size_settable(size: u32, max: u16) -> bool {
+    size != 0 && size <= u32::from(max) && size.is_power_of_two()
 }
 
 #[cfg(test)]
