@@ -447,8 +447,15 @@ impl ChardevEndpoint {
         }
     }
 
-    /// Client only: one connection attempt (QEMU's behaviour without `reconnect`).
+    /// Client only: one connection attempt (QEMU's behaviour without `reconnect`), of up to
+    /// 5 s per resolved address.
     pub fn connect_once(&self) -> Result<Stream, ChardevError> {
+        self.connect_within(Duration::from_secs(5))
+    }
+
+    /// Client only: one connection attempt, giving up on a TCP address after `timeout` (for
+    /// callers that must not stall for long: a peer host that is down answers nothing).
+    pub fn connect_within(&self, timeout: Duration) -> Result<Stream, ChardevError> {
         let cerr = |source| ChardevError::Connect {
             addr: self.addr_string(),
             source,
@@ -458,7 +465,7 @@ impl ChardevEndpoint {
             SocketAddress::Tcp { host, port } => {
                 let mut last = io::Error::new(ErrorKind::NotFound, "no address resolved");
                 for a in (host.as_str(), *port).to_socket_addrs().map_err(cerr)? {
-                    match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                    match TcpStream::connect_timeout(&a, timeout) {
                         Ok(s) => {
                             s.set_nodelay(true).map_err(cerr)?;
                             return Ok(Stream::Tcp(s));

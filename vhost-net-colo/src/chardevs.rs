@@ -93,6 +93,17 @@ pub const BATCH_BYTES: usize = 256 * 1024;
 /// are written from the frame itself, in the same `writev` as the records kept before them.
 pub const COPY_MAX: usize = 16 * 1024;
 
+/// How long one write to an outdev may wait for its peer to read before the peer counts as
+/// gone (the connection is dropped, the records in that write are counted lost, the next
+/// record reconnects). Filters write while the chain is locked, so without a bound a secondary
+/// host that died with its connection open, or a consumer that stops reading while it waits
+/// for our indev, would freeze the guest's traffic and every QMP command, failover included,
+/// until TCP gave up (minutes). A live comparer or secondary reads within milliseconds.
+pub const OUTDEV_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an outdev's reconnect (client chardevs) may take, for the same reason: it runs on
+/// the data path, and a peer host that is down answers nothing.
+pub const OUTDEV_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
+
 /// A filter's `outdev`. Outside a batch every record is one `writev`; inside one (see
 /// [`Outdev::begin_batch`]) small records are kept, in order, and written together by
 /// [`Outdev::flush`], or earlier when [`BATCH_RECORDS`] or [`BATCH_BYTES`] is reached or a
@@ -118,7 +129,17 @@ struct OutState {
 }
 
 impl ChardevOut {
+    /// A new connection to the peer, its writes bounded by [`OUTDEV_WRITE_TIMEOUT`].
     fn connect(&self) -> Option<Stream> {
+        let stream = self.connect_peer()?;
+        if let Err(e) = stream.set_write_timeout(Some(OUTDEV_WRITE_TIMEOUT)) {
+            tracing::warn!("chardev {}: no write timeout: {e}", self.id);
+            return None;
+        }
+        Some(stream)
+    }
+
+    fn connect_peer(&self) -> Option<Stream> {
         let spec = self.ep.spec();
         if spec.server {
             let never = AtomicBool::new(false);
@@ -130,7 +151,7 @@ impl ChardevOut {
             return None;
         }
         *last = Some(Instant::now());
-        self.ep.connect_once().ok()
+        self.ep.connect_within(OUTDEV_CONNECT_TIMEOUT).ok()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, OutState> {
@@ -570,6 +591,38 @@ mod tests {
         assert_eq!(next(&rx), frame(11, 65_536));
         let m = c.get("m0").unwrap().counters.clone();
         assert_eq!((m.sent, m.errors), (2, 9));
+    }
+
+    #[test]
+    fn a_peer_that_stops_reading_costs_a_write_timeout_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, peer) = mirror_chain(dir.path());
+        // The peer stays connected and never reads: a secondary host that died with its
+        // connection open, or a relay blocked on our indev. Each write may wait for it up to
+        // OUTDEV_WRITE_TIMEOUT; then the connection is dropped and the record counted lost.
+        // Without the bound this loop never ends (the socket buffer fills and the write
+        // blocks with the chain in hand).
+        let mut sent = 0u64;
+        while c.get("m0").unwrap().counters.errors == 0 {
+            c.process(Direction::Tx, frame(sent as usize, 65_536));
+            sent += 1;
+            assert!(
+                sent < 10_000,
+                "a peer that reads nothing took {sent} records"
+            );
+        }
+        let m = c.get("m0").unwrap().counters.clone();
+        assert_eq!((m.sent, m.errors), (sent - 1, 1));
+        // The connection was dropped: the peer sees its end after what it was sent.
+        let rx = records(peer);
+        for i in 0..(sent - 1) as usize {
+            assert_eq!(next(&rx), frame(i, 65_536), "record {i}");
+        }
+        // A peer that reconnects gets the next record.
+        let peer = UnixStream::connect(dir.path().join("out.sock")).unwrap();
+        let rx = records(peer);
+        c.process(Direction::Tx, frame(7, 1514));
+        assert_eq!(next(&rx), frame(7, 1514));
     }
 
     #[test]
