@@ -3,7 +3,9 @@
 //! guest's busybox `nc` fetches a page from an HTTP server the test runs on the host's 127.0.0.1
 //! (through the `host=` alias 10.0.2.2), `nslookup` asks 10.0.2.3 and gets the answer of a DNS
 //! responder the test runs on 127.0.0.1 (`x-dns-upstream=`), and `nc` to a closed port is
-//! refused. (The guest's static busybox `wget` crashes before it connects, so `nc` it is.) All traffic stays on loopback. One boot (~15-50 s under TCG).
+//! refused, and `ping -c 3 10.0.2.2` is answered. (The guest's static busybox `wget` crashes
+//! before it connects, so `nc` it is.) All traffic stays on loopback. One boot (~15-50 s under
+//! TCG).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -107,6 +109,16 @@ fn guest_nc_and_nslookup_reach_the_host_through_the_user_netdev() {
     guest.wait_for_output("NC2-RC=1", secs(60)).unwrap();
     assert!(
         guest.stdout_text().contains("Connection refused"),
+        "{}",
+        guest.log_tail(20)
+    );
+
+    // busybox ping of the gateway, which the netdev answers itself (no host socket, no sysctl).
+    writeln!(stdin, "ping -c 3 10.0.2.2; echo PING\"\"-RC=$?").unwrap();
+    guest.wait_for_output("PING-RC=", secs(60)).unwrap();
+    let out = guest.stdout_text();
+    assert!(
+        out.contains("3 packets transmitted, 3 packets received") && out.contains("PING-RC=0"),
         "{}",
         guest.log_tail(20)
     );

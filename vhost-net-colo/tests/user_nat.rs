@@ -6,7 +6,11 @@
 //! 127.0.0.1, reached through the `host=` alias 10.0.2.2, and a DNS responder the test runs,
 //! named by `x-dns-upstream=127.0.0.1:PORT`. No traffic goes anywhere but loopback: the path
 //! for other destinations is the same code with another address, exercised here only through
-//! the alias. Needs root and /dev/net/tun; otherwise it says SKIPPED.
+//! the alias. Pings: the gateway answers itself; for pings of other addresses the backend runs
+//! in a second namespace of the test's own, where the test sets `net.ipv4.ping_group_range` (a
+//! per-namespace sysctl: the host's stays untouched) and puts 192.0.2.1 on the loopback, so the
+//! netdev's ICMP datagram socket reaches it there. Needs root and /dev/net/tun; otherwise it
+//! says SKIPPED.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -33,6 +37,8 @@ struct Guest {
     stop: Arc<AtomicBool>,
     relay: Option<JoinHandle<()>>,
     backend: Backend,
+    /// Where the backend runs, when not in the test's own namespace (removed after it stops).
+    _backend_ns: Option<NetNs>,
     _dir: tempfile::TempDir,
 }
 
@@ -40,9 +46,14 @@ impl Guest {
     /// Starts the backend on `netdev` and a namespace `prefix` configured as QEMU's default
     /// guest; `None` (SKIPPED printed) where this host cannot.
     fn start(prefix: &str, netdev: &str) -> Option<Guest> {
+        Self::start_with(prefix, netdev, None)
+    }
+
+    /// As [`Guest::start`], the backend running inside `backend_ns` when given.
+    fn start_with(prefix: &str, netdev: &str, backend_ns: Option<NetNs>) -> Option<Guest> {
         let ns = common::netns_with_tun(prefix)?;
         let dir = tempfile::tempdir().unwrap();
-        let backend = common::spawn_backend(dir.path(), netdev, &[], true, None);
+        let backend = common::spawn_backend(dir.path(), netdev, &[], true, backend_ns.as_ref());
         let mut fe = backend.frontend(&Options::default());
         let tap_name = format!("{prefix}0");
         let mut tap = common::tap_in(&ns, &tap_name);
@@ -81,6 +92,7 @@ impl Guest {
             stop,
             relay: Some(relay),
             backend,
+            _backend_ns: backend_ns,
             _dir: dir,
         })
     }
@@ -380,6 +392,23 @@ fn restrict_on_lets_nothing_out_but_hostfwd_still_works() {
     });
     // The SYN to the host alias meets the netdev's own stack, which refuses it.
     assert_eq!(err, Err(ErrorKind::ConnectionRefused));
+    // Pings: the gateway answers itself; nothing goes out for the outside.
+    let got = g.run(|| {
+        raw_ping(
+            &[HOST_ALIAS, OUTSIDE],
+            9,
+            1,
+            b"r",
+            2,
+            Duration::from_secs(2),
+        )
+    });
+    assert_eq!(
+        replies(&got, HOST_ALIAS, 9, b"r"),
+        vec![(1, true)],
+        "{got:?}"
+    );
+    assert_eq!(got.len(), 1, "{got:?}");
     assert!(!udp, "a UDP reply came through restrict=on");
     assert!(!dns, "a DNS answer came through restrict=on");
 
@@ -424,7 +453,8 @@ fn restrict_on_lets_nothing_out_but_hostfwd_still_works() {
     assert_eq!(&two, b"ok");
 
     let c = g.nat_counters();
-    assert!(c["dropped_restricted"].as_u64().unwrap() >= 2, "{c}");
+    assert!(c["dropped_restricted"].as_u64().unwrap() >= 3, "{c}");
+    assert_eq!(c["icmp_echo_out"].as_u64().unwrap(), 0, "{c}");
     assert_eq!(c["tcp_connects"].as_u64().unwrap(), 0, "{c}");
 }
 
@@ -553,4 +583,273 @@ fn bad_nat_options_are_refused_with_a_message() {
         assert!(err.contains(says), "{netdev}: {err}");
         assert!(!err.contains("panicked"), "{netdev}: {err}");
     }
+}
+
+/// An address on the backend namespace's loopback (TEST-NET-1): the "outside" pings reach.
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// An address the backend namespace has no route to (TEST-NET-3).
+const NO_ROUTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+
+/// A namespace for the backend: `lo` up with [`OUTSIDE`] on it, `net.ipv4.ping_group_range` set
+/// to `range` there (only there: the sysctl is per namespace).
+fn backend_ns(prefix: &str, range: &'static str) -> Option<NetNs> {
+    let ns = common::netns_with_tun(prefix)?;
+    ns.ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"])
+        .unwrap();
+    // /proc/sys/net is the namespace of the thread that opens it.
+    common::in_netns(&ns, move || {
+        std::fs::write("/proc/sys/net/ipv4/ping_group_range", range).unwrap();
+        let now = std::fs::read_to_string("/proc/sys/net/ipv4/ping_group_range").unwrap();
+        assert_eq!(now.split_whitespace().collect::<Vec<_>>().join(" "), range);
+    });
+    Some(ns)
+}
+
+/// The internet checksum of `data` is right (it sums to all ones).
+fn checksum_ok(data: &[u8]) -> bool {
+    let mut s: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s == 0xffff
+}
+
+/// An ICMP message that reached the guest: who sent it and the message (header on).
+#[derive(Debug)]
+struct Icmp {
+    from: Ipv4Addr,
+    msg: Vec<u8>,
+}
+
+/// From a raw ICMP socket in the calling thread's namespace (the guest's): echo requests with
+/// identifier `id`, sequence 1..=`count` and `data` to each of `dsts`, then every ICMP message
+/// that arrives until `expect` of them did or `wait` passed. The IP header and ICMP checksums
+/// of each are checked here.
+fn raw_ping(
+    dsts: &[Ipv4Addr],
+    id: u16,
+    count: u16,
+    data: &[u8],
+    expect: usize,
+    wait: Duration,
+) -> Vec<Icmp> {
+    // SAFETY: plain socket(2); checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor, owned from here on.
+    let sock: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    for &dst in dsts {
+        for seq in 1..=count {
+            let mut m = vec![8u8, 0, 0, 0];
+            m.extend_from_slice(&id.to_be_bytes());
+            m.extend_from_slice(&seq.to_be_bytes());
+            m.extend_from_slice(data);
+            let mut s: u32 = m
+                .chunks(2)
+                .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+                .sum();
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            m[2..4].copy_from_slice(&(!(s as u16)).to_be_bytes());
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(dst).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sendto from a live buffer to a valid sockaddr_in.
+            let r = unsafe {
+                libc::sendto(
+                    sock.as_raw_fd(),
+                    m.as_ptr().cast(),
+                    m.len(),
+                    0,
+                    (&raw const sa).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(
+                r,
+                m.len() as isize,
+                "sendto {dst}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let mut got = Vec::new();
+    let deadline = Instant::now() + wait;
+    let mut buf = vec![0u8; 65536];
+    while got.len() < expect && Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid pollfd.
+        unsafe { libc::poll(&raw mut pfd, 1, left.as_millis().max(1) as libc::c_int) };
+        // SAFETY: recv into a live buffer of its length.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        let p = &buf[..n as usize];
+        let ihl = usize::from(p[0] & 0x0f) * 4;
+        assert!(checksum_ok(&p[..ihl]), "IP header checksum: {p:?}");
+        let msg = p[ihl..].to_vec();
+        let from = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
+        // The raw socket also sees the guest's own requests (to itself they are not: they go
+        // out of the tap), and nothing else pings here; keep replies and errors.
+        if msg.first() == Some(&8) {
+            continue;
+        }
+        assert!(checksum_ok(&msg), "ICMP checksum from {from}: {msg:?}");
+        got.push(Icmp { from, msg });
+    }
+    got
+}
+
+/// The echo replies among `got` from `from` with identifier `id`: their sequence numbers, and
+/// whether each carried `data`.
+fn replies(got: &[Icmp], from: Ipv4Addr, id: u16, data: &[u8]) -> Vec<(u16, bool)> {
+    let mut r: Vec<(u16, bool)> = got
+        .iter()
+        .filter(|i| i.from == from && i.msg[..2] == [0, 0] && i.msg[4..6] == id.to_be_bytes())
+        .map(|i| {
+            (
+                u16::from_be_bytes([i.msg[6], i.msg[7]]),
+                &i.msg[8..] == data,
+            )
+        })
+        .collect();
+    r.sort();
+    r
+}
+
+#[test]
+fn guest_pings_the_gateway_and_through_a_ping_socket_the_outside() {
+    let Some(bns) = backend_ns("vnicb", "0 2147483647") else {
+        return;
+    };
+    let Some(g) = Guest::start_with("vnicg", "user,id=n0", Some(bns)) else {
+        return;
+    };
+    let data: Vec<u8> = (0..56u8).map(|i| i.wrapping_mul(41)).collect();
+    let d2 = data.clone();
+    // Three pings each of the gateway, the DNS address, an address behind the host's ping
+    // socket, and one with no route behind the host.
+    let got = g.run(move || {
+        raw_ping(
+            &[HOST_ALIAS, DNS, OUTSIDE, NO_ROUTE],
+            0x4a4b,
+            3,
+            &d2,
+            12,
+            Duration::from_secs(10),
+        )
+    });
+    let all_three = vec![(1, true), (2, true), (3, true)];
+    for from in [HOST_ALIAS, DNS, OUTSIDE] {
+        assert_eq!(
+            replies(&got, from, 0x4a4b, &data),
+            all_three,
+            "{from}: {got:?}"
+        );
+    }
+    // No route on the host: the gateway says net unreachable, quoting the guest's request.
+    let unreach: Vec<&Icmp> = got.iter().filter(|i| i.msg[0] == 3).collect();
+    assert_eq!(unreach.len(), 3, "{got:?}");
+    for u in unreach {
+        assert_eq!(u.from, HOST_ALIAS);
+        assert_eq!(u.msg[1], 0, "net unreachable");
+        let quoted = &u.msg[8..];
+        assert_eq!(&quoted[16..20], &NO_ROUTE.octets(), "quoted destination");
+        assert_eq!(&quoted[20..22], &[8, 0], "quoted echo request");
+        assert_eq!(
+            &quoted[24..26],
+            &0x4a4b_u16.to_be_bytes(),
+            "guest's identifier"
+        );
+    }
+
+    // A UDP datagram to a closed port of the host (alias): the host's port unreachable reaches
+    // the guest's connected socket as ECONNREFUSED.
+    let refused = g.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect((HOST_ALIAS, 9)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.send(b"anyone?").unwrap();
+        let mut b = [0u8; 16];
+        s.recv(&mut b).map_err(|e| e.kind())
+    });
+    assert_eq!(refused, Err(ErrorKind::ConnectionRefused));
+
+    // The system's ping in the guest: busybox's (raw socket, like the test guest's).
+    if colo_tests::host::tool("busybox").is_ok() {
+        for dst in ["10.0.2.2", "192.0.2.1"] {
+            let out =
+                g.ns.command("busybox")
+                    .args(["ping", "-c", "3", "-W", "5", dst])
+                    .output()
+                    .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "busybox ping {dst}: {text}");
+            assert!(text.contains("3 packets received"), "{text}");
+        }
+    }
+
+    let c = g.nat_counters();
+    assert!(c["icmp_echo_local"].as_u64().unwrap() >= 6, "{c}");
+    assert!(c["icmp_echo_out"].as_u64().unwrap() >= 3, "{c}");
+    assert!(c["icmp_echo_in"].as_u64().unwrap() >= 3, "{c}");
+    assert!(c["icmp_errors_to_guest"].as_u64().unwrap() >= 4, "{c}");
+    assert_eq!(c["icmp_unavailable"].as_u64().unwrap(), 0, "{c}");
+}
+
+#[test]
+fn without_ping_group_range_the_netdev_warns_and_only_the_gateway_answers() {
+    let Some(bns) = backend_ns("vnicn", "1 0") else {
+        return;
+    };
+    let Some(g) = Guest::start_with("vnicm", "user,id=n0", Some(bns)) else {
+        return;
+    };
+    let log = std::fs::read_to_string(g.backend.proc.stderr_path()).unwrap();
+    let warning: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("net.ipv4.ping_group_range"))
+        .collect();
+    assert_eq!(warning.len(), 1, "one warning at start: {log}");
+    assert!(warning[0].contains("\"1 0\""), "{}", warning[0]);
+    let got = g.run(|| {
+        raw_ping(
+            &[HOST_ALIAS, OUTSIDE],
+            7,
+            2,
+            b"abc",
+            4,
+            Duration::from_secs(3),
+        )
+    });
+    assert_eq!(
+        replies(&got, HOST_ALIAS, 7, b"abc"),
+        vec![(1, true), (2, true)]
+    );
+    assert!(replies(&got, OUTSIDE, 7, b"abc").is_empty(), "{got:?}");
+    let c = g.nat_counters();
+    assert_eq!(c["icmp_unavailable"].as_u64().unwrap(), 2, "{c}");
+    assert_eq!(c["icmp_echo_out"].as_u64().unwrap(), 0, "{c}");
 }

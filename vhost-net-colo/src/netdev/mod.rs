@@ -15,13 +15,15 @@
 //!   remote.port=N` (or `*.type=unix,*.path=P`): one frame per datagram, as QEMU's `-netdev dgram`.
 //! - `user,id=n0[,net=10.0.2.0/24][,host=10.0.2.2][,guest=10.0.2.15][,hostfwd=tcp:ADDR:PORT-:GPORT]...`:
 //!   a userspace network on smoltcp (see [`user`]); outbound NAT and DNS (`dns=`,
-//!   `restrict=on|off`, ours: `x-dns-upstream=IP:PORT`, `x-connect-timeout=SECS`) in [`user_nat`].
+//!   `restrict=on|off`, ours: `x-dns-upstream=IP:PORT`, `x-connect-timeout=SECS`) in [`user_nat`],
+//!   ping sockets and ICMP errors in [`user_icmp`].
 
 pub mod dgram;
 pub mod dhcp;
 pub mod stream;
 pub mod tap;
 pub mod user;
+pub mod user_icmp;
 pub mod user_nat;
 
 use std::sync::Arc;

@@ -15,8 +15,9 @@
 //!
 //! Connections and datagrams the guest sends out are made from the host with ordinary sockets
 //! (outbound NAT, `host=` standing for the host's 127.0.0.1), and DNS queries to `dns=` go to
-//! the host's resolver (or `x-dns-upstream=IP:PORT`); `restrict=on` turns both off. See
-//! [`super::user_nat`].
+//! the host's resolver (or `x-dns-upstream=IP:PORT`); pings of outside addresses go out through
+//! ICMP datagram sockets (allowed by `net.ipv4.ping_group_range`; a warning at start when not);
+//! `restrict=on` turns all of these off. See [`super::user_nat`] and [`super::user_icmp`].
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -183,6 +184,15 @@ impl UserNetdev {
             }
         }
         spec.finish()?;
+        // Pings of outside addresses need ping sockets; say once, now, when they cannot work.
+        let ping_off = if restrict {
+            None
+        } else {
+            super::user_icmp::ping_unavailable()
+        };
+        if let Some(why) = &ping_off {
+            tracing::warn!("netdev {id}: {why}");
+        }
         let mut listeners = Vec::new();
         let mut forwards = Vec::new();
         for r in rules {
@@ -224,6 +234,7 @@ impl UserNetdev {
                 dns_upstream,
                 restrict,
                 connect_timeout,
+                ping: ping_off.is_none(),
             },
             me.nat_counters.clone(),
         );

@@ -16,14 +16,28 @@
 //! - **DNS**: UDP (and TCP) to `dns=` (default 10.0.2.3) port 53 goes to the first IPv4
 //!   `nameserver` of /etc/resolv.conf (read once when the netdev opens), or to
 //!   `x-dns-upstream=IP:PORT` (ours, for tests and for hosts whose resolver is elsewhere).
-//! - **`restrict=on`**: nothing of the above; the guest reaches only the netdev itself (ARP,
-//!   ping, DHCP) and whatever `hostfwd` brings in. Datagrams and connections that would leave
-//!   are dropped and counted (a SYN to `host=` gets smoltcp's RST as before).
+//! - **ICMP echo** ("ping"): a request to `host=` or `dns=` is answered here by the netdev
+//!   itself, as slirp answers its own addresses: the gateway is the netdev, so its answer says
+//!   that the guest's link works, needs no host socket or sysctl, and comes with `restrict=on`
+//!   too (a real ping of 127.0.0.1 in its place would add a descriptor and the dependency below
+//!   and tell nothing more: loopback always answers). A request to any other outside address
+//!   goes through an unprivileged ICMP datagram socket ([`super::user_icmp`]), which needs the
+//!   process's group in `net.ipv4.ping_group_range` of its network namespace; without it the
+//!   netdev says so in one warning when it opens and such requests are dropped (counted,
+//!   `icmp_unavailable`). The reply keeps the guest's identifier, sequence and data. A request
+//!   the host cannot route at all gets an ICMP net/host unreachable from `host=`.
+//! - **ICMP errors** the host receives for the guest's pings and UDP datagrams (`IP_RECVERR`:
+//!   port/host/net unreachable, fragmentation needed, time exceeded) reach the guest as ICMP
+//!   errors quoting its packet, from the offender (`host=` for the host itself), so a guest's
+//!   UDP socket sees `ECONNREFUSED` and `ping` reports the unreachable host.
+//! - **`restrict=on`**: nothing of the above leaves; the guest reaches only the netdev itself
+//!   (ARP, ping, DHCP) and whatever `hostfwd` brings in. Datagrams, pings and connections that
+//!   would leave are dropped and counted (a SYN to `host=` gets smoltcp's RST as before).
 //!
 //! Frames smoltcp must not see are dropped here: ARP for addresses other than `host=`/`dns=`
 //! and IPv6 (smoltcp's any-IP mode, which lets it accept TCP for every address, would otherwise
-//! answer them all), ICMP to outside addresses (there is no ICMP NAT: a ping to the outside
-//! gets no answer rather than a false one), fragments of UDP datagrams (not reassembled).
+//! answer them all), ICMP other than echo requests to outside addresses, fragments of UDP
+//! datagrams and of pings (not reassembled).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
@@ -39,6 +53,7 @@ use smoltcp::wire::{
     TcpPacket, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
+use super::user_icmp::{self, EchoSockets, FromHost, HostIcmpError};
 use crate::offload::{GSO_UDP, VnetHdr, to_plain};
 
 /// How long a guest's connection waits for the host's `connect` (slirp leaves it to the host
@@ -54,6 +69,13 @@ pub const MAX_PENDING: usize = 128;
 pub const MAX_TCP: usize = 512;
 pub const MAX_UDP_FLOWS: usize = 256;
 const MTU: usize = 1500;
+const DEST_UNREACH: u8 = user_icmp::DEST_UNREACHABLE;
+const TIME_EXCEEDED: u8 = user_icmp::TIME_EXCEEDED;
+
+/// Whether `ip` can be the source of a packet (an ICMP answer goes back to it).
+fn unicast(ip: Ipv4Addr) -> bool {
+    !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
+}
 
 /// A guest TCP connection: guest address and port, destination address and port (as the guest
 /// sees them).
@@ -70,6 +92,9 @@ pub struct NatConfig {
     pub dns_upstream: Option<SocketAddrV4>,
     pub restrict: bool,
     pub connect_timeout: Duration,
+    /// Whether ping sockets can be opened here ([`user_icmp::ping_unavailable`]): echo
+    /// requests to outside addresses are forwarded only then.
+    pub ping: bool,
 }
 
 /// The first IPv4 `nameserver` of a resolv.conf text, port 53.
@@ -96,6 +121,16 @@ pub struct NatCounters {
     pub dns_queries: AtomicU64,
     pub dropped_restricted: AtomicU64,
     pub dropped_other: AtomicU64,
+    /// Echo requests to `host=`/`dns=` answered by the netdev.
+    pub icmp_echo_local: AtomicU64,
+    /// Echo requests sent out through a ping socket, and replies brought back.
+    pub icmp_echo_out: AtomicU64,
+    pub icmp_echo_in: AtomicU64,
+    /// ICMP errors sent to the guest (from the host's error queues or for unroutable pings).
+    pub icmp_errors_to_guest: AtomicU64,
+    /// Echo requests to outside addresses dropped because ping sockets are not allowed.
+    pub icmp_unavailable: AtomicU64,
+    pub icmp_sockets_expired: AtomicU64,
 }
 
 impl NatCounters {
@@ -111,6 +146,12 @@ impl NatCounters {
             "dns_queries": self.dns_queries.load(Relaxed),
             "dropped_restricted": self.dropped_restricted.load(Relaxed),
             "dropped_other": self.dropped_other.load(Relaxed),
+            "icmp_echo_local": self.icmp_echo_local.load(Relaxed),
+            "icmp_echo_out": self.icmp_echo_out.load(Relaxed),
+            "icmp_echo_in": self.icmp_echo_in.load(Relaxed),
+            "icmp_errors_to_guest": self.icmp_errors_to_guest.load(Relaxed),
+            "icmp_unavailable": self.icmp_unavailable.load(Relaxed),
+            "icmp_sockets_expired": self.icmp_sockets_expired.load(Relaxed),
         })
     }
 }
@@ -151,6 +192,9 @@ pub struct Nat {
     pending: Vec<PendingTcp>,
     active: HashSet<TcpKey>,
     udp: HashMap<(Ipv4Addr, u16), UdpFlow>,
+    echo: EchoSockets,
+    /// A ping socket failed to open after the netdev opened (said once).
+    echo_warned: bool,
     last_sweep: Instant,
     ident: u16,
     buf: Vec<u8>,
@@ -170,6 +214,8 @@ impl Nat {
             pending: Vec::new(),
             active: HashSet::new(),
             udp: HashMap::new(),
+            echo: EchoSockets::default(),
+            echo_warned: false,
             last_sweep: Instant::now(),
             ident: 1,
             buf: Vec::new(),
@@ -333,8 +379,159 @@ impl Nat {
                 self.udp_out(src_mac, src, udp.src_port(), to, dns, udp.payload());
                 Verdict::Done
             }
+            IpProtocol::Icmp => {
+                let to_stack = self.icmp_out(src_mac, &ip, own, out);
+                if to_stack {
+                    Verdict::Stack(frame)
+                } else {
+                    Verdict::Done
+                }
+            }
             _ if own => Verdict::Stack(frame),
             _ => self.drop_frame(),
+        }
+    }
+
+    /// An ICMP packet from the guest: echo requests are answered (own addresses) or sent out;
+    /// other ICMP to own addresses goes to smoltcp (returns true), the rest is dropped.
+    fn icmp_out(
+        &mut self,
+        mac: [u8; 6],
+        ip: &Ipv4Packet<&[u8]>,
+        own: bool,
+        out: &dyn Fn(Vec<u8>),
+    ) -> bool {
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        let msg = ip.payload();
+        let echo_request = msg.len() >= 8 && msg[..2] == [8, 0];
+        if !echo_request {
+            if !own {
+                self.drop_frame();
+            }
+            return own;
+        }
+        if ip.more_frags()
+            || ip.frag_offset() != 0
+            || !Icmpv4Packet::new_unchecked(msg).verify_checksum()
+            || !unicast(src)
+        {
+            self.drop_frame();
+            return false;
+        }
+        if own {
+            self.counters.icmp_echo_local.fetch_add(1, Relaxed);
+            let mut f = self.ipv4_frame(mac, dst, src, IpProtocol::Icmp, msg.len(), |p| {
+                p.copy_from_slice(msg);
+                p[0] = 0; // echo reply
+                user_icmp::fill_icmp_checksum(p);
+            });
+            self.stamp(&mut f);
+            out(f);
+            return false;
+        }
+        if self.cfg.restrict {
+            self.counters.dropped_restricted.fetch_add(1, Relaxed);
+            return false;
+        }
+        if self.map_dst(dst, 0).is_none() {
+            self.drop_frame();
+            return false;
+        }
+        if !self.cfg.ping {
+            self.counters.icmp_unavailable.fetch_add(1, Relaxed);
+            return false;
+        }
+        match self.echo.send(mac, src, dst, msg) {
+            Ok(()) => {
+                self.counters.icmp_echo_out.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                let code = match e.raw_os_error() {
+                    Some(libc::ENETUNREACH) => Some(0),
+                    Some(libc::EHOSTUNREACH) => Some(1),
+                    _ => None,
+                };
+                match code {
+                    Some(code) => {
+                        let q = msg.get(..8).unwrap_or_default();
+                        let quoted = (src, dst, IpProtocol::Icmp, msg.len(), q);
+                        // The gateway (the host) has no route: it says so, as a router would.
+                        let head = (self.cfg.host, DEST_UNREACH, code, 0);
+                        self.icmp_error(mac, head, quoted, out);
+                    }
+                    None => {
+                        if !self.echo_warned {
+                            self.echo_warned = true;
+                            tracing::warn!("user netdev: ping to {dst} not sent: {e}");
+                        }
+                        self.drop_frame();
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// Sends the guest an ICMP error `(from, type, code, info)` about its packet `quoted`:
+    /// (source, destination, protocol, length, its first bytes after the IP header).
+    fn icmp_error(
+        &mut self,
+        mac: [u8; 6],
+        (from, icmp_type, code, info): (Ipv4Addr, u8, u8, u32),
+        (qsrc, qdst, qproto, qlen, qdata): (Ipv4Addr, Ipv4Addr, IpProtocol, usize, &[u8]),
+        out: &dyn Fn(Vec<u8>),
+    ) {
+        let len = 8 + 20 + qdata.len();
+        let mut f = self.ipv4_frame(mac, from, qsrc, IpProtocol::Icmp, len, |p| {
+            p[0] = icmp_type;
+            p[1] = code;
+            // "Fragmentation needed" carries the next hop's MTU in its last 16 bits.
+            if icmp_type == DEST_UNREACH && code == 4 {
+                p[6..8].copy_from_slice(&(info.min(0xffff) as u16).to_be_bytes());
+            }
+            Ipv4Repr {
+                src_addr: qsrc,
+                dst_addr: qdst,
+                next_header: qproto,
+                payload_len: qlen,
+                hop_limit: 64,
+            }
+            .emit(
+                &mut Ipv4Packet::new_unchecked(&mut p[8..28]),
+                &ChecksumCapabilities::default(),
+            );
+            p[28..].copy_from_slice(qdata);
+            user_icmp::fill_icmp_checksum(p);
+        });
+        self.stamp(&mut f);
+        self.counters.icmp_errors_to_guest.fetch_add(1, Relaxed);
+        out(f);
+    }
+
+    /// The guest's view of who sent an ICMP error about a datagram to `dst` (host view,
+    /// `guest_dst` the guest's): the destination itself as the guest named it, `host=` for the
+    /// host's own addresses.
+    fn unmap_offender(
+        &self,
+        offender: Option<Ipv4Addr>,
+        dst: Ipv4Addr,
+        guest_dst: Ipv4Addr,
+    ) -> Ipv4Addr {
+        match offender {
+            None => guest_dst,
+            Some(o) if o == dst => guest_dst,
+            Some(o) if o.is_loopback() => self.cfg.host,
+            Some(o) => o,
+        }
+    }
+
+    /// Gives the frame the next IP identification and its header checksum.
+    fn stamp(&mut self, f: &mut [u8]) {
+        if let Some(ipb) = f.get_mut(14..) {
+            let mut ip = Ipv4Packet::new_unchecked(ipb);
+            ip.set_ident(self.ident);
+            ip.fill_checksum();
+            self.ident = self.ident.wrapping_add(1);
         }
     }
 
@@ -356,7 +553,14 @@ impl Nat {
             let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
                 .and_then(|s| s.set_nonblocking(true).map(|()| s))
             {
-                Ok(s) => s,
+                Ok(s) => {
+                    // ICMP errors for the flow's datagrams (port unreachable, ...) go back to
+                    // the guest; without it Linux drops them for unconnected sockets.
+                    if let Err(e) = user_icmp::enable_errors(&s) {
+                        tracing::debug!("user netdev NAT: IP_RECVERR: {e}");
+                    }
+                    s
+                }
                 Err(e) => {
                     tracing::warn!("user netdev NAT: UDP socket: {e}");
                     self.drop_frame();
@@ -409,6 +613,7 @@ impl Nat {
                 revents: 0,
             });
         }
+        self.echo.poll_fds(fds);
     }
 
     /// Host-side progress: completed, failed and timed-out connects, UDP replies, idle flows.
@@ -442,7 +647,10 @@ impl Nat {
             }
         }
         self.udp_in(out);
+        self.echo_in(out);
         if self.last_sweep.elapsed() >= Duration::from_secs(1) {
+            let gone = self.echo.sweep() as u64;
+            self.counters.icmp_sockets_expired.fetch_add(gone, Relaxed);
             self.last_sweep = Instant::now();
             let before = self.udp.len();
             self.udp.retain(|_, f| {
@@ -462,18 +670,30 @@ impl Nat {
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(65536, 0);
         let mut frames = Vec::new();
+        let mut errors = Vec::new();
         for (&(gip, gport), f) in self.udp.iter_mut() {
             // A bounded number per flow and round, so one busy flow cannot starve the rest.
             for _ in 0..64 {
                 let (n, from) = match f.sock.recv_from(&mut buf) {
                     Ok(r) => r,
-                    Err(_) => break, // WouldBlock, or an ICMP error queued on the socket
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    // The socket's pending error, reported once: its ICMP errors are queued.
+                    Err(_) => {
+                        for err in user_icmp::read_errors(f.sock.as_raw_fd(), &mut buf) {
+                            errors.push((gip, gport, f.guest_mac, err));
+                        }
+                        continue;
+                    }
                 };
                 f.last = Instant::now();
                 frames.push((gip, gport, f.guest_mac, from, buf[..n].to_vec()));
             }
         }
         self.buf = buf;
+        for (gip, gport, mac, err) in errors {
+            self.udp_error(mac, (gip, gport), &err, out);
+        }
         for (gip, gport, mac, from, data) in frames {
             let Some((sip, sport)) = self.unmap_src(from) else {
                 self.counters.dropped_other.fetch_add(1, Relaxed);
@@ -482,6 +702,79 @@ impl Nat {
             self.counters.udp_to_guest.fetch_add(1, Relaxed);
             for fr in self.udp_frames(mac, (sip, sport), (gip, gport), &data) {
                 out(fr);
+            }
+        }
+    }
+
+    /// An ICMP error about the guest's datagram from `guest` to `err.dst` (host view) goes back
+    /// to it, quoting the datagram's UDP header as the guest sent it.
+    fn udp_error(
+        &mut self,
+        mac: [u8; 6],
+        guest: (Ipv4Addr, u16),
+        err: &HostIcmpError,
+        out: &dyn Fn(Vec<u8>),
+    ) {
+        if !matches!(err.icmp_type, DEST_UNREACH | TIME_EXCEEDED) {
+            return;
+        }
+        let Some((dip, dport)) = self.unmap_src(SocketAddr::V4(err.dst)) else {
+            return;
+        };
+        let from = self.unmap_offender(err.offender, *err.dst.ip(), dip);
+        let len = 8 + err.quoted.len();
+        let mut udp = [0u8; 8];
+        udp[..2].copy_from_slice(&guest.1.to_be_bytes());
+        udp[2..4].copy_from_slice(&dport.to_be_bytes());
+        udp[4..6].copy_from_slice(&(len.min(0xffff) as u16).to_be_bytes());
+        let head = (from, err.icmp_type, err.code, err.info);
+        self.icmp_error(mac, head, (guest.0, dip, IpProtocol::Udp, len, &udp), out);
+    }
+
+    /// Replies and errors from the echo sockets, to the guest.
+    fn echo_in(&mut self, out: &dyn Fn(Vec<u8>)) {
+        if self.echo.is_empty() {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(65536, 0);
+        let got = self.echo.poll(&mut buf);
+        self.buf = buf;
+        for g in got {
+            match g {
+                FromHost::Reply {
+                    mac,
+                    guest,
+                    from,
+                    icmp,
+                } => {
+                    if 20 + icmp.len() > MTU {
+                        self.drop_frame();
+                        continue;
+                    }
+                    self.counters.icmp_echo_in.fetch_add(1, Relaxed);
+                    let mut f =
+                        self.ipv4_frame(mac, from, guest, IpProtocol::Icmp, icmp.len(), |p| {
+                            p.copy_from_slice(&icmp)
+                        });
+                    self.stamp(&mut f);
+                    out(f);
+                }
+                FromHost::Error {
+                    mac,
+                    guest,
+                    err,
+                    quoted,
+                } => {
+                    if !matches!(err.icmp_type, DEST_UNREACH | TIME_EXCEEDED) {
+                        continue;
+                    }
+                    let dst = *err.dst.ip();
+                    let from = self.unmap_offender(err.offender, dst, dst);
+                    let head = (from, err.icmp_type, err.code, err.info);
+                    let len = err.quoted.len().max(8);
+                    self.icmp_error(mac, head, (guest, dst, IpProtocol::Icmp, len, &quoted), out);
+                }
             }
         }
     }
@@ -723,6 +1016,7 @@ mod tests {
                 dns_upstream: Some("127.0.0.1:9".parse().unwrap()),
                 restrict: false,
                 connect_timeout: Duration::from_secs(2),
+                ping: false,
             },
             Arc::default(),
         )
@@ -774,6 +1068,8 @@ mod tests {
             guest_frame(&n, (host, closed), true),
             guest_frame(&n, (host, 9), false),
             guest_frame(&n, (Ipv4Addr::new(10, 0, 2, 3), 53), false),
+            echo_frame(&n, host, 1, 1, b"abc"),
+            echo_frame(&n, Ipv4Addr::new(192, 0, 2, 1), 1, 1, b"abc"),
         ] {
             for len in 0..f.len() {
                 let _ = n.guest_frame(f[..len].to_vec(), &out);
@@ -832,6 +1128,147 @@ mod tests {
         assert_eq!((t.src_port(), t.dst_port()), (closed, 40000));
         assert_eq!(t.ack_number(), TcpSeqNumber(1001));
         assert_eq!(n.counters.tcp_refused.load(Relaxed), 1);
+    }
+
+    /// An ICMP echo request from the guest 10.0.2.15 to `dst`.
+    fn echo_frame(n: &Nat, dst: Ipv4Addr, id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+        let g = Ipv4Addr::new(10, 0, 2, 15);
+        let mut f = n.ipv4_frame(
+            [2, 0, 0, 0, 0, 15],
+            g,
+            dst,
+            IpProtocol::Icmp,
+            8 + data.len(),
+            |p| {
+                p[0] = 8;
+                p[4..6].copy_from_slice(&id.to_be_bytes());
+                p[6..8].copy_from_slice(&seq.to_be_bytes());
+                p[8..].copy_from_slice(data);
+                user_icmp::fill_icmp_checksum(p);
+            },
+        );
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 15]);
+        f
+    }
+
+    /// Checks that `f` is a valid IPv4 ICMP frame to the guest from `src`; returns its ICMP
+    /// message.
+    fn icmp_to_guest(f: &[u8], src: Ipv4Addr) -> Vec<u8> {
+        let eth = EthernetFrame::new_checked(f).unwrap();
+        assert_eq!(eth.dst_addr().0, [2, 0, 0, 0, 0, 15]);
+        assert_eq!(eth.src_addr().0, [0x52, 0x55, 10, 0, 2, 2]);
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert!(ip.verify_checksum(), "IP header checksum");
+        assert_eq!(ip.next_header(), IpProtocol::Icmp);
+        assert_eq!(
+            (ip.src_addr(), ip.dst_addr()),
+            (src, Ipv4Addr::new(10, 0, 2, 15))
+        );
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum(), "ICMP checksum");
+        ip.payload().to_vec()
+    }
+
+    #[test]
+    fn pings_of_the_gateway_and_dns_are_answered_here_also_when_restricted() {
+        for restrict in [false, true] {
+            let mut n = nat();
+            n.cfg.restrict = restrict;
+            let got = std::cell::RefCell::new(Vec::new());
+            let out = |f: Vec<u8>| got.borrow_mut().push(f);
+            let data: Vec<u8> = (0..56u8).collect();
+            for (i, dst) in [Ipv4Addr::new(10, 0, 2, 2), Ipv4Addr::new(10, 0, 2, 3)]
+                .into_iter()
+                .enumerate()
+            {
+                let f = echo_frame(&n, dst, 0x4a4b, 7 + i as u16, &data);
+                assert!(matches!(n.guest_frame(f, &out), Verdict::Done));
+                let frames = std::mem::take(&mut *got.borrow_mut());
+                assert_eq!(frames.len(), 1, "restrict={restrict} {dst}");
+                let m = icmp_to_guest(&frames[0], dst);
+                assert_eq!(&m[..2], &[0, 0], "echo reply");
+                assert_eq!(&m[4..8], &[0x4a, 0x4b, 0, 7 + i as u8]);
+                assert_eq!(&m[8..], &data[..]);
+            }
+            assert_eq!(n.counters.icmp_echo_local.load(Relaxed), 2);
+        }
+    }
+
+    #[test]
+    fn pings_that_cannot_leave_are_dropped_and_counted() {
+        let out = |_f: Vec<u8>| panic!("nothing goes back to the guest");
+        let outside = Ipv4Addr::new(192, 0, 2, 1);
+        // restrict=on: nothing leaves.
+        let mut n = nat();
+        n.cfg.restrict = true;
+        n.cfg.ping = true;
+        assert!(matches!(
+            n.guest_frame(echo_frame(&n, outside, 1, 1, b"x"), &out),
+            Verdict::Done
+        ));
+        assert_eq!(n.counters.dropped_restricted.load(Relaxed), 1);
+        assert_eq!(n.counters.icmp_echo_out.load(Relaxed), 0);
+        // No ping sockets in this namespace: counted as such.
+        let mut n = nat();
+        assert!(matches!(
+            n.guest_frame(echo_frame(&n, outside, 1, 1, b"x"), &out),
+            Verdict::Done
+        ));
+        assert_eq!(n.counters.icmp_unavailable.load(Relaxed), 1);
+        // A bad checksum, a fragment, the guest's own network, broadcast, loopback: dropped.
+        let mut bad = echo_frame(&n, Ipv4Addr::new(10, 0, 2, 2), 1, 1, b"x");
+        bad[14 + 20 + 8] ^= 1;
+        let mut frag = echo_frame(&n, Ipv4Addr::new(10, 0, 2, 2), 1, 1, b"x");
+        let mut ip = Ipv4Packet::new_unchecked(&mut frag[14..]);
+        ip.set_more_frags(true);
+        ip.fill_checksum();
+        let before = n.counters.dropped_other.load(Relaxed);
+        for f in [
+            bad,
+            frag,
+            echo_frame(&n, Ipv4Addr::new(10, 0, 2, 9), 1, 1, b"x"),
+            echo_frame(&n, Ipv4Addr::new(10, 0, 2, 255), 1, 1, b"x"),
+            echo_frame(&n, Ipv4Addr::BROADCAST, 1, 1, b"x"),
+            echo_frame(&n, Ipv4Addr::LOCALHOST, 1, 1, b"x"),
+        ] {
+            assert!(matches!(n.guest_frame(f, &out), Verdict::Done));
+        }
+        assert_eq!(n.counters.dropped_other.load(Relaxed), before + 6);
+        assert_eq!(n.counters.icmp_echo_local.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_udp_datagram_to_a_closed_host_port_gets_port_unreachable() {
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut n = nat();
+        let got = std::cell::RefCell::new(Vec::new());
+        let out = |f: Vec<u8>| got.borrow_mut().push(f);
+        let host = Ipv4Addr::new(10, 0, 2, 2);
+        let f = guest_frame(&n, (host, closed), false);
+        assert!(matches!(n.guest_frame(f, &out), Verdict::Done));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.borrow().is_empty() && Instant::now() < deadline {
+            assert!(n.poll_host(&out).is_empty());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let frames = got.borrow();
+        assert_eq!(frames.len(), 1);
+        let m = icmp_to_guest(&frames[0], host);
+        assert_eq!(&m[..2], &[3, 3], "port unreachable");
+        // The quoted datagram is the guest's, as it sent it.
+        let q = Ipv4Packet::new_unchecked(&m[8..28]);
+        assert!(q.verify_checksum());
+        assert_eq!(q.next_header(), IpProtocol::Udp);
+        assert_eq!(
+            (q.src_addr(), q.dst_addr()),
+            (Ipv4Addr::new(10, 0, 2, 15), host)
+        );
+        assert_eq!(&m[28..32], &[0x9c, 0x40, (closed >> 8) as u8, closed as u8]);
+        assert_eq!(n.counters.icmp_errors_to_guest.load(Relaxed), 1);
     }
 
     #[test]
