@@ -325,7 +325,11 @@ impl EchoSockets {
             )
         };
         if r < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            // A failed send may queue a local error that no read reports (poll(2) would say
+            // POLLERR forever): read the queue empty.
+            let _ = read_errors(s.fd.as_raw_fd(), &mut [0u8; 256]);
+            return Err(e);
         }
         Ok(())
     }

@@ -593,6 +593,9 @@ impl Nat {
             Err(e) => {
                 tracing::debug!("user netdev NAT: UDP to {to}: {e}");
                 self.counters.dropped_other.fetch_add(1, Relaxed);
+                // A failed send may queue a local error that no read reports (poll(2) would
+                // say POLLERR forever): read the queue empty.
+                let _ = user_icmp::read_errors(flow.sock.as_raw_fd(), &mut [0u8; 256]);
             }
         }
     }
