@@ -444,6 +444,15 @@ impl NetBackend {
         // tap in one writev each (no copy); the first frame that cannot (a buffer outside the
         // mapped regions) ends that for the batch, so frames stay in order.
         let mut direct = self.path.direct_tx();
+        // With a chain whose first filter for guest egress writes every frame to a socket
+        // (the primary's redirector to the comparer), frames go from guest memory to that
+        // socket the same way (one writev, or one copy into the batch's records); the first
+        // that cannot ends that for the pass, so frames stay in order.
+        let mut raw = if direct.is_none() {
+            self.path.guest_raw_batch()
+        } else {
+            None
+        };
         loop {
             if self.event_idx.load(Ordering::Relaxed) {
                 let _ = vring.disable_notification();
@@ -469,6 +478,27 @@ impl NetBackend {
                             continue;
                         }
                         None => direct = None,
+                    }
+                }
+                if let Some(b) = raw.as_mut() {
+                    match send_raw(&mem, &chain, &self.path, b) {
+                        Some(len) => {
+                            bytes += len;
+                            sent_direct += 1;
+                            if vring.add_used(head, 0).is_err() {
+                                self.counters
+                                    .bad_descriptors
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            if b.frames() >= crate::path::BATCH_FRAMES {
+                                // End the batch (its records are written) and let the other
+                                // direction have the chain's lock, as the copying way does.
+                                drop(raw.take());
+                                raw = self.path.guest_raw_batch();
+                            }
+                            continue;
+                        }
+                        None => raw = None,
                     }
                 }
                 match read_chain(&mem, chain) {
@@ -503,6 +533,7 @@ impl NetBackend {
             }
         }
         drop(direct);
+        drop(raw);
         if vring.get_ref().get_queue().next_used() != before {
             self.used_published(vrings, &mem, q, before, bytes);
         }
@@ -745,16 +776,15 @@ fn add_used_batch(vring: &VringRwLock<GM>, mem: &Mem, used: &[(u16, u32)]) -> Re
     Ok(())
 }
 
-/// Sends one transmit chain straight from guest memory to `nd` (one writev of the guest's
-/// buffers, its virtio-net header first); the frame's header, or the send error. `None` when
-/// this chain cannot go that way (a buffer outside the mapped memory, a device-writable one,
-/// nothing after the header, a netdev that cannot): the caller copies it instead.
-fn send_direct(
+/// The guest memory of a transmit chain as iovecs, with their total length. `None` when the
+/// chain cannot be sent in place (a buffer outside the mapped memory, a device-writable one,
+/// nothing after the header): the caller copies it instead ([`read_chain`]).
+///
+/// The iovecs point into `mem`, mapped while the caller holds it.
+fn chain_iov<M: std::ops::Deref<Target = Mem> + Clone>(
     mem: &Mem,
-    chain: &DescriptorChain<GuestMemoryLoadGuard<Mem>>,
-    nd: &dyn crate::netdev::Netdev,
-    q: usize,
-) -> Option<(std::io::Result<crate::offload::VnetHdr>, usize)> {
+    chain: &DescriptorChain<M>,
+) -> Option<(Vec<libc::iovec>, usize)> {
     use vm_memory::GuestMemoryBackend;
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(4);
     let mut total = 0usize;
@@ -771,9 +801,47 @@ fn send_direct(
             total += s.len();
         }
     }
-    if total <= VNET_HDR_LEN {
-        return None;
+    (total > VNET_HDR_LEN).then_some((iov, total))
+}
+
+/// Copies the virtio-net header out of the front of `iov` (which holds more than
+/// [`VNET_HDR_LEN`] bytes of mapped guest memory, from [`chain_iov`]) and returns it with the
+/// iovecs of the frame after it.
+fn split_hdr(iov: &[libc::iovec]) -> ([u8; VNET_HDR_LEN], Vec<libc::iovec>) {
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    let mut at = 0;
+    let mut rest = Vec::with_capacity(iov.len());
+    for v in iov {
+        let n = (VNET_HDR_LEN - at).min(v.iov_len);
+        if n > 0 {
+            // SAFETY: `v` covers `v.iov_len` bytes of mapped guest memory (from `get_slices`,
+            // mapped while the caller holds the memory); `n` fits both it and the rest of `hdr`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, hdr[at..].as_mut_ptr(), n)
+            };
+            at += n;
+        }
+        if n < v.iov_len {
+            rest.push(libc::iovec {
+                iov_base: v.iov_base.cast::<u8>().wrapping_add(n).cast(),
+                iov_len: v.iov_len - n,
+            });
+        }
     }
+    (hdr, rest)
+}
+
+/// Sends one transmit chain straight from guest memory to `nd` (one writev of the guest's
+/// buffers, its virtio-net header first); the frame's header, or the send error. `None` when
+/// this chain cannot go that way (see [`chain_iov`], or a netdev that cannot): the caller
+/// copies it instead.
+fn send_direct<M: std::ops::Deref<Target = Mem> + Clone>(
+    mem: &Mem,
+    chain: &DescriptorChain<M>,
+    nd: &dyn crate::netdev::Netdev,
+    q: usize,
+) -> Option<(std::io::Result<crate::offload::VnetHdr>, usize)> {
+    let (iov, total) = chain_iov(mem, chain)?;
     let mut hdr = [0u8; VNET_HDR_LEN];
     let mut at = 0;
     for v in &iov {
@@ -792,13 +860,32 @@ fn send_direct(
     Some((nd.send_guest_iov_on(q, &iov)?.map(|()| h), total))
 }
 
+/// Hands one transmit chain from guest memory to the chain's first filter, which writes it to
+/// its socket outdev (see [`NetPath::from_guest_raw`]): the frame's length, or `None` when
+/// this chain cannot go that way (see [`chain_iov`]; a bad header, an offloaded frame the
+/// chain would make plain, link down): the caller copies it and every later one instead.
+fn send_raw<M: std::ops::Deref<Target = Mem> + Clone>(
+    mem: &Mem,
+    chain: &DescriptorChain<M>,
+    path: &NetPath,
+    batch: &mut crate::path::Batch<'_>,
+) -> Option<usize> {
+    let (iov, _) = chain_iov(mem, chain)?;
+    let (hdr, l2) = split_hdr(&iov);
+    // SAFETY: the iovecs cover guest memory mapped while `mem` is held, which outlives this
+    // call; the outdev copies what it keeps before it returns.
+    let raw = unsafe { crate::filter::RawFrame::new(&l2) };
+    let len = raw.len();
+    path.from_guest_raw(batch, &hdr, raw).then_some(len)
+}
+
 /// The virtio-net header and the frame of a transmit chain, each read into its own buffer;
 /// `Some(None)` for a chain with no frame after the header, `None` for a bad chain.
 type TxFrame = ([u8; VNET_HDR_LEN], Vec<u8>);
 
-fn read_chain(
+fn read_chain<M: std::ops::Deref<Target = Mem> + Clone>(
     mem: &Mem,
-    chain: DescriptorChain<GuestMemoryLoadGuard<Mem>>,
+    chain: DescriptorChain<M>,
 ) -> Option<Option<TxFrame>> {
     use std::io::Read;
     let mut r = chain.reader(mem).ok()?;
@@ -1027,4 +1114,278 @@ pub fn serve(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chardevs::Chardevs;
+    use crate::filter::{
+        Chain, ChardevLookup, Counters, Entry, FilterMirror, FilterRedirector, Insert, Position,
+        QueueSel,
+    };
+    use crate::path::GuestRx;
+    use std::io::Read;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const SIZE: u16 = 64;
+
+    /// Guest memory (1 MiB at 0) with one split transmit queue in it.
+    struct Ring {
+        mem: Mem,
+        queue: virtio_queue::Queue,
+        next_desc: u16,
+        avail: u16,
+    }
+
+    impl Ring {
+        fn new() -> Self {
+            let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+            let mut queue = virtio_queue::Queue::new(SIZE).unwrap();
+            queue.set_desc_table_address(Some(DESC as u32), Some(0));
+            queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+            queue.set_used_ring_address(Some(USED as u32), Some(0));
+            queue.set_ready(true);
+            Self {
+                mem,
+                queue,
+                next_desc: 0,
+                avail: 0,
+            }
+        }
+
+        /// Makes `parts` (guest address, bytes, flags) one available chain; a part with bytes is
+        /// written at its address first.
+        fn add(&mut self, parts: &[(u64, Vec<u8>, u16)]) {
+            let head = self.next_desc;
+            for (k, (addr, bytes, flags)) in parts.iter().enumerate() {
+                let i = self.next_desc;
+                self.next_desc += 1;
+                if *addr < 0x10_0000 {
+                    self.mem.write_slice(bytes, GuestAddress(*addr)).unwrap();
+                }
+                let last = k + 1 == parts.len();
+                let at = GuestAddress(DESC + 16 * u64::from(i));
+                self.mem.write_obj(addr.to_le(), at).unwrap();
+                self.mem
+                    .write_obj((bytes.len() as u32).to_le(), GuestAddress(at.0 + 8))
+                    .unwrap();
+                let f = flags | if last { 0 } else { 1 };
+                self.mem
+                    .write_obj(f.to_le(), GuestAddress(at.0 + 12))
+                    .unwrap();
+                let next = if last { 0 } else { i + 1 };
+                self.mem
+                    .write_obj(next.to_le(), GuestAddress(at.0 + 14))
+                    .unwrap();
+            }
+            let slot = GuestAddress(AVAIL + 4 + 2 * u64::from(self.avail % SIZE));
+            self.mem.write_obj(head.to_le(), slot).unwrap();
+            self.avail += 1;
+            self.mem
+                .write_obj(self.avail.to_le(), GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+    }
+
+    /// A path whose chain is the primary's (m0 queue=tx to a mirror socket, redire0 queue=rx
+    /// without outdev, redire1 queue=rx to the compare socket), both with
+    /// `vnet_hdr_support=on` and the tap's header length; the compare socket's peer
+    /// (non-blocking).
+    fn primary_path(dir: &std::path::Path) -> (NetPath, std::os::unix::net::UnixStream) {
+        let devs = Chardevs::default();
+        let mut peers = Vec::new();
+        for id in ["mirror0", "compare0"] {
+            let p = dir.join(format!("{id}.sock"));
+            devs.add(&format!("socket,id={id},path={},server=on", p.display()))
+                .unwrap();
+            peers.push(std::os::unix::net::UnixStream::connect(&p).unwrap());
+        }
+        let path = NetPath::new("hn0", Arc::new(GuestRx::new(64).unwrap()));
+        let mirror = devs.outdev("mirror0").unwrap();
+        let compare = devs.outdev("compare0").unwrap();
+        let entry = |id: &str, queue, filter| Entry {
+            id: id.into(),
+            queue,
+            status: true,
+            counters: Counters::default(),
+            filter,
+        };
+        {
+            let mut c = path.chain();
+            let add = |c: &mut Chain, e| c.insert(e, &Position::Tail, Insert::Behind).unwrap();
+            add(
+                &mut c,
+                entry(
+                    "m0",
+                    QueueSel::Tx,
+                    Box::new(FilterMirror::new(mirror, true).with_vnet_hdr_len(12)),
+                ),
+            );
+            add(
+                &mut c,
+                entry(
+                    "redire0",
+                    QueueSel::Rx,
+                    Box::new(FilterRedirector::new(None, true)),
+                ),
+            );
+            add(
+                &mut c,
+                entry(
+                    "redire1",
+                    QueueSel::Rx,
+                    Box::new(FilterRedirector::new(Some(compare), true).with_vnet_hdr_len(12)),
+                ),
+            );
+        }
+        let peer = peers.pop().unwrap();
+        peer.set_nonblocking(true).unwrap();
+        (path, peer)
+    }
+
+    /// Everything the peer has been sent so far.
+    fn drain(peer: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            match peer.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("peer read: {e}"),
+            }
+        }
+        out
+    }
+
+    fn bytes(seed: u8, n: usize) -> Vec<u8> {
+        (0..n).map(|i| seed.wrapping_add((i * 7) as u8)).collect()
+    }
+
+    /// A TSO header (GSO TCPv4, partial checksum).
+    fn gso_hdr() -> Vec<u8> {
+        crate::offload::VnetHdr {
+            flags: 1,
+            gso_type: 1,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        }
+        .to_bytes()
+        .to_vec()
+    }
+
+    /// The transmit chains of the test: small and large, plain and GSO, the header and the
+    /// frame split across descriptors; then a chain with a buffer outside guest memory and one
+    /// with a device-writable buffer (neither can go in place), then more good ones.
+    fn chains() -> Vec<Vec<(u64, Vec<u8>, u16)>> {
+        let hdr0 = vec![0u8; VNET_HDR_LEN];
+        let gso = gso_hdr();
+        let big = bytes(3, 30_000);
+        vec![
+            vec![(0x10000, [hdr0.clone(), bytes(1, 60)].concat(), 0)],
+            vec![
+                (0x11000, hdr0[..5].to_vec(), 0),
+                (0x12000, [&hdr0[5..], &bytes(2, 100)[..]].concat(), 0),
+                (0x13000, bytes(4, 1), 0),
+                (0x14000, bytes(5, 1300), 0),
+            ],
+            // Written from guest memory at once (larger than what a batch keeps).
+            vec![
+                (0x20000, gso.clone(), 0),
+                (0x30000, big[..20_000].to_vec(), 0),
+                (0x40000, big[20_000..].to_vec(), 0),
+            ],
+            vec![(0x50000, [gso.clone(), bytes(6, 200)].concat(), 0)],
+            vec![
+                (0x60000, [hdr0.clone(), bytes(7, 60)].concat(), 0),
+                (0x20_0000, vec![0; 100], 0),
+            ],
+            vec![
+                (0x61000, [hdr0.clone(), bytes(8, 70)].concat(), 0),
+                (0x62000, vec![0; 100], 2),
+            ],
+            vec![(0x63000, [hdr0.clone(), bytes(9, 80)].concat(), 0)],
+            vec![(0x70000, [gso, big].concat(), 0)],
+        ]
+    }
+
+    /// Runs `chains` through `path` as the transmit worker does: in place while it can, the
+    /// first chain that cannot and all after it copied ([`read_chain`]) and sent as one batch.
+    /// Returns how many went in place and how many were bad.
+    fn transmit(
+        path: &NetPath,
+        chains: &[Vec<(u64, Vec<u8>, u16)>],
+        in_place: bool,
+    ) -> (usize, usize) {
+        let mut ring = Ring::new();
+        for parts in chains {
+            ring.add(parts);
+        }
+        let mut batch = if in_place {
+            path.guest_raw_batch()
+        } else {
+            None
+        };
+        assert_eq!(batch.is_some(), in_place, "the chain takes frames in place");
+        let (mut placed, mut bad) = (0, 0);
+        let mut copied = Vec::new();
+        let Ring { mem, queue, .. } = &mut ring;
+        let mem: &Mem = mem;
+        for _ in chains {
+            let c = queue.pop_descriptor_chain(mem).unwrap();
+            if let Some(b) = batch.as_mut() {
+                if send_raw(mem, &c, path, b).is_some() {
+                    placed += 1;
+                    continue;
+                }
+                batch = None;
+            }
+            match read_chain(mem, c) {
+                Some(Some(f)) => copied.push(f),
+                Some(None) => {}
+                None => bad += 1,
+            }
+        }
+        drop(batch);
+        path.from_guest_batch(0, copied);
+        (placed, bad)
+    }
+
+    /// The records the primary's chain writes to the compare socket for the guest's frames are
+    /// the same bytes whether they go from guest memory in place (`send_raw`) or are copied
+    /// first (`read_chain`, then the path's batch), in the same order, with the same counters.
+    #[test]
+    fn frames_sent_in_place_make_the_records_the_copying_way_makes() {
+        let cases = chains();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut peer) = primary_path(dir.path());
+        let (placed, bad) = transmit(&path, &cases, false);
+        assert_eq!((placed, bad), (0, 1));
+        let copied = drain(&mut peer);
+        let copied_counters = path.chain().query();
+
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut peer) = primary_path(dir.path());
+        let (placed, bad) = transmit(&path, &cases, true);
+        // The fifth chain (a buffer outside memory) ends the in-place way for the pass.
+        assert_eq!((placed, bad), (4, 1));
+        let got = drain(&mut peer);
+        assert_eq!(got.len(), copied.len());
+        assert!(got == copied, "byte for byte, in order");
+        assert_eq!(
+            path.chain().query(),
+            copied_counters,
+            "the same filter counters"
+        );
+        // Records: four before the bad chain, and three after it (the writable one's too).
+        let redire1 = &path.chain().get("redire1").unwrap().counters.clone();
+        assert_eq!((redire1.sent, redire1.consumed, redire1.errors), (7, 7, 0));
+        assert_eq!(path.offload_passthrough.load(Ordering::Relaxed), 3);
+    }
 }

@@ -15,9 +15,10 @@ use std::io::Read;
 
 use colo_proto::frame::{FrameError, FrameIoError, MAX_PAYLOAD_LEN, record_fields};
 
-use crate::filter::{ChardevLookup, FlushError, Outdev};
+use crate::filter::{ChardevLookup, FlushError, Outdev, RawFrame};
 use crate::path::NetPath;
 use crate::vnet;
+use std::os::fd::AsRawFd;
 
 /// All chardevs of the process, by id.
 #[derive(Default)]
@@ -158,27 +159,43 @@ impl ChardevOut {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes the kept records followed by `parts` (one record, or nothing) in as few `writev`
-    /// calls as the socket allows. On failure the stream is dropped (the next record
-    /// reconnects) and the kept records are counted lost; the error is returned.
-    fn write_out(&self, st: &mut OutState, parts: &[&[u8]]) -> std::io::Result<()> {
+    /// Writes the kept records followed by `parts` and `raw` (one record, or nothing) in as
+    /// few `writev` calls as the socket allows. On failure the stream is dropped (the next
+    /// record reconnects) and the kept records are counted lost; the error is returned.
+    fn write_out(
+        &self,
+        st: &mut OutState,
+        parts: &[&[u8]],
+        raw: Option<RawFrame<'_>>,
+    ) -> std::io::Result<()> {
         let kept = std::mem::take(&mut st.records);
-        if kept == 0 && parts.iter().all(|p| p.is_empty()) {
+        if kept == 0 && parts.iter().all(|p| p.is_empty()) && raw.is_none_or(|r| r.is_empty()) {
             return Ok(());
         }
-        let r = match st.stream.as_mut() {
+        let r = match st.stream.as_ref() {
             None => Err(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
                 "no peer",
             )),
             Some(stream) => {
-                let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
-                all.push(&st.pending);
-                all.extend_from_slice(parts);
-                match stream {
-                    Stream::Unix(u) => write_all_parts(u, &all),
-                    Stream::Tcp(t) => write_all_parts(t, &all),
-                }
+                let slice = |p: &[u8]| libc::iovec {
+                    iov_base: p.as_ptr() as *mut libc::c_void,
+                    iov_len: p.len(),
+                };
+                let raw = raw.map(|r| r.iovecs()).unwrap_or_default();
+                let mut iov: Vec<libc::iovec> = std::iter::once(&st.pending[..])
+                    .chain(parts.iter().copied())
+                    .map(slice)
+                    .chain(raw.iter().copied())
+                    .filter(|v| v.iov_len > 0)
+                    .collect();
+                let fd = match stream {
+                    Stream::Unix(u) => u.as_raw_fd(),
+                    Stream::Tcp(t) => t.as_raw_fd(),
+                };
+                // SAFETY: the iovecs cover our own buffers (`pending`, `parts`) and the raw
+                // frame's pieces, readable until we return (its constructor's contract).
+                unsafe { writev_all(fd, &mut iov) }
             }
         };
         st.pending.clear();
@@ -199,6 +216,69 @@ impl ChardevOut {
 
 impl Outdev for ChardevOut {
     fn send_parts(&self, hdr: &[u8], l2: &[u8], vnet_hdr_support: bool) -> std::io::Result<()> {
+        self.send_record(hdr, Payload::Slice(l2), vnet_hdr_support)
+    }
+
+    fn send_raw(
+        &self,
+        hdr: &[u8],
+        l2: RawFrame<'_>,
+        vnet_hdr_support: bool,
+    ) -> std::io::Result<()> {
+        self.send_record(hdr, Payload::Raw(l2), vnet_hdr_support)
+    }
+
+    fn name(&self) -> String {
+        self.id.clone()
+    }
+
+    fn begin_batch(&self) {
+        self.state().batching = true;
+    }
+
+    fn flush(&self) -> Result<(), FlushError> {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        st.batching = false;
+        let r = self.write_out(st, &[], None);
+        let lost = std::mem::take(&mut st.lost);
+        let last = st.lost_error.take();
+        if lost == 0 {
+            return Ok(());
+        }
+        let error = match (r, last) {
+            (Err(e), _) | (Ok(()), Some(e)) => e,
+            (Ok(()), None) => std::io::Error::other(format!("chardev {}: write failed", self.id)),
+        };
+        Err(FlushError { lost, error })
+    }
+}
+
+/// A record's frame: our own bytes, or the guest's in place.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Slice(&'a [u8]),
+    Raw(RawFrame<'a>),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Slice(s) => s.len(),
+            Payload::Raw(r) => r.len(),
+        }
+    }
+}
+
+impl ChardevOut {
+    /// One record (see [`Outdev::send_parts`]): kept in the batch when small, else written at
+    /// once after what is kept, from the frame itself.
+    fn send_record(
+        &self,
+        hdr: &[u8],
+        l2: Payload<'_>,
+        vnet_hdr_support: bool,
+    ) -> std::io::Result<()> {
         let (fields, nf) = record_fields(hdr.len() + l2.len(), hdr.len(), vnet_hdr_support)
             .map_err(|e| {
                 std::io::Error::new(
@@ -221,41 +301,22 @@ impl Outdev for ChardevOut {
         if st.batching && hdr.len() + l2.len() <= COPY_MAX {
             st.pending.extend_from_slice(&fields[..nf]);
             st.pending.extend_from_slice(hdr);
-            st.pending.extend_from_slice(l2);
+            match l2 {
+                Payload::Slice(s) => st.pending.extend_from_slice(s),
+                Payload::Raw(r) => r.copy_to(&mut st.pending),
+            }
             st.records += 1;
             if st.records >= BATCH_RECORDS || st.pending.len() >= BATCH_BYTES {
                 // Counted by `flush` (this record included).
-                let _ = self.write_out(st, &[]);
+                let _ = self.write_out(st, &[], None);
             }
             return Ok(());
         }
         // Outside a batch, or a large record: what is kept first, then this one, zero-copy.
-        self.write_out(st, &[&fields[..nf], hdr, l2])
-    }
-
-    fn name(&self) -> String {
-        self.id.clone()
-    }
-
-    fn begin_batch(&self) {
-        self.state().batching = true;
-    }
-
-    fn flush(&self) -> Result<(), FlushError> {
-        let mut guard = self.state();
-        let st = &mut *guard;
-        st.batching = false;
-        let r = self.write_out(st, &[]);
-        let lost = std::mem::take(&mut st.lost);
-        let last = st.lost_error.take();
-        if lost == 0 {
-            return Ok(());
+        match l2 {
+            Payload::Slice(s) => self.write_out(st, &[&fields[..nf], hdr, s], None),
+            Payload::Raw(r) => self.write_out(st, &[&fields[..nf], hdr], Some(r)),
         }
-        let error = match (r, last) {
-            (Err(e), _) | (Ok(()), Some(e)) => e,
-            (Ok(()), None) => std::io::Error::other(format!("chardev {}: write failed", self.id)),
-        };
-        Err(FlushError { lost, error })
     }
 }
 
@@ -263,25 +324,43 @@ impl Drop for ChardevOut {
     fn drop(&mut self) {
         // A filter removed outside a batch keeps nothing; this is a safety net.
         let mut guard = self.state();
-        let _ = self.write_out(&mut guard, &[]);
+        let _ = self.write_out(&mut guard, &[], None);
     }
 }
 
-/// Writes all of `parts`, in order, with as few `writev` calls as the socket allows.
-fn write_all_parts(w: &mut impl std::io::Write, parts: &[&[u8]]) -> std::io::Result<()> {
-    use std::io::IoSlice;
-    let mut bufs: Vec<IoSlice<'_>> = parts
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| IoSlice::new(p))
-        .collect();
-    let mut bufs = &mut bufs[..];
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Writes all of `iov`, in order, to the blocking socket `fd` with as few `writev` calls as
+/// it allows (at most `IOV_MAX` pieces each); `iov` is used up.
+///
+/// # Safety
+/// Every iovec must cover readable memory for the duration of the call.
+unsafe fn writev_all(fd: std::os::fd::RawFd, iov: &mut [libc::iovec]) -> std::io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    let mut at = 0;
+    while at < iov.len() {
+        let n = (iov.len() - at).min(IOV_MAX);
+        let rest = &mut iov[at..];
+        // SAFETY: `rest` holds at least `n` iovecs over readable memory (the caller's contract).
+        let r = unsafe { libc::writev(fd, rest.as_ptr(), n as libc::c_int) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut done = r as usize;
+        for v in rest.iter_mut() {
+            if done < v.iov_len {
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(done).cast();
+                v.iov_len -= done;
+                break;
+            }
+            done -= v.iov_len;
+            v.iov_len = 0;
+            at += 1;
         }
     }
     Ok(())

@@ -165,6 +165,13 @@ impl std::ops::DerefMut for Batch<'_> {
     }
 }
 
+impl Batch<'_> {
+    /// Frames taken in this batch so far.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+}
+
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         self.chain.end_batch();
@@ -385,6 +392,55 @@ impl NetPath {
                 tracing::debug!("netdev {}: send: {e}", self.netdev_id);
             }
         }
+    }
+
+    /// For the transmit worker: an open batch when frames from the guest may go from guest
+    /// memory straight into the chain's first filter (link up, and the first filter guest
+    /// egress meets consumes it into a socket outdev, as the primary's `redirector
+    /// queue=rx outdev=...` does): see [`NetPath::from_guest_raw`]. Held while frames are sent,
+    /// so a filter added or removed meanwhile sees every later frame; ending it writes the
+    /// records kept, as [`NetPath::from_guest_batch`]'s batches do.
+    pub fn guest_raw_batch(&self) -> Option<Batch<'_>> {
+        if !self.link_is_up() {
+            return None;
+        }
+        let mut chain = self.chain();
+        if !chain.first_consumes_raw(Direction::Rx) {
+            return None;
+        }
+        chain.begin_batch();
+        Some(Batch { chain, frames: 0 })
+    }
+
+    /// A frame from the guest, its virtio-net header `hdr` and its frame `l2` in place, in a
+    /// batch from [`NetPath::guest_raw_batch`]: consumed by the chain's first filter with the
+    /// same record and counters as [`NetPath::from_guest_batch`] gives it. False when it cannot
+    /// go that way (link down, a bad header, an offloaded frame the chain would make plain):
+    /// nothing was done, and the caller sends this frame and every later one the copying way.
+    pub fn from_guest_raw(
+        &self,
+        batch: &mut Batch<'_>,
+        hdr: &[u8; VNET_HDR_LEN],
+        l2: crate::filter::RawFrame<'_>,
+    ) -> bool {
+        if !self.link_is_up() {
+            return false;
+        }
+        let Ok(h) = VnetHdr::parse(hdr) else {
+            return false;
+        };
+        let offloaded = !h.is_plain();
+        if !batch
+            .chain
+            .consume_raw(Direction::Rx, offloaded.then_some(&h), l2)
+        {
+            return false;
+        }
+        if offloaded {
+            self.offload_passthrough.fetch_add(1, Ordering::Relaxed);
+        }
+        batch.frames += 1;
+        true
     }
 
     /// A frame the guest sent (guest egress, `rx`).

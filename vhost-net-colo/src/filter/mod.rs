@@ -95,6 +95,19 @@ pub trait Outdev: Send + Sync {
     /// `vnet_hdr_len`; empty for none) and the frame `l2`; a socket writes the parts as they
     /// are (one `writev`, no copy).
     fn send_parts(&self, hdr: &[u8], l2: &[u8], vnet_hdr_support: bool) -> std::io::Result<()>;
+    /// As [`Outdev::send_parts`] for a frame given in place ([`RawFrame`]): the outdev copies
+    /// what it keeps and writes the rest straight from the pieces before it returns. Default:
+    /// one copy, then `send_parts`.
+    fn send_raw(
+        &self,
+        hdr: &[u8],
+        l2: RawFrame<'_>,
+        vnet_hdr_support: bool,
+    ) -> std::io::Result<()> {
+        let mut f = Vec::new();
+        l2.copy_to(&mut f);
+        self.send_parts(hdr, &f, vnet_hdr_support)
+    }
     /// Human-readable name for errors and `query-filters`.
     fn name(&self) -> String;
     /// A batch opens (the path holds the chain's lock for a whole pass): until
@@ -107,6 +120,57 @@ pub trait Outdev: Send + Sync {
     /// errors instead of sent).
     fn flush(&self) -> Result<(), FlushError> {
         Ok(())
+    }
+}
+
+/// A frame in memory this process must not hold references into (the guest's transmit
+/// buffers, which the guest may change at any time): pieces given as raw iovecs, only ever
+/// copied out or handed to the kernel (`writev`), so a frame goes from guest memory to a
+/// socket without a copy of its own.
+#[derive(Clone, Copy, Debug)]
+pub struct RawFrame<'a> {
+    iov: &'a [libc::iovec],
+    len: usize,
+}
+
+impl<'a> RawFrame<'a> {
+    /// # Safety
+    /// Every iovec must cover memory that stays mapped and readable for `'a`.
+    pub unsafe fn new(iov: &'a [libc::iovec]) -> Self {
+        let len = iov.iter().map(|v| v.iov_len).sum();
+        Self { iov, len }
+    }
+
+    /// Bytes in all pieces.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces, for `writev`.
+    pub fn iovecs(&self) -> &'a [libc::iovec] {
+        self.iov
+    }
+
+    /// Appends a copy of the frame to `out`.
+    pub fn copy_to(&self, out: &mut Vec<u8>) {
+        out.reserve(self.len);
+        for v in self.iov {
+            let at = out.len();
+            // SAFETY: `reserve` made room for all pieces; `v` covers `v.iov_len` readable bytes
+            // (the constructor's contract) that cannot overlap our own allocation.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    v.iov_base as *const u8,
+                    out.as_mut_ptr().add(at),
+                    v.iov_len,
+                );
+                out.set_len(at + v.iov_len);
+            }
+        }
     }
 }
 
@@ -143,6 +207,24 @@ fn send_record(
     c: &mut Counters,
 ) {
     match out.send_parts(hdr, l2, vnet_hdr_support) {
+        Ok(()) => c.sent += 1,
+        Err(e) => {
+            c.errors += 1;
+            tracing::debug!("{kind}: send to {}: {e}", out.name());
+        }
+    }
+}
+
+/// As [`send_record`] for a frame given in place.
+fn send_record_raw(
+    kind: &str,
+    out: &dyn Outdev,
+    hdr: &[u8],
+    l2: RawFrame<'_>,
+    vnet_hdr_support: bool,
+    c: &mut Counters,
+) {
+    match out.send_raw(hdr, l2, vnet_hdr_support) {
         Ok(()) => c.sent += 1,
         Err(e) => {
             c.errors += 1;
@@ -191,6 +273,23 @@ pub trait Filter: Send {
         counters: &mut Counters,
     ) -> Verdict {
         self.receive(dir, frame, counters)
+    }
+    /// True when the filter consumes every frame it sees, writing it to a socket outdev (a
+    /// redirector with an outdev): such frames can be handed over in place
+    /// ([`Filter::consume_raw`]). `offloaded`: the frame has offloads pending.
+    fn consumes_raw(&self, _offloaded: bool) -> bool {
+        false
+    }
+    /// Consumes a frame given in place (only called when [`Filter::consumes_raw`] says so):
+    /// writes the same record [`Filter::receive`] (plain, `hdr` None) or
+    /// [`Filter::receive_offloaded`] would.
+    fn consume_raw(
+        &mut self,
+        _dir: Direction,
+        _hdr: Option<&VnetHdr>,
+        _l2: RawFrame<'_>,
+        _c: &mut Counters,
+    ) {
     }
     /// A batch opens: see [`Outdev::begin_batch`]. Default: nothing.
     fn begin_batch(&mut self) {}
@@ -415,6 +514,50 @@ impl Chain {
     pub fn process(&mut self, dir: Direction, frame: Vec<u8>) -> Outcome {
         let order = self.order(dir, None);
         self.walk(dir, frame, order)
+    }
+
+    /// True when the first filter a frame entering in direction `dir` meets consumes it into a
+    /// socket outdev ([`Filter::consumes_raw`]), so [`Chain::consume_raw`] takes such frames.
+    pub fn first_consumes_raw(&self, dir: Direction) -> bool {
+        self.first_met(dir)
+            .is_some_and(|i| self.entries[i].filter.consumes_raw(false))
+    }
+
+    /// The first filter a frame entering in direction `dir` meets (status on, direction covered).
+    fn first_met(&self, dir: Direction) -> Option<usize> {
+        let met = |i: &usize| {
+            let e = &self.entries[*i];
+            e.status && e.queue.covers(dir)
+        };
+        match dir {
+            Direction::Tx => (0..self.entries.len()).find(met),
+            Direction::Rx => (0..self.entries.len()).rev().find(met),
+        }
+    }
+
+    /// A frame entering at the start, given in place (the guest's buffers), with its header when
+    /// offloads are pending: when the first filter it meets consumes it into a socket outdev,
+    /// the record is written (or kept in the batch) exactly as [`Chain::process`] /
+    /// [`Chain::process_offloaded`] would, and true is returned. False: nothing was done (the
+    /// caller copies the frame and takes the usual way).
+    pub fn consume_raw(&mut self, dir: Direction, hdr: Option<&VnetHdr>, l2: RawFrame<'_>) -> bool {
+        let Some(i) = self.first_met(dir) else {
+            return false;
+        };
+        // An offloaded frame crosses whole only when every filter on its way would take it so;
+        // otherwise the path makes it plain first (several records).
+        if hdr.is_some() && !self.takes_offloaded(dir) {
+            return false;
+        }
+        let e = &mut self.entries[i];
+        if !e.filter.consumes_raw(hdr.is_some()) {
+            return false;
+        }
+        e.counters.frames += 1;
+        e.counters.bytes += l2.len() as u64;
+        e.filter.consume_raw(dir, hdr, l2, &mut e.counters);
+        e.counters.consumed += 1;
+        true
     }
 
     /// A frame injected by filter `id` (from its indev) continues from that filter's position:
@@ -1098,6 +1241,105 @@ mod tests {
         assert_eq!(rec.vnet_hdr_len, 12);
         assert_eq!(VnetHdr::parse(rec.vnet_hdr()).unwrap(), h);
         assert_eq!(rec.l2(), &[5u8; 3000][..]);
+    }
+
+    /// Frames given in place go only to a first filter that consumes them into an outdev,
+    /// with the record and counters `process` gives; anything else is left to the copying way.
+    #[test]
+    fn only_a_consuming_outdev_filter_met_first_takes_frames_in_place() {
+        let out = Arc::new(RecOut::default());
+        let l2 = vec![9u8; 100];
+        let iov = [libc::iovec {
+            iov_base: l2.as_ptr() as *mut libc::c_void,
+            iov_len: l2.len(),
+        }];
+        // SAFETY: `l2` outlives every use of `raw`.
+        let raw = unsafe { RawFrame::new(&iov) };
+        let add = |c: &mut Chain, id: &str, q, f: Box<dyn Filter>| {
+            c.insert(entry(id, q, f), &Position::Tail, Insert::Behind)
+                .unwrap()
+        };
+        let mut c = Chain::new();
+        assert!(!c.first_consumes_raw(Direction::Rx));
+        assert!(!c.consume_raw(Direction::Rx, None, raw));
+        add(
+            &mut c,
+            "r1",
+            QueueSel::Rx,
+            Box::new(FilterRedirector::new(Some(out.clone()), true).with_vnet_hdr_len(12)),
+        );
+        // A mirror met first (tail, rx): no.
+        add(
+            &mut c,
+            "m1",
+            QueueSel::Rx,
+            Box::new(FilterMirror::new(out.clone(), true).with_vnet_hdr_len(12)),
+        );
+        assert!(!c.first_consumes_raw(Direction::Rx));
+        assert!(!c.consume_raw(Direction::Rx, None, raw));
+        // Switched off, or for the other direction, it is not met.
+        c.set_status("m1", false).unwrap();
+        assert!(c.first_consumes_raw(Direction::Rx));
+        assert!(!c.first_consumes_raw(Direction::Tx));
+        assert!(c.consume_raw(Direction::Rx, None, raw));
+        let plain = out.frames.lock().unwrap().pop().unwrap().0;
+        assert_eq!(plain.vnet_hdr_len, 12);
+        assert_eq!(plain.payload, [&[0u8; 12][..], &l2].concat());
+        let r1 = c.get("r1").unwrap().counters.clone();
+        assert_eq!((r1.frames, r1.bytes, r1.consumed, r1.sent), (1, 100, 1, 1));
+        // An offloaded frame: whole only while every filter on its way takes it so.
+        let h = VnetHdr {
+            flags: 1,
+            gso_type: 1,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        assert!(c.consume_raw(Direction::Rx, Some(&h), raw));
+        let rec = out.frames.lock().unwrap().pop().unwrap().0;
+        assert_eq!(VnetHdr::parse(rec.vnet_hdr()).unwrap(), h);
+        add(
+            &mut c,
+            "m2",
+            QueueSel::Rx,
+            Box::new(FilterMirror::new(out.clone(), false)),
+        );
+        c.set_status("m2", false).unwrap();
+        add(
+            &mut c,
+            "r0",
+            QueueSel::Rx,
+            Box::new(FilterRedirector::new(Some(out.clone()), false)),
+        );
+        // r0 (no vnet_hdr_support) takes plain frames only.
+        assert!(!c.consume_raw(Direction::Rx, Some(&h), raw));
+        assert!(c.consume_raw(Direction::Rx, None, raw));
+        assert_eq!(out.frames.lock().unwrap().pop().unwrap().0.payload, l2);
+        c.remove("r0").unwrap();
+        // m2 is behind r1 for rx and does not take offloaded frames: the path would make
+        // them plain first, so not in place (plain ones still are).
+        c.set_status("m2", true).unwrap();
+        c.remove("m1").unwrap();
+        c.insert(
+            entry(
+                "m1",
+                QueueSel::Rx,
+                Box::new(FilterMirror::new(out.clone(), false)),
+            ),
+            &Position::Head,
+            Insert::Behind,
+        )
+        .unwrap();
+        c.remove("m2").unwrap();
+        assert_eq!(c.ids(), ["m1", "r1"]);
+        assert!(!c.consume_raw(Direction::Rx, Some(&h), raw));
+        assert!(c.consume_raw(Direction::Rx, None, raw));
+        assert_eq!(
+            c.get("m1").unwrap().counters.frames,
+            0,
+            "consumed before m1"
+        );
     }
 
     #[test]

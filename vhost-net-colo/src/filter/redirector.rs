@@ -6,7 +6,10 @@
 
 use std::sync::Arc;
 
-use super::{Counters, Direction, Filter, Outdev, Verdict, flush_outdev, send_record};
+use super::{
+    Counters, Direction, Filter, Outdev, RawFrame, Verdict, flush_outdev, send_record,
+    send_record_raw,
+};
 use crate::offload::VnetHdr;
 use crate::vnet;
 
@@ -73,6 +76,25 @@ impl Filter for FilterRedirector {
         let (h, n) = vnet::record_hdr(Some(hdr), true, self.vnet_hdr_len);
         send_record(self.kind(), out.as_ref(), &h[..n], frame, true, c);
         Verdict::Consumed
+    }
+
+    /// With an outdev every frame is consumed into it (an offloaded one when taken whole).
+    fn consumes_raw(&self, offloaded: bool) -> bool {
+        self.outdev.is_some() && (!offloaded || self.takes_offloaded())
+    }
+
+    fn consume_raw(
+        &mut self,
+        _dir: Direction,
+        hdr: Option<&VnetHdr>,
+        l2: RawFrame<'_>,
+        c: &mut Counters,
+    ) {
+        let Some(out) = &self.outdev else { return };
+        // The same header as `receive` (plain) and `receive_offloaded` write.
+        let support = hdr.is_some() || self.vnet_hdr_support;
+        let (h, n) = vnet::record_hdr(hdr, support, self.vnet_hdr_len);
+        send_record_raw(self.kind(), out.as_ref(), &h[..n], l2, support, c);
     }
 
     fn begin_batch(&mut self) {
