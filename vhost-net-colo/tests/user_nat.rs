@@ -401,6 +401,7 @@ fn restrict_on_lets_nothing_out_but_hostfwd_still_works() {
             b"r",
             2,
             Duration::from_secs(2),
+            None,
         )
     });
     assert_eq!(
@@ -625,7 +626,8 @@ struct Icmp {
 }
 
 /// From a raw ICMP socket in the calling thread's namespace (the guest's): echo requests with
-/// identifier `id`, sequence 1..=`count` and `data` to each of `dsts`, then every ICMP message
+/// identifier `id`, sequence 1..=`count` and `data` to each of `dsts` (with TTL `ttl` when
+/// given), then every ICMP message
 /// that arrives until `expect` of them did or `wait` passed. The IP header and ICMP checksums
 /// of each are checked here.
 fn raw_ping(
@@ -635,12 +637,27 @@ fn raw_ping(
     data: &[u8],
     expect: usize,
     wait: Duration,
+    ttl: Option<u8>,
 ) -> Vec<Icmp> {
     // SAFETY: plain socket(2); checked.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
     assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
     // SAFETY: a fresh descriptor, owned from here on.
     let sock: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    if let Some(ttl) = ttl {
+        let v = libc::c_int::from(ttl);
+        // SAFETY: setsockopt with a c_int of the stated size on our socket.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_TTL,
+                (&raw const v).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "IP_TTL");
+    }
     for &dst in dsts {
         for seq in 1..=count {
             let mut m = vec![8u8, 0, 0, 0];
@@ -759,6 +776,7 @@ fn guest_pings_the_gateway_and_through_a_ping_socket_the_outside() {
             &d2,
             12,
             Duration::from_secs(10),
+            None,
         )
     });
     let all_three = vec![(1, true), (2, true), (3, true)];
@@ -842,6 +860,7 @@ fn without_ping_group_range_the_netdev_warns_and_only_the_gateway_answers() {
             b"abc",
             4,
             Duration::from_secs(3),
+            None,
         )
     });
     assert_eq!(
@@ -852,4 +871,61 @@ fn without_ping_group_range_the_netdev_warns_and_only_the_gateway_answers() {
     let c = g.nat_counters();
     assert_eq!(c["icmp_unavailable"].as_u64().unwrap(), 2, "{c}");
     assert_eq!(c["icmp_echo_out"].as_u64().unwrap(), 0, "{c}");
+}
+
+#[test]
+fn a_ping_with_ttl_1_gets_time_exceeded_from_the_router_behind_the_host() {
+    // backend namespace --veth-- "far" namespace, a router (forwarding on) for 198.18.2.0/24.
+    let Some(bns) = backend_ns("vnict", "0 2147483647") else {
+        return;
+    };
+    let far = NetNs::new("vnicf").unwrap();
+    let mut veth = colo_tests::Veth::new("vnicv").unwrap();
+    veth.move_a(&bns).unwrap();
+    veth.move_b(&far).unwrap();
+    veth.up_a(Some("198.18.0.1/24")).unwrap();
+    veth.up_b(Some("198.18.0.2/24")).unwrap();
+    bns.ip(&["route", "add", "198.18.2.0/24", "via", "198.18.0.2"])
+        .unwrap();
+    far.ip(&["route", "add", "default", "via", "198.18.0.1"])
+        .unwrap();
+    common::in_netns(&far, || {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+    });
+    let Some(g) = Guest::start_with("vnicu", "user,id=n0", Some(bns)) else {
+        return;
+    };
+    let beyond = Ipv4Addr::new(198, 18, 2, 1);
+    let got = g.run(move || {
+        raw_ping(
+            &[beyond],
+            0x5151,
+            3,
+            b"ttl",
+            3,
+            Duration::from_secs(10),
+            Some(1),
+        )
+    });
+    let exceeded: Vec<&Icmp> = got.iter().filter(|i| i.msg[..2] == [11, 0]).collect();
+    assert_eq!(exceeded.len(), 3, "{got:?}");
+    let mut seqs = Vec::new();
+    for e in exceeded {
+        assert_eq!(e.from, Ipv4Addr::new(198, 18, 0, 2), "the router said it");
+        let quoted = &e.msg[8..];
+        assert_eq!(&quoted[12..16], &[10, 0, 2, 15], "quoted source: the guest");
+        assert_eq!(&quoted[16..20], &beyond.octets(), "quoted destination");
+        assert_eq!(&quoted[20..22], &[8, 0], "quoted echo request");
+        assert_eq!(
+            &quoted[24..26],
+            &0x5151_u16.to_be_bytes(),
+            "guest's identifier"
+        );
+        seqs.push(u16::from_be_bytes([quoted[26], quoted[27]]));
+    }
+    seqs.sort();
+    assert_eq!(seqs, [1, 2, 3]);
+    drop(g);
+    drop(veth);
+    drop(far);
 }

@@ -236,6 +236,8 @@ struct EchoSock {
     fd: OwnedFd,
     mac: [u8; 6],
     last: Instant,
+    /// The TTL the socket sends with (the guest's last; 0: the host's default).
+    ttl: u8,
 }
 
 /// Something for the guest from the echo sockets.
@@ -262,6 +264,8 @@ pub enum FromHost {
 #[derive(Default)]
 pub struct EchoSockets {
     socks: HashMap<(Ipv4Addr, u16), EchoSock>,
+    /// Errors read while sending, for the next [`EchoSockets::poll`].
+    queued: Vec<FromHost>,
 }
 
 impl EchoSockets {
@@ -274,13 +278,14 @@ impl EchoSockets {
     }
 
     /// Sends the guest's echo request `icmp` (ICMP header and data, as the guest sent it) from
-    /// `guest` to `dst` through the flow's socket, opening it (and closing the least recently
-    /// used one at the limit) when needed.
+    /// `guest` to `dst` with the guest's `ttl` through the flow's socket, opening it (and
+    /// closing the least recently used one at the limit) when needed.
     pub fn send(
         &mut self,
         mac: [u8; 6],
         guest: Ipv4Addr,
         dst: Ipv4Addr,
+        ttl: u8,
         icmp: &[u8],
     ) -> io::Result<()> {
         let Some(id) = icmp.get(4..6).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
@@ -304,6 +309,7 @@ impl EchoSockets {
                     fd,
                     mac,
                     last: Instant::now(),
+                    ttl: 0,
                 },
             );
         }
@@ -312,26 +318,61 @@ impl EchoSockets {
         };
         s.mac = mac;
         s.last = Instant::now();
-        let sa = to_sockaddr(SocketAddrV4::new(dst, 0));
-        // SAFETY: sendto from a live buffer of its length to a valid sockaddr_in.
-        let r = unsafe {
-            libc::sendto(
-                s.fd.as_raw_fd(),
-                icmp.as_ptr().cast(),
-                icmp.len(),
-                0,
-                (&raw const sa).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            // A failed send may queue a local error that no read reports (poll(2) would say
-            // POLLERR forever): read the queue empty.
-            let _ = read_errors(s.fd.as_raw_fd(), &mut [0u8; 256]);
-            return Err(e);
+        // The guest's TTL goes out with its request (ping -t, traceroute -I); the netdev is not
+        // counted as a hop, as slirp is not.
+        if s.ttl != ttl && ttl > 0 {
+            let v = libc::c_int::from(ttl);
+            // SAFETY: setsockopt with a c_int of the stated size on our socket.
+            let r = unsafe {
+                libc::setsockopt(
+                    s.fd.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_TTL,
+                    (&raw const v).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r == 0 {
+                s.ttl = ttl;
+            }
         }
-        Ok(())
+        let sa = to_sockaddr(SocketAddrV4::new(dst, 0));
+        let send = || {
+            // SAFETY: sendto from a live buffer of its length to a valid sockaddr_in.
+            let r = unsafe {
+                libc::sendto(
+                    s.fd.as_raw_fd(),
+                    icmp.as_ptr().cast(),
+                    icmp.len(),
+                    0,
+                    (&raw const sa).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        if send().is_ok() {
+            return Ok(());
+        }
+        // A send reports the socket's pending error once (an ICMP error for an earlier request,
+        // queued with IP_RECVERR; or a local one that no read would report, and poll(2) would
+        // say POLLERR for ever): the queued errors go to the guest with the next poll, and the
+        // request is sent again.
+        for err in read_errors(s.fd.as_raw_fd(), &mut [0u8; 2048]) {
+            if let Some(quoted) = quote_request(&err.quoted, id) {
+                self.queued.push(FromHost::Error {
+                    mac,
+                    guest,
+                    err,
+                    quoted,
+                });
+            }
+        }
+        send()
     }
 
     /// The sockets for the stack's poll(2).
@@ -348,7 +389,7 @@ impl EchoSockets {
     /// Reads what arrived: replies, and errors (read from the error queue when a read reports
     /// one). `buf` is scratch space.
     pub fn poll(&mut self, buf: &mut [u8]) -> Vec<FromHost> {
-        let mut got = Vec::new();
+        let mut got = std::mem::take(&mut self.queued);
         for (&(guest, id), s) in self.socks.iter_mut() {
             for _ in 0..BURST {
                 // SAFETY: an all-zero sockaddr_in is valid.
@@ -492,9 +533,9 @@ mod tests {
             let mut req = vec![8u8, 0, 0, 0, 0xab, 0xcd, 0, 1];
             req.extend_from_slice(b"colo ping payload");
             fill_icmp_checksum(&mut req);
-            e.send([2; 6], g, Ipv4Addr::LOCALHOST, &req).unwrap();
+            e.send([2; 6], g, Ipv4Addr::LOCALHOST, 64, &req).unwrap();
             req[7] = 2;
-            e.send([2; 6], g, Ipv4Addr::LOCALHOST, &req).unwrap();
+            e.send([2; 6], g, Ipv4Addr::LOCALHOST, 64, &req).unwrap();
             assert_eq!(e.len(), 1, "one socket per guest address and identifier");
             let mut buf = vec![0u8; 65536];
             let mut replies = Vec::new();
@@ -511,6 +552,7 @@ mod tests {
                     [2; 6],
                     Ipv4Addr::new(10, 0, 2, 16),
                     Ipv4Addr::LOCALHOST,
+                    64,
                     &other,
                 )
                 .unwrap();

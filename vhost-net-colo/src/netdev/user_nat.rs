@@ -29,7 +29,9 @@
 //! - **ICMP errors** the host receives for the guest's pings and UDP datagrams (`IP_RECVERR`:
 //!   port/host/net unreachable, fragmentation needed, time exceeded) reach the guest as ICMP
 //!   errors quoting its packet, from the offender (`host=` for the host itself), so a guest's
-//!   UDP socket sees `ECONNREFUSED` and `ping` reports the unreachable host.
+//!   UDP socket sees `ECONNREFUSED` and `ping` reports the unreachable host. The guest's TTL
+//!   goes out with its pings and datagrams (the netdev is no hop, as slirp is not), so a
+//!   guest's traceroute gets "time exceeded" from the routers behind the host.
 //! - **`restrict=on`**: nothing of the above leaves; the guest reaches only the netdev itself
 //!   (ARP, ping, DHCP) and whatever `hostfwd` brings in. Datagrams, pings and connections that
 //!   would leave are dropped and counted (a SYN to `host=` gets smoltcp's RST as before).
@@ -184,6 +186,8 @@ struct UdpFlow {
     guest_mac: [u8; 6],
     last: Instant,
     dns_only: bool,
+    /// The TTL the socket sends with (the guest's last; 0: the host's default).
+    ttl: u8,
 }
 
 /// The NAT state, owned by the stack thread.
@@ -376,7 +380,8 @@ impl Nat {
                     return self.drop_frame();
                 };
                 let dns = dst == self.cfg.dns;
-                self.udp_out(src_mac, src, udp.src_port(), to, dns, udp.payload());
+                let flow = (src_mac, src, udp.src_port(), ip.hop_limit());
+                self.udp_out(flow, to, (dns, udp.payload()), out);
                 Verdict::Done
             }
             IpProtocol::Icmp => {
@@ -441,7 +446,7 @@ impl Nat {
             self.counters.icmp_unavailable.fetch_add(1, Relaxed);
             return false;
         }
-        match self.echo.send(mac, src, dst, msg) {
+        match self.echo.send(mac, src, dst, ip.hop_limit(), msg) {
             Ok(()) => {
                 self.counters.icmp_echo_out.fetch_add(1, Relaxed);
             }
@@ -535,14 +540,13 @@ impl Nat {
         }
     }
 
+    /// Sends the guest's datagram from flow `(mac, src, sport, ttl)` to `to`.
     fn udp_out(
         &mut self,
-        mac: [u8; 6],
-        src: Ipv4Addr,
-        sport: u16,
+        (mac, src, sport, ttl): ([u8; 6], Ipv4Addr, u16, u8),
         to: SocketAddr,
-        dns: bool,
-        payload: &[u8],
+        (dns, payload): (bool, &[u8]),
+        out: &dyn Fn(Vec<u8>),
     ) {
         let key = (src, sport);
         if !self.udp.contains_key(&key) {
@@ -574,6 +578,7 @@ impl Nat {
                     guest_mac: mac,
                     last: Instant::now(),
                     dns_only: true,
+                    ttl: 0,
                 },
             );
         }
@@ -583,7 +588,25 @@ impl Nat {
         flow.last = Instant::now();
         flow.guest_mac = mac;
         flow.dns_only &= dns;
-        match flow.sock.send_to(payload, to) {
+        // The guest's TTL goes out with its datagram (traceroute through the netdev); the
+        // netdev is not counted as a hop, as slirp is not.
+        if flow.ttl != ttl && ttl > 0 {
+            if let Err(e) = flow.sock.set_ttl(u32::from(ttl)) {
+                tracing::debug!("user netdev NAT: IP_TTL {ttl}: {e}");
+            }
+            flow.ttl = ttl;
+        }
+        let mut res = flow.sock.send_to(payload, to);
+        let mut errs = Vec::new();
+        if res.is_err() {
+            // A send reports the socket's pending error once (an ICMP error for an earlier
+            // datagram, queued with IP_RECVERR; or a local one that no read would report, and
+            // poll(2) would say POLLERR for ever): the queued errors go to the guest and the
+            // datagram is sent again.
+            errs = user_icmp::read_errors(flow.sock.as_raw_fd(), &mut [0u8; 2048]);
+            res = flow.sock.send_to(payload, to);
+        }
+        match res {
             Ok(_) => {
                 self.counters.udp_to_host.fetch_add(1, Relaxed);
                 if dns {
@@ -593,10 +616,10 @@ impl Nat {
             Err(e) => {
                 tracing::debug!("user netdev NAT: UDP to {to}: {e}");
                 self.counters.dropped_other.fetch_add(1, Relaxed);
-                // A failed send may queue a local error that no read reports (poll(2) would
-                // say POLLERR forever): read the queue empty.
-                let _ = user_icmp::read_errors(flow.sock.as_raw_fd(), &mut [0u8; 256]);
             }
+        }
+        for err in errs {
+            self.udp_error(mac, (src, sport), &err, out);
         }
     }
 
@@ -1272,6 +1295,42 @@ mod tests {
         );
         assert_eq!(&m[28..32], &[0x9c, 0x40, (closed >> 8) as u8, closed as u8]);
         assert_eq!(n.counters.icmp_errors_to_guest.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_pending_port_unreachable_does_not_cost_the_flows_next_datagram() {
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let open = server.local_addr().unwrap().port();
+        let mut n = nat();
+        let got = std::cell::RefCell::new(Vec::new());
+        let out = |f: Vec<u8>| got.borrow_mut().push(f);
+        let host = Ipv4Addr::new(10, 0, 2, 2);
+        // The first datagram's port unreachable is pending on the flow's socket (nothing read
+        // it) when the second datagram of the same flow is sent.
+        let f = guest_frame(&n, (host, closed), false);
+        assert!(matches!(n.guest_frame(f, &out), Verdict::Done));
+        std::thread::sleep(Duration::from_millis(100));
+        let f = guest_frame(&n, (host, open), false);
+        assert!(matches!(n.guest_frame(f, &out), Verdict::Done));
+        let mut b = [0u8; 16];
+        let (len, from) = server.recv_from(&mut b).unwrap();
+        assert_eq!(&b[..len], b"ping");
+        assert!(from.ip().is_loopback());
+        let _ = n.poll_host(&out);
+        let frames = got.borrow();
+        assert_eq!(frames.len(), 1, "the port unreachable, once");
+        let m = icmp_to_guest(&frames[0], host);
+        assert_eq!(&m[..2], &[3, 3]);
+        assert_eq!(&m[30..32], &closed.to_be_bytes());
+        assert_eq!(n.counters.udp_to_host.load(Relaxed), 2);
     }
 
     #[test]
