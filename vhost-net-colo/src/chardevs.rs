@@ -16,6 +16,7 @@ use std::io::Read;
 use colo_proto::frame::{FrameError, FrameIoError, MAX_PAYLOAD_LEN, record_fields};
 
 use crate::filter::{ChardevLookup, FlushError, Outdev, RawFrame};
+use crate::handoff::Handoff;
 use crate::path::NetPath;
 use crate::vnet;
 use std::os::fd::AsRawFd;
@@ -463,22 +464,26 @@ fn read_record(r: &mut impl Read, vnet_hdr_support: bool) -> Result<Option<Recor
     Ok(Some((hdr, l2)))
 }
 
-/// Records a reader takes at most before it hands them to the path together.
+/// Bytes of records an indev reader reads ahead of their injection: a guest transmit pass's
+/// worth (a ring of 1024 frames of up to 64 KiB). The pass writes its frames to outdevs in
+/// batches, and between two batches the injector may not win the chain's lock (it is not
+/// fair), so a whole pass can go out while the injector waits; a consumer between our outdev
+/// and our indev then finds room here (see [`spawn_indev`]). Memory is only taken while the
+/// chain is that busy.
+pub const INDEV_READ_AHEAD: usize = 64 << 20;
+
+/// Records the injector hands to the path at most at a time (one hold of the chain's lock).
 const INJECT_BATCH: usize = 64;
 
-/// True when `buf` (what a reader has buffered) starts with a whole record, so reading it
-/// cannot block.
-fn whole_record_in(buf: &[u8], vnet_hdr_support: bool) -> bool {
-    let Some(len) = buf.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
-        return false;
-    };
-    let fields = if vnet_hdr_support { 8 } else { 4 };
-    (u32::from_be_bytes(len) as usize)
-        .checked_add(fields)
-        .is_some_and(|n| n <= buf.len())
-}
-
 /// Starts reading filter `filter_id`'s indev and injecting its frames into `path`.
+///
+/// Two threads: one reads records into a [`Handoff`], the other injects what has come, in
+/// order, up to [`INJECT_BATCH`] records under one hold of the chain's lock. A consumer that
+/// moves frames from our outdev to our indev on one blocking thread (colo-compare between
+/// `compare0` and `compare_out`, QEMU's and ours, or `socat`) stops reading the outdev while
+/// its write into the indev waits; a filter writing that outdev waits with the chain locked,
+/// and injection needs the chain. Reading on while the injector waits breaks that circle
+/// (test `indev_coupled`).
 pub fn spawn_indev(
     path: Arc<NetPath>,
     filter_id: &str,
@@ -487,11 +492,31 @@ pub fn spawn_indev(
 ) -> std::io::Result<Indev> {
     let stop = Arc::new(AtomicBool::new(false));
     let current: Arc<Mutex<Option<Stream>>> = Arc::default();
+    let handoff = Arc::new(Handoff::new(INDEV_READ_AHEAD));
+    let (st, q, id) = (stop.clone(), handoff.clone(), filter_id.to_string());
+    std::thread::Builder::new()
+        .name(format!("inject-{filter_id}"))
+        .spawn(move || {
+            crate::sched::data_thread();
+            while let Some(recs) = q.pop_batch(INJECT_BATCH) {
+                if st.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Err(e) = path.inject_batch(&id, recs) {
+                    tracing::debug!("indev {id}: {e}");
+                    // The filter is gone: the reader stops at its next record.
+                    q.close();
+                    return;
+                }
+            }
+        })?;
     let (st, cur, id) = (stop.clone(), current.clone(), filter_id.to_string());
     std::thread::Builder::new()
         .name(format!("indev-{filter_id}"))
         .spawn(move || {
             crate::sched::data_thread();
+            // However this thread ends, the injector ends after what was read.
+            let _close = CloseOnDrop(&handoff);
             while !st.load(Ordering::Relaxed) {
                 let stream = if ep.spec().server {
                     match ep.accept(&st, None) {
@@ -518,40 +543,37 @@ pub fn spawn_indev(
                     break;
                 }
                 let mut r = std::io::BufReader::with_capacity(16 * 1024, stream);
-                let mut recs = Vec::new();
                 loop {
-                    // One record (waiting for it), then those already buffered behind it: they
-                    // go to the path together, under one hold of the chain's lock.
-                    let end = loop {
-                        match read_record(&mut r, vnet_hdr_support) {
-                            Ok(Some((hdr, l2))) => recs.push((vnet::offload_hdr(&hdr), l2)),
-                            Ok(None) => break true,
-                            Err(e) => {
-                                tracing::warn!("indev {id}: {e}");
-                                break true;
+                    match read_record(&mut r, vnet_hdr_support) {
+                        Ok(Some((hdr, l2))) => {
+                            if st.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            let bytes = hdr.len() + l2.len();
+                            if !handoff.push((vnet::offload_hdr(&hdr), l2), bytes) {
+                                return;
                             }
                         }
-                        if recs.len() >= INJECT_BATCH
-                            || !whole_record_in(r.buffer(), vnet_hdr_support)
-                        {
-                            break false;
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!("indev {id}: {e}");
+                            break;
                         }
-                    };
-                    if st.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    if let Err(e) = path.inject_batch(&id, std::mem::take(&mut recs)) {
-                        tracing::debug!("indev {id}: {e}");
-                        return;
-                    }
-                    if end {
-                        break;
                     }
                 }
                 *cur.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
         })?;
     Ok(Indev { stop, current })
+}
+
+/// Closes a handoff when dropped.
+struct CloseOnDrop<'a, T>(&'a Handoff<T>);
+
+impl<T> Drop for CloseOnDrop<'_, T> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 #[cfg(test)]
@@ -748,23 +770,6 @@ mod tests {
         let e = c.remove("m0").unwrap();
         assert_eq!(e.counters.sent, 1);
         assert_eq!(next(&rx), frame(1, 60));
-    }
-
-    #[test]
-    fn only_whole_buffered_records_are_taken_without_waiting() {
-        let mut bytes = Vec::new();
-        encode(&Frame::ethernet(vec![1u8; 60]), true, &mut bytes).unwrap();
-        let one = bytes.len();
-        encode(&Frame::ethernet(vec![2u8; 60]), true, &mut bytes).unwrap();
-        assert!(whole_record_in(&bytes, true));
-        assert!(whole_record_in(&bytes[one..], true));
-        assert!(!whole_record_in(&bytes[..one - 1], true));
-        assert!(!whole_record_in(&bytes[..3], true));
-        assert!(!whole_record_in(&[], false));
-        assert!(!whole_record_in(&[0xff, 0xff, 0xff, 0xff, 0], false));
-        // The same bytes without vnet_hdr_support: 4 bytes of fields, not 8.
-        assert!(whole_record_in(&[0, 0, 0, 1, 7], false));
-        assert!(!whole_record_in(&[0, 0, 0, 1, 7], true));
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod app;
 pub mod backend;
 pub mod chardevs;
 pub mod filter;
+pub mod handoff;
 pub mod netdev;
 pub mod offload;
 pub mod path;
