@@ -451,6 +451,8 @@ impl Pool {
 pub struct VhostUserBlk {
     exec: Arc<Exec>,
     event_idx: AtomicBool,
+    /// A ring's avail index was found too far ahead once (see `avail_overrun`): warned.
+    warned_overrun: AtomicBool,
     mem: Mutex<Option<Gm>>,
     pool: Arc<Pool>,
     queues: Mutex<Vec<Option<Arc<QueueCtx>>>>,
@@ -495,6 +497,7 @@ impl VhostUserBlk {
         VhostUserBlk {
             exec,
             event_idx: AtomicBool::new(false),
+            warned_overrun: AtomicBool::new(false),
             mem: Mutex::new(None),
             pool,
             queues: Mutex::new(vec![None; cfg.num_queues]),
@@ -575,6 +578,38 @@ impl VhostUserBlk {
 
     /// Takes requests off queue `q` (up to the in-flight bound) and starts them. Returns
     /// whether any was taken.
+    /// True when the guest's avail index is more than the ring's size ahead of ours. No chain
+    /// can then be taken (virtio-queue refuses the ring) while `enable_notification` keeps
+    /// reporting work, so the EVENT_IDX loop would spin forever on a guest's say-so (found by
+    /// the `blk_queue` fuzz target). The ring is left alone until the guest kicks again; the
+    /// first time, a warning.
+    fn avail_overrun(&self, vring: &VringRwLock<Gm>) -> bool {
+        let Some(mem) = self
+            .mem
+            .lock()
+            .ok()
+            .and_then(|m| m.as_ref().map(|m| m.memory()))
+        else {
+            return false;
+        };
+        let g = vring.get_ref();
+        let q = g.get_queue();
+        let Ok(ahead) = q
+            .avail_idx(&*mem, Ordering::Acquire)
+            .map(|avail| (avail - std::num::Wrapping(q.next_avail())).0)
+        else {
+            return false;
+        };
+        let overrun = ahead > q.size();
+        if overrun && !self.warned_overrun.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "guest's avail index is {ahead} entries ahead on a ring of {}: ring ignored until the next kick",
+                q.size()
+            );
+        }
+        overrun
+    }
+
     fn process_queue(&self, vring: &VringRwLock<Gm>, queue: u16) -> Result<bool, VhostBlkError> {
         let mem: GuestMemoryLoadGuard<Mem> = self
             .mem
@@ -1095,6 +1130,9 @@ impl VhostUserBackend for VhostUserBlk {
                     .enable_notification()
                     .map_err(|e| VhostBlkError::Queue(queue, e.to_string()))?
                 {
+                    break;
+                }
+                if self.avail_overrun(vring) {
                     break;
                 }
                 let throttled = self

@@ -145,6 +145,8 @@ pub struct NetBackend {
     mac: [u8; 6],
     mem: Mutex<Option<GM>>,
     event_idx: AtomicBool,
+    /// A ring's avail index was found too far ahead once (see `avail_overrun`): warned.
+    warned_overrun: AtomicBool,
     acked: AtomicU64,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
     counters: Arc<DevCounters>,
@@ -289,6 +291,7 @@ impl NetBackend {
             mac,
             mem: Mutex::new(None),
             event_idx: AtomicBool::new(false),
+            warned_overrun: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             exit: Mutex::new(Some(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?)),
             counters,
@@ -404,6 +407,25 @@ impl NetBackend {
         for pair in polls {
             self.process_tx(vrings, pair);
         }
+    }
+
+    /// True when the guest's avail index on `vring` is more than the ring's size ahead of
+    /// ours. No chain can then be taken (virtio-queue refuses the ring) while
+    /// `enable_notification` keeps reporting work, so an EVENT_IDX loop would spin forever on
+    /// a guest's say-so (found by the `net_rings` fuzz target). The ring is left alone until
+    /// the guest kicks again; the first time, a warning.
+    fn avail_overrun(&self, vring: &VringRwLock<GM>, mem: &Mem) -> bool {
+        let size = vring.get_ref().get_queue().size();
+        let Some(ahead) = avail_ahead(vring, mem) else {
+            return false;
+        };
+        let overrun = ahead > size;
+        if overrun && !self.warned_overrun.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "guest's avail index is {ahead} entries ahead on a ring of {size}: ring ignored until the next kick"
+            );
+        }
+        overrun
     }
 
     fn memory(&self) -> Option<GuestMemoryLoadGuard<Mem>> {
@@ -528,7 +550,7 @@ impl NetBackend {
                 self.schedule_tx_poll(pair);
                 break;
             }
-            if !vring.enable_notification().unwrap_or(false) {
+            if !vring.enable_notification().unwrap_or(false) || self.avail_overrun(vring, &mem) {
                 break;
             }
         }
@@ -631,14 +653,8 @@ impl NetBackend {
                 // some: retry only if the guest added buffers beyond the ones that were too
                 // few, else this would spin forever holding the rx lock.
                 if event_idx && vring.enable_notification().unwrap_or(false) {
-                    let grew = {
-                        let g = vring.get_ref();
-                        let queue = g.get_queue();
-                        queue
-                            .avail_idx(&*mem, Ordering::Acquire)
-                            .map(|avail| (avail - std::num::Wrapping(queue.next_avail())).0)
-                            .is_ok_and(|ready| usize::from(ready) > seen)
-                    };
+                    let grew = !self.avail_overrun(vring, &mem)
+                        && avail_ahead(vring, &mem).is_some_and(|ready| usize::from(ready) > seen);
                     if grew {
                         let _ = vring.disable_notification();
                         continue;
@@ -697,6 +713,15 @@ impl NetBackend {
 /// current value (one pass, or several whose interrupt was held back): interrupt when the
 /// guest's `used_event` lies in that range (the virtio spec's `vring_need_event`). An
 /// unreadable ring means interrupt.
+/// How many entries the guest's avail index is ahead of ours on `vring`, when it can be read.
+fn avail_ahead(vring: &VringRwLock<GM>, mem: &Mem) -> Option<u16> {
+    let g = vring.get_ref();
+    let q = g.get_queue();
+    q.avail_idx(mem, Ordering::Acquire)
+        .ok()
+        .map(|avail| (avail - std::num::Wrapping(q.next_avail())).0)
+}
+
 fn needs_interrupt(vring: &VringRwLock<GM>, mem: &Mem, before: u16) -> bool {
     use vm_memory::{Bytes, GuestAddress};
     let g = vring.get_ref();
