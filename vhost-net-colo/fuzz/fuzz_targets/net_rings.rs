@@ -20,7 +20,8 @@
 //! none lost.
 #![no_main]
 
-#[path = "common/ring.rs"]
+// The guest-memory and ring builder is shared with vhost-blk-colo's `blk_queue` target.
+#[path = "../../../vhost-blk-colo/fuzz/fuzz_targets/common/ring.rs"]
 mod ring;
 
 use std::sync::{Arc, Mutex};
