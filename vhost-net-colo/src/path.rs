@@ -4,7 +4,7 @@
 //! entered, and a filter added or removed at run time sees a frame entirely or not at all
 //! (swapping a filter never drops or reorders a frame that was not in the removed filter).
 //! One exception: frames an indev injects towards the netdev are written after the lock is let
-//! go (see [`NetPath::inject_vnet`]); one reader thread per indev keeps them in order.
+//! go (see [`NetPath::inject_batch`]); one injecting thread per indev keeps them in order.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -765,43 +765,18 @@ impl NetPath {
         }
     }
 
-    /// A frame read from filter `id`'s indev, injected from its position in the direction(s)
-    /// of its `queue`.
-    pub fn inject(&self, id: &str, frame: Vec<u8>) -> Result<(), FilterError> {
-        self.inject_vnet(id, None, frame)
-    }
-
-    /// As [`NetPath::inject`] for a record that came with a virtio-net header asking for
-    /// offloads (`hdr`): the frame goes on whole while the filters after `id` take it so, and
-    /// leaves with its header (a tap with vnet headers segments it); otherwise it is made
-    /// plain first.
+    /// Records read from filter `id`'s indev, in order, under one hold of the chain's lock:
+    /// each is injected from the filter's position in the direction(s) of its `queue`. A
+    /// record that came with a virtio-net header asking for offloads goes on whole while the
+    /// filters after `id` take it so, and leaves with its header (a tap with vnet headers
+    /// segments it); otherwise it is made plain first. An error (the filter is gone) stops at
+    /// that record.
     ///
     /// What leaves towards the netdev is sent after the chain's lock is let go: a netdev write
     /// can take long (a tap write runs the host's network stack up to the receiving socket; a
     /// stream netdev blocks while its peer does not read), and the other direction (netdev to
-    /// guest, through the mirror) must not wait for it. Each indev has one reader thread, so
-    /// its frames still leave in the order it read them.
-    pub fn inject_vnet(
-        &self,
-        id: &str,
-        hdr: Option<VnetHdr>,
-        frame: Vec<u8>,
-    ) -> Result<(), FilterError> {
-        let mut to_netdev = Vec::new();
-        let r = self.inject_locked(id, hdr, frame, &mut to_netdev);
-        for (h, f) in to_netdev {
-            match h {
-                None => self.deliver(Direction::Rx, f),
-                Some(h) => self.deliver_offloaded(0, Direction::Rx, h, f),
-            }
-        }
-        r
-    }
-
-    /// Records read together from filter `id`'s indev (each with its header when it asks for
-    /// offloads), in order: as [`NetPath::inject_vnet`] one by one, under one hold of the
-    /// chain's lock. An error (the filter is gone) stops at that record; what the records
-    /// before it sent towards the netdev is still written.
+    /// guest, through the mirror) must not wait for it. Each indev has one injecting thread,
+    /// so its frames still leave in the order they were read.
     pub fn inject_batch(
         &self,
         id: &str,
@@ -822,20 +797,9 @@ impl NetPath {
         r
     }
 
-    /// The chain part of [`NetPath::inject_vnet`], under the chain's lock: frames for the
+    /// One record of [`NetPath::inject_batch`], with the chain's lock held: frames for the
     /// guest are queued at once, frames for the netdev (with their header when offloaded)
     /// collected into `to_netdev`, in order.
-    fn inject_locked(
-        &self,
-        id: &str,
-        hdr: Option<VnetHdr>,
-        frame: Vec<u8>,
-        to_netdev: &mut Vec<(Option<VnetHdr>, Vec<u8>)>,
-    ) -> Result<(), FilterError> {
-        self.inject_in(&mut self.chain(), id, hdr, frame, to_netdev)
-    }
-
-    /// As [`NetPath::inject_locked`] with the chain's lock held.
     fn inject_in(
         &self,
         chain: &mut Chain,
@@ -910,8 +874,8 @@ mod tests {
     use crate::filter::testutil::entry;
     use crate::filter::{FilterRedirector, Insert, Position};
 
-    /// Records read together from an indev go through one hold of the lock in order, as one by
-    /// one would; a batch for a filter that is gone is refused.
+    /// Records read from an indev are injected in order, batch after batch; a batch for a
+    /// filter that is gone is refused.
     #[test]
     fn an_indev_batch_injects_its_records_in_order() {
         let path = NetPath::new("hn0", Arc::new(GuestRx::new(64).unwrap()));
@@ -927,7 +891,8 @@ mod tests {
             )
             .unwrap();
         let frames: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 60 + usize::from(i)]).collect();
-        path.inject_vnet("r0", None, frames[0].clone()).unwrap();
+        path.inject_batch("r0", vec![(None, frames[0].clone())])
+            .unwrap();
         path.inject_batch(
             "r0",
             frames[1..].iter().map(|f| (None, f.clone())).collect(),
