@@ -56,6 +56,37 @@ pub fn tcg_append(extra: &str) -> String {
     }
 }
 
+/// QEMU arguments for a virtio-net device whose backend is the vhost-user socket `sock`, with
+/// the MAC the guest's scripts expect (52:54:00:12:34:56): how the TCG tests attach
+/// vhost-net-colo.
+pub fn vhost_user_net_args(sock: &std::path::Path) -> Vec<String> {
+    [
+        "-chardev".to_string(),
+        format!("socket,id=c1,path={}", sock.display()),
+        "-netdev".to_string(),
+        "vhost-user,id=n1,chardev=c1".to_string(),
+        "-device".to_string(),
+        "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56".to_string(),
+    ]
+    .into()
+}
+
+/// The test guest under TCG with no services and a root shell on its serial console, on the
+/// vhost-user net socket `sock`, booted (its ready marker seen within 300 s): the guard (logs
+/// in `log_dir`) and the shell's stdin.
+pub fn shell_guest_on_vhost_user_net(
+    img: &GuestImage,
+    sock: &std::path::Path,
+    log_dir: &std::path::Path,
+) -> Result<(crate::ChildGuard, std::process::ChildStdin)> {
+    let mut q = qemu_tcg_guest(img, "colo.services=none colo.shell=1");
+    q.args(["-serial", "stdio"]).args(vhost_user_net_args(sock));
+    let mut guest = crate::ChildGuard::spawn_with_stdin("guest", &mut q, log_dir)?;
+    let stdin = guest.take_stdin().context("guest without stdin")?;
+    guest.wait_for_output(READY_MARKER, crate::secs(300))?;
+    Ok((guest, stdin))
+}
+
 /// `qemu-system-x86_64` booting the test guest under TCG on `-M microvm` with 256 MiB of memfd
 /// shared memory (what a vhost-user backend maps) and modern virtio-MMIO (vhost-user backends
 /// refuse legacy virtio), kernel command line `tcg_append(extra_append)`. The caller adds the

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use colo_proto::frame::FrameReader;
 use colo_proto::packet::parse_ethernet;
-use colo_tests::guest::{READY_MARKER, qemu_tcg_guest};
+use colo_tests::guest::{READY_MARKER, qemu_tcg_guest, vhost_user_net_args};
 use colo_tests::{
     Bridge, ChildGuard, GuestImage, NetNs, QmpClient, TestDir, cargo_bin, free_tcp_port, require,
     require_root, secs, unique_name,
@@ -72,13 +72,7 @@ fn boot_guest(
         qemu_tcg_guest(img, &format!("colo.services=http,echo {extra_append}"))
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
-            .arg("-chardev")
-            .arg(format!("socket,id=c1,path={}", sock.display()))
-            .args(["-netdev", "vhost-user,id=n1,chardev=c1"])
-            .args([
-                "-device",
-                "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56",
-            ]),
+            .args(vhost_user_net_args(sock)),
         dir.path(),
     )
     .unwrap();

@@ -11,7 +11,7 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 
-use colo_tests::guest::{READY_MARKER, qemu_tcg_guest};
+use colo_tests::guest::shell_guest_on_vhost_user_net;
 use colo_tests::{ChildGuard, NetNs, TestDir, cargo_bin, require, secs};
 
 /// Writes `value` to /proc/sys/net/ipv4/ping_group_range of `ns` (from a thread that entered
@@ -47,18 +47,7 @@ fn guest_busybox_ping_reaches_the_gateway_and_an_address_behind_a_ping_socket() 
     let be = ChildGuard::spawn("backend", &mut be_cmd, dir.path()).unwrap();
     colo_tests::wait_for_unix_socket(&sock, secs(30)).unwrap();
 
-    let mut q = qemu_tcg_guest(&img, "colo.services=none colo.shell=1");
-    q.args(["-serial", "stdio"])
-        .arg("-chardev")
-        .arg(format!("socket,id=c1,path={}", sock.display()))
-        .args(["-netdev", "vhost-user,id=n1,chardev=c1"])
-        .args([
-            "-device",
-            "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56",
-        ]);
-    let mut guest = ChildGuard::spawn_with_stdin("guest", &mut q, dir.path()).unwrap();
-    let mut stdin = guest.take_stdin().unwrap();
-    guest.wait_for_output(READY_MARKER, secs(300)).unwrap();
+    let (mut guest, mut stdin) = shell_guest_on_vhost_user_net(&img, &sock, dir.path()).unwrap();
 
     // Markers are split in the typed commands so their echo does not match.
     for (n, dst) in [(1, "10.0.2.2"), (2, "192.0.2.1")] {

@@ -14,7 +14,7 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
-use colo_tests::guest::{READY_MARKER, qemu_tcg_guest};
+use colo_tests::guest::shell_guest_on_vhost_user_net;
 use colo_tests::{ChildGuard, TestDir, cargo_bin, require, secs};
 
 /// An HTTP/1.0 server on 127.0.0.1 that answers every request with `body`.
@@ -66,18 +66,7 @@ fn guest_nc_and_nslookup_reach_the_host_through_the_user_netdev() {
     let _be = ChildGuard::spawn("backend", &mut be_cmd, dir.path()).unwrap();
     colo_tests::wait_for_unix_socket(&sock, secs(30)).unwrap();
 
-    let mut q = qemu_tcg_guest(&img, "colo.services=none colo.shell=1");
-    q.args(["-serial", "stdio"])
-        .arg("-chardev")
-        .arg(format!("socket,id=c1,path={}", sock.display()))
-        .args(["-netdev", "vhost-user,id=n1,chardev=c1"])
-        .args([
-            "-device",
-            "virtio-net-device,netdev=n1,mac=52:54:00:12:34:56",
-        ]);
-    let mut guest = ChildGuard::spawn_with_stdin("guest", &mut q, dir.path()).unwrap();
-    let mut stdin = guest.take_stdin().unwrap();
-    guest.wait_for_output(READY_MARKER, secs(300)).unwrap();
+    let (mut guest, mut stdin) = shell_guest_on_vhost_user_net(&img, &sock, dir.path()).unwrap();
 
     // Markers are split in the typed commands so their echo does not match.
     writeln!(
