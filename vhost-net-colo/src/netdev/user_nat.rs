@@ -1080,13 +1080,19 @@ mod tests {
         f
     }
 
+    /// A loopback TCP (`tcp`) or UDP port nothing listens on (bound, then let go).
+    fn closed_port(tcp: bool) -> u16 {
+        let a = if tcp {
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
+        } else {
+            std::net::UdpSocket::bind("127.0.0.1:0").and_then(|u| u.local_addr())
+        };
+        a.unwrap().port()
+    }
+
     #[test]
     fn malformed_and_truncated_frames_are_dropped_without_panic() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let closed = closed_port(true);
         let mut n = nat();
         let out = |_f: Vec<u8>| {};
         let host = Ipv4Addr::new(10, 0, 2, 2);
@@ -1122,11 +1128,7 @@ mod tests {
 
     #[test]
     fn a_refused_connect_becomes_a_valid_rst_to_the_guest() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let closed = closed_port(true);
         let mut n = nat();
         let got = std::cell::RefCell::new(Vec::new());
         let out = |f: Vec<u8>| got.borrow_mut().push(f);
@@ -1265,11 +1267,7 @@ mod tests {
 
     #[test]
     fn a_udp_datagram_to_a_closed_host_port_gets_port_unreachable() {
-        let closed = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let closed = closed_port(false);
         let mut n = nat();
         let got = std::cell::RefCell::new(Vec::new());
         let out = |f: Vec<u8>| got.borrow_mut().push(f);
@@ -1299,11 +1297,7 @@ mod tests {
 
     #[test]
     fn a_pending_port_unreachable_does_not_cost_the_flows_next_datagram() {
-        let closed = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let closed = closed_port(false);
         let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         server
             .set_read_timeout(Some(Duration::from_secs(5)))
