@@ -193,27 +193,14 @@ fn tap_with_vnet_headers_passes_offloads_through_an_empty_chain_and_segments_oth
     // A filter with vnet_hdr_support on this netdev sends QEMU's framing with the tap's header
     // length (12), the header zeroed, the frame plain.
     let mpath = dir.path().join("mirror.sock");
-    qmp.execute(
-        "chardev-add",
-        json!({"id": "mc0", "spec": format!("socket,path={},server=on,wait=off", mpath.display())}),
-    )
-    .unwrap();
+    common::add_socket_chardev(&mut qmp, "mc0", &mpath);
     qmp.execute(
         "object-add",
         json!({"qom-type": "filter-mirror", "id": "m0", "netdev": "t0", "queue": "tx",
                "outdev": "mc0", "vnet_hdr_support": "on"}),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let ms = loop {
-        match UnixStream::connect(&mpath) {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "mirror socket: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let ms = common::connect_chardev(&mpath);
     ms.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     send_udp_in(&ns, vec![0x43; 200]);
@@ -372,11 +359,7 @@ fn gso_frame_crosses_the_colo_chain_whole_with_vnet_hdr_support() {
     common::tap_as_peer(&ns, tap, None);
     let (out_path, in_path) = (dir.path().join("out.sock"), dir.path().join("in.sock"));
     for (id, p) in [("compare0", &out_path), ("compare_out", &in_path)] {
-        qmp.execute(
-            "chardev-add",
-            json!({"id": id, "spec": format!("socket,path={},server=on,wait=off", p.display())}),
-        )
-        .unwrap();
+        common::add_socket_chardev(&mut qmp, id, p);
     }
     for (id, key, dev) in [
         ("redire0", "indev", "compare_out"),

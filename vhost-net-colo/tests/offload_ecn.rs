@@ -679,24 +679,12 @@ fn ecn_and_ufo_frames_cross_mirror_and_rewriter_whole_with_vnet_hdr_support() {
     let b = common::spawn_with_tap(dir.path(), &ns, tap, "", &["--mac", GUEST_MAC_STR]);
     let mut qmp = b.qmp();
     let tap_mac = setup_ns(&ns, tap);
-    let mpath = dir.path().join("mirror.sock");
-    qmp.execute(
-        "chardev-add",
-        json!({"id": "mc0", "spec": format!("socket,path={},server=on,wait=off", mpath.display())}),
-    )
-    .unwrap();
-    qmp.execute(
-        "object-add",
-        json!({"qom-type": "filter-mirror", "id": "m0", "netdev": "t0", "queue": "all",
-               "outdev": "mc0", "vnet_hdr_support": "on"}),
-    )
-    .unwrap();
+    let records = common::add_vnet_mirror(&mut qmp, "all", &dir.path().join("mirror.sock"));
     qmp.execute(
         "object-add",
         json!({"qom-type": "filter-rewriter", "id": "rw0", "netdev": "t0", "queue": "all"}),
     )
     .unwrap();
-    let records = common::vnet_records(common::connect_chardev(&mpath));
     std::thread::sleep(Duration::from_millis(200));
     let mut fe = b.frontend(&Options::default());
 

@@ -206,6 +206,33 @@ pub fn numbered_frame(i: usize, len: usize) -> Vec<u8> {
     f
 }
 
+/// Adds, over QMP, a listening Unix socket chardev `id` at `path`.
+pub fn add_socket_chardev(qmp: &mut QmpClient, id: &str, path: &Path) {
+    qmp.execute(
+        "chardev-add",
+        serde_json::json!({"id": id, "spec": format!("socket,path={},server=on,wait=off", path.display())}),
+    )
+    .unwrap();
+}
+
+/// Adds, over QMP, `filter-mirror` `m0` on netdev `t0` for `queue`, with `vnet_hdr_support`,
+/// writing to a new listening chardev `mc0` at `path`; the mirror's records as they arrive
+/// there (see [`vnet_records`]).
+pub fn add_vnet_mirror(
+    qmp: &mut QmpClient,
+    queue: &str,
+    path: &Path,
+) -> std::sync::mpsc::Receiver<(Vec<u8>, Vec<u8>)> {
+    add_socket_chardev(qmp, "mc0", path);
+    qmp.execute(
+        "object-add",
+        serde_json::json!({"qom-type": "filter-mirror", "id": "m0", "netdev": "t0",
+                           "queue": queue, "outdev": "mc0", "vnet_hdr_support": "on"}),
+    )
+    .unwrap();
+    vnet_records(connect_chardev(path))
+}
+
 /// Connects to a listening chardev's Unix socket once it exists.
 pub fn connect_chardev(path: &Path) -> UnixStream {
     wait_for(Duration::from_secs(10), "chardev socket", || path.exists());
