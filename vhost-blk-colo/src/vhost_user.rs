@@ -457,6 +457,9 @@ pub struct VhostUserBlk {
     pool: Arc<Pool>,
     queues: Mutex<Vec<Option<Arc<QueueCtx>>>>,
     resume: Vec<Arc<EventFd>>,
+    /// The exit events handed to this connection's daemon: the descriptor number the
+    /// library keeps and a duplicate of ours (see [`close_leaked_fd`]).
+    exit_fds: Mutex<Vec<(std::os::fd::RawFd, EventNotifier)>>,
 }
 
 impl std::fmt::Debug for VhostUserBlk {
@@ -502,6 +505,7 @@ impl VhostUserBlk {
             pool,
             queues: Mutex::new(vec![None; cfg.num_queues]),
             resume,
+            exit_fds: Mutex::default(),
         }
     }
 
@@ -706,6 +710,48 @@ impl Drop for VhostUserBlk {
     fn drop(&mut self) {
         self.pool.lock().stop = true;
         self.pool.cv.notify_all();
+    }
+}
+
+impl VhostUserBlk {
+    /// Closes the exit-event descriptors the connection's daemon leaked (see
+    /// [`close_leaked_fd`]); called once the daemon is dropped.
+    fn close_exit_events(&self) {
+        let fds = match self.exit_fds.lock() {
+            Ok(mut v) => std::mem::take(&mut *v),
+            Err(_) => return,
+        };
+        for (leaked, ours) in fds {
+            close_leaked_fd(leaked, &ours);
+        }
+    }
+}
+
+/// vhost-user-backend 0.24 registers the consumer of each worker thread's exit event with
+/// `into_raw_fd()` and never closes it (`VringEpollHandler::new`, event_loop.rs): one
+/// descriptor per queue thread per frontend connection, so a backend whose frontend
+/// reconnects runs out of descriptors (found by the `vhost_user_msgs` fuzz target: EMFILE
+/// after ~10 000 connections). Once the daemon is gone we close that number, but only while
+/// it still refers to our eventfd (`kcmp(KCMP_FILE)` against a duplicate we kept), so a
+/// library that closes it itself, and a number reused since, are left alone.
+fn close_leaked_fd(leaked: std::os::fd::RawFd, ours: &impl AsRawFd) {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: kcmp only compares two descriptor numbers of this process.
+    let same = unsafe {
+        let pid = libc::getpid();
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            leaked,
+            ours.as_raw_fd(),
+        )
+    } == 0;
+    if same && leaked != ours.as_raw_fd() {
+        // SAFETY: `leaked` is the library's forgotten copy of our eventfd (checked above);
+        // nothing uses that number any more once the daemon is dropped.
+        unsafe { libc::close(leaked) };
     }
 }
 
@@ -1069,7 +1115,12 @@ impl VhostUserBackend for VhostUserBlk {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let (c, n) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        let ours = n.try_clone().ok()?;
+        if let Ok(mut v) = self.exit_fds.lock() {
+            v.push((c.as_raw_fd(), ours));
+        }
+        Some((c, n))
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
@@ -1183,6 +1234,7 @@ pub fn serve(
         }
         // Dropping the daemon stops its vring worker threads (exit events).
         drop(daemon);
+        dev.close_exit_events();
         // Requests still in flight complete (and are published in order) before the next
         // frontend gets the socket.
         dev.drain_all(true);
