@@ -149,6 +149,9 @@ pub struct NetBackend {
     warned_overrun: AtomicBool,
     acked: AtomicU64,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
+    /// Descriptor numbers of the exit-event consumers handed to the daemon, which the library
+    /// never closes (see [`close_leaked_fd`]).
+    exit_given: Mutex<Vec<std::os::fd::RawFd>>,
     counters: Arc<DevCounters>,
     /// Queue pairs: receive queue 2i, transmit queue 2i+1.
     pairs: usize,
@@ -294,6 +297,7 @@ impl NetBackend {
             warned_overrun: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             exit: Mutex::new(Some(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?)),
+            exit_given: Mutex::default(),
             counters,
             irq: Mutex::new(IrqState {
                 last: vec![None; 2 * pairs],
@@ -1027,7 +1031,11 @@ impl VhostUserBackend for NetBackend {
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let g = self.exit.lock().ok()?;
         let (c, n) = g.as_ref()?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+        let given = c.try_clone().ok()?;
+        if let Ok(mut v) = self.exit_given.lock() {
+            v.push(given.as_raw_fd());
+        }
+        Some((given, n.try_clone().ok()?))
     }
 
     fn handle_event(
@@ -1054,6 +1062,50 @@ impl VhostUserBackend for NetBackend {
             self.process_tx(vrings, e / 2);
         }
         Ok(())
+    }
+}
+
+impl NetBackend {
+    /// Closes the exit-event descriptors the session's daemon leaked (see
+    /// [`close_leaked_fd`]); called once the daemon is dropped.
+    fn close_exit_events(&self) {
+        let given = match self.exit_given.lock() {
+            Ok(mut v) => std::mem::take(&mut *v),
+            Err(_) => return,
+        };
+        let Ok(g) = self.exit.lock() else { return };
+        let Some((_, n)) = g.as_ref() else { return };
+        for fd in given {
+            close_leaked_fd(fd, n);
+        }
+    }
+}
+
+/// vhost-user-backend 0.24 registers the consumer of each worker thread's exit event with
+/// `into_raw_fd()` and never closes it (`VringEpollHandler::new`, event_loop.rs): one
+/// descriptor per frontend session, so a backend whose frontend reconnects runs out of
+/// descriptors (found by the `vhost_user_msgs` fuzz target). Once the daemon is gone we close
+/// that number, but only while it still refers to our eventfd (`kcmp(KCMP_FILE)` against
+/// `ours`, a descriptor of the same eventfd), so a library that closes it itself, and a
+/// number reused since, are left alone.
+fn close_leaked_fd(leaked: std::os::fd::RawFd, ours: &impl AsRawFd) {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: kcmp only compares two descriptor numbers of this process.
+    let same = unsafe {
+        let pid = libc::getpid();
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            leaked,
+            ours.as_raw_fd(),
+        )
+    } == 0;
+    if same && leaked != ours.as_raw_fd() {
+        // SAFETY: `leaked` is the library's forgotten copy of our eventfd (checked above);
+        // nothing uses that number any more once the daemon is dropped.
+        unsafe { libc::close(leaked) };
     }
 }
 
@@ -1127,6 +1179,9 @@ pub fn serve(
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
+        // Joins the daemon's threads; then the exit-event numbers it leaked can be closed.
+        drop(daemon);
+        backend.close_exit_events();
         path.guest_connected.store(false, Ordering::Relaxed);
         path.set_backend_channel(None);
         path.guest_features.store(0, Ordering::Relaxed);
