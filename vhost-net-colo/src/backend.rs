@@ -1021,11 +1021,12 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: GM) -> std::io::Result<()> {
+        let checked = drop_regions_past_eof(&mem);
         if let Ok(mut m) = self.mem.lock() {
             *m = Some(mem);
         }
         self.path.guest_connected.store(true, Ordering::Relaxed);
-        Ok(())
+        checked
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -1107,6 +1108,51 @@ fn close_leaked_fd(leaked: std::os::fd::RawFd, ours: &impl AsRawFd) {
         // nothing uses that number any more once the daemon is dropped.
         unsafe { libc::close(leaked) };
     }
+}
+
+/// Drops from `mem` the regions whose file is shorter than the region, and fails naming them.
+/// Reading or writing past a memfd's end is SIGBUS, which would kill the backend: the
+/// `vhost` crates map a region of any size over any file (found by the `vhost_user_msgs`
+/// fuzz target: a SET_MEM_TABLE region twice its memfd's size, then SET_VRING_ADDR, whose
+/// used-index read in vhost-user-backend's `set_vring_addr` faulted). Called from
+/// `update_memory`, i.e. after the library installed the new table, so the offending
+/// regions are taken out again before any ring is set up in them. (A frontend that shrinks
+/// the file later can still fault us; that needs a SIGBUS handler.)
+fn drop_regions_past_eof(mem: &GM) -> std::io::Result<()> {
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+    let mut bad = Vec::new();
+    let mut kept = {
+        let m = mem.memory();
+        for r in m.iter() {
+            let Some(fo) = r.file_offset() else { continue };
+            let file_len = fo.file().metadata().map(|md| md.len()).unwrap_or(0);
+            let end = fo.start().checked_add(r.len());
+            if end.is_none_or(|end| end > file_len) {
+                bad.push((r.start_addr(), r.len(), fo.start(), file_len));
+            }
+        }
+        if bad.is_empty() {
+            return Ok(());
+        }
+        (*m).clone()
+    };
+    for &(start, len, _, _) in &bad {
+        if let Ok((rest, _)) = kept.remove_region(start, len) {
+            kept = rest;
+        }
+    }
+    match mem.lock() {
+        Ok(g) => g.replace(kept),
+        Err(p) => p.into_inner().replace(kept),
+    }
+    let (start, len, off, file_len) = bad[0];
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "memory region at guest {:#x}: {len:#x} bytes from file offset {off:#x}, but the file has {file_len:#x} bytes; region dropped",
+            start.raw_value()
+        ),
+    ))
 }
 
 /// What the relay hands to the device: SEND_RARP and the backend-request channel.

@@ -1,0 +1,59 @@
+//! A memory table whose region is longer than the memfd behind it: the backend must refuse
+//! it and take the region out, because touching guest memory past the file's end is SIGBUS
+//! (found by the `vhost_user_msgs` fuzz target: the used-index read of SET_VRING_ADDR in
+//! vhost-user-backend faulted). `update_memory` runs right after the library installed the
+//! table, as for SET_MEM_TABLE and ADD_MEM_REG.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    fs::File,
+    os::fd::{FromRawFd, OwnedFd},
+    sync::Arc,
+};
+
+use vhost_blk_colo::{
+    block::mem::MemNode,
+    vhost_user::{BlkConfig, VhostUserBlk},
+};
+use vhost_user_backend::{VhostUserBackend, bitmap::BitmapMmapRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
+
+fn memfd(len: u64) -> File {
+    // SAFETY: memfd_create with a valid C string; checked below.
+    let raw = unsafe { libc::memfd_create(c"short".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(raw >= 0);
+    // SAFETY: a fresh descriptor we own.
+    let f = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    f.set_len(len).unwrap();
+    f
+}
+
+fn region(gpa: u64, len: usize, file_len: u64) -> GuestRegionMmap<BitmapMmapRegion> {
+    let m = MmapRegion::from_file(FileOffset::new(memfd(file_len), 0), len).unwrap();
+    GuestRegionMmap::new(m, GuestAddress(gpa)).unwrap()
+}
+
+#[test]
+fn a_region_longer_than_its_memfd_is_refused_and_dropped() {
+    let dev = VhostUserBlk::new(Arc::new(MemNode::new(1 << 20)), BlkConfig::default());
+    let good = region(0, 0x10000, 0x10000);
+    let short = region(0x10_0000, 0x20000, 0x10000);
+    let mem = GuestMemoryMmap::from_regions(vec![good, short]).unwrap();
+    let gm = GuestMemoryAtomic::new(mem);
+    let err = dev.update_memory(gm.clone()).unwrap_err();
+    assert!(err.to_string().contains("0x100000"), "{err}");
+    let now = gm.memory();
+    assert_eq!(now.num_regions(), 1, "the short region is still mapped");
+    assert!(now.find_region(GuestAddress(0)).is_some());
+
+    // A table whose regions all fit is taken as is.
+    let ok = GuestMemoryAtomic::new(
+        GuestMemoryMmap::from_regions(vec![region(0, 0x10000, 0x10000)]).unwrap(),
+    );
+    dev.update_memory(ok.clone()).unwrap();
+    assert_eq!(ok.memory().num_regions(), 1);
+}
