@@ -1192,8 +1192,39 @@ impl VhostUserBackend for VhostUserBlk {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> std::io::Result<()> {
+        // An error returned here ends the queue's worker thread (vhost-user-backend's epoll
+        // loop stops) and the ring is dead for the rest of the connection, whatever the
+        // frontend sets up later. A frontend can cause one by its message order alone: a
+        // SET_VRING_KICK on a ring the library already enabled, before SET_MEM_TABLE, makes it
+        // call us at once (no memory yet). Found by the `vhost_user_msgs` fuzz target (the
+        // ring then never answered again). So nothing is returned: logged, the ring waits
+        // for its next kick.
+        if let Err(e) = self.queue_event(device_event, evset, vrings, thread_id) {
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if WARNED.swap(true, Ordering::Relaxed) {
+                tracing::debug!(queue = thread_id, "{e}");
+            } else {
+                tracing::warn!(
+                    queue = thread_id,
+                    "{e} (further such errors at debug level)"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBlk {
+    /// One event of queue thread `thread_id`: a kick, or the resume event of a throttled queue.
+    fn queue_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock<Gm>],
+        thread_id: usize,
+    ) -> Result<(), VhostBlkError> {
         if evset != EventSet::IN {
-            return Err(VhostBlkError::UnknownEvent(device_event).into());
+            return Err(VhostBlkError::UnknownEvent(device_event));
         }
         // One queue per thread (`queues_per_thread`): the thread's vring is `vrings[0]`, its
         // device queue index is the thread index. `device_event` is 0 (a kick) or the resume
@@ -1212,7 +1243,7 @@ impl VhostUserBackend for VhostUserBlk {
                 return Ok(());
             }
         } else if device_event != 0 {
-            return Err(VhostBlkError::UnknownEvent(device_event).into());
+            return Err(VhostBlkError::UnknownEvent(device_event));
         }
         let vring = vrings
             .first()
