@@ -489,6 +489,25 @@ fn main() {
                     w.name
                 ));
             }
+            // What replication adds, apart from the local-only latency (which the ratio
+            // divides by, and which moves with the host's speed and with anything that speeds
+            // up the path both cells share).
+            let mut added: Vec<f64> = local.iter().zip(&repl).map(|(l, r)| r - l).collect();
+            let all = added
+                .iter()
+                .map(|d| format!("{d:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            added.sort_by(f64::total_cmp);
+            let mut lsorted = local.clone();
+            lsorted.sort_by(f64::total_cmp);
+            if let (Some(d), Some(l)) = (added.get(added.len() / 2), lsorted.get(lsorted.len() / 2))
+            {
+                ratio_lines.push(format!(
+                    "replication p50 - local-only p50 (µs), {}: per repetition {all}; median {d:.0} (local-only p50 median {l:.0})",
+                    w.name
+                ));
+            }
         }
     }
     // Per backend, the run with the median IOPS; with --repeat, every run's IOPS too.
