@@ -453,6 +453,8 @@ pub struct VhostUserBlk {
     event_idx: AtomicBool,
     /// A ring's avail index was found too far ahead once (see `avail_overrun`): warned.
     warned_overrun: AtomicBool,
+    /// A ring hit `MAX_PASSES` once: warned.
+    warned_busy: AtomicBool,
     mem: Mutex<Option<Gm>>,
     pool: Arc<Pool>,
     queues: Mutex<Vec<Option<Arc<QueueCtx>>>>,
@@ -501,6 +503,7 @@ impl VhostUserBlk {
             exec,
             event_idx: AtomicBool::new(false),
             warned_overrun: AtomicBool::new(false),
+            warned_busy: AtomicBool::new(false),
             mem: Mutex::new(None),
             pool,
             queues: Mutex::new(vec![None; cfg.num_queues]),
@@ -799,6 +802,11 @@ fn drop_regions_past_eof(mem: &Gm) -> std::io::Result<()> {
         ),
     ))
 }
+
+/// Passes of the EVENT_IDX loop of one queue event before the queue yields to its epoll loop
+/// (and continues through its resume event). A guest that keeps adding requests gets them
+/// served all the same; this only bounds how long one event may keep the thread.
+const MAX_PASSES: u32 = 64;
 
 /// Bound on waiting for in-flight requests when a ring stops or a frontend leaves (NBD
 /// requests are bounded by their own timeout, well below this).
@@ -1249,7 +1257,28 @@ impl VhostUserBlk {
             .first()
             .ok_or(VhostBlkError::UnknownEvent(device_event))?;
         if self.event_idx.load(Ordering::Relaxed) {
+            let mut passes = 0;
             loop {
+                // A ring that never runs dry on its own must not keep this thread from its
+                // epoll loop, where a disconnect's exit event waits: after MAX_PASSES passes
+                // it continues through the resume event. Found by the `vhost_user_msgs`
+                // fuzz target: a ring started without SET_VRING_ADDR (desc, avail and used at
+                // guest address 0: each used entry moved the avail index on) spun here, and
+                // `serve` never returned after the frontend left. Also a head slot in the
+                // avail ring past the end of guest memory: nothing can be taken, yet
+                // `enable_notification` keeps reporting work.
+                passes += 1;
+                if passes > MAX_PASSES {
+                    if !self.warned_busy.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "queue {queue}: still busy after {MAX_PASSES} passes; continuing after other events"
+                        );
+                    }
+                    if let Some(r) = self.resume.get(usize::from(queue)) {
+                        let _ = r.write(1);
+                    }
+                    break;
+                }
                 vring
                     .disable_notification()
                     .map_err(|e| VhostBlkError::Queue(queue, e.to_string()))?;
