@@ -460,7 +460,7 @@ pub struct VhostUserBlk {
     queues: Mutex<Vec<Option<Arc<QueueCtx>>>>,
     resume: Vec<Arc<EventFd>>,
     /// The exit events handed to this connection's daemon: the descriptor number the
-    /// library keeps and a duplicate of ours (see [`close_leaked_fd`]).
+    /// library keeps and a duplicate of ours (see [`vhost_user_guards::leaked_fd`]).
     exit_fds: Mutex<Vec<(std::os::fd::RawFd, EventNotifier)>>,
 }
 
@@ -718,89 +718,16 @@ impl Drop for VhostUserBlk {
 
 impl VhostUserBlk {
     /// Closes the exit-event descriptors the connection's daemon leaked (see
-    /// [`close_leaked_fd`]); called once the daemon is dropped.
+    /// [`vhost_user_guards::leaked_fd`]); called once the daemon is dropped.
     fn close_exit_events(&self) {
         let fds = match self.exit_fds.lock() {
             Ok(mut v) => std::mem::take(&mut *v),
             Err(_) => return,
         };
         for (leaked, ours) in fds {
-            close_leaked_fd(leaked, &ours);
+            vhost_user_guards::leaked_fd::close_leaked_fd(leaked, &ours);
         }
     }
-}
-
-/// vhost-user-backend 0.24 registers the consumer of each worker thread's exit event with
-/// `into_raw_fd()` and never closes it (`VringEpollHandler::new`, event_loop.rs): one
-/// descriptor per queue thread per frontend connection, so a backend whose frontend
-/// reconnects runs out of descriptors (found by the `vhost_user_msgs` fuzz target: EMFILE
-/// after ~10 000 connections). Once the daemon is gone we close that number, but only while
-/// it still refers to our eventfd (`kcmp(KCMP_FILE)` against a duplicate we kept), so a
-/// library that closes it itself, and a number reused since, are left alone.
-fn close_leaked_fd(leaked: std::os::fd::RawFd, ours: &impl AsRawFd) {
-    const KCMP_FILE: libc::c_int = 0;
-    // SAFETY: kcmp only compares two descriptor numbers of this process.
-    let same = unsafe {
-        let pid = libc::getpid();
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid,
-            pid,
-            KCMP_FILE,
-            leaked,
-            ours.as_raw_fd(),
-        )
-    } == 0;
-    if same && leaked != ours.as_raw_fd() {
-        // SAFETY: `leaked` is the library's forgotten copy of our eventfd (checked above);
-        // nothing uses that number any more once the daemon is dropped.
-        unsafe { libc::close(leaked) };
-    }
-}
-
-/// Drops from `mem` the regions whose file is shorter than the region, and fails naming them.
-/// Reading or writing past a memfd's end is SIGBUS, which would kill the backend: the
-/// `vhost` crates map a region of any size over any file (found by the `vhost_user_msgs`
-/// fuzz target: a SET_MEM_TABLE region twice its memfd's size, then SET_VRING_ADDR, whose
-/// used-index read in vhost-user-backend's `set_vring_addr` faulted). Called from
-/// `update_memory`, i.e. after the library installed the new table, so the offending
-/// regions are taken out again before any ring is set up in them. (A frontend that shrinks
-/// the file later can still fault us; that needs a SIGBUS handler.)
-fn drop_regions_past_eof(mem: &Gm) -> std::io::Result<()> {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    let mut bad = Vec::new();
-    let mut kept = {
-        let m = mem.memory();
-        for r in m.iter() {
-            let Some(fo) = r.file_offset() else { continue };
-            let file_len = fo.file().metadata().map(|md| md.len()).unwrap_or(0);
-            let end = fo.start().checked_add(r.len());
-            if end.is_none_or(|end| end > file_len) {
-                bad.push((r.start_addr(), r.len(), fo.start(), file_len));
-            }
-        }
-        if bad.is_empty() {
-            return Ok(());
-        }
-        (*m).clone()
-    };
-    for &(start, len, _, _) in &bad {
-        if let Ok((rest, _)) = kept.remove_region(start, len) {
-            kept = rest;
-        }
-    }
-    match mem.lock() {
-        Ok(g) => g.replace(kept),
-        Err(p) => p.into_inner().replace(kept),
-    }
-    let (start, len, off, file_len) = bad[0];
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        format!(
-            "memory region at guest {:#x}: {len:#x} bytes from file offset {off:#x}, but the file has {file_len:#x} bytes; region dropped",
-            start.raw_value()
-        ),
-    ))
 }
 
 /// Passes of the EVENT_IDX loop of one queue event before the queue yields to its epoll loop
@@ -1157,7 +1084,7 @@ impl VhostUserBackend for VhostUserBlk {
     }
 
     fn update_memory(&self, mem: Gm) -> std::io::Result<()> {
-        let checked = drop_regions_past_eof(&mem);
+        let checked = vhost_user_guards::memory::drop_regions_past_eof(&mem);
         if let Ok(mut m) = self.mem.lock() {
             *m = Some(mem);
         }

@@ -150,7 +150,7 @@ pub struct NetBackend {
     acked: AtomicU64,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
     /// Descriptor numbers of the exit-event consumers handed to the daemon, which the library
-    /// never closes (see [`close_leaked_fd`]).
+    /// never closes (see [`vhost_user_guards::leaked_fd`]).
     exit_given: Mutex<Vec<std::os::fd::RawFd>>,
     counters: Arc<DevCounters>,
     /// Queue pairs: receive queue 2i, transmit queue 2i+1.
@@ -1021,7 +1021,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: GM) -> std::io::Result<()> {
-        let checked = drop_regions_past_eof(&mem);
+        let checked = vhost_user_guards::memory::drop_regions_past_eof(&mem);
         if let Ok(mut m) = self.mem.lock() {
             *m = Some(mem);
         }
@@ -1068,7 +1068,7 @@ impl VhostUserBackend for NetBackend {
 
 impl NetBackend {
     /// Closes the exit-event descriptors the session's daemon leaked (see
-    /// [`close_leaked_fd`]); called once the daemon is dropped.
+    /// [`vhost_user_guards::leaked_fd`]); called once the daemon is dropped.
     fn close_exit_events(&self) {
         let given = match self.exit_given.lock() {
             Ok(mut v) => std::mem::take(&mut *v),
@@ -1077,82 +1077,9 @@ impl NetBackend {
         let Ok(g) = self.exit.lock() else { return };
         let Some((_, n)) = g.as_ref() else { return };
         for fd in given {
-            close_leaked_fd(fd, n);
+            vhost_user_guards::leaked_fd::close_leaked_fd(fd, n);
         }
     }
-}
-
-/// vhost-user-backend 0.24 registers the consumer of each worker thread's exit event with
-/// `into_raw_fd()` and never closes it (`VringEpollHandler::new`, event_loop.rs): one
-/// descriptor per frontend session, so a backend whose frontend reconnects runs out of
-/// descriptors (found by the `vhost_user_msgs` fuzz target). Once the daemon is gone we close
-/// that number, but only while it still refers to our eventfd (`kcmp(KCMP_FILE)` against
-/// `ours`, a descriptor of the same eventfd), so a library that closes it itself, and a
-/// number reused since, are left alone.
-fn close_leaked_fd(leaked: std::os::fd::RawFd, ours: &impl AsRawFd) {
-    const KCMP_FILE: libc::c_int = 0;
-    // SAFETY: kcmp only compares two descriptor numbers of this process.
-    let same = unsafe {
-        let pid = libc::getpid();
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid,
-            pid,
-            KCMP_FILE,
-            leaked,
-            ours.as_raw_fd(),
-        )
-    } == 0;
-    if same && leaked != ours.as_raw_fd() {
-        // SAFETY: `leaked` is the library's forgotten copy of our eventfd (checked above);
-        // nothing uses that number any more once the daemon is dropped.
-        unsafe { libc::close(leaked) };
-    }
-}
-
-/// Drops from `mem` the regions whose file is shorter than the region, and fails naming them.
-/// Reading or writing past a memfd's end is SIGBUS, which would kill the backend: the
-/// `vhost` crates map a region of any size over any file (found by the `vhost_user_msgs`
-/// fuzz target: a SET_MEM_TABLE region twice its memfd's size, then SET_VRING_ADDR, whose
-/// used-index read in vhost-user-backend's `set_vring_addr` faulted). Called from
-/// `update_memory`, i.e. after the library installed the new table, so the offending
-/// regions are taken out again before any ring is set up in them. (A frontend that shrinks
-/// the file later can still fault us; that needs a SIGBUS handler.)
-fn drop_regions_past_eof(mem: &GM) -> std::io::Result<()> {
-    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
-    let mut bad = Vec::new();
-    let mut kept = {
-        let m = mem.memory();
-        for r in m.iter() {
-            let Some(fo) = r.file_offset() else { continue };
-            let file_len = fo.file().metadata().map(|md| md.len()).unwrap_or(0);
-            let end = fo.start().checked_add(r.len());
-            if end.is_none_or(|end| end > file_len) {
-                bad.push((r.start_addr(), r.len(), fo.start(), file_len));
-            }
-        }
-        if bad.is_empty() {
-            return Ok(());
-        }
-        (*m).clone()
-    };
-    for &(start, len, _, _) in &bad {
-        if let Ok((rest, _)) = kept.remove_region(start, len) {
-            kept = rest;
-        }
-    }
-    match mem.lock() {
-        Ok(g) => g.replace(kept),
-        Err(p) => p.into_inner().replace(kept),
-    }
-    let (start, len, off, file_len) = bad[0];
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        format!(
-            "memory region at guest {:#x}: {len:#x} bytes from file offset {off:#x}, but the file has {file_len:#x} bytes; region dropped",
-            start.raw_value()
-        ),
-    ))
 }
 
 /// What the relay hands to the device: SEND_RARP and the backend-request channel.

@@ -6,43 +6,24 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::{
-    fs::File,
-    os::fd::{FromRawFd, OwnedFd},
-    sync::Arc,
-};
+use std::sync::Arc;
 
 use vhost_net_colo::{
     backend::NetBackend,
     path::{GuestRx, NetPath},
 };
 use vhost_user_backend::{VhostUserBackend, bitmap::BitmapMmapRegion};
+use vhost_user_guards::testing::file_region;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
-
-fn memfd(len: u64) -> File {
-    // SAFETY: memfd_create with a valid C string; checked below.
-    let raw = unsafe { libc::memfd_create(c"short".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(raw >= 0);
-    // SAFETY: a fresh descriptor we own.
-    let f = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
-    f.set_len(len).unwrap();
-    f
-}
-
-fn region(gpa: u64, len: usize, file_len: u64) -> GuestRegionMmap<BitmapMmapRegion> {
-    let m = MmapRegion::from_file(FileOffset::new(memfd(file_len), 0), len).unwrap();
-    GuestRegionMmap::new(m, GuestAddress(gpa)).unwrap()
-}
 
 #[test]
 fn a_region_longer_than_its_memfd_is_refused_and_dropped() {
     let path = Arc::new(NetPath::new("n0", Arc::new(GuestRx::new(64).unwrap())));
     let dev = NetBackend::new(path, [0x52, 0x54, 0, 0x12, 0x34, 0x56], Arc::default()).unwrap();
-    let good = region(0, 0x10000, 0x10000);
-    let short = region(0x10_0000, 0x20000, 0x10000);
+    let good = file_region::<BitmapMmapRegion>(0, 0x10000, 0x10000);
+    let short = file_region::<BitmapMmapRegion>(0x10_0000, 0x20000, 0x10000);
     let mem = GuestMemoryMmap::from_regions(vec![good, short]).unwrap();
     let gm = GuestMemoryAtomic::new(mem);
     let err = dev.update_memory(gm.clone()).unwrap_err();
@@ -53,7 +34,8 @@ fn a_region_longer_than_its_memfd_is_refused_and_dropped() {
 
     // A table whose regions all fit is taken as is.
     let ok = GuestMemoryAtomic::new(
-        GuestMemoryMmap::from_regions(vec![region(0, 0x10000, 0x10000)]).unwrap(),
+        GuestMemoryMmap::from_regions(vec![file_region::<BitmapMmapRegion>(0, 0x10000, 0x10000)])
+            .unwrap(),
     );
     dev.update_memory(ok.clone()).unwrap();
     assert_eq!(ok.memory().num_regions(), 1);

@@ -1,0 +1,81 @@
+//! Helpers for the backends' tests and fuzz targets: memfds, guest regions over them, and a
+//! minimal frontend session. They panic on failure, as test set-up does.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::net::UnixStream,
+    },
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion, bitmap::NewBitmap};
+
+/// A memfd of `len` bytes.
+pub fn memfd(len: u64) -> File {
+    // SAFETY: memfd_create with a valid C string; checked below.
+    let raw = unsafe { libc::memfd_create(c"vhost-user-guards".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(
+        raw >= 0,
+        "memfd_create: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh descriptor we own.
+    let f = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    f.set_len(len).unwrap();
+    f
+}
+
+/// A guest region of `len` bytes at `gpa`, mapped over a fresh memfd of `file_len` bytes
+/// (shorter than the region for the SIGBUS case).
+pub fn file_region<B: NewBitmap>(gpa: u64, len: usize, file_len: u64) -> GuestRegionMmap<B> {
+    let m = MmapRegion::<B>::from_file(FileOffset::new(memfd(file_len), 0), len).unwrap();
+    GuestRegionMmap::new(m, GuestAddress(gpa)).unwrap()
+}
+
+/// How many of this process's descriptors are eventfds.
+pub fn eventfds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|p| p.to_string_lossy().contains("eventfd"))
+        .count()
+}
+
+/// Connects to a backend's vhost-user socket, retrying for up to 30 s while it starts.
+pub fn connect(sock: &Path) -> UnixStream {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(
+                    Instant::now() < end,
+                    "connecting to {}: {e}",
+                    sock.display()
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// One short frontend session: GET_FEATURES and its answer, then the frontend leaves.
+pub fn get_features_session(sock: &Path) {
+    const GET_FEATURES: u32 = 1;
+    const VERSION_1: u32 = 1;
+    let mut s = connect(sock);
+    let mut hdr = Vec::new();
+    hdr.extend_from_slice(&GET_FEATURES.to_le_bytes());
+    hdr.extend_from_slice(&VERSION_1.to_le_bytes());
+    hdr.extend_from_slice(&0u32.to_le_bytes()); // no body
+    s.write_all(&hdr).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[0], 1, "reply to GET_FEATURES");
+}
