@@ -11,7 +11,7 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use vhost_user_guards::testing::{connect, eventfds, get_features_session};
+use vhost_user_guards::testing::connect;
 
 use vhost_blk_colo::{
     block::mem::MemNode,
@@ -33,22 +33,10 @@ fn reconnecting_frontends_leak_no_descriptors() {
         let (sock, stop) = (sock.clone(), stop.clone());
         std::thread::spawn(move || vhost_user::serve(&sock, dev, &stop))
     };
-    // The first session settles whatever is created once.
-    get_features_session(&sock);
-    let before = eventfds();
-    let sessions = 25;
-    for _ in 0..sessions {
-        get_features_session(&sock);
-    }
-    // Let the last session's teardown finish: the next accept only happens after it.
-    stop.store(true, Ordering::Relaxed);
-    drop(connect(&sock));
-    server.join().unwrap().unwrap();
-    let after = eventfds();
-    // Without the fix: about 4 more per session (one per queue thread).
-    assert!(
-        after < before + sessions,
-        "{} eventfds left open by {sessions} sessions ({before} before, {after} after)",
-        after.saturating_sub(before)
-    );
+    vhost_user_guards::testing::check_sessions_leak_no_eventfds(&sock, 25, || {
+        // The next accept happens only after the last session's teardown.
+        stop.store(true, Ordering::Relaxed);
+        drop(connect(&sock));
+        server.join().unwrap().unwrap();
+    });
 }

@@ -10,7 +10,7 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use vhost_user_guards::testing::{connect, eventfds, get_features_session};
+use vhost_user_guards::testing::connect;
 
 use vhost_net_colo::app::App;
 
@@ -35,22 +35,10 @@ fn reconnecting_frontends_leak_no_descriptors() {
             )
         })
     };
-    // The first session settles whatever is created once.
-    get_features_session(&sock);
-    let before = eventfds();
-    let sessions = 25;
-    for _ in 0..sessions {
-        get_features_session(&sock);
-    }
-    // The last session is torn down before the next accept; this one ends the loop.
-    stop.store(true, Ordering::Relaxed);
-    drop(connect(&sock));
-    server.join().unwrap().unwrap();
-    let after = eventfds();
-    // Without the fix: one more per session.
-    assert!(
-        after < before + sessions / 2,
-        "{} eventfds left open by {sessions} sessions ({before} before, {after} after)",
-        after.saturating_sub(before)
-    );
+    vhost_user_guards::testing::check_sessions_leak_no_eventfds(&sock, 25, || {
+        // The next accept happens only after the last session's teardown.
+        stop.store(true, Ordering::Relaxed);
+        drop(connect(&sock));
+        server.join().unwrap().unwrap();
+    });
 }

@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion, bitmap::NewBitmap};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, GuestRegionMmap, MmapRegion, bitmap::NewBitmap,
+};
 
 /// A memfd of `len` bytes.
 pub fn memfd(len: u64) -> File {
@@ -78,4 +81,51 @@ pub fn get_features_session(sock: &Path) {
     let mut reply = [0u8; 20];
     s.read_exact(&mut reply).unwrap();
     assert_eq!(reply[0], 1, "reply to GET_FEATURES");
+}
+
+/// Checks a backend's `update_memory` (or anything that installs a table the same way) against
+/// a table with a region longer than its memfd: refused naming the region, the region taken
+/// out; and a table whose regions all fit: taken as is.
+pub fn check_short_regions_refused<B>(
+    update_memory: impl Fn(GuestMemoryAtomic<GuestMemoryMmap<B>>) -> std::io::Result<()>,
+) where
+    B: NewBitmap + Clone + 'static,
+{
+    let good = file_region::<B>(0, 0x10000, 0x10000);
+    let short = file_region::<B>(0x10_0000, 0x20000, 0x10000);
+    let gm = GuestMemoryAtomic::new(GuestMemoryMmap::from_regions(vec![good, short]).unwrap());
+    let err = update_memory(gm.clone()).unwrap_err();
+    assert!(err.to_string().contains("0x100000"), "{err}");
+    let now = gm.memory();
+    assert_eq!(now.num_regions(), 1, "the short region is still mapped");
+    assert!(now.find_region(GuestAddress(0)).is_some());
+
+    let ok = GuestMemoryAtomic::new(
+        GuestMemoryMmap::from_regions(vec![
+            file_region::<B>(0, 0x10000, 0x10000),
+            file_region::<B>(0x10_0000, 0x10000, 0x20000),
+        ])
+        .unwrap(),
+    );
+    update_memory(ok.clone()).unwrap();
+    assert_eq!(ok.memory().num_regions(), 2);
+}
+
+/// Checks that frontends connecting and leaving again and again cost a backend serving `sock`
+/// (in this process) no eventfds: one session to settle what is made once, then `sessions`
+/// more; `stop_server` ends the serving loop and waits for it, so the last session's teardown
+/// is counted. Without the leak fix a backend leaks one or more per session.
+pub fn check_sessions_leak_no_eventfds(sock: &Path, sessions: usize, stop_server: impl FnOnce()) {
+    get_features_session(sock);
+    let before = eventfds();
+    for _ in 0..sessions {
+        get_features_session(sock);
+    }
+    stop_server();
+    let after = eventfds();
+    assert!(
+        after < before + sessions,
+        "{} eventfds left open by {sessions} sessions ({before} before, {after} after)",
+        after.saturating_sub(before)
+    );
 }
