@@ -10,10 +10,15 @@
 //   signals the call eventfd;
 // - the secondary polls for the next request (SSPIN µs, yielding, then sleeps), reads it,
 //   writes its own file with pwrite() and replies.
+// Requests and replies are NBD's simple ones (WRITE, no flags), so with NBD_PORT set the
+// primary talks instead to a real NBD server on 127.0.0.1:NBD_PORT (fixed-newstyle handshake,
+// EXPORT_NAME NBD_EXPORT or "colo-disk0"): floor.sh --ours-secondary puts vhost-blk-colo's
+// replication secondary there, to tell the secondary's share of what replication adds.
 // Local-only and replicated segments of 0.25 s alternate (ABBA), so the host's speed swings
 // hit both alike; each pair gives one ratio of p50 latencies, as blk_bench prints them.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <endian.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -31,6 +36,9 @@
 #include <unistd.h>
 
 enum { BLOCK = 4096, HEADER = 28, REPLY = 16, MAX_SAMPLES = 1 << 20 };
+#define NBD_REQUEST_MAGIC 0x25609513u
+#define NBD_REPLY_MAGIC 0x67446698u
+#define NBD_CMD_WRITE 1
 
 static double secondary_spin_us = 150, primary_spin_us = 50;
 static int kick_fd, call_fd, primary_file, secondary_file, primary_sock, secondary_sock;
@@ -77,6 +85,43 @@ static void recv_exactly(int fd, char *b, size_t n) {
     }
 }
 
+// An NBD simple WRITE request of one block at `off` (cookie = offset).
+static void put_request(char *buf, uint64_t off) {
+    uint32_t magic = htonl(NBD_REQUEST_MAGIC), len = htonl(BLOCK);
+    uint16_t flags = 0, type = htons(NBD_CMD_WRITE);
+    uint64_t be_off = htobe64(off);
+    memcpy(buf, &magic, 4);
+    memcpy(buf + 4, &flags, 2);
+    memcpy(buf + 6, &type, 2);
+    memcpy(buf + 8, &off, 8);
+    memcpy(buf + 16, &be_off, 8);
+    memcpy(buf + 24, &len, 4);
+}
+
+static void send_all(int fd, const void *b, size_t n) {
+    if (send(fd, b, n, MSG_NOSIGNAL) != (ssize_t)n)
+        die("send");
+}
+
+// Fixed-newstyle handshake as a client: NO_ZEROES, then EXPORT_NAME.
+static void nbd_handshake(int fd, const char *export_name) {
+    char greeting[18];
+    recv_exactly(fd, greeting, sizeof greeting);
+    if (memcmp(greeting, "NBDMAGICIHAVEOPT", 16) != 0) {
+        fprintf(stderr, "not a fixed-newstyle NBD server\n");
+        exit(1);
+    }
+    uint32_t client_flags = htonl(1 | 2); // FIXED_NEWSTYLE | NO_ZEROES
+    uint32_t opt = htonl(1), opt_len = htonl((uint32_t)strlen(export_name)); // EXPORT_NAME
+    send_all(fd, &client_flags, 4);
+    send_all(fd, "IHAVEOPT", 8);
+    send_all(fd, &opt, 4);
+    send_all(fd, &opt_len, 4);
+    send_all(fd, export_name, strlen(export_name));
+    char export_info[10]; // size, transmission flags
+    recv_exactly(fd, export_info, sizeof export_info);
+}
+
 static void *secondary(void *unused) {
     (void)unused;
     static char buf[HEADER + BLOCK];
@@ -86,8 +131,12 @@ static void *secondary(void *unused) {
         recv_exactly(secondary_sock, buf, sizeof buf);
         uint64_t off;
         memcpy(&off, buf + 16, sizeof off);
+        off = be64toh(off);
         if (pwrite(secondary_file, buf + HEADER, BLOCK, (off_t)off) != BLOCK)
             die("secondary pwrite");
+        uint32_t magic = htonl(NBD_REPLY_MAGIC);
+        memcpy(reply, &magic, 4);
+        memcpy(reply + 8, buf + 8, 8); // the cookie
         if (send(secondary_sock, reply, REPLY, 0) != REPLY)
             die("secondary send");
     }
@@ -111,7 +160,7 @@ static void *primary(void *unused) {
         if (read(kick_fd, &v, sizeof v) != sizeof v)
             continue;
         uint64_t off = (uint64_t)(rand_r(&seed) % blocks) * BLOCK;
-        memcpy(buf + 16, &off, sizeof off);
+        put_request(buf, off);
         int remote = replicate;
         if (remote && send(primary_sock, buf, sizeof buf, 0) != (ssize_t)sizeof buf)
             die("primary send");
@@ -121,6 +170,13 @@ static void *primary(void *unused) {
             char reply[REPLY];
             wait_readable(primary_sock, primary_spin_us);
             recv_exactly(primary_sock, reply, REPLY);
+            uint32_t magic, error;
+            memcpy(&magic, reply, 4);
+            memcpy(&error, reply + 4, 4);
+            if (ntohl(magic) != NBD_REPLY_MAGIC || error != 0 || memcmp(reply + 8, &off, 8) != 0) {
+                fprintf(stderr, "bad NBD reply (magic %#x, error %u)\n", ntohl(magic), ntohl(error));
+                exit(1);
+            }
         }
         v = 1;
         if (write(call_fd, &v, sizeof v) != sizeof v)
@@ -176,17 +232,27 @@ int main(int argc, char **argv) {
         bind(listener, (struct sockaddr *)&sa, sizeof sa) < 0 ||
         getsockname(listener, (struct sockaddr *)&sa, &sl) < 0 || listen(listener, 1) < 0)
         die("set-up");
+    const char *nbd_port = getenv("NBD_PORT");
+    if (nbd_port)
+        sa.sin_port = htons((uint16_t)atoi(nbd_port));
     primary_sock = socket(AF_INET, SOCK_STREAM, 0);
     if (primary_sock < 0 || connect(primary_sock, (struct sockaddr *)&sa, sizeof sa) < 0)
         die("connect");
-    secondary_sock = accept(listener, NULL, NULL);
     int one = 1;
-    if (secondary_sock < 0 ||
-        setsockopt(primary_sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0 ||
-        setsockopt(secondary_sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
-        die("accept");
+    if (setsockopt(primary_sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
+        die("TCP_NODELAY");
     pthread_t p, s;
-    if (pthread_create(&p, NULL, primary, NULL) || pthread_create(&s, NULL, secondary, NULL))
+    if (nbd_port) {
+        nbd_handshake(primary_sock, getenv("NBD_EXPORT") ? getenv("NBD_EXPORT") : "colo-disk0");
+    } else {
+        secondary_sock = accept(listener, NULL, NULL);
+        if (secondary_sock < 0 ||
+            setsockopt(secondary_sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
+            die("accept");
+        if (pthread_create(&s, NULL, secondary, NULL))
+            die("pthread_create");
+    }
+    if (pthread_create(&p, NULL, primary, NULL))
         die("pthread_create");
     static double lat[MAX_SAMPLES];
     double ratios[1000];
@@ -207,8 +273,9 @@ int main(int argc, char **argv) {
         printf("| %d | %.1f | %.1f | %.1f | %.2f |\n", i + 1, local, repl, repl - local, ratios[i]);
     }
     qsort(ratios, pairs, sizeof *ratios, by_value);
-    printf("\nsecondary poll %.0f µs, primary reply poll %.0f µs: median ratio %.2f, "
-           "within 1.5x in %d of %d pairs\n",
-           secondary_spin_us, primary_spin_us, ratios[pairs / 2], within, pairs);
+    printf("\n%s, primary reply poll %.0f µs: median ratio %.2f, within 1.5x in %d of %d "
+           "pairs\n",
+           nbd_port ? "secondary: the NBD server on NBD_PORT" : "secondary: the model's",
+           primary_spin_us, ratios[pairs / 2], within, pairs);
     return 0;
 }
