@@ -147,6 +147,8 @@ pub struct NetBackend {
     event_idx: AtomicBool,
     /// A ring's avail index was found too far ahead once (see `avail_overrun`): warned.
     warned_overrun: AtomicBool,
+    /// A ring hit `MAX_TX_CHAINS` or `MAX_PASSES` once: warned.
+    warned_busy: AtomicBool,
     acked: AtomicU64,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
     /// Descriptor numbers of the exit-event consumers handed to the daemon, which the library
@@ -270,6 +272,20 @@ impl IrqTimer {
     }
 }
 
+/// Most chains one transmit event takes (a full ring of the largest size); the rest waits for
+/// the poll it schedules. A ring whose used index lies over its avail index (a frontend that
+/// never set the ring's addresses, or set them so) gets one more chain with every chain we
+/// complete: without a bound the pop loop, and the frames it gathers, never end.
+const MAX_TX_CHAINS: usize = QUEUE_SIZE;
+
+/// Passes of an EVENT_IDX loop per event (transmit: `enable_notification` reported more;
+/// receive: the guest seemed to add buffers). Some rings report work that cannot be taken for
+/// ever: found by vhost-blk-colo's `vhost_user_msgs` fuzz target, a ring started without
+/// SET_VRING_ADDR (virtio-queue takes nothing from an avail ring at 0, whose index reads
+/// ahead of ours), also an avail slot past the end of guest memory. All queues share one
+/// worker thread: while it loops, a disconnect's exit event waits and `serve` never returns.
+const MAX_PASSES: u32 = 64;
+
 /// Event id of the "frames for the guest are queued" eventfd (ids 0..=queues are taken by the
 /// queues and the exit event).
 fn guest_rx_event(pairs: usize) -> u16 {
@@ -295,6 +311,7 @@ impl NetBackend {
             mem: Mutex::new(None),
             event_idx: AtomicBool::new(false),
             warned_overrun: AtomicBool::new(false),
+            warned_busy: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             exit: Mutex::new(Some(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?)),
             exit_given: Mutex::default(),
@@ -389,6 +406,18 @@ impl NetBackend {
         self.arm_timer(&mut st, now + self.irq_mod.kick_window, now);
     }
 
+    /// A transmit event reached `MAX_TX_CHAINS` or `MAX_PASSES`: the ring is left to the poll
+    /// of the kick window (as after a bulk pass; kicks stay off), so a guest that keeps adding
+    /// frames is still served, and other events, a disconnect's too, get their turn.
+    fn tx_busy(&self, pair: usize) {
+        if !self.warned_busy.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "transmit queue pair {pair}: ring still busy after one event's bound ({MAX_TX_CHAINS} chains or {MAX_PASSES} passes); continuing from a poll"
+            );
+        }
+        self.schedule_tx_poll(pair);
+    }
+
     /// The moderation timer fired: sends what is owed, then looks at the transmit rings whose
     /// kicks are off.
     fn irq_timer_fired(&self, vrings: &[VringRwLock<GM>]) {
@@ -479,16 +508,22 @@ impl NetBackend {
         } else {
             None
         };
+        // Bounds of this event (see `MAX_TX_CHAINS`, `MAX_PASSES`): two counters, no extra
+        // reads of the ring.
+        let (mut taken, mut passes) = (0usize, 0u32);
         loop {
+            passes += 1;
+            let taken_before = taken;
             if self.event_idx.load(Ordering::Relaxed) {
                 let _ = vring.disable_notification();
             }
-            loop {
+            while taken < MAX_TX_CHAINS {
                 let chain = vring
                     .get_mut()
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
+                taken += 1;
                 let head = chain.head_index();
                 if let Some((_, nd)) = &direct {
                     match send_direct(&mem, &chain, &**nd, pair) {
@@ -545,7 +580,19 @@ impl NetBackend {
                         .fetch_add(1, Ordering::Relaxed);
                 }
             }
+            if taken >= MAX_TX_CHAINS || passes >= MAX_PASSES {
+                self.tx_busy(pair);
+                break;
+            }
             if !self.event_idx.load(Ordering::Relaxed) {
+                break;
+            }
+            if passes > 1 && taken == taken_before {
+                // `enable_notification` reported work and none could be taken (the guest's
+                // index only moves on, so this is no race): a broken ring, such as one at
+                // address 0 (see `MAX_PASSES`). Left alone until the guest kicks again, as a
+                // ring too far ahead (`avail_overrun`), instead of a pass per poll that logs
+                // virtio-queue's error.
                 break;
             }
             if !self.irq_mod.kick_window.is_zero() && bytes >= self.irq_mod.bulk {
@@ -598,6 +645,8 @@ impl NetBackend {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut used = vec![false; rxq.len()];
         let mut moved = vec![0usize; rxq.len()];
+        // "Guest added buffers" retries of this event (see `MAX_PASSES`).
+        let mut retries = 0u32;
         // Used index of each receive queue before this pass: the EVENT_IDX decision below
         // needs it, because `add_used_batch` publishes entries without virtio-queue's
         // `num_added` bookkeeping (its `needs_notification` would always say no).
@@ -656,12 +705,21 @@ impl NetBackend {
                 // is ahead of ours, which it always is after the rewind above when we held
                 // some: retry only if the guest added buffers beyond the ones that were too
                 // few, else this would spin forever holding the rx lock.
+                // A ring that reports buffers none of which can be taken (see `MAX_PASSES`)
+                // looks as if it grew every time: after `MAX_PASSES` retries the frames wait
+                // for the next kick or frame, as when the guest has too few buffers.
                 if event_idx && vring.enable_notification().unwrap_or(false) {
                     let grew = !self.avail_overrun(vring, &mem)
                         && avail_ahead(vring, &mem).is_some_and(|ready| usize::from(ready) > seen);
-                    if grew {
+                    if grew && retries < MAX_PASSES {
+                        retries += 1;
                         let _ = vring.disable_notification();
                         continue;
+                    }
+                    if grew && !self.warned_busy.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "receive ring still reports buffers after {MAX_PASSES} retries; frames wait for the next kick"
+                        );
                     }
                 }
                 break;
