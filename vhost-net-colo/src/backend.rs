@@ -863,6 +863,13 @@ fn add_used_batch(vring: &VringRwLock<GM>, mem: &Mem, used: &[(u16, u32)]) -> Re
     Ok(())
 }
 
+/// The largest frame (after the virtio-net header) taken from the guest: what a QEMU peer
+/// accepts (`colo_proto::frame::MAX_PAYLOAD_LEN`, 64 KiB + 4 KiB), more than a GSO frame
+/// needs. A chain's length is bounded by guest memory only (its buffers may alias), so without
+/// this a guest's chain of large aliased buffers made `read_chain` allocate its whole length,
+/// and a failed allocation aborts the backend. A longer chain counts as a bad descriptor.
+const MAX_TX_FRAME: usize = colo_proto::frame::MAX_PAYLOAD_LEN;
+
 /// The guest memory of a transmit chain as iovecs, with their total length. `None` when the
 /// chain cannot be sent in place (a buffer outside the mapped memory, a device-writable one,
 /// nothing after the header): the caller copies it instead ([`read_chain`]).
@@ -886,6 +893,9 @@ fn chain_iov<M: std::ops::Deref<Target = Mem> + Clone>(
                 iov_len: s.len(),
             });
             total += s.len();
+        }
+        if total > VNET_HDR_LEN + MAX_TX_FRAME {
+            return None;
         }
     }
     (total > VNET_HDR_LEN).then_some((iov, total))
@@ -979,6 +989,9 @@ fn read_chain<M: std::ops::Deref<Target = Mem> + Clone>(
     let total = r.available_bytes();
     if total <= VNET_HDR_LEN {
         return Some(None);
+    }
+    if total - VNET_HDR_LEN > MAX_TX_FRAME {
+        return None;
     }
     let mut hdr = [0u8; VNET_HDR_LEN];
     r.read_exact(&mut hdr).ok()?;
@@ -1466,6 +1479,27 @@ mod tests {
         drop(batch);
         path.from_guest_batch(0, copied);
         (placed, bad)
+    }
+
+    /// A chain longer than any frame (its buffers alias one 64 KiB area of guest memory, 40
+    /// times) is refused by both ways of taking a frame before anything is allocated for it:
+    /// `chain_iov` (in place) and `read_chain` (copying) both say bad.
+    #[test]
+    fn a_chain_longer_than_any_frame_is_refused() {
+        let mut ring = Ring::new();
+        let parts: Vec<_> = (0..40).map(|_| (0x80000, vec![0u8; 0x10000], 0)).collect();
+        ring.add(&parts);
+        ring.add(&[(0x10000, [vec![0u8; VNET_HDR_LEN], bytes(1, 60)].concat(), 0)]);
+        let Ring { mem, queue, .. } = &mut ring;
+        let mem: &Mem = mem;
+        let long = queue.pop_descriptor_chain(mem).unwrap();
+        assert!(chain_iov(mem, &long).is_none(), "taken in place");
+        assert!(read_chain(mem, long).is_none(), "copied");
+        // The next chain is taken as usual.
+        let ok = queue.pop_descriptor_chain(mem).unwrap();
+        assert!(chain_iov(mem, &ok).is_some());
+        let (_, frame) = read_chain(mem, ok).unwrap().unwrap();
+        assert_eq!(frame, bytes(1, 60));
     }
 
     /// The records the primary's chain writes to the compare socket for the guest's frames are
