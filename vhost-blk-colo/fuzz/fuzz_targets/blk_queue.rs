@@ -297,13 +297,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
 
     // The same spin when a read's data lands on the avail ring (or on descriptors or tables
     // that then point there): with EVENT_IDX, such rings only run under FUZZ_BAD_AVAIL_IDX.
-    let mut ring_parts = vec![rg.areas()[0], rg.areas()[1]];
-    ring_parts.extend(tables.iter().copied());
-    let scribbles = refs
-        .iter()
-        .flatten()
-        .flat_map(|s| s.writable())
-        .any(|w| ring_parts.iter().any(|r| overlaps(w, *r)));
+    let scribbles = ring::writes_over_ring(&refs, rg, &tables);
     if event_idx && scribbles && std::env::var_os("FUZZ_BAD_AVAIL_IDX").is_none() {
         return Ok(());
     }

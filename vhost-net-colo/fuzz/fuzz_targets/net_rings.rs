@@ -284,13 +284,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let rx_refs = ring::reference(&mem, rx, event_idx);
     // The same spin when a frame is written over the avail ring (or over descriptors that
     // then point there): with EVENT_IDX, such rings are only run under FUZZ_BAD_AVAIL_IDX.
-    let mut ring_parts = vec![rx.areas()[0], rx.areas()[1]];
-    ring_parts.extend(rx_tables.iter().copied());
-    let scribbles = rx_refs
-        .iter()
-        .flatten()
-        .flat_map(|s| s.writable())
-        .any(|w| ring_parts.iter().any(|r| overlaps(w, *r)));
+    let scribbles = ring::writes_over_ring(&rx_refs, rx, &rx_tables);
     if event_idx && scribbles && std::env::var_os("FUZZ_BAD_AVAIL_IDX").is_none() {
         return Ok(());
     }

@@ -432,6 +432,19 @@ impl Seen {
     }
 }
 
+/// Whether a device write into one of `refs`' chains lands on `ring`'s descriptor table or
+/// avail ring, or on one of the indirect `tables`: such a write can move the avail index more
+/// than the ring's size ahead, which with EVENT_IDX the backend leaves until the next kick (its
+/// avail-overrun guard), so the targets run such rings only under FUZZ_BAD_AVAIL_IDX.
+pub fn writes_over_ring(refs: &Option<Vec<Seen>>, ring: Ring, tables: &[(u64, u64)]) -> bool {
+    let mut parts = vec![ring.areas()[0], ring.areas()[1]];
+    parts.extend(tables.iter().copied());
+    refs.iter()
+        .flatten()
+        .flat_map(|s| s.writable())
+        .any(|w| parts.iter().any(|r| overlaps(w, *r)))
+}
+
 /// The chains a device popping `ring` now would get, in order (or `None` when the avail
 /// index is one the ring cannot hold: the queue refuses to pop anything).
 pub fn reference(mem: &Mem, ring: Ring, event_idx: bool) -> Option<Vec<Seen>> {
