@@ -149,6 +149,8 @@ pub struct NetBackend {
     warned_overrun: AtomicBool,
     /// A ring hit `MAX_TX_CHAINS` or `MAX_PASSES` once: warned.
     warned_busy: AtomicBool,
+    /// A frame for the guest was dropped once as too big for its receive buffers: warned.
+    warned_too_big: AtomicBool,
     acked: AtomicU64,
     exit: Mutex<Option<(EventConsumer, EventNotifier)>>,
     /// Descriptor numbers of the exit-event consumers handed to the daemon, which the library
@@ -312,6 +314,7 @@ impl NetBackend {
             event_idx: AtomicBool::new(false),
             warned_overrun: AtomicBool::new(false),
             warned_busy: AtomicBool::new(false),
+            warned_too_big: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             exit: Mutex::new(Some(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?)),
             exit_given: Mutex::default(),
@@ -439,6 +442,19 @@ impl NetBackend {
         drop(mem);
         for pair in polls {
             self.process_tx(vrings, pair);
+        }
+    }
+
+    /// A frame of `need` bytes (with its header) for the guest was dropped: the receive
+    /// buffers it could have, `have` bytes, were all it could ever get. Counted, warned once.
+    fn rx_too_big(&self, need: usize, have: usize) {
+        self.counters
+            .rx_dropped_too_big
+            .fetch_add(1, Ordering::Relaxed);
+        if !self.warned_too_big.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "a frame of {need} bytes for the guest was dropped: its receive buffers hold {have} (counted in to_guest_dropped_too_big)"
+            );
         }
     }
 
@@ -647,6 +663,9 @@ impl NetBackend {
         let mut moved = vec![0usize; rxq.len()];
         // "Guest added buffers" retries of this event (see `MAX_PASSES`).
         let mut retries = 0u32;
+        // With EVENT_IDX, the receive queue whose buffers the frames wait for: its kick was
+        // asked for by `kick_on_next_buffer`, which `enable_notification` must not undo.
+        let mut waiting: Option<usize> = None;
         // Used index of each receive queue before this pass: the EVENT_IDX decision below
         // needs it, because `add_used_batch` publishes entries without virtio-queue's
         // `num_added` bookkeeping (its `needs_notification` would always say no).
@@ -684,36 +703,40 @@ impl NetBackend {
                 }
             }
             if have < need {
-                if !mrg && !chains.is_empty() {
-                    // The frame does not fit a single buffer: drop it, as a NIC would, and
-                    // leave the buffer to the next frame.
+                let seen = chains.len();
+                // Without MRG_RXBUF the frame does not fit a single buffer; with it, not all
+                // the buffers the ring can hold at once (the guest has posted every one: no
+                // more can come before some are used). Either way it never fits: drop it, as
+                // a NIC would, and leave the buffers to the next frame. Held, it would block
+                // every frame behind it for ever.
+                let never_fits = if mrg {
+                    seen >= usize::from(queue.size())
+                } else {
+                    seen > 0
+                };
+                for _ in 0..seen {
                     queue.go_to_previous_position();
-                    drop(q);
+                }
+                drop(q);
+                if never_fits {
                     pending.pop_front();
-                    self.counters
-                        .rx_dropped_too_big
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.rx_too_big(need, have);
                     continue;
                 }
-                // Not enough buffers yet: give them back and wait for the guest.
-                for _ in 0..chains.len() {
-                    queue.go_to_previous_position();
-                }
-                let seen = chains.len();
-                drop(q);
-                // `enable_notification` reports "buffers available" whenever the avail index
-                // is ahead of ours, which it always is after the rewind above when we held
-                // some: retry only if the guest added buffers beyond the ones that were too
-                // few, else this would spin forever holding the rx lock.
-                // A ring that reports buffers none of which can be taken (see `MAX_PASSES`)
-                // looks as if it grew every time: after `MAX_PASSES` retries the frames wait
-                // for the next kick or frame, as when the guest has too few buffers.
-                if event_idx && vring.enable_notification().unwrap_or(false) {
+                // Not enough buffers yet: they are given back and the frames wait for the
+                // guest's kick (the frames behind them too). The kick must be asked for at the
+                // guest's avail index (see `kick_on_next_buffer`).
+                // Retry only if the guest added buffers beyond the ones that were too few,
+                // else this would spin forever holding the rx lock. A ring that reports
+                // buffers none of which can be taken (see `MAX_PASSES`) looks as if it grew
+                // every time: after `MAX_PASSES` retries the frames wait for the next kick, as
+                // when the guest has too few buffers.
+                if event_idx {
+                    let ready = kick_on_next_buffer(vring, &mem);
                     let grew = !self.avail_overrun(vring, &mem)
-                        && avail_ahead(vring, &mem).is_some_and(|ready| usize::from(ready) > seen);
+                        && ready.is_some_and(|ready| usize::from(ready) > seen);
                     if grew && retries < MAX_PASSES {
                         retries += 1;
-                        let _ = vring.disable_notification();
                         continue;
                     }
                     if grew && !self.warned_busy.swap(true, Ordering::Relaxed) {
@@ -721,6 +744,7 @@ impl NetBackend {
                             "receive ring still reports buffers after {MAX_PASSES} retries; frames wait for the next kick"
                         );
                     }
+                    waiting = Some(qi);
                 }
                 break;
             }
@@ -756,8 +780,10 @@ impl NetBackend {
             }
         }
         if event_idx {
-            for v in &rxq {
-                let _ = v.enable_notification();
+            for (k, v) in rxq.iter().enumerate() {
+                if waiting != Some(k) {
+                    let _ = v.enable_notification();
+                }
             }
         }
         self.path.guest.put_back(pending);
@@ -771,10 +797,6 @@ impl NetBackend {
     }
 }
 
-/// EVENT_IDX interrupt decision for a queue whose used index moved from `before` to its
-/// current value (one pass, or several whose interrupt was held back): interrupt when the
-/// guest's `used_event` lies in that range (the virtio spec's `vring_need_event`). An
-/// unreadable ring means interrupt.
 /// How many entries the guest's avail index is ahead of ours on `vring`, when it can be read.
 fn avail_ahead(vring: &VringRwLock<GM>, mem: &Mem) -> Option<u16> {
     let g = vring.get_ref();
@@ -784,6 +806,34 @@ fn avail_ahead(vring: &VringRwLock<GM>, mem: &Mem) -> Option<u16> {
         .map(|avail| (avail - std::num::Wrapping(q.next_avail())).0)
 }
 
+/// EVENT_IDX: asks for the guest's kick when it next posts a buffer, by setting `avail_event`
+/// to the guest's avail index; returns how many entries that index is ahead of ours, read
+/// again after the write (a buffer posted before the guest could see it gives no kick, so the
+/// caller retries when there are more than it saw). `enable_notification` sets `avail_event`
+/// to our own index instead, which lies behind the buffers a receive pass gives back when they
+/// are too few for a merged frame: a driver kicks only when its index crosses `avail_event`
+/// (the spec's `vring_need_event`), so, already past it, it would never kick again, and the
+/// frame would wait until the guest happened to kick for another reason. `None` when the ring
+/// cannot be read or written.
+fn kick_on_next_buffer(vring: &VringRwLock<GM>, mem: &Mem) -> Option<u16> {
+    use vm_memory::{Bytes, GuestAddress};
+    let g = vring.get_ref();
+    let q = g.get_queue();
+    let avail = q.avail_idx(mem, Ordering::Acquire).ok()?;
+    // avail_event sits after the used ring's flags, idx and `size` entries.
+    let at = GuestAddress(q.used_ring() + 4 + 8 * u64::from(q.size()));
+    mem.store(avail.0.to_le(), at, Ordering::Relaxed).ok()?;
+    // The write is seen before the index is read again (the driver does the reverse).
+    std::sync::atomic::fence(Ordering::SeqCst);
+    q.avail_idx(mem, Ordering::Acquire)
+        .ok()
+        .map(|now| (now - std::num::Wrapping(q.next_avail())).0)
+}
+
+/// EVENT_IDX interrupt decision for a queue whose used index moved from `before` to its
+/// current value (one pass, or several whose interrupt was held back): interrupt when the
+/// guest's `used_event` lies in that range (the virtio spec's `vring_need_event`). An
+/// unreadable ring means interrupt.
 fn needs_interrupt(vring: &VringRwLock<GM>, mem: &Mem, before: u16) -> bool {
     use vm_memory::{Bytes, GuestAddress};
     let g = vring.get_ref();

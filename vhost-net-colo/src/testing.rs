@@ -203,6 +203,9 @@ pub struct Options {
     pub queue_pairs: u16,
     /// Feature bits not to acknowledge even when offered (e.g. the offloads).
     pub refuse_features: u64,
+    /// Receive buffers posted at connect, per queue pair (`None`: all); the others are posted
+    /// by [`NetFrontend::post_rx`].
+    pub rx_prefill: Option<u16>,
 }
 
 impl Default for Options {
@@ -215,6 +218,7 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(10),
             queue_pairs: 1,
             refuse_features: 0,
+            rx_prefill: None,
         }
     }
 }
@@ -339,13 +343,16 @@ impl NetFrontend {
         }
         let mut pairs_v = Vec::new();
         let mut it = rings.into_iter();
+        let prefill = o.rx_prefill.unwrap_or(o.queue_size).min(o.queue_size);
         while let (Some(mut rx), Some(tx)) = (it.next(), it.next()) {
             for i in 0..o.queue_size {
                 let addr = rx.bufs + u64::from(i) * rx.buf_size as u64;
                 mem.write_desc(rx.desc, i, addr, rx.buf_size as u32, DESC_F_WRITE);
-                rx.publish(&mem, i);
+                if i < prefill {
+                    rx.publish(&mem, i);
+                }
             }
-            rx.free.clear();
+            rx.free = (prefill..o.queue_size).rev().collect();
             rx.set_used_event(&mem);
             tx.set_used_event(&mem);
             pairs_v.push((rx, tx));
@@ -599,6 +606,38 @@ impl NetFrontend {
         self.rx.set_used_event(&self.mem);
         let _ = self.rx.kick.write(1);
         Some((data, nbufs))
+    }
+
+    /// Posts up to `n` receive buffers the frontend holds (not posted at connect, see
+    /// [`Options::rx_prefill`]) on pair 0 and notifies the device only when a driver would:
+    /// with EVENT_IDX when the avail index passed the device's `avail_event` (the virtio
+    /// spec's `vring_need_event`), else unless the device set `VRING_USED_F_NO_NOTIFY`. The
+    /// other receive paths of this frontend kick every time; this one finds a device that
+    /// asks for its kicks wrongly. Returns how many were posted and whether it kicked.
+    pub fn post_rx(&mut self, n: usize) -> (usize, bool) {
+        let event_idx = self.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let old = self.rx.avail_idx;
+        let mut posted = 0;
+        while posted < n {
+            let Some(id) = self.rx.free.pop() else { break };
+            self.rx.publish(&self.mem, id);
+            posted += 1;
+        }
+        if posted == 0 {
+            return (0, false);
+        }
+        let new = self.rx.avail_idx;
+        // `publish` fenced after the index: the device's notification fields are read after it.
+        let kick = if event_idx {
+            let avail_event = self.mem.r16(self.rx.used + 4 + 8 * u64::from(self.rx.size));
+            new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            self.mem.r16(self.rx.used) & 1 == 0
+        };
+        if kick {
+            let _ = self.rx.kick.write(1);
+        }
+        (posted, kick)
     }
 
     /// How many interrupts (call eventfd writes) the device sent for pair 0's receive queue
