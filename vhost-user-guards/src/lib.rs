@@ -5,8 +5,10 @@
 //!
 //! - [`memory`]: memory regions longer than the file behind them (SIGBUS when touched).
 //! - [`leaked_fd`]: the exit-event descriptor `vhost-user-backend` never closes.
+//! - [`relay`]: a dirty log longer than its file (SIGBUS when marked), refused on the socket.
 //! - [`testing`]: memfds, file-backed regions and a minimal frontend session for tests.
 
 pub mod leaked_fd;
 pub mod memory;
+pub mod relay;
 pub mod testing;
