@@ -684,25 +684,45 @@ impl TestFrontend {
 
     /// Turns on dirty logging: a memfd log shared with the backend, and LOG_ALL.
     pub fn start_dirty_log(&mut self) -> Result<(), FrontendError> {
-        let pages = self.mem.size.div_ceil(4096);
-        let bytes = pages.div_ceil(8).next_multiple_of(4096);
-        let log = SharedMem::new(bytes, "vhost-blk-test-log")?;
+        let log = SharedMem::new(self.log_bytes(), "vhost-blk-test-log")?;
+        self.send_log(log.fd.as_raw_fd())?;
+        self.log = Some(log);
+        Ok(())
+    }
+
+    /// Like [`TestFrontend::start_dirty_log`], but the log lies over a memfd of only
+    /// `file_len` bytes: a frontend's bug (or attack) that a backend must refuse, since
+    /// marking a page whose bit lies past the file's end is SIGBUS. The log is not kept.
+    pub fn start_short_dirty_log(&mut self, file_len: u64) -> Result<(), FrontendError> {
+        let file = vhost_user_guards::testing::memfd(file_len);
+        self.send_log(file.as_raw_fd())
+    }
+
+    /// Bytes of a dirty log covering all of guest memory (one bit per 4 KiB page).
+    fn log_bytes(&self) -> usize {
+        self.mem
+            .size
+            .div_ceil(4096)
+            .div_ceil(8)
+            .next_multiple_of(4096)
+    }
+
+    /// SET_LOG_BASE with a log of [`TestFrontend::log_bytes`] over `fd`, then LOG_ALL.
+    fn send_log(&mut self, fd: std::os::fd::RawFd) -> Result<(), FrontendError> {
         self.fe
             .set_log_base(
                 0,
                 Some(VhostUserDirtyLogRegion {
-                    mmap_size: bytes as u64,
+                    mmap_size: self.log_bytes() as u64,
                     mmap_offset: 0,
-                    mmap_handle: log.fd.as_raw_fd(),
+                    mmap_handle: fd,
                 }),
             )
             .map_err(vh("SET_LOG_BASE"))?;
         self.features |= VhostUserVirtioFeatures::LOG_ALL.bits();
         self.fe
             .set_features(self.features)
-            .map_err(vh("SET_FEATURES(LOG_ALL)"))?;
-        self.log = Some(log);
-        Ok(())
+            .map_err(vh("SET_FEATURES(LOG_ALL)"))
     }
 
     /// Guest-physical page numbers marked dirty since the last call (clears the log).

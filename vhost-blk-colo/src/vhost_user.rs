@@ -1236,7 +1236,10 @@ impl VhostUserBlk {
 /// Serves frontends on `socket`, one connection after another, until `stop` is set (checked
 /// between connections). One listening socket lives across connections, so a frontend that
 /// reconnects while the previous connection is being torn down waits in its backlog. Each
-/// connection gets a fresh daemon (fresh vring state) over the same device.
+/// connection gets a fresh daemon (fresh vring state) over the same device, behind
+/// `vhost_user_guards::relay`: the library maps a SET_LOG_BASE's log whatever its file's
+/// length and would die of SIGBUS marking a page past its end, so the relay ends such a
+/// session instead (logged); the next frontend is served as usual.
 pub fn serve(
     socket: &Path,
     dev: Arc<VhostUserBlk>,
@@ -1246,8 +1249,13 @@ pub fn serve(
         path: socket.display().to_string(),
         msg,
     };
-    let mut listener = Listener::new(socket, true).map_err(|e| derr(e.to_string()))?;
+    let listener = Listener::new(socket, true).map_err(|e| derr(e.to_string()))?;
     while !stop.load(Ordering::Relaxed) {
+        let front = match listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => return Err(derr(e.to_string())),
+        };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("vhost-blk-colo".into(), dev.clone(), mem)
             .map_err(|e| derr(e.to_string()))?;
@@ -1259,9 +1267,19 @@ pub fn serve(
             h.register_listener(r.as_raw_fd(), EventSet::IN, ev)
                 .map_err(|e| derr(format!("registering the resume event: {e}")))?;
         }
+        let (inner, back) = vhost_user_guards::relay::daemon_side()
+            .map_err(|e| derr(format!("the daemon's end of the relay: {e}")))?;
         daemon
-            .start(&mut listener)
+            .start(&mut Listener::from(inner))
             .map_err(|e| derr(e.to_string()))?;
+        match vhost_user_guards::relay::relay(front, back) {
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => tracing::warn!(
+                "vhost-user session on {} refused: {e}; session ended",
+                socket.display()
+            ),
+            Err(e) => tracing::debug!("vhost-user relay on {}: {e}", socket.display()),
+            Ok(()) => {}
+        }
         if let Err(e) = daemon.wait() {
             tracing::warn!("vhost-user connection on {} ended: {e}", socket.display());
         }
