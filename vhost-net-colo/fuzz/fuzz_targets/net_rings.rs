@@ -342,7 +342,8 @@ fn check_tx(mem: &ring::Mem, tx: Ring, tables: &[(u64, u64)], refs: Option<Vec<S
             continue;
         }
         let total: u64 = readable.iter().map(|d| d.1).sum();
-        if total <= HDR || total > 1 << 20 {
+        // A frame longer than any (64 KiB + 4 KiB) is a bad descriptor, never sent (f2e8246).
+        if total <= HDR || total - HDR > colo_proto::frame::MAX_PAYLOAD_LEN as u64 {
             continue;
         }
         let Some(bytes) = gather(mem, &readable, total) else {
@@ -432,6 +433,11 @@ fn check_rx(
                 take.push(pos + take.len());
             }
             if have < need {
+                // Larger than every buffer the ring can hold at once: dropped (b1e03b4).
+                if take.len() >= usize::from(rx.size) {
+                    sim_dropped += 1;
+                    continue;
+                }
                 break;
             }
             pos += take.len();
