@@ -24,7 +24,10 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{proto::*, sock::SockWriter};
+use super::{
+    proto::*,
+    sock::{Carried, SockWriter},
+};
 use crate::block::{NodeRef, WriteOp};
 
 /// Requests handled at once on one connection.
@@ -44,6 +47,8 @@ const NEXT_REQUEST_SPINS: u32 = 3;
 
 /// Largest write run on the connection's task (TCP, queue depth 1).
 const INLINE_MAX: u32 = 256 << 10;
+/// A connection's read buffer, and the most its poll for the next request receives at once.
+const READ_BUF: usize = 128 << 10;
 
 /// Errors of the NBD server.
 #[derive(Debug, thiserror::Error)]
@@ -423,9 +428,11 @@ where
     let inline_ok = matches!(replies, Replies::Direct(..))
         && Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    // Buffered: small requests arriving back to back cost one read, and an empty buffer
-    // tells that no further request is waiting (see the inline path below).
-    let mut rd = tokio::io::BufReader::with_capacity(128 << 10, rd);
+    // Buffered: small requests arriving back to back cost one read, and an empty buffer (and
+    // carry) tells that no further request is waiting (see the inline path below). The carry
+    // holds what the poll after an inline write receives; only direct replies poll.
+    let carry = if inline_ok { READ_BUF } else { 0 };
+    let mut rd = tokio::io::BufReader::with_capacity(READ_BUF, Carried::new(rd, carry));
     let sem = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
     let size = export.node.size();
     let writable = export.writable && !export.node.read_only();
@@ -437,58 +444,41 @@ where
     let mut spin = super::sock::SpinStats::default();
     let mut after_inline = false;
     let result = loop {
-        let mut taken = None;
         if std::mem::take(&mut after_inline)
             && rd.buffer().is_empty()
+            && rd.get_ref().carry.is_empty()
             && let Replies::Direct(w, _) = &replies
             && !crate::spin_budget().is_zero()
             && spin.should_spin()
         {
-            let hit = w.spin_until_readable(crate::spin_budget() * NEXT_REQUEST_SPINS);
+            // What the poll catches is received right there, so the reads below find it
+            // without a trip through the runtime: after the last read drained the socket, its
+            // readiness is cleared, and a read would send the task back to the scheduler and
+            // the runtime's epoll first (5 µs of the secondary's share of a replicated 4k QD1
+            // write when measured, 96051ed).
+            let hit = w.spin_receive(
+                crate::spin_budget() * NEXT_REQUEST_SPINS,
+                &mut rd.get_mut().carry,
+            );
             spin.record(hit);
-            // Caught by the poll and complete (and alone): taken straight off the socket with
-            // one recvmsg. Through the runtime, the read after the poll finds the socket's
-            // readiness cleared (the last read drained it), so the task goes back to the
-            // scheduler and the runtime's epoll before the request is read: 5 µs of the
-            // secondary's share of a replicated 4k QD1 write (temporary per-stage timestamps,
-            // blk_bench, 2 runs each, alternated; the primary's own stages were faster too,
-            // for reasons not traced: send 9.5 µs instead of 10-14, local pwrite 16 instead
-            // of 23-28).
-            if hit {
-                match w.take_request(INLINE_MAX) {
-                    Ok(t) => taken = t,
-                    Err(e) => {
-                        break Err(NbdServerError::Io {
-                            context: "reading a request".into(),
-                            source: e,
-                        });
-                    }
-                }
+        }
+        let mut hdr = [0u8; REQUEST_LEN];
+        match rd.read_exact(&mut hdr).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => {
+                break Err(NbdServerError::Io {
+                    context: "reading a request".into(),
+                    source: e,
+                });
             }
         }
-        // A request the poll took whole comes with its data; otherwise it is read here.
-        let (hdr, mut payload) = match taken {
-            Some(t) => t,
-            None => {
-                let mut hdr = [0u8; REQUEST_LEN];
-                match rd.read_exact(&mut hdr).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
-                    Err(e) => {
-                        break Err(NbdServerError::Io {
-                            context: "reading a request".into(),
-                            source: e,
-                        });
-                    }
-                }
-                (hdr, None)
-            }
-        };
         let req = match Request::parse(&hdr) {
             Ok(r) => r,
             Err(e) => break Err(NbdServerError::Protocol(e.to_string())),
         };
-        if req.cmd == CMD_WRITE && payload.is_none() {
+        let mut payload = None;
+        if req.cmd == CMD_WRITE {
             if req.len > MAX_REQUEST {
                 break Err(NbdServerError::Protocol(format!(
                     "WRITE of {} bytes exceeds the {MAX_REQUEST}-byte limit",
@@ -536,6 +526,7 @@ where
             && matches!(req.cmd, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM)
             && req.len <= INLINE_MAX
             && rd.buffer().is_empty()
+            && rd.get_ref().carry.is_empty()
             && sem.available_permits() == MAX_IN_FLIGHT as usize
             && let Replies::Direct(w, _) = &replies
         {

@@ -6,14 +6,20 @@
 //! writer task, one thread wake-up per request: the NBD round trip is what COLO's primary adds
 //! to every guest write. The fd is non-blocking (tokio's); a full socket buffer is waited out
 //! with `poll`.
+//!
+//! Reading stays with the runtime, except while the server polls for a client's next request
+//! (see [`SockWriter::spin_receive`]): what arrives then is received into a [`Carry`], which
+//! the connection's reader ([`Carried`]) yields first.
 
 use std::{
     io,
     os::fd::{AsRawFd, BorrowedFd, OwnedFd},
+    pin::Pin,
     sync::Mutex,
+    task::{Context, Poll},
 };
 
-use super::proto::{CMD_WRITE, REQUEST_LEN, Request};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// Recent outcomes of a thread's polling before it sleeps (the NBD server after a lone inline
 /// write, the direct client waiting for a reply), halved now and then so the rate follows the
@@ -43,8 +49,121 @@ impl SpinStats {
     }
 }
 
-/// A request taken whole off the socket: its header and, for a WRITE, its data.
-pub type TakenRequest = ([u8; REQUEST_LEN], Option<Vec<u8>>);
+/// Bytes a connection's reader took off the socket outside the runtime (while polling), to be
+/// read before anything else the socket holds.
+#[derive(Debug)]
+pub struct Carry {
+    buf: Vec<u8>,
+    pos: usize,
+    /// A receive error met while polling, for the reader's next read (a socket reports an
+    /// error such as a reset only once).
+    error: Option<io::Error>,
+    /// The peer closed while polling.
+    eof: bool,
+}
+
+impl Carry {
+    /// A carry that receives up to `capacity` bytes at a time.
+    pub fn new(capacity: usize) -> Self {
+        Carry {
+            buf: Vec::with_capacity(capacity),
+            pos: 0,
+            error: None,
+            eof: false,
+        }
+    }
+
+    /// Nothing carried: every byte received so far has been read, and no end or error waits.
+    pub fn is_empty(&self) -> bool {
+        self.pos == self.buf.len() && self.error.is_none() && !self.eof
+    }
+
+    /// One non-blocking receive into the free capacity (only when the carry is drained). Some
+    /// when bytes, the end or an error came; None when nothing was waiting.
+    fn receive(&mut self, fd: libc::c_int) -> Option<()> {
+        if !self.is_empty() {
+            return Some(());
+        }
+        self.buf.clear();
+        self.pos = 0;
+        let spare = self.buf.spare_capacity_mut();
+        if spare.is_empty() {
+            // A zero-length receive would read as the peer's close.
+            return None;
+        }
+        // SAFETY: recv of at most `spare.len()` bytes into the vector's unused capacity, which
+        // is live and writable for this call, on a socket fd the caller owns.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => self.eof = true,
+            n if n > 0 => {
+                // SAFETY: recv initialised these `n` bytes (at most the spare capacity).
+                unsafe { self.buf.set_len(n as usize) };
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) {
+                    return None;
+                }
+                self.error = Some(e);
+            }
+        }
+        Some(())
+    }
+}
+
+/// A reader that yields a [`Carry`]'s bytes (then its end or error) before its inner reader's.
+#[derive(Debug)]
+pub struct Carried<R> {
+    /// What was received outside the runtime.
+    pub carry: Carry,
+    inner: R,
+}
+
+impl<R> Carried<R> {
+    /// Wraps `inner` with an empty carry of `capacity` bytes.
+    pub fn new(inner: R, capacity: usize) -> Self {
+        Carried {
+            carry: Carry::new(capacity),
+            inner,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Carried<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let c = &mut this.carry;
+        if c.pos < c.buf.len() {
+            let n = out.remaining().min(c.buf.len() - c.pos);
+            out.put_slice(&c.buf[c.pos..c.pos + n]);
+            c.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = c.error.take() {
+            return Poll::Ready(Err(e));
+        }
+        if c.eof {
+            // Leaves `out` unfilled: end of file.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, out)
+    }
+}
 
 /// A thread-safe frame writer over a duplicated socket fd.
 #[derive(Debug)]
@@ -65,135 +184,22 @@ impl SockWriter {
         })
     }
 
-    /// Polls the socket for incoming bytes for up to `max` without sleeping, yielding the CPU
-    /// between polls. True when something arrived (or the peer closed: the next read tells).
-    pub fn spin_until_readable(&self, max: std::time::Duration) -> bool {
+    /// Polls the socket for up to `max` without sleeping, yielding the CPU between polls, and
+    /// receives what arrives into `carry` (which the caller's reader then yields before the
+    /// socket's next bytes, see [`Carried`]). True when something arrived, or the peer closed
+    /// or failed (the next read tells). Each poll is one non-blocking `recv` of up to
+    /// `carry`'s free capacity, so a request caught here costs no further system call: a peek
+    /// followed by reads cost two or three more per request, 2-4 µs of the secondary's share
+    /// of a replicated write on the bench host. Only the connection's reader may call this.
+    pub fn spin_receive(&self, max: std::time::Duration, carry: &mut Carry) -> bool {
         let t0 = std::time::Instant::now();
-        let mut b = [0u8; 1];
         loop {
-            // SAFETY: recv of at most one byte into a local buffer, on an fd this writer owns;
-            // MSG_PEEK leaves the data for the reader.
-            let n = unsafe {
-                libc::recv(
-                    self.raw,
-                    b.as_mut_ptr().cast(),
-                    1,
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
-            if n >= 0 {
-                return true;
+            match carry.receive(self.raw) {
+                Some(()) => return true,
+                None if t0.elapsed() >= max => return false,
+                None => std::thread::yield_now(),
             }
-            let e = io::Error::last_os_error();
-            if !matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-            ) {
-                return true;
-            }
-            if t0.elapsed() >= max {
-                return false;
-            }
-            std::thread::yield_now();
         }
-    }
-
-    /// Takes the next request off the socket without waiting, if the whole of it (header and,
-    /// for a WRITE of at most `max_payload` bytes, its data) and nothing more has arrived;
-    /// None leaves the socket as it was (nothing or a partial request arrived, more than one
-    /// request, a larger write or a bad header: the caller's normal read path handles those).
-    /// For a connection's reader that just saw bytes arrive while polling and has nothing
-    /// buffered: one `recvmsg` instead of a trip through the runtime's readiness (an `epoll_wait`, a task wake-up and the reads),
-    /// which on the bench host was 3-5 µs of the secondary's share of a replicated write.
-    /// Only the connection's reader may call this (it consumes bytes).
-    pub fn take_request(&self, max_payload: u32) -> io::Result<Option<TakenRequest>> {
-        let mut hdr = [0u8; REQUEST_LEN];
-        // SAFETY: recv of at most REQUEST_LEN bytes into a local buffer of that length, on an
-        // fd this writer owns; MSG_PEEK leaves the data in the socket.
-        let n = unsafe {
-            libc::recv(
-                self.raw,
-                hdr.as_mut_ptr().cast(),
-                REQUEST_LEN,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n != REQUEST_LEN as isize {
-            return Ok(None);
-        }
-        let Ok(req) = Request::parse(&hdr) else {
-            return Ok(None);
-        };
-        let payload_len = match req.cmd {
-            CMD_WRITE if req.len > max_payload => return Ok(None),
-            CMD_WRITE => req.len as usize,
-            _ => 0,
-        };
-        // Exactly this request: a client with more requests in flight is left to the buffered
-        // path, which reads them together (and so runs them in parallel).
-        let mut avail: libc::c_int = 0;
-        // SAFETY: FIONREAD stores one int (the bytes waiting to be read) through the pointer,
-        // which points to a local int.
-        let r = unsafe { libc::ioctl(self.raw, libc::FIONREAD, &mut avail) };
-        if r < 0 || usize::try_from(avail).ok() != Some(REQUEST_LEN + payload_len) {
-            return Ok(None);
-        }
-        // Everything has arrived and this thread is the only reader: read it all.
-        let mut payload: Vec<u8> = Vec::with_capacity(payload_len);
-        let mut got_hdr = 0usize;
-        while got_hdr < REQUEST_LEN || payload.len() < payload_len {
-            let spare = payload.spare_capacity_mut();
-            let mut iov = [
-                libc::iovec {
-                    iov_base: hdr[got_hdr..].as_mut_ptr().cast(),
-                    iov_len: REQUEST_LEN - got_hdr,
-                },
-                libc::iovec {
-                    iov_base: spare.as_mut_ptr().cast(),
-                    iov_len: spare.len(),
-                },
-            ];
-            let first = usize::from(got_hdr == REQUEST_LEN);
-            let live = &mut iov[first..];
-            // Mutable: the kernel writes `msg_flags` (and the lengths) back into it.
-            let mut msg = libc::msghdr {
-                msg_name: std::ptr::null_mut(),
-                msg_namelen: 0,
-                msg_iov: live.as_mut_ptr(),
-                msg_iovlen: live.len() as _,
-                msg_control: std::ptr::null_mut(),
-                msg_controllen: 0,
-                msg_flags: 0,
-            };
-            // SAFETY: the iovecs point into `hdr` past what was read and into the unused
-            // capacity of `payload`, both live and writable for this call; recvmsg writes at
-            // most their lengths.
-            let n = unsafe { libc::recvmsg(self.raw, &mut msg, libc::MSG_DONTWAIT) };
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    // Cannot happen after FIONREAD said it all arrived; wait rather than
-                    // lose the part already taken.
-                    io::ErrorKind::WouldBlock => {
-                        wait_readable(self.raw)?;
-                        continue;
-                    }
-                    _ => return Err(e),
-                }
-            }
-            let mut n = n as usize;
-            let h = n.min(REQUEST_LEN - got_hdr);
-            got_hdr += h;
-            n -= h;
-            // SAFETY: recvmsg initialised these `n` bytes of the spare capacity (the header's
-            // iovec came first and took `h`), within the capacity of `payload_len`.
-            unsafe { payload.set_len(payload.len() + n) };
-        }
-        Ok(Some((hdr, (req.cmd == CMD_WRITE).then_some(payload))))
     }
 
     /// Writes `parts` back to back as one frame.
@@ -288,18 +294,6 @@ pub fn set_buffers(fd: BorrowedFd<'_>, bytes: libc::c_int) {
     }
 }
 
-/// Waits up to a second for `fd` to become readable; a timeout is an error (the caller was
-/// told the data had arrived).
-fn wait_readable(fd: libc::c_int) -> io::Result<()> {
-    match poll_once(fd, libc::POLLIN)? {
-        None => Err(io::Error::from(io::ErrorKind::TimedOut)),
-        Some(rev) if rev & (libc::POLLERR | libc::POLLNVAL) != 0 => {
-            Err(io::Error::from(io::ErrorKind::BrokenPipe))
-        }
-        Some(_) => Ok(()),
-    }
-}
-
 /// Waits up to a second for room to write on `fd`; the caller retries after a timeout.
 fn wait_writable(fd: libc::c_int) -> io::Result<()> {
     match poll_once(fd, libc::POLLOUT)? {
@@ -332,10 +326,11 @@ fn poll_once(fd: libc::c_int, events: libc::c_short) -> io::Result<Option<libc::
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
+    use std::io::Write;
+
+    use tokio::io::AsyncReadExt;
 
     use super::*;
-    use crate::nbd::proto::CMD_FLUSH;
 
     fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -344,81 +339,37 @@ mod tests {
         (c, s)
     }
 
-    fn req(cmd: u16, len: u32) -> [u8; REQUEST_LEN] {
-        Request {
-            flags: 0,
-            cmd,
-            cookie: 7,
-            offset: 4096,
-            len,
-        }
-        .encode()
-    }
+    const LONG: std::time::Duration = std::time::Duration::from_secs(5);
 
-    /// Waits until `n` bytes are readable on `s` (loopback delivery is quick but not instant).
-    fn wait_avail(w: &SockWriter, n: usize) {
-        for _ in 0..1000 {
-            let mut avail: libc::c_int = 0;
-            // SAFETY: FIONREAD stores one int through a pointer to a local int.
-            unsafe { libc::ioctl(w.raw, libc::FIONREAD, &mut avail) };
-            if avail as usize >= n {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        panic!("{n} bytes never arrived");
-    }
-
-    #[test]
-    fn take_request_takes_exactly_one_whole_request_or_nothing() {
-        let (mut c, mut s) = pair();
+    #[tokio::test]
+    async fn polled_bytes_are_read_before_the_sockets_next_ones() {
+        let (mut c, s) = pair();
+        s.set_nonblocking(true).unwrap();
         let w = SockWriter::new(std::os::fd::AsFd::as_fd(&s)).unwrap();
+        let s = tokio::net::TcpStream::from_std(s).unwrap();
+        let mut rd = Carried::new(s, 8);
         assert!(
-            w.take_request(1 << 20).unwrap().is_none(),
-            "nothing arrived"
+            !w.spin_receive(std::time::Duration::ZERO, &mut rd.carry),
+            "nothing was sent"
         );
+        assert!(rd.carry.is_empty());
 
-        // A whole WRITE: taken with its data.
-        let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
-        c.write_all(&req(CMD_WRITE, 5000)).unwrap();
-        c.write_all(&data).unwrap();
-        wait_avail(&w, REQUEST_LEN + 5000);
-        let (hdr, payload) = w.take_request(1 << 20).unwrap().unwrap();
-        assert_eq!(hdr, req(CMD_WRITE, 5000));
-        assert_eq!(payload.unwrap(), data);
+        // 12 bytes waiting: the poll takes the carry's 8, the socket keeps 4; 4 more follow.
+        c.write_all(b"0123456789ab").unwrap();
+        assert!(w.spin_receive(LONG, &mut rd.carry));
+        assert!(!rd.carry.is_empty());
+        // A carry not yet read is not received into again.
+        assert!(w.spin_receive(LONG, &mut rd.carry));
+        c.write_all(b"cdef").unwrap();
+        let mut got = [0u8; 16];
+        rd.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"0123456789abcdef");
+        assert!(rd.carry.is_empty());
 
-        // A partial WRITE is left in the socket, then taken once complete.
-        c.write_all(&req(CMD_WRITE, 100)).unwrap();
-        c.write_all(&data[..50]).unwrap();
-        wait_avail(&w, REQUEST_LEN + 50);
-        assert!(w.take_request(1 << 20).unwrap().is_none());
-        c.write_all(&data[50..100]).unwrap();
-        wait_avail(&w, REQUEST_LEN + 100);
-        let (_, payload) = w.take_request(1 << 20).unwrap().unwrap();
-        assert_eq!(payload.unwrap(), &data[..100]);
-
-        // Larger than the limit, or two requests at once: left for the buffered path.
-        c.write_all(&req(CMD_WRITE, 200)).unwrap();
-        c.write_all(&data[..200]).unwrap();
-        wait_avail(&w, REQUEST_LEN + 200);
-        assert!(w.take_request(100).unwrap().is_none());
-        c.write_all(&req(CMD_FLUSH, 0)).unwrap();
-        wait_avail(&w, 2 * REQUEST_LEN + 200);
-        assert!(w.take_request(1 << 20).unwrap().is_none());
-        let mut rest = vec![0u8; 2 * REQUEST_LEN + 200];
-        s.read_exact(&mut rest).unwrap();
-        assert_eq!(rest[..REQUEST_LEN], req(CMD_WRITE, 200));
-        assert_eq!(rest[REQUEST_LEN + 200..], req(CMD_FLUSH, 0));
-
-        // A request without data is taken without a payload; a bad header is left alone.
-        c.write_all(&req(CMD_FLUSH, 0)).unwrap();
-        wait_avail(&w, REQUEST_LEN);
-        assert_eq!(
-            w.take_request(1 << 20).unwrap(),
-            Some((req(CMD_FLUSH, 0), None))
-        );
-        c.write_all(&[0xAB; REQUEST_LEN]).unwrap();
-        wait_avail(&w, REQUEST_LEN);
-        assert!(w.take_request(1 << 20).unwrap().is_none());
+        // The peer's close, met while polling, is the reader's end of file.
+        drop(c);
+        assert!(w.spin_receive(LONG, &mut rd.carry));
+        assert!(!rd.carry.is_empty(), "an end waits");
+        assert_eq!(rd.read(&mut got).await.unwrap(), 0);
     }
 }
