@@ -1218,7 +1218,10 @@ impl crate::shim::Hooks for PathHooks {
 
 /// Serves the vhost-user socket at `socket` until `stop`: one frontend at a time, a new
 /// daemon for each. The socket stays bound between sessions, so a frontend that reconnects
-/// quickly never finds it missing. Sessions go through [`crate::shim::relay`].
+/// quickly never finds it missing. Sessions go through [`crate::shim::relay`]; the daemon's
+/// end of it comes from `vhost_user_guards::relay::daemon_side`, a listener nothing else can
+/// reach (an abstract socket can be reached by any process in the network namespace, and the
+/// daemon would serve whoever it accepted first around the relay and its checks).
 pub fn serve(
     socket: &str,
     path: Arc<NetPath>,
@@ -1226,8 +1229,7 @@ pub fn serve(
     counters: Arc<DevCounters>,
     stop: &AtomicBool,
 ) -> Result<(), BackendError> {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+    use std::os::unix::net::UnixListener;
 
     let daemon_err = |msg: String| BackendError::Daemon {
         path: socket.to_string(),
@@ -1236,10 +1238,6 @@ pub fn serve(
     path.set_mac(mac);
     let _ = std::fs::remove_file(socket);
     let outer = UnixListener::bind(socket)?;
-    // The daemon's side of the relay: an abstract socket private to this process.
-    let name = format!("vhost-net-colo-{}-{:p}", std::process::id(), &*path);
-    let inner_addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-    let mut inner = vhost::vhost_user::Listener::from(UnixListener::bind_addr(&inner_addr)?);
     while !stop.load(Ordering::Relaxed) {
         let (front, _) = outer.accept()?;
         let backend = Arc::new(NetBackend::new(path.clone(), mac, counters.clone())?);
@@ -1262,9 +1260,9 @@ pub fn serve(
             )?;
         }
         counters.connections.fetch_add(1, Ordering::Relaxed);
-        let back = UnixStream::connect_addr(&inner_addr)?;
+        let (inner, back) = vhost_user_guards::relay::daemon_side()?;
         daemon
-            .start(&mut inner)
+            .start(&mut vhost::vhost_user::Listener::from(inner))
             .map_err(|e| daemon_err(e.to_string()))?;
         if let Err(e) = crate::shim::relay_with(front, back, &PathHooks(path.clone())) {
             tracing::debug!("vhost-user relay: {e}");
