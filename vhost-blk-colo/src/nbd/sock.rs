@@ -21,6 +21,8 @@ use std::{
 
 use tokio::io::{AsyncRead, ReadBuf};
 
+use super::proto::{CMD_WRITE, REQUEST_LEN, Request};
+
 /// Recent outcomes of a thread's polling before it sleeps (the NBD server after a lone inline
 /// write, the direct client waiting for a reply), halved now and then so the rate follows the
 /// recent past.
@@ -76,6 +78,27 @@ impl Carry {
     /// Nothing carried: every byte received so far has been read, and no end or error waits.
     pub fn is_empty(&self) -> bool {
         self.pos == self.buf.len() && self.error.is_none() && !self.eof
+    }
+
+    /// The carried bytes when they are exactly one whole request: its header and, for a WRITE,
+    /// its data, borrowed (a request that arrived alone runs without being copied). None when
+    /// the carry holds less, more, or a header that does not parse.
+    pub fn lone_request(&self) -> Option<(Request, Option<&[u8]>)> {
+        let bytes = self.buf.get(self.pos..)?;
+        let hdr: &[u8; REQUEST_LEN] = bytes.get(..REQUEST_LEN)?.try_into().ok()?;
+        let req = Request::parse(hdr).ok()?;
+        let rest = &bytes[REQUEST_LEN..];
+        match req.cmd {
+            CMD_WRITE if rest.len() == req.len as usize => Some((req, Some(rest))),
+            CMD_WRITE => None,
+            _ if rest.is_empty() => Some((req, None)),
+            _ => None,
+        }
+    }
+
+    /// Drops the carried bytes (after [`Carry::lone_request`] ran them).
+    pub fn clear(&mut self) {
+        self.pos = self.buf.len();
     }
 
     /// One non-blocking receive into the free capacity (only when the carry is drained). Some
@@ -371,5 +394,54 @@ mod tests {
         assert!(w.spin_receive(LONG, &mut rd.carry));
         assert!(!rd.carry.is_empty(), "an end waits");
         assert_eq!(rd.read(&mut got).await.unwrap(), 0);
+    }
+
+    fn carry_of(bytes: &[u8]) -> Carry {
+        let mut c = Carry::new(bytes.len());
+        c.buf.extend_from_slice(bytes);
+        c
+    }
+
+    fn request(cmd: u16, len: u32) -> Vec<u8> {
+        crate::nbd::proto::Request {
+            flags: 0,
+            cmd,
+            cookie: 7,
+            offset: 4096,
+            len,
+        }
+        .encode()
+        .to_vec()
+    }
+
+    #[test]
+    fn a_lone_request_is_taken_only_when_the_carry_holds_exactly_it() {
+        use crate::nbd::proto::CMD_FLUSH;
+        let mut write = request(CMD_WRITE, 5);
+        write.extend_from_slice(b"hello");
+        let c = carry_of(&write);
+        let (req, data) = c.lone_request().unwrap();
+        assert_eq!(
+            (req.cmd, req.len, data),
+            (CMD_WRITE, 5, Some(&b"hello"[..]))
+        );
+        let c = carry_of(&request(CMD_FLUSH, 0));
+        let (req, data) = c.lone_request().unwrap();
+        assert_eq!((req.cmd, data), (CMD_FLUSH, None));
+
+        // Short data, a second request behind, a cut header, a bad magic: not lone.
+        assert!(carry_of(&write[..write.len() - 1]).lone_request().is_none());
+        let mut two = write.clone();
+        two.extend_from_slice(&request(CMD_FLUSH, 0));
+        assert!(carry_of(&two).lone_request().is_none());
+        assert!(carry_of(&write[..REQUEST_LEN - 1]).lone_request().is_none());
+        assert!(carry_of(&[0xAB; REQUEST_LEN]).lone_request().is_none());
+
+        // Partly read, or cleared: only what is left counts.
+        let mut c = carry_of(&two);
+        c.pos = write.len();
+        assert_eq!(c.lone_request().unwrap().0.cmd, CMD_FLUSH);
+        c.clear();
+        assert!(c.is_empty() && c.lone_request().is_none());
     }
 }
