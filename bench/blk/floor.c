@@ -35,111 +35,17 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { BLOCK = 4096, HEADER = 28, REPLY = 16, MAX_SAMPLES = 1 << 20 };
-#define NBD_REQUEST_MAGIC 0x25609513u
-#define NBD_REPLY_MAGIC 0x67446698u
-#define NBD_CMD_WRITE 1
+#include "nbd_model.h"
+
 
 static double secondary_spin_us = 150, primary_spin_us = 50;
 static int kick_fd, call_fd, primary_file, secondary_file, primary_sock, secondary_sock;
 static volatile int replicate;
 static off_t blocks;
 
-static void die(const char *what) {
-    perror(what);
-    exit(1);
-}
-
-static double now_us(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
-}
-
-static int by_value(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-// Polls fd for incoming bytes for up to max_us, yielding between polls; else sleeps in poll().
-static void wait_readable(int fd, double max_us) {
-    double t0 = now_us();
-    char b;
-    while (now_us() - t0 < max_us) {
-        if (recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) >= 0)
-            return;
-        sched_yield();
-    }
-    struct pollfd p = {fd, POLLIN, 0};
-    if (poll(&p, 1, -1) < 0)
-        die("poll");
-}
-
-static void recv_exactly(int fd, char *b, size_t n) {
-    while (n > 0) {
-        ssize_t r = recv(fd, b, n, 0);
-        if (r <= 0)
-            die("recv");
-        b += r;
-        n -= (size_t)r;
-    }
-}
-
-// An NBD simple WRITE request of one block at `off` (cookie = offset).
-static void put_request(char *buf, uint64_t off) {
-    uint32_t magic = htonl(NBD_REQUEST_MAGIC), len = htonl(BLOCK);
-    uint16_t flags = 0, type = htons(NBD_CMD_WRITE);
-    uint64_t be_off = htobe64(off);
-    memcpy(buf, &magic, 4);
-    memcpy(buf + 4, &flags, 2);
-    memcpy(buf + 6, &type, 2);
-    memcpy(buf + 8, &off, 8);
-    memcpy(buf + 16, &be_off, 8);
-    memcpy(buf + 24, &len, 4);
-}
-
-static void send_all(int fd, const void *b, size_t n) {
-    if (send(fd, b, n, MSG_NOSIGNAL) != (ssize_t)n)
-        die("send");
-}
-
-// Fixed-newstyle handshake as a client: NO_ZEROES, then EXPORT_NAME.
-static void nbd_handshake(int fd, const char *export_name) {
-    char greeting[18];
-    recv_exactly(fd, greeting, sizeof greeting);
-    if (memcmp(greeting, "NBDMAGICIHAVEOPT", 16) != 0) {
-        fprintf(stderr, "not a fixed-newstyle NBD server\n");
-        exit(1);
-    }
-    uint32_t client_flags = htonl(1 | 2); // FIXED_NEWSTYLE | NO_ZEROES
-    uint32_t opt = htonl(1), opt_len = htonl((uint32_t)strlen(export_name)); // EXPORT_NAME
-    send_all(fd, &client_flags, 4);
-    send_all(fd, "IHAVEOPT", 8);
-    send_all(fd, &opt, 4);
-    send_all(fd, &opt_len, 4);
-    send_all(fd, export_name, strlen(export_name));
-    char export_info[10]; // size, transmission flags
-    recv_exactly(fd, export_info, sizeof export_info);
-}
-
 static void *secondary(void *unused) {
     (void)unused;
-    static char buf[HEADER + BLOCK];
-    char reply[REPLY] = {0};
-    for (;;) {
-        wait_readable(secondary_sock, secondary_spin_us);
-        recv_exactly(secondary_sock, buf, sizeof buf);
-        uint64_t off;
-        memcpy(&off, buf + 16, sizeof off);
-        off = be64toh(off);
-        if (pwrite(secondary_file, buf + HEADER, BLOCK, (off_t)off) != BLOCK)
-            die("secondary pwrite");
-        uint32_t magic = htonl(NBD_REPLY_MAGIC);
-        memcpy(reply, &magic, 4);
-        memcpy(reply + 8, buf + 8, 8); // the cookie
-        if (send(secondary_sock, reply, REPLY, 0) != REPLY)
-            die("secondary send");
-    }
+    serve_writes(secondary_sock, secondary_file, secondary_spin_us);
     return NULL;
 }
 
@@ -170,13 +76,7 @@ static void *primary(void *unused) {
             char reply[REPLY];
             wait_readable(primary_sock, primary_spin_us);
             recv_exactly(primary_sock, reply, REPLY);
-            uint32_t magic, error;
-            memcpy(&magic, reply, 4);
-            memcpy(&error, reply + 4, 4);
-            if (ntohl(magic) != NBD_REPLY_MAGIC || error != 0 || memcmp(reply + 8, &off, 8) != 0) {
-                fprintf(stderr, "bad NBD reply (magic %#x, error %u)\n", ntohl(magic), ntohl(error));
-                exit(1);
-            }
+            check_reply(reply, off);
         }
         v = 1;
         if (write(call_fd, &v, sizeof v) != sizeof v)

@@ -31,39 +31,8 @@ python3 -c "open('$dir/primary.img', 'wb').write(b'\x11' * (128 << 20))"
 cp "$dir/primary.img" "$dir/secondary.img"
 sync
 if [ -n "$ours" ]; then
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    "$ours" --qmp "unix:$dir/secondary.qmp" \
-        --drive "if=none,id=colo-disk0,driver=raw,file.filename=$dir/secondary.img" \
-        --drive "id=active-disk0,driver=replication,mode=secondary,file.driver=overlay,file.backing.driver=overlay,file.backing.backing=colo-disk0" \
-        >/dev/null 2>&1 &
-    secondary_pid=$!
-    # The seed's secondary steps over QMP: nbd-server-start, nbd-server-add, then replication.
-    python3 - "$dir/secondary.qmp" "$port" <<'EOF'
-import json, os, socket, sys, time
-path, port = sys.argv[1], sys.argv[2]
-deadline = time.time() + 30
-while not os.path.exists(path):
-    if time.time() > deadline:
-        sys.exit("the secondary's QMP socket did not appear")
-    time.sleep(0.05)
-sock = socket.socket(socket.AF_UNIX)
-sock.connect(path)
-qmp = sock.makefile("rw")
-qmp.readline()  # greeting
-def execute(cmd, args=None):
-    qmp.write(json.dumps({"execute": cmd, "arguments": args or {}}) + "\n")
-    qmp.flush()
-    while True:
-        msg = json.loads(qmp.readline())
-        if "error" in msg:
-            sys.exit(f"{cmd}: {msg['error']}")
-        if "return" in msg:
-            return
-execute("qmp_capabilities")
-execute("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port}}})
-execute("nbd-server-add", {"device": "colo-disk0", "writable": True})
-execute("colo-blk-start")
-EOF
+    . "$root/bench/blk/secondary.sh"
+    start_secondary "$ours" "$dir" secondary
     NBD_PORT=$port "$dir/floor" "$dir/primary.img" "$dir/secondary.img" "$pairs"
 else
     "$dir/floor" "$dir/primary.img" "$dir/secondary.img" "$pairs"
