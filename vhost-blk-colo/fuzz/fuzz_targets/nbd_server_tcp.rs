@@ -6,21 +6,25 @@
 //! connection.
 //!
 //! Input: byte 0 picks the mode (bits 0-1: 0 EXPORT_NAME, 1 OPT_GO, 2 raw bytes including the
-//! negotiation, 3 EXPORT_NAME without NO_ZEROES; bit 2: the "ro" export), byte 1 the 4 KiB
-//! block the probe uses, then chunks: a little-endian u16 header (low 13 bits: length, high 3
-//! bits: a pause of 28 µs each before the chunk) and the chunk's bytes. The pauses let the
-//! fuzzer decide where the server's poll sees partial, whole and combined requests.
+//! negotiation, 3 EXPORT_NAME without NO_ZEROES; bit 2: the "ro" export; bit 3: end with a
+//! reset instead of a half-close), byte 1 the 4 KiB block the probe uses, then chunks: a
+//! little-endian u16 header (low 13 bits: length, high 3 bits: a pause of 28 µs each before the
+//! chunk) and the chunk's bytes. The pauses let the fuzzer decide where the server's poll sees
+//! partial, whole and combined requests.
 //!
-//! Checked: the server never panics; it closes within 10 s of the client's half-close; with a
-//! valid handshake, every reply is a simple reply carrying a cookie the client sent (no more
-//! replies per cookie than requests); afterwards a fresh connection writes 4 KiB and reads the
-//! same data back, and every descriptor the connections took is closed again.
+//! Checked: the server never panics; it keeps reading, and closes within 10 s of the client's
+//! half-close; with a valid handshake, every reply is a simple reply carrying a cookie the
+//! client sent (no more replies per cookie than requests), and writes whose outcome is known (a
+//! cookie used once, a range nothing else of the input wrote, answered without error) read
+//! back; afterwards a fresh connection writes 4 KiB and reads the same data back, and every
+//! socket the connections took is closed again (also after a reset).
 #![no_main]
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
+    os::fd::AsRawFd,
     sync::{
         Arc, OnceLock, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -466,6 +470,7 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[2 + len..];
     }
     let name = if mode & 4 != 0 { "ro" } else { "disk" };
+    let abort = mode & 8 != 0;
     let how = match mode & 3 {
         0 => Some(Handshake::ExportName { zeroes: false }),
         1 => Some(Handshake::Go),
@@ -474,7 +479,7 @@ fuzz_target!(|data: &[u8]| {
     };
     if debug() {
         eprintln!(
-            "mode {how:?} {name}, probe block {block}, {} chunks",
+            "mode {how:?} {name}, probe block {block}, {} chunks, abort {abort}",
             chunks.len()
         );
     }
@@ -512,12 +517,39 @@ fuzz_target!(|data: &[u8]| {
             Err(_) => break,
         }
     }
-    let _ = s.shutdown(Shutdown::Write);
-    match rx.recv_timeout(BOUND) {
-        Ok(Ok(succeeded)) => written.retain(|w| succeeded.contains(&w.cookie)),
-        Ok(Err(e)) => panic!("{e}"),
-        Err(_) => {
-            panic!("server hung: connection not closed {BOUND:?} after the client's half-close")
+    if abort {
+        // A reset instead of a close: SO_LINGER 0, the drain thread woken by SHUT_RD (which
+        // sends nothing), then both descriptors closed. The server may still be running
+        // requests when the probe starts, so nothing is read back.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on our open socket with a pointer to a linger and its size.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        let _ = s.shutdown(Shutdown::Read);
+        match rx.recv_timeout(BOUND) {
+            Ok(Err(e)) if !e.starts_with("drain: no close") => panic!("{e}"),
+            Ok(_) => {}
+            Err(_) => panic!("drain thread not woken by SHUT_RD"),
+        }
+        written.clear();
+    } else {
+        let _ = s.shutdown(Shutdown::Write);
+        match rx.recv_timeout(BOUND) {
+            Ok(Ok(succeeded)) => written.retain(|w| succeeded.contains(&w.cookie)),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => {
+                panic!("server hung: connection not closed {BOUND:?} after the client's half-close")
+            }
         }
     }
     let _ = drainer.join();
