@@ -9,7 +9,8 @@
 #       seed's replication secondary (nbd-server-start, nbd-server-add, colo-blk-start), not to
 #       the model's secondary: what our secondary adds over the model's.
 #   SSPIN / PSPIN in the environment: the model secondary's and primary's polls in µs
-#   (default 150 / 50).
+#   (default 150 / 50). FILL_KIB: write the primary's image in pieces of that many KiB
+#   (default: in one go), as blk_bench --fill-kib.
 # Images as blk_bench makes them: one 128 MiB file written in one go, the secondary's a copy.
 set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,7 +28,13 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 cc -O2 -pthread -o "$dir/floor" "$root/bench/blk/floor.c"
-python3 -c "open('$dir/primary.img', 'wb').write(b'\x11' * (128 << 20))"
+python3 -c "
+import sys
+f = open('$dir/primary.img', 'wb', buffering=0)
+piece = ${FILL_KIB:-0} << 10 or 128 << 20
+for _ in range((128 << 20) // piece):
+    f.write(b'\x11' * piece)
+"
 cp "$dir/primary.img" "$dir/secondary.img"
 sync
 if [ -n "$ours" ]; then
