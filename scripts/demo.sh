@@ -60,10 +60,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { # a free TCP port on 127.0.0.1 (bash only)
+# Ports below the kernel's ephemeral range: one inside it can be taken at any moment by an outgoing
+# connection, which the probe below does not see (a CI run lost nbd-server-start's bind so).
+ephemeral_low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ "$ephemeral_low" -gt 21024 ] 2>/dev/null || ephemeral_low=32768
+free_port() { # a TCP port on 127.0.0.1 nothing listens on (bash only)
     local p
     for _ in $(seq 50); do
-        p=$((20000 + RANDOM % 20000))
+        p=$((20000 + RANDOM % (ephemeral_low - 20000)))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
     done
     say "no free port found"; exit 1

@@ -128,17 +128,38 @@ pub fn unique_name_max(prefix: &str, max: usize) -> String {
     format!("{prefix}{unique}")
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0). Another process may
-/// take it before you bind; prefer letting the process under test bind `:0` when it can.
+/// A TCP port on 127.0.0.1 that was free a moment ago. Prefer letting the process under test
+/// bind `:0` when it can. Picked at random below the kernel's ephemeral range and checked by
+/// binding it: a port from `bind(:0)` lies inside that range, where any outgoing connection
+/// (other tests, a fuzzer, the host) may take it before the process under test binds it.
 pub fn free_tcp_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    free_port_below_ephemeral(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
-/// A UDP port on 127.0.0.1 that was free a moment ago.
+/// A UDP port on 127.0.0.1 that was free a moment ago (picked as [`free_tcp_port`] does).
 pub fn free_udp_port() -> Result<u16> {
-    let s = UdpSocket::bind("127.0.0.1:0").context("bind udp 127.0.0.1:0")?;
-    Ok(s.local_addr()?.port())
+    free_port_below_ephemeral(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok())
+}
+
+/// The first of up to 200 random ports in [20000, start of the ephemeral range) that `free`
+/// accepts.
+fn free_port_below_ephemeral(free: impl Fn(u16) -> bool) -> Result<u16> {
+    use std::hash::{BuildHasher, RandomState};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&low| low > 21_000)
+        .unwrap_or(32768);
+    // RandomState is seeded per process; the counter differs per call.
+    let seed = RandomState::new();
+    for _ in 0..200 {
+        let n = seed.hash_one(COUNTER.fetch_add(1, Ordering::Relaxed));
+        let port = 20_000 + (n % u64::from(low - 20_000)) as u16;
+        if free(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no free port below {low} after 200 tries")
 }
 
 /// Polls `cond` every 10 ms until it is true or `deadline` passes (then fails naming `what`).

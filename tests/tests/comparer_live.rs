@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -52,12 +52,10 @@ fn build_comparer() -> PathBuf {
     bin
 }
 
+/// See [`colo_tests::free_tcp_port`]: below the ephemeral range, so no outgoing connection
+/// takes it before the process under test binds it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    colo_tests::free_tcp_port().unwrap()
 }
 
 fn connect_unix_retry(p: &Path) -> UnixStream {

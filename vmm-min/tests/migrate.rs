@@ -179,12 +179,10 @@ fn skip() -> bool {
     false
 }
 
+/// See [`colo_tests::free_tcp_port`]: below the ephemeral range, so no outgoing connection
+/// takes it before the process under test binds it.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    colo_tests::free_tcp_port().unwrap()
 }
 
 fn kernel(dir: &Path) -> PathBuf {
