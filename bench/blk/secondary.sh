@@ -14,7 +14,19 @@ start_secondary() {
         port=$(cat "$at/$name.port")
         return
     fi
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    # A port below the ephemeral range, which no outgoing connection takes meanwhile.
+    port=$(python3 -c '
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for _ in range(200):
+    p = random.randrange(20000, max(low, 21000))
+    try:
+        socket.socket().bind(("127.0.0.1", p))
+        print(p)
+        break
+    except OSError:
+        pass
+')
     "$bin" --qmp "unix:$at/$name.qmp" \
         --drive "if=none,id=colo-disk0,driver=raw,file.filename=$at/$name.img" \
         --drive "id=active-disk0,driver=replication,mode=secondary,file.driver=overlay,file.backing.driver=overlay,file.backing.backing=colo-disk0" \
