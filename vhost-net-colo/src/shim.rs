@@ -258,29 +258,12 @@ pub fn relay_with(front: UnixStream, back: UnixStream, hooks: &dyn Hooks) -> io:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::AsRawFd;
+    use vhost_user_guards::testing::set_log_base_msg as log_base;
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
     fn memfd(len: u64) -> OwnedFd {
-        // SAFETY: memfd_create with a valid C string; checked below.
-        let raw = unsafe { libc::memfd_create(c"log".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        std::fs::File::from(fd.try_clone().unwrap())
-            .set_len(len)
-            .unwrap();
-        fd
-    }
-
-    fn log_base(size: u64, offset: u64) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend_from_slice(&SET_LOG_BASE.to_le_bytes());
-        m.extend_from_slice(&FLAG_VERSION.to_le_bytes());
-        m.extend_from_slice(&16u32.to_le_bytes());
-        m.extend_from_slice(&size.to_le_bytes());
-        m.extend_from_slice(&offset.to_le_bytes());
-        m
+        vhost_user_guards::testing::memfd(len).into()
     }
 
     /// Relays `msg` with `fd`; returns the relay's result and what reached the daemon's side.

@@ -260,17 +260,7 @@ mod tests {
     use std::os::fd::AsFd;
 
     use super::*;
-    use crate::testing::memfd;
-
-    fn log_base(size: u64, offset: u64) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend_from_slice(&SET_LOG_BASE.to_le_bytes());
-        m.extend_from_slice(&1u32.to_le_bytes());
-        m.extend_from_slice(&16u32.to_le_bytes());
-        m.extend_from_slice(&size.to_le_bytes());
-        m.extend_from_slice(&offset.to_le_bytes());
-        m
-    }
+    use crate::testing::{memfd, set_log_base_msg as log_base};
 
     fn owned(f: &std::fs::File) -> OwnedFd {
         f.as_fd().try_clone_to_owned().unwrap()

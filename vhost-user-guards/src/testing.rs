@@ -18,6 +18,18 @@ use vm_memory::{
     GuestMemoryMmap, GuestRegionMmap, MmapRegion, bitmap::NewBitmap,
 };
 
+/// A `VHOST_USER_SET_LOG_BASE` message (header with the version flag, then `mmap_size` and
+/// `mmap_offset`); its descriptor goes with it separately.
+pub fn set_log_base_msg(size: u64, offset: u64) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&crate::relay::SET_LOG_BASE.to_le_bytes());
+    m.extend_from_slice(&1u32.to_le_bytes());
+    m.extend_from_slice(&16u32.to_le_bytes());
+    m.extend_from_slice(&size.to_le_bytes());
+    m.extend_from_slice(&offset.to_le_bytes());
+    m
+}
+
 /// A memfd of `len` bytes.
 pub fn memfd(len: u64) -> File {
     // SAFETY: memfd_create with a valid C string; checked below.

@@ -546,13 +546,12 @@ where
             && rd.get_ref().carry.is_empty()
             && let Replies::Direct(w, _) = &replies
         {
-            let node = export.node.clone();
             // Plain blocking call, not `block_in_place`: handing the runtime core to another
             // thread costs more than such a write (measured: replicated 4k QD1 p99 ~1.3 ms ->
             // ~0.4 ms on the 2-vCPU bench host). It blocks this runtime worker for one small
             // write (longer only while a checkpoint holds the copy-before-write gate); the
             // other workers keep serving.
-            let reply = execute(&*node, req, payload.as_deref());
+            let reply = execute(&*export.node, req, payload.as_deref());
             if !write_reply(w, &reply) {
                 break Ok(());
             }

@@ -192,7 +192,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for Carried<R> {
 #[derive(Debug)]
 pub struct SockWriter {
     fd: Mutex<OwnedFd>,
-    /// The same fd, for peeking without the write lock (it lives as long as `fd`).
+    /// The same fd, for the connection's reader to receive on while polling, without the write
+    /// lock (it lives as long as `fd`).
     raw: libc::c_int,
 }
 
